@@ -46,7 +46,9 @@ class NotFound(DomainError):
 class Unauthenticated(DomainError):
     """Missing, forged or expired credential, or a wrong one-time code."""
 
-    def __init__(self, message: str, reason: str = "UNAUTHENTICATED", metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self, message: str, reason: str = "UNAUTHENTICATED", metadata: Mapping[str, str] | None = None
+    ):
         super().__init__(message)
         self.reason = reason
         self.metadata = dict(metadata or {})

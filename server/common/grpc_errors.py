@@ -54,7 +54,9 @@ def to_status(error: errors.DomainError) -> status_pb2.Status:
                 _pack(
                     error_details_pb2.BadRequest(
                         field_violations=[
-                            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                            error_details_pb2.BadRequest.FieldViolation(
+                                field=v.field, description=v.description
+                            )
                             for v in error.violations
                         ]
                     )
@@ -84,7 +86,8 @@ def to_status(error: errors.DomainError) -> status_pb2.Status:
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], error: errors.DomainError) -> None:
     """Abort the call with the rich status for `error` (raises AbortError)."""
-    await context.abort_with_status(rpc_status.to_status(to_status(error)))
+    status = rpc_status.to_status(to_status(error))
+    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 def grpc_method(method: F) -> F:

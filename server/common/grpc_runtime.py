@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -52,13 +53,12 @@ class GrpcServer:
         service_names: Iterable[str],
         register: Callable[[grpc.aio.Server], None],
         tls: TlsFiles | None = None,
-        interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self._requested_address = address
         self._service_names = list(service_names)
-        self._server = grpc.aio.server(options=server_options(), interceptors=list(interceptors))
+        self._server = grpc.aio.server(options=server_options())
         register(self._server)
-        self._health = health.aio.HealthServicer()
+        self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
@@ -88,7 +88,9 @@ class GrpcServer:
         log.info("listening", extra={"address": self.address, "services": self._service_names})
 
     async def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         # "" is the whole server's status, which is what grpcurl and load balancers ask for.
         for name in ["", *self._service_names]:
             await self._health.set(name, status)

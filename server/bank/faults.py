@@ -1,0 +1,123 @@
+"""Fault knobs for a simulated bank, applied as real wire behaviour.
+
+Real banks are slow, flaky, go down, cut streams short and occasionally send
+nonsense; the union must survive all of it (design invariants 4 and 5). These
+settings make a simulated bank do exactly that on the wire, so the union's
+tests and demos exercise its real client code, not mocks.
+
+Settings are immutable; change them at run time by assigning a new
+`FaultSettings` to `BankQueryServicer.faults` (each call reads it once).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from typing import Any, Literal, get_args
+
+import grpc
+from bankquery.v1 import bank_query_service_pb2 as pb
+
+from server.bank.store import StoredCard
+from server.population.catalogue import BANKS
+
+DieMode = Literal["abort", "end"]
+Truncate = Literal["none", "omit_summary", "wrong_count"]
+Lie = Literal["none", "wrong_bank", "long_last_four", "unknown_enum"]
+
+# A value no CardType/CardStatus has; proto3 enums are open, so it goes on the wire as-is.
+UNKNOWN_ENUM_VALUE = 99
+
+
+@dataclass(frozen=True)
+class FaultSettings:
+    """How this bank misbehaves. The defaults are a healthy bank."""
+
+    latency_ms: int = 0  # fixed delay before the first message
+    latency_jitter_ms: int = 0  # plus uniform 0..jitter
+    tail_rate: float = 0.0  # probability of an extra tail delay
+    tail_latency_ms: int = 0
+    error_rate: float = 0.0  # probability a call fails with error_code before any record
+    error_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
+    outage: bool = False  # every call answers UNAVAILABLE
+    record_delay_ms: int = 0  # pause before each record (a slow stream)
+    die_after_records: int | None = None  # stop the stream after this many records...
+    die_mode: DieMode = "abort"  # ...with UNAVAILABLE ("abort") or a clean end without summary ("end")
+    truncate: Truncate = "none"  # omit the summary, or send a wrong record_count
+    lie: Lie = "none"  # wrong bank code, 5-digit last_four, or unknown enum values
+
+    def __post_init__(self) -> None:
+        for name in ("latency_ms", "latency_jitter_ms", "tail_latency_ms", "record_delay_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        for name in ("error_rate", "tail_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1")
+        if self.die_after_records is not None and self.die_after_records < 0:
+            raise ValueError("die_after_records must not be negative")
+        if self.error_code == grpc.StatusCode.OK:
+            raise ValueError("error_code must be an error")
+        for name, allowed in (("die_mode", DieMode), ("truncate", Truncate), ("lie", Lie)):
+            if getattr(self, name) not in get_args(allowed):
+                raise ValueError(f"{name} must be one of {get_args(allowed)}")
+
+    def start_delay(self, rng: random.Random) -> float:
+        """Seconds to wait before answering."""
+        delay_ms = float(self.latency_ms)
+        if self.latency_jitter_ms:
+            delay_ms += rng.uniform(0, self.latency_jitter_ms)
+        if self.tail_rate and rng.random() < self.tail_rate:
+            delay_ms += self.tail_latency_ms
+        return delay_ms / 1000
+
+    def fails(self, rng: random.Random) -> bool:
+        return self.error_rate > 0 and rng.random() < self.error_rate
+
+    @classmethod
+    def parse(cls, specs: Iterable[str]) -> FaultSettings:
+        """Settings from `key=value` strings (the CLI's --fault option), e.g. `latency_ms=250`."""
+        known = {field.name for field in fields(cls)}
+        values: dict[str, Any] = {}
+        for spec in specs:
+            key, sep, raw = spec.partition("=")
+            key, raw = key.strip(), raw.strip()
+            if not sep or key not in known:
+                raise ValueError(f"unknown fault {spec!r}; known: {', '.join(sorted(known))}")
+            value: object
+            if key == "error_code":
+                try:
+                    value = grpc.StatusCode[raw.upper()]
+                except KeyError:
+                    raise ValueError(f"unknown status code {raw!r}") from None
+            elif key == "outage":
+                value = raw.lower() in ("1", "true", "yes", "on")
+            elif key == "die_after_records":
+                value = None if raw.lower() in ("", "none") else int(raw)
+            elif key in ("error_rate", "tail_rate"):
+                value = float(raw)
+            elif key in ("die_mode", "truncate", "lie"):
+                value = raw
+            else:
+                value = int(raw)
+            values[key] = value
+        # __post_init__ checks ranges and the Literal choices.
+        return cls(**values)
+
+
+def other_bank_code(bank_code: str) -> str:
+    """A real bank code that is not this bank's (for the wrong-bank lie)."""
+    codes = [bank.code for bank in BANKS]
+    position = codes.index(bank_code) if bank_code in codes else -1
+    return codes[(position + 1) % len(codes)]
+
+
+def lie_about(record: pb.CardRecord, card: StoredCard, lie: Lie) -> None:
+    """Corrupt one already-masked record the way a buggy bank would."""
+    if lie == "wrong_bank":
+        record.bank_code = other_bank_code(record.bank_code)
+    elif lie == "long_last_four":
+        record.last_four = card.number[-5:]
+    elif lie == "unknown_enum":
+        record.card_type = pb.CardType.ValueType(UNKNOWN_ENUM_VALUE)
+        record.status = pb.CardStatus.ValueType(UNKNOWN_ENUM_VALUE)

@@ -1,0 +1,236 @@
+"""`cardlookup-bank`: run simulated bank servers and look after their data."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from datetime import date
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy.exc import IntegrityError
+
+from server.bank.app import (
+    DEFAULT_BASE_PORT,
+    DEFAULT_DATA_DIR,
+    DEFAULT_POPULATION,
+    DEFAULT_SEED,
+    RunningBank,
+    start_all_banks,
+    start_bank,
+)
+from server.bank.faults import FaultSettings
+from server.bank.masking import mask_number
+from server.bank.store import BankStore, default_database_url
+from server.common.checks import is_luhn_valid, is_valid_resident_id, luhn_check_digit
+from server.common.grpc_runtime import TlsFiles, wait_for_shutdown_signal
+from server.population.catalogue import BANKS, BANKS_BY_CODE
+
+app = typer.Typer(
+    help="Simulated bank servers for 一键查卡 (bankquery.v1.BankQueryService).", no_args_is_help=True
+)
+console = Console()
+
+DataDir = Annotated[Path, typer.Option(help="Directory holding each bank's SQLite file.")]
+BankOption = Annotated[str, typer.Option("--bank", help="Bank code, e.g. ICBC.")]
+IdOption = Annotated[str, typer.Option("--id", help="18-character resident ID number.")]
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(help="SQLAlchemy URL of the bank's database (default: a SQLite file in --data-dir)."),
+]
+
+
+def _bank_code(code: str) -> str:
+    code = code.upper()
+    if code not in BANKS_BY_CODE:
+        raise typer.BadParameter(f"unknown bank {code!r}; known: {', '.join(BANKS_BY_CODE)}")
+    return code
+
+
+def _store(bank: str, data_dir: Path, database_url: str | None) -> BankStore:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = BankStore(bank, database_url or default_database_url(data_dir, bank))
+    store.create_schema()
+    return store
+
+
+def _tls_for(tls_dir: Path | None, bank: str) -> TlsFiles | None:
+    """<code>.crt/<code>.key (lower-case bank code) and, for mutual TLS, ca.crt from `tls_dir`."""
+    if tls_dir is None:
+        return None
+    ca = tls_dir / "ca.crt"
+    return TlsFiles(
+        cert_chain=(tls_dir / f"{bank.lower()}.crt").read_bytes(),
+        private_key=(tls_dir / f"{bank.lower()}.key").read_bytes(),
+        client_ca=ca.read_bytes() if ca.exists() else None,
+    )
+
+
+@app.command()
+def serve(
+    bank: Annotated[str | None, typer.Option(help="Serve this one bank (code, e.g. ICBC).")] = None,
+    all_banks: Annotated[bool, typer.Option("--all", help="Serve all 16 banks, one port each.")] = False,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port for --bank (0: any free port).")] = DEFAULT_BASE_PORT,
+    base_port: Annotated[
+        int, typer.Option(help="First port for --all; banks take consecutive ports in catalogue order.")
+    ] = DEFAULT_BASE_PORT,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    database_url: DatabaseUrl = None,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic population.")] = DEFAULT_SEED,
+    population: Annotated[int, typer.Option(help="Size of the synthetic population.")] = DEFAULT_POPULATION,
+    fault: Annotated[
+        list[str] | None,
+        typer.Option(help="Fault knob key=value, repeatable (e.g. latency_ms=300, outage=1)."),
+    ] = None,
+    tls_dir: Annotated[
+        Path | None, typer.Option(help="Directory with <bank>.crt, <bank>.key and ca.crt (mutual TLS).")
+    ] = None,
+) -> None:
+    """Serve one bank (--bank) or all of them (--all) until SIGINT/SIGTERM, then drain and stop."""
+    if (bank is None) == (not all_banks):
+        raise typer.BadParameter("give exactly one of --bank CODE or --all")
+    try:
+        faults = FaultSettings.parse(fault or [])
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    async def run() -> None:
+        banks: list[RunningBank]
+        if bank is not None:
+            code = _bank_code(bank)
+            banks = [
+                await start_bank(
+                    code,
+                    address=f"{host}:{port}",
+                    database_url=database_url,
+                    data_dir=data_dir,
+                    seed=seed,
+                    size=population,
+                    tls=_tls_for(tls_dir, code),
+                    faults=faults,
+                )
+            ]
+        else:
+            banks = await start_all_banks(
+                data_dir=data_dir,
+                seed=seed,
+                size=population,
+                host=host,
+                base_port=base_port,
+                tls={b.code: tls for b in BANKS if (tls := _tls_for(tls_dir, b.code)) is not None},
+                faults={b.code: faults for b in BANKS},
+            )
+        for running in banks:
+            console.print(f"{running.bank_code:6} listening on {running.address}")
+        try:
+            await wait_for_shutdown_signal()
+        finally:
+            await asyncio.gather(*(running.stop() for running in banks))
+
+    asyncio.run(run())
+
+
+@app.command()
+def cards(
+    bank: BankOption,
+    resident_id: IdOption,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    database_url: DatabaseUrl = None,
+    include_closed: Annotated[bool, typer.Option(help="Also list closed cards.")] = True,
+) -> None:
+    """List a customer's cards at one bank, masked (first 4 + last 4 digits)."""
+    store = _store(_bank_code(bank), data_dir, database_url)
+    try:
+        found = store.cards_for_id(resident_id, include_closed=include_closed)
+    finally:
+        store.close()
+    table = Table("card_ref", "number", "type", "status", "opened", "last activity")
+    for card in found:
+        table.add_row(
+            card.card_ref,
+            mask_number(card.number),
+            card.card_type,
+            card.status,
+            card.open_date.isoformat(),
+            card.last_activity_date.isoformat(),
+        )
+    console.print(table)
+    console.print(f"{len(found)} card(s)")
+
+
+@app.command("add-customer")
+def add_customer(
+    bank: BankOption,
+    resident_id: IdOption,
+    name: Annotated[str, typer.Option(help="The customer's name.")],
+    mobile: Annotated[str, typer.Option(help="11-digit mobile number.")],
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Register a customer at one bank."""
+    if not is_valid_resident_id(resident_id):
+        raise typer.BadParameter("not a valid GB 11643 resident ID number", param_hint="--id")
+    if not (mobile.isdigit() and len(mobile) == 11):
+        raise typer.BadParameter("must be 11 digits", param_hint="--mobile")
+    if not name.strip() or len(name) > 64:
+        raise typer.BadParameter("must be 1-64 characters", param_hint="--name")
+    store = _store(_bank_code(bank), data_dir, database_url)
+    try:
+        store.add_customer(resident_id, name, mobile)
+    finally:
+        store.close()
+    console.print("customer added")
+
+
+@app.command("add-card")
+def add_card(
+    bank: BankOption,
+    resident_id: IdOption,
+    card_type: Annotated[str, typer.Option("--type", help="debit or credit.")] = "debit",
+    number: Annotated[
+        str | None,
+        typer.Option(help="Full card number (Luhn-valid); default: a new number on the bank's BIN."),
+    ] = None,
+    status: Annotated[str, typer.Option(help="active, dormant, frozen or closed.")] = "active",
+    open_date: Annotated[str | None, typer.Option(help="YYYY-MM-DD (default: today).")] = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Issue a card to an existing customer of one bank."""
+    code = _bank_code(bank)
+    if card_type not in ("debit", "credit"):
+        raise typer.BadParameter("must be debit or credit", param_hint="--type")
+    if number is None:
+        number = _new_number(code, card_type)
+    elif not (is_luhn_valid(number) and 16 <= len(number) <= 19):
+        raise typer.BadParameter("must be 16-19 digits with a valid Luhn check digit", param_hint="--number")
+    opened = date.fromisoformat(open_date) if open_date else None
+    store = _store(code, data_dir, database_url)
+    try:
+        card = store.add_card(resident_id, number, card_type, status=status, open_date=opened)
+    except (LookupError, ValueError) as error:
+        raise typer.BadParameter(str(error)) from error
+    except IntegrityError as error:
+        raise typer.BadParameter("that card number is already issued", param_hint="--number") from error
+    finally:
+        store.close()
+    console.print(f"card {mask_number(card.number)} added as {card.card_ref}")
+
+
+def _new_number(bank_code: str, card_type: str) -> str:
+    """A fresh random number on the bank's first BIN for this card type."""
+    bank = BANKS_BY_CODE[bank_code]
+    bin_ = (bank.credit_bins if card_type == "credit" else bank.debit_bins)[0]
+    body_length = bin_.length - len(bin_.prefix) - 1
+    partial = bin_.prefix + "".join(secrets.choice("0123456789") for _ in range(body_length))
+    return partial + luhn_check_digit(partial)
+
+
+if __name__ == "__main__":
+    app()
