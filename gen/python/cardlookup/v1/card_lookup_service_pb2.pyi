@@ -352,8 +352,9 @@ class ReportCard(_message.Message):
     card_type: Global___CardType.ValueType
     """Debit or credit."""
     masked_number: _builtins.str
-    """Masked number, first 4 and last 4 digits in groups of four, for example
-    "6222 **** **** 1234" (16 digits) or "6217 **** **** ***1 2345" (19).
+    """Masked number: the first 4 and last 4 digits with one star per hidden
+    digit, grouped by four from the left, for example "6222 **** **** 1234"
+    (16 digits) or "6217 **** **** *** 2345" (19 digits).
     """
     number_length: _builtins.int
     """Digits in the full number (16 to 19)."""

@@ -1,0 +1,216 @@
+"""`make demo` / `make serve`: the union and all 16 banks as real processes on loopback.
+
+Demo: start the banks (one process, 16 servers on 16 ports) and the union (its
+own process), wait until every health check says SERVING, verify a seeded demo
+person (the one-time code is read from the development SMS outbox), run one
+lookup with live per-bank progress, print the masked report, and shut both
+processes down with SIGTERM (graceful drain) — no stray processes.
+
+Serve: the same servers, kept running until Ctrl-C, for grpcurl and the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.console import Console
+from rich.live import Live
+
+from clients.cli import progress_table, report_table
+from clients.client import CardLookupClient, CardLookupError
+from server.population.catalogue import BANKS
+from server.population.generator import DEMO_PEOPLE
+from server.union.sms import read_one_time_code
+
+console = Console()
+
+
+class DemoFailed(Exception):
+    """Something the person running the demo should read (one line, no traceback)."""
+
+
+UNION_PORT = 50051
+BANK_BASE_PORT = 50061
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def choose_ports() -> tuple[int, int]:
+    """The documented ports if free (README's grpcurl examples use them), else any free block."""
+    wanted = [UNION_PORT, *range(BANK_BASE_PORT, BANK_BASE_PORT + len(BANKS))]
+    if all(_port_free(p) for p in wanted):
+        return UNION_PORT, BANK_BASE_PORT
+    for base in range(20000, 60000, 100):
+        block = [base, *range(base + 10, base + 10 + len(BANKS))]
+        if all(_port_free(p) for p in block):
+            console.print(
+                f"[yellow]ports {UNION_PORT}/{BANK_BASE_PORT}+ are busy; using {base}/{base + 10}+[/]"
+            )
+            return base, base + 10
+    raise SystemExit("no free loopback ports")
+
+
+@contextlib.contextmanager
+def processes(data_dir: Path, union_port: int, bank_base: int, cooldown_hours: float) -> Iterator[None]:
+    logs = data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    commands = {
+        "banks": [
+            sys.executable,
+            "-m",
+            "server.bank.main",
+            "serve",
+            "--all",
+            "--base-port",
+            str(bank_base),
+            "--data-dir",
+            str(data_dir / "banks"),
+        ],
+        "union": [
+            sys.executable,
+            "-m",
+            "server.union.main",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{union_port}",
+            "--data-dir",
+            str(data_dir / "union"),
+            "--bank-base-port",
+            str(bank_base),
+            "--requery-cooldown-hours",
+            str(cooldown_hours),
+        ],
+    }
+    running: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for name, command in commands.items():
+            with (logs / f"{name}.log").open("ab") as log_file:
+                running[name] = subprocess.Popen(  # noqa: S603 (our own interpreter and module)
+                    command, stdout=log_file, stderr=subprocess.STDOUT, env=env
+                )
+        yield
+    finally:
+        for process in running.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for name, process in running.items():
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                console.print(f"[red]{name} did not stop in time; killing it[/]")
+                process.kill()
+                process.wait()
+
+
+async def wait_serving(address: str, deadline: float) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                response = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise DemoFailed(f"{address} did not become healthy; see the logs in the data directory")
+            await asyncio.sleep(0.2)
+
+
+async def wait_all(union_port: int, bank_base: int) -> None:
+    deadline = time.monotonic() + 120
+    addresses = [f"127.0.0.1:{union_port}"] + [f"127.0.0.1:{bank_base + i}" for i in range(len(BANKS))]
+    await asyncio.gather(*(wait_serving(a, deadline) for a in addresses))
+
+
+async def run_lookup(target: str, sms_outbox: Path, person_index: int) -> None:
+    demo = DEMO_PEOPLE[person_index].person
+    masked_id = f"{demo.resident_id_number[:4]}**********{demo.resident_id_number[-4:]}"
+    console.rule(f"一键查卡 demo · {demo.name} · ID {masked_id}")
+    async with CardLookupClient(target) as client:
+        started = await client.start_verification(demo.name, demo.resident_id_number, demo.mobile_number)
+        code = read_one_time_code(sms_outbox, demo.mobile_number)
+        if code is None:
+            raise DemoFailed("no one-time code arrived in the SMS outbox")
+        console.print(
+            f"1. verification: code sent by SMS to {started.masked_mobile_number} (read from the outbox)"
+        )
+        session = await client.complete_verification(started.verification_id, code)
+        console.print(f"2. verified; session credential valid until {session.expire_time.ToJsonString()}")
+        lookup = await client.create_lookup(request_id=uuid.uuid4().hex)
+        console.print(f"3. {lookup.name} created; following its progress:")
+        report_name = ""
+        with Live(progress_table(lookup), console=console) as live:
+            async for event in client.watch_lookup(lookup.name, stream_timeout=120):
+                live.update(progress_table(event.lookup))
+                if event.report_ready:
+                    report_name = event.lookup.report
+        report = await client.get_report(report_name)
+        console.print()
+        console.print("4. the masked report:")
+        for table in report_table(report):
+            console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--serve", action="store_true", help="keep the servers running until Ctrl-C")
+    parser.add_argument("--data-dir", type=Path, default=Path("data/demo"))
+    parser.add_argument("--person", type=int, default=0, help="index of the demo person (see README)")
+    args = parser.parse_args(argv)
+
+    if not args.serve:
+        # Each demo starts with a fresh union (the banks' seeded stores are kept: they never change).
+        shutil.rmtree(args.data_dir / "union", ignore_errors=True)
+    union_port, bank_base = choose_ports()
+    target = f"127.0.0.1:{union_port}"
+    console.print(f"starting 16 banks on 127.0.0.1:{bank_base}-{bank_base + 15} and the union on {target} …")
+    with processes(args.data_dir, union_port, bank_base, cooldown_hours=0 if not args.serve else 168):
+        try:
+            asyncio.run(wait_all(union_port, bank_base))
+        except DemoFailed as error:
+            console.print(f"[red]demo failed:[/] {error}")
+            return 1
+        if args.serve:
+            token = (args.data_dir / "union" / "admin.token").read_text().strip()
+            console.print(f"[green]serving[/]: union {target}, banks {bank_base}-{bank_base + 15}")
+            console.print(
+                f"admin token: {token}   SMS outbox: {args.data_dir / 'union' / 'sms-outbox.jsonl'}"
+            )
+            console.print("try: grpcurl -plaintext 127.0.0.1:50051 list    (Ctrl-C stops everything)")
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        else:
+            try:
+                asyncio.run(run_lookup(target, args.data_dir / "union" / "sms-outbox.jsonl", args.person))
+            except (DemoFailed, CardLookupError) as error:
+                console.print(f"[red]demo failed:[/] {error}")
+                return 1
+    console.print("servers stopped.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

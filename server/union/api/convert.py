@@ -1,0 +1,108 @@
+"""Domain objects → cardlookup.v1 messages. The one place to touch when a field is added."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from cardlookup.v1 import admin_service_pb2 as admin_pb
+from cardlookup.v1 import card_lookup_service_pb2 as pb
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from server.union.domain import model
+
+_OUTCOMES = {
+    model.BankOutcome.PENDING: pb.BANK_OUTCOME_PENDING,
+    model.BankOutcome.ANSWERED: pb.BANK_OUTCOME_ANSWERED,
+    model.BankOutcome.FAILED: pb.BANK_OUTCOME_FAILED,
+    model.BankOutcome.NO_RESPONSE: pb.BANK_OUTCOME_NO_RESPONSE,
+}
+_STATES = {
+    model.LookupState.RUNNING: pb.LOOKUP_STATE_RUNNING,
+    model.LookupState.COMPLETED: pb.LOOKUP_STATE_COMPLETED,
+}
+_CARD_TYPES = {model.CardType.DEBIT: pb.CARD_TYPE_DEBIT, model.CardType.CREDIT: pb.CARD_TYPE_CREDIT}
+_CARD_STATUSES = {
+    model.CardStatus.ACTIVE: pb.CARD_STATUS_ACTIVE,
+    model.CardStatus.DORMANT: pb.CARD_STATUS_DORMANT,
+    model.CardStatus.FROZEN: pb.CARD_STATUS_FROZEN,
+}
+
+
+def timestamp(value: datetime) -> Timestamp:
+    result = Timestamp()
+    result.FromDatetime(value)
+    return result
+
+
+def lookup(value: model.Lookup) -> pb.Lookup:
+    return pb.Lookup(
+        name=value.name,
+        request_id=value.request_id,
+        state=_STATES[value.state],
+        bank_progress=[
+            pb.BankProgress(
+                bank_code=b.bank_code,
+                bank_name=b.bank_name,
+                outcome=_OUTCOMES[b.outcome],
+                attempt_count=b.attempt_count,
+                card_count=b.card_count,
+                failure_reason=b.failure_reason,
+            )
+            for b in value.banks
+        ],
+        create_time=timestamp(value.create_time),
+        deadline_time=timestamp(value.deadline_time),
+        report=f"reports/{value.report_id}" if value.report_id else "",
+    )
+
+
+def report(value: model.Report) -> pb.Report:
+    answered = [b for b in value.banks if b.outcome == model.BankOutcome.ANSWERED]
+    return pb.Report(
+        name=value.name,
+        lookup=f"lookups/{value.lookup_id}",
+        generate_time=timestamp(value.generate_time),
+        expire_time=timestamp(value.expire_time),
+        bank_summaries=[
+            pb.BankSummary(
+                bank_code=b.bank_code,
+                bank_name=b.bank_name,
+                debit_card_count=b.debit_count,
+                credit_card_count=b.credit_count,
+                outcome=_OUTCOMES[b.outcome],
+            )
+            for b in value.banks
+        ],
+        cards=[
+            pb.ReportCard(
+                card_ref=c.card_ref,
+                bank_code=c.bank_code,
+                bank_name=c.bank_name,
+                card_type=_CARD_TYPES[c.card_type],
+                masked_number=c.masked_number,
+                number_length=c.number_length,
+                status=_CARD_STATUSES[c.status],
+            )
+            for c in value.cards
+        ],
+        total_card_count=len(value.cards),
+        total_debit_card_count=sum(b.debit_count for b in answered),
+        total_credit_card_count=sum(b.credit_count for b in answered),
+    )
+
+
+def bank(value: model.Bank) -> admin_pb.Bank:
+    return admin_pb.Bank(
+        code=value.code,
+        name=value.name,
+        english_name=value.english_name,
+        address=value.address,
+        enabled=value.enabled,
+    )
+
+
+def region(value: model.Region) -> admin_pb.Region:
+    result = admin_pb.Region(code=value.code, name=value.name, open=value.open)
+    if value.open_time is not None:
+        result.open_time.CopyFrom(timestamp(value.open_time))
+    return result

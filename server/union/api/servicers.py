@@ -1,0 +1,202 @@
+"""gRPC servicers of the union: thin adapters, proto → domain call → proto.
+
+Errors are raised by the domain as DomainError and turned into statuses by
+`@grpc_method` (server.common.grpc_errors); nothing here decides a status code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+import grpc
+from cardlookup.v1 import admin_service_pb2 as admin_pb
+from cardlookup.v1 import admin_service_pb2_grpc as admin_grpc
+from cardlookup.v1 import card_lookup_service_pb2 as lookup_pb
+from cardlookup.v1 import card_lookup_service_pb2_grpc as lookup_grpc
+from cardlookup.v1 import identity_service_pb2 as identity_pb
+from cardlookup.v1 import identity_service_pb2_grpc as identity_grpc
+
+from server.common import errors
+from server.common.grpc_errors import grpc_method
+from server.union.api import convert
+from server.union.domain.admin import AdminService
+from server.union.domain.identity import Caller, IdentityService
+from server.union.domain.lookups import LookupService
+
+Context = grpc.aio.ServicerContext[Any, Any]
+T = TypeVar("T")
+
+
+def _authorization(context: Context) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else value.decode("latin-1")
+    return None
+
+
+def _page(items: list[T], page_size: int, page_token: str, default_all: bool = True) -> tuple[list[T], str]:
+    """Offset pagination for the small admin lists (banks, regions): tokens are plain offsets."""
+    if page_size < 0:
+        raise errors.InvalidArgument([errors.FieldViolation("page_size", "must not be negative")])
+    try:
+        start = int(page_token) if page_token else 0
+    except ValueError:
+        start = -1
+    if start < 0 or start > len(items):
+        raise errors.InvalidArgument(
+            [errors.FieldViolation("page_token", "not a page token from this server")]
+        )
+    size = min(page_size, 100) if page_size else (100 if default_all else 10)
+    end = start + size
+    return items[start:end], (str(end) if end < len(items) else "")
+
+
+class IdentityServicer(identity_grpc.IdentityServiceServicer):
+    def __init__(self, identity: IdentityService) -> None:
+        self._identity = identity
+
+    @grpc_method
+    async def StartVerification(
+        self, request: identity_pb.StartVerificationRequest, context: Context
+    ) -> identity_pb.StartVerificationResponse:
+        started = await self._identity.start_verification(
+            request.name, request.resident_id_number, request.mobile_number
+        )
+        return identity_pb.StartVerificationResponse(
+            verification_id=started.verification_id,
+            masked_mobile_number=started.masked_mobile_number,
+            code_expire_time=convert.timestamp(started.code_expire_time),
+        )
+
+    @grpc_method
+    async def CompleteVerification(
+        self, request: identity_pb.CompleteVerificationRequest, context: Context
+    ) -> identity_pb.CompleteVerificationResponse:
+        session = await self._identity.complete_verification(request.verification_id, request.code)
+        return identity_pb.CompleteVerificationResponse(
+            session_token=session.token,
+            expire_time=convert.timestamp(session.expire_time),
+            region_code=session.region_code,
+        )
+
+
+class CardLookupServicer(lookup_grpc.CardLookupServiceServicer):
+    def __init__(self, identity: IdentityService, lookups: LookupService) -> None:
+        self._identity = identity
+        self._lookups = lookups
+
+    def _caller(self, context: Context) -> Caller:
+        return self._identity.authenticate(_authorization(context))
+
+    @grpc_method
+    async def CreateLookup(
+        self, request: lookup_pb.CreateLookupRequest, context: Context
+    ) -> lookup_pb.CreateLookupResponse:
+        lookup = await self._lookups.create_lookup(
+            self._caller(context), request.request_id, request.bank_codes
+        )
+        return lookup_pb.CreateLookupResponse(lookup=convert.lookup(lookup))
+
+    @grpc_method
+    async def GetLookup(
+        self, request: lookup_pb.GetLookupRequest, context: Context
+    ) -> lookup_pb.GetLookupResponse:
+        lookup = await self._lookups.get_lookup(self._caller(context), request.name)
+        return lookup_pb.GetLookupResponse(lookup=convert.lookup(lookup))
+
+    @grpc_method
+    async def WatchLookup(
+        self, request: lookup_pb.WatchLookupRequest, context: Context
+    ) -> AsyncIterator[lookup_pb.WatchLookupResponse]:
+        async for event in self._lookups.watch_lookup(self._caller(context), request.name):
+            yield lookup_pb.WatchLookupResponse(
+                lookup=convert.lookup(event.lookup),
+                bank_code=event.bank_code,
+                report_ready=event.report_ready,
+            )
+
+    @grpc_method
+    async def GetReport(
+        self, request: lookup_pb.GetReportRequest, context: Context
+    ) -> lookup_pb.GetReportResponse:
+        report = await self._lookups.get_report(self._caller(context), request.name)
+        return lookup_pb.GetReportResponse(report=convert.report(report))
+
+    @grpc_method
+    async def ListReports(
+        self, request: lookup_pb.ListReportsRequest, context: Context
+    ) -> lookup_pb.ListReportsResponse:
+        reports, token = await self._lookups.list_reports(
+            self._caller(context), request.page_size, request.page_token
+        )
+        return lookup_pb.ListReportsResponse(
+            reports=[convert.report(r) for r in reports], next_page_token=token
+        )
+
+    @grpc_method
+    async def DeleteReport(
+        self, request: lookup_pb.DeleteReportRequest, context: Context
+    ) -> lookup_pb.DeleteReportResponse:
+        await self._lookups.delete_report(self._caller(context), request.name)
+        return lookup_pb.DeleteReportResponse()
+
+
+class AdminServicer(admin_grpc.AdminServiceServicer):
+    def __init__(self, admin: AdminService) -> None:
+        self._admin = admin
+
+    @grpc_method
+    async def ListBanks(
+        self, request: admin_pb.ListBanksRequest, context: Context
+    ) -> admin_pb.ListBanksResponse:
+        self._admin.authorize(_authorization(context))
+        banks, token = _page(await self._admin.list_banks(), request.page_size, request.page_token)
+        return admin_pb.ListBanksResponse(banks=[convert.bank(b) for b in banks], next_page_token=token)
+
+    @grpc_method
+    async def UpdateBank(
+        self, request: admin_pb.UpdateBankRequest, context: Context
+    ) -> admin_pb.UpdateBankResponse:
+        self._admin.authorize(_authorization(context))
+        bank = await self._admin.update_bank(request.code, request.enabled, request.address)
+        return admin_pb.UpdateBankResponse(bank=convert.bank(bank))
+
+    @grpc_method
+    async def ListRegions(
+        self, request: admin_pb.ListRegionsRequest, context: Context
+    ) -> admin_pb.ListRegionsResponse:
+        self._admin.authorize(_authorization(context))
+        regions, token = _page(await self._admin.list_regions(), request.page_size, request.page_token)
+        return admin_pb.ListRegionsResponse(
+            regions=[convert.region(r) for r in regions], next_page_token=token
+        )
+
+    @grpc_method
+    async def UpdateRegion(
+        self, request: admin_pb.UpdateRegionRequest, context: Context
+    ) -> admin_pb.UpdateRegionResponse:
+        self._admin.authorize(_authorization(context))
+        region = await self._admin.update_region(request.code, request.open)
+        return admin_pb.UpdateRegionResponse(region=convert.region(region))
+
+    @grpc_method
+    async def GetServiceStats(
+        self, request: admin_pb.GetServiceStatsRequest, context: Context
+    ) -> admin_pb.GetServiceStatsResponse:
+        self._admin.authorize(_authorization(context))
+        stats = await self._admin.stats()
+        return admin_pb.GetServiceStatsResponse(
+            people_verified=stats.people_verified,
+            lookups_created=stats.lookups_created,
+            reports_generated=stats.reports_generated,
+            bank_stats=[
+                admin_pb.BankStats(
+                    bank_code=b.bank_code,
+                    answered_count=b.answered,
+                    failed_count=b.failed,
+                    mean_latency_ms=b.mean_latency_ms,
+                )
+                for b in stats.banks
+            ],
+        )

@@ -1,0 +1,186 @@
+"""Assembles the union server: configuration → store, keys, domain services, orchestrator, gRPC.
+
+Where a request goes: `api/servicers.py` (proto ↔ domain) → `domain/*.py` (rules)
+→ `storage/store.py` (SQL). Bank calls: `domain/orchestrator.py` →
+`bank_gateway.py` (bankquery.v1 client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from cardlookup.v1 import admin_service_pb2_grpc as admin_grpc
+from cardlookup.v1 import card_lookup_service_pb2_grpc as lookup_grpc
+from cardlookup.v1 import identity_service_pb2_grpc as identity_grpc
+
+from server.common.grpc_runtime import GrpcServer, TlsFiles
+from server.population.catalogue import BANKS, REGIONS
+from server.union.api.servicers import AdminServicer, CardLookupServicer, IdentityServicer
+from server.union.bank_gateway import ClientTls, GrpcBankGateway
+from server.union.clock import Clock, SystemClock
+from server.union.domain.admin import AdminService
+from server.union.domain.banks import BankGateway
+from server.union.domain.events import LookupEvents
+from server.union.domain.identity import IdentityPolicy, IdentityService
+from server.union.domain.lookups import LookupPolicy, LookupService
+from server.union.domain.orchestrator import Orchestrator, OrchestratorPolicy
+from server.union.secrets import Keys
+from server.union.sms import FileSmsSink, SmsSender
+from server.union.storage.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    "cardlookup.v1.IdentityService",
+    "cardlookup.v1.CardLookupService",
+    "cardlookup.v1.AdminService",
+)
+ADMIN_TOKEN_ENV = "CARDLOOKUP_ADMIN_TOKEN"  # noqa: S105 (a variable name, not a secret)
+DEFAULT_POPULATION_SEED = 20211201
+DEFAULT_POPULATION_SIZE = 20_000
+
+
+@dataclass
+class UnionConfig:
+    listen: str = "127.0.0.1:50051"
+    data_dir: Path = Path("data")
+    database_url: str = ""  # default: SQLite under data_dir
+    bank_addresses: dict[str, str] = field(default_factory=dict)
+    population_seed: int = DEFAULT_POPULATION_SEED
+    population_size: int = DEFAULT_POPULATION_SIZE
+    admin_token: str = ""  # default: $CARDLOOKUP_ADMIN_TOKEN, else a file in data_dir
+    identity: IdentityPolicy = field(default_factory=IdentityPolicy)
+    lookups: LookupPolicy = field(default_factory=LookupPolicy)
+    orchestration: OrchestratorPolicy = field(default_factory=OrchestratorPolicy)
+    tls: TlsFiles | None = None  # for clients of the union
+    bank_tls: ClientTls | None = None  # mutual TLS towards the banks
+    health_interval: timedelta = timedelta(seconds=2)
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'union.db').resolve()}"
+
+    @property
+    def sms_sink_path(self) -> Path:
+        return self.data_dir / "sms-outbox.jsonl"
+
+    def resolve_admin_token(self) -> str:
+        """Explicit setting, else the environment, else a per-installation token file (mode 0600)."""
+        if self.admin_token:
+            return self.admin_token
+        if token := os.environ.get(ADMIN_TOKEN_ENV):
+            return token
+        path = self.data_dir / "admin.token"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(24))
+        return path.read_text().strip()
+
+
+def default_bank_addresses(host: str = "127.0.0.1", base_port: int = 50061) -> dict[str, str]:
+    """Where the demo's banks listen: one port each from base_port, in bank order."""
+    return {bank.code: f"{host}:{base_port + index}" for index, bank in enumerate(BANKS)}
+
+
+async def seed_identity_registry(store: Store, keys: Keys, seed: int, size: int) -> None:
+    """Fill the simulated national ID registry (hashes only) from the shared synthetic population."""
+    from server.population.generator import people
+
+    if await store.identity_count() >= size:
+        return
+    batch: list[tuple[str, str, str, str]] = []
+    for person in people(seed, size):
+        batch.append(
+            (
+                keys.person_hash(person.resident_id_number),
+                keys.attribute_hash("name", person.name),
+                keys.attribute_hash("mobile", person.mobile_number),
+                person.region_code,
+            )
+        )
+        if len(batch) >= 5000:
+            await store.add_identities(batch)
+            batch = []
+    if batch:
+        await store.add_identities(batch)
+
+
+class UnionServer:
+    def __init__(
+        self,
+        config: UnionConfig,
+        clock: Clock | None = None,
+        gateway: BankGateway | None = None,
+        sms: SmsSender | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.keys = Keys.load(config.data_dir)
+        self.store = open_store(config.effective_database_url)
+        self.gateway = gateway or GrpcBankGateway(config.bank_tls)
+        self.sms = sms or FileSmsSink(config.sms_sink_path)
+        self.events = LookupEvents()
+        self.orchestrator = Orchestrator(
+            self.store, self.gateway, self.keys, self.clock, self.events, config.orchestration
+        )
+        self.identity = IdentityService(self.store, self.keys, self.sms, self.clock, config.identity)
+        self.lookups = LookupService(
+            self.store, self.keys, self.clock, self.events, self.orchestrator, config.lookups
+        )
+        self.admin = AdminService(self.store, self.clock, config.resolve_admin_token())
+        self.grpc = GrpcServer(config.listen, SERVICE_NAMES, self._register, tls=config.tls)
+        self._health_task: asyncio.Task[None] | None = None
+
+    def _register(self, server: object) -> None:
+        identity_grpc.add_IdentityServiceServicer_to_server(IdentityServicer(self.identity), server)  # type: ignore[arg-type]
+        lookup_grpc.add_CardLookupServiceServicer_to_server(
+            CardLookupServicer(self.identity, self.lookups),
+            server,  # type: ignore[arg-type]
+        )
+        admin_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.admin), server)  # type: ignore[arg-type]
+
+    @property
+    def address(self) -> str:
+        return self.grpc.address
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.store.migrate)
+        await self.store.seed_catalogue(BANKS, self.config.bank_addresses, REGIONS, self.clock.now())
+        if self.config.bank_addresses:
+            await self.store.set_bank_addresses(self.config.bank_addresses)
+        await seed_identity_registry(
+            self.store, self.keys, self.config.population_seed, self.config.population_size
+        )
+        await self.grpc.start()
+        self.orchestrator.start()
+        self._health_task = asyncio.create_task(self._watch_health(), name="union-health")
+        log.info("union started", extra={"address": self.address, "database": self.store.engine.dialect.name})
+
+    async def _watch_health(self) -> None:
+        """Health follows the database: NOT_SERVING while it cannot be reached."""
+        serving = True
+        while True:
+            await asyncio.sleep(self.config.health_interval.total_seconds())
+            healthy = await self.store.ping()
+            if healthy != serving:
+                serving = healthy
+                log.warning("database reachability changed", extra={"reachable": healthy})
+                await self.grpc.set_serving(healthy)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Graceful: health NOT_SERVING, drain RPCs, let bank calls finish (or lapse), close."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
+        await self.grpc.stop(grace)
+        await self.orchestrator.stop(grace)
+        await self.gateway.close()
+        await self.store.close()

@@ -1,0 +1,214 @@
+"""Real-name verification and session credentials.
+
+The registry is checked through keyed hashes; the name and ID number the
+person typed are sealed (AES-GCM) into the pending verification and, once the
+one-time code is right, into the session credential itself. So between
+verification and lookup the union's database holds nothing readable, and the
+ID number reaches a lookup row only as ciphertext that is erased when the
+lookup is final.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from server.common import errors
+from server.union.clock import Clock
+from server.union.domain import validation
+from server.union.secrets import InvalidToken, Keys
+from server.union.sms import SmsSender
+from server.union.storage.models import VerificationRow
+from server.union.storage.store import Store
+
+
+@dataclass(frozen=True)
+class IdentityPolicy:
+    code_ttl: timedelta = timedelta(minutes=5)
+    max_code_attempts: int = 5
+    # StartVerification per person in a sliding window; beyond it, a lockout.
+    max_starts_per_window: int = 5
+    start_window: timedelta = timedelta(hours=1)
+    session_ttl: timedelta = timedelta(minutes=30)
+
+
+@dataclass(frozen=True)
+class StartedVerification:
+    verification_id: str
+    masked_mobile_number: str
+    code_expire_time: datetime
+
+
+@dataclass(frozen=True)
+class Session:
+    token: str
+    expire_time: datetime
+    region_code: str
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling, from a verified session credential."""
+
+    person_hash: str
+    region_code: str
+    token_id: str
+    sealed_identity: str
+
+    def identity(self, keys: Keys) -> tuple[str, str]:
+        """(name, resident ID number), unsealed only when a lookup needs them."""
+        opened = keys.unseal(self.sealed_identity, context=f"session:{self.token_id}")
+        return opened["name"], opened["id"]
+
+
+def mask_mobile(mobile: str) -> str:
+    return mobile[:3] + "****" + mobile[-4:]
+
+
+class IdentityService:
+    def __init__(
+        self, store: Store, keys: Keys, sms: SmsSender, clock: Clock, policy: IdentityPolicy
+    ) -> None:
+        self._store = store
+        self._keys = keys
+        self._sms = sms
+        self._clock = clock
+        self.policy = policy
+
+    def _code_hash(self, verification_id: str, code: str) -> str:
+        return self._keys.attribute_hash("otp", f"{verification_id}:{code}")
+
+    async def start_verification(
+        self, name: str, resident_id_number: str, mobile_number: str
+    ) -> StartedVerification:
+        violations = []
+        if problem := validation.name_problem(name):
+            violations.append(errors.FieldViolation("name", problem))
+        if problem := validation.resident_id_problem(resident_id_number):
+            violations.append(errors.FieldViolation("resident_id_number", problem))
+        if not validation.MOBILE.match(mobile_number):
+            violations.append(
+                errors.FieldViolation("mobile_number", "must be an 11-digit mainland mobile number")
+            )
+        validation.require(violations)
+
+        now = self._clock.now()
+        person_hash = self._keys.person_hash(resident_id_number)
+        recent = await self._store.count_recent_verifications(person_hash, now - self.policy.start_window)
+        if recent >= self.policy.max_starts_per_window:
+            raise errors.ResourceExhausted(
+                "too many verification attempts for this identity",
+                reason="VERIFICATION_RATE_LIMITED",
+                retry_after=self.policy.start_window,
+            )
+        identity = await self._store.find_identity(person_hash)
+        if (
+            identity is None
+            or not hmac.compare_digest(identity.name_hash, self._keys.attribute_hash("name", name))
+            or not hmac.compare_digest(
+                identity.mobile_hash, self._keys.attribute_hash("mobile", mobile_number)
+            )
+        ):
+            # Record the attempt too, so guessing against the registry is rate-limited.
+            await self._store.add_verification(
+                VerificationRow(
+                    id="x" + secrets.token_hex(16),
+                    person_hash=person_hash,
+                    region_code="",
+                    sealed_identity=None,
+                    code_hash="",
+                    create_time=now,
+                    expire_time=now,
+                    failed_attempts=self.policy.max_code_attempts,
+                    completed=False,
+                )
+            )
+            raise errors.FailedPrecondition(
+                "the name, ID number and mobile number do not match a registered identity",
+                reason="IDENTITY_MISMATCH",
+            )
+
+        verification_id = "v" + secrets.token_hex(16)
+        code = f"{secrets.randbelow(1_000_000):06d}"
+        expire = now + self.policy.code_ttl
+        await self._store.add_verification(
+            VerificationRow(
+                id=verification_id,
+                person_hash=person_hash,
+                region_code=identity.region_code,
+                sealed_identity=self._keys.seal(
+                    {"name": name, "id": resident_id_number}, context=f"verification:{verification_id}"
+                ),
+                code_hash=self._code_hash(verification_id, code),
+                create_time=now,
+                expire_time=expire,
+                failed_attempts=0,
+                completed=False,
+            )
+        )
+        minutes = int(self.policy.code_ttl.total_seconds() // 60)
+        self._sms.send(mobile_number, f"【一键查卡】验证码 {code}，{minutes}分钟内有效。请勿告诉他人。")
+        return StartedVerification(verification_id, mask_mobile(mobile_number), expire)
+
+    async def complete_verification(self, verification_id: str, code: str) -> Session:
+        violations = []
+        if not verification_id.startswith("v") or not validation.RESOURCE_ID.match(verification_id):
+            violations.append(errors.FieldViolation("verification_id", "not a verification id"))
+        if not validation.CODE.match(code):
+            violations.append(errors.FieldViolation("code", "must be 6 digits"))
+        validation.require(violations)
+
+        now = self._clock.now()
+        row = await self._store.get_verification(verification_id)
+        if row is None or row.completed or row.expire_time <= now:
+            raise errors.NotFound("no such verification, or it expired or was already used")
+        if row.failed_attempts >= self.policy.max_code_attempts or row.sealed_identity is None:
+            raise errors.ResourceExhausted(
+                "too many wrong codes; start a new verification later",
+                reason="VERIFICATION_LOCKED",
+                retry_after=max(row.create_time + self.policy.start_window - now, timedelta(seconds=1)),
+            )
+        if not hmac.compare_digest(row.code_hash, self._code_hash(verification_id, code)):
+            left = await self._store.fail_verification_attempt(verification_id, self.policy.max_code_attempts)
+            if left == 0:
+                raise errors.ResourceExhausted(
+                    "too many wrong codes; start a new verification later",
+                    reason="VERIFICATION_LOCKED",
+                    retry_after=self.policy.start_window,
+                )
+            raise errors.Unauthenticated(
+                "wrong code", reason="WRONG_CODE", metadata={"attempts_left": str(left)}
+            )
+        sealed = await self._store.complete_verification(verification_id, now)
+        if sealed is None:
+            raise errors.NotFound("no such verification, or it expired or was already used")
+        pii = self._keys.unseal(sealed, context=f"verification:{verification_id}")
+        token_id = secrets.token_hex(12)
+        expire = now + self.policy.session_ttl
+        token = self._keys.sign(
+            self._keys.session,
+            {
+                "sub": row.person_hash,
+                "rgn": row.region_code,
+                "jti": token_id,
+                "exp": int(expire.timestamp()),
+                "pii": self._keys.seal(pii, context=f"session:{token_id}"),
+            },
+        )
+        return Session(token, expire, row.region_code)
+
+    def authenticate(self, authorization: str | None) -> Caller:
+        """Caller from `authorization: Bearer <token>` metadata, or UNAUTHENTICATED."""
+        if not authorization or not authorization.startswith("Bearer "):
+            raise errors.Unauthenticated("missing bearer session credential", reason="MISSING_CREDENTIAL")
+        try:
+            claims = self._keys.verify(self._keys.session, authorization[len("Bearer ") :].strip())
+            expire = int(claims["exp"])
+            caller = Caller(str(claims["sub"]), str(claims["rgn"]), str(claims["jti"]), str(claims["pii"]))
+        except (InvalidToken, KeyError, TypeError, ValueError) as error:
+            raise errors.Unauthenticated("invalid session credential", reason="INVALID_CREDENTIAL") from error
+        if expire <= self._clock.now().timestamp():
+            raise errors.Unauthenticated("session credential expired", reason="EXPIRED_CREDENTIAL")
+        return caller

@@ -1,0 +1,197 @@
+"""Lookups and reports for one verified caller: create, follow, read, list, delete.
+
+Ownership is enforced here and in the store queries alike: every read is keyed
+by the caller's person_hash, and anything that is not theirs is NOT_FOUND,
+exactly like something that does not exist.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from server.common import errors
+from server.union.clock import Clock
+from server.union.domain import model, validation
+from server.union.domain.events import LookupEvents
+from server.union.domain.identity import Caller
+from server.union.domain.orchestrator import Orchestrator
+from server.union.secrets import InvalidToken, Keys
+from server.union.storage.store import DuplicateLookup, Store
+
+DEFAULT_PAGE_SIZE = 10
+MAX_PAGE_SIZE = 100
+
+
+@dataclass(frozen=True)
+class LookupPolicy:
+    # A new lookup only this long after the last one completed (the seed: 7 days).
+    requery_cooldown: timedelta = timedelta(days=7)
+    # Watchers re-read at least this often (changes made by other replicas).
+    watch_poll_interval: timedelta = timedelta(seconds=1)
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    lookup: model.Lookup
+    bank_code: str
+    report_ready: bool
+
+
+class LookupService:
+    def __init__(
+        self,
+        store: Store,
+        keys: Keys,
+        clock: Clock,
+        events: LookupEvents,
+        orchestrator: Orchestrator,
+        policy: LookupPolicy,
+    ) -> None:
+        self._store = store
+        self._keys = keys
+        self._clock = clock
+        self._events = events
+        self._orchestrator = orchestrator
+        self.policy = policy
+
+    async def create_lookup(self, caller: Caller, request_id: str, bank_codes: Sequence[str]) -> model.Lookup:
+        violations = []
+        if not validation.REQUEST_ID.match(request_id):
+            violations.append(errors.FieldViolation("request_id", "must be 1-64 characters of [A-Za-z0-9_-]"))
+        if len(bank_codes) > 64:
+            violations.append(errors.FieldViolation("bank_codes", "at most 64 bank codes"))
+        validation.require(violations)
+
+        # AIP-155: a retry returns what the first call made, whatever has changed since.
+        existing = await self._store.find_lookup_by_request(caller.person_hash, request_id)
+        if existing is not None:
+            return existing
+
+        region = await self._store.get_region(caller.region_code)
+        if region is None or not region.open:
+            raise errors.FailedPrecondition(
+                "the service is not open in your region yet",
+                reason="REGION_NOT_OPEN",
+                metadata={"region_code": caller.region_code},
+            )
+
+        all_banks = await self._store.list_banks()
+        known = {bank.code: bank for bank in all_banks}
+        unknown = [code for code in bank_codes if code not in known]
+        validation.require(
+            [
+                errors.FieldViolation(f"bank_codes[{list(bank_codes).index(c)}]", "unknown bank code")
+                for c in unknown
+            ]
+        )
+        chosen = [bank for bank in all_banks if bank.enabled and (not bank_codes or bank.code in bank_codes)]
+        if not chosen:
+            raise errors.FailedPrecondition("none of the chosen banks is enabled", reason="NO_ENABLED_BANK")
+
+        now = self._clock.now()
+        running, last_complete = await self._store.last_lookup_activity(caller.person_hash)
+        if running:
+            raise errors.ResourceExhausted(
+                "a lookup is already in progress",
+                reason="LOOKUP_IN_PROGRESS",
+                retry_after=timedelta(minutes=1),
+            )
+        if last_complete is not None and last_complete + self.policy.requery_cooldown > now:
+            raise errors.ResourceExhausted(
+                "a new lookup is possible only after the re-query cooldown",
+                reason="REQUERY_COOLDOWN",
+                retry_after=last_complete + self.policy.requery_cooldown - now,
+            )
+
+        name, resident_id = caller.identity(self._keys)
+        lookup_id = "l" + secrets.token_hex(12)
+        try:
+            lookup = await self._store.create_lookup(
+                lookup_id=lookup_id,
+                person_hash=caller.person_hash,
+                request_id=request_id,
+                region_code=caller.region_code,
+                sealed_identity=self._keys.seal(
+                    {"name": name, "id": resident_id}, context=f"lookup:{lookup_id}"
+                ),
+                banks=chosen,
+                now=now,
+                deadline=now + self._orchestrator.policy.lookup_deadline,
+            )
+        except DuplicateLookup:
+            # Two retries of the same request raced; the other one won.
+            raced = await self._store.find_lookup_by_request(caller.person_hash, request_id)
+            if raced is None:
+                raise
+            return raced
+        self._orchestrator.wake()
+        return lookup
+
+    async def get_lookup(self, caller: Caller, name: str) -> model.Lookup:
+        lookup_id = validation.parse_resource_name(name, "lookups")
+        lookup = await self._store.get_lookup(lookup_id, caller.person_hash)
+        if lookup is None:
+            raise errors.NotFound(f"{name} not found")
+        return lookup
+
+    async def watch_lookup(self, caller: Caller, name: str) -> AsyncIterator[WatchEvent]:
+        """The current state first, then one event per bank change, ending when the report is ready."""
+        lookup = await self.get_lookup(caller, name)
+        yield WatchEvent(lookup, "", lookup.state == model.LookupState.COMPLETED)
+        previous = {bank.bank_code: bank for bank in lookup.banks}
+        while lookup.state != model.LookupState.COMPLETED:
+            await self._events.wait(lookup.id, self.policy.watch_poll_interval.total_seconds())
+            current = await self._store.get_lookup(lookup.id, caller.person_hash)
+            if current is None:
+                raise errors.NotFound(f"{name} not found")
+            lookup = current
+            for bank in lookup.banks:
+                if previous.get(bank.bank_code) != bank:
+                    yield WatchEvent(lookup, bank.bank_code, False)
+            previous = {bank.bank_code: bank for bank in lookup.banks}
+        yield WatchEvent(lookup, "", True)
+
+    async def get_report(self, caller: Caller, name: str) -> model.Report:
+        report_id = validation.parse_resource_name(name, "reports")
+        report = await self._store.get_report(report_id, caller.person_hash, self._clock.now())
+        if report is None:
+            raise errors.NotFound(f"{name} not found")
+        return report
+
+    async def list_reports(
+        self, caller: Caller, page_size: int, page_token: str
+    ) -> tuple[list[model.Report], str]:
+        if page_size < 0:
+            raise errors.InvalidArgument([errors.FieldViolation("page_size", "must not be negative")])
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = self._read_page_token(caller, page_token) if page_token else None
+        reports = await self._store.list_reports(caller.person_hash, self._clock.now(), after, size + 1)
+        next_token = ""
+        if len(reports) > size:
+            reports = reports[:size]
+            last = reports[-1]
+            next_token = self._keys.sign(
+                self._keys.page,
+                {"p": caller.person_hash[:16], "t": last.generate_time.isoformat(), "i": last.id},
+            )
+        return reports, next_token
+
+    def _read_page_token(self, caller: Caller, token: str) -> tuple[datetime, str]:
+        bad = errors.InvalidArgument(
+            [errors.FieldViolation("page_token", "not a page token from this server")]
+        )
+        try:
+            claims = self._keys.verify(self._keys.page, token)
+            if claims["p"] != caller.person_hash[:16]:
+                raise bad
+            return datetime.fromisoformat(str(claims["t"])), str(claims["i"])
+        except (InvalidToken, KeyError, TypeError, ValueError) as error:
+            raise bad from error
+
+    async def delete_report(self, caller: Caller, name: str) -> None:
+        report_id = validation.parse_resource_name(name, "reports")
+        if not await self._store.delete_report(report_id, caller.person_hash, self._clock.now()):
+            raise errors.NotFound(f"{name} not found")

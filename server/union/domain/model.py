@@ -1,0 +1,138 @@
+"""Domain objects of the union: plain data, no gRPC, no SQL."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+
+class LookupState(StrEnum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+
+
+class BankOutcome(StrEnum):
+    PENDING = "pending"
+    ANSWERED = "answered"
+    FAILED = "failed"
+    NO_RESPONSE = "no_response"
+
+
+class CardType(StrEnum):
+    DEBIT = "debit"
+    CREDIT = "credit"
+
+
+class CardStatus(StrEnum):
+    ACTIVE = "active"
+    DORMANT = "dormant"
+    FROZEN = "frozen"
+
+
+@dataclass(frozen=True)
+class Bank:
+    code: str
+    name: str
+    english_name: str
+    address: str
+    enabled: bool
+    position: int
+
+
+@dataclass(frozen=True)
+class Region:
+    code: str
+    name: str
+    open: bool
+    open_time: datetime | None
+
+
+@dataclass(frozen=True)
+class BankProgress:
+    bank_code: str
+    bank_name: str
+    outcome: BankOutcome
+    attempt_count: int
+    card_count: int
+    debit_count: int
+    credit_count: int
+    failure_reason: str
+
+
+@dataclass(frozen=True)
+class Lookup:
+    id: str
+    request_id: str
+    state: LookupState
+    create_time: datetime
+    deadline_time: datetime
+    report_id: str | None
+    banks: list[BankProgress]
+
+    @property
+    def name(self) -> str:
+        return f"lookups/{self.id}"
+
+
+@dataclass(frozen=True)
+class MaskedCard:
+    """A card as the union knows it: never more than first 4 + last 4 digits."""
+
+    card_ref: str
+    bank_code: str
+    bank_name: str
+    card_type: CardType
+    first_four: str
+    last_four: str
+    number_length: int
+    status: CardStatus
+
+    @property
+    def masked_number(self) -> str:
+        """First 4 and last 4 digits with one star per hidden digit, in groups of four:
+        '6222 **** **** 1234' (16 digits), '6217 **** **** *** 1234' (19 digits)."""
+        stars = "*" * (self.number_length - 8)
+        middle = [stars[i : i + 4] for i in range(0, len(stars), 4)]
+        return " ".join([self.first_four, *middle, self.last_four])
+
+
+@dataclass(frozen=True)
+class Report:
+    id: str
+    lookup_id: str
+    generate_time: datetime
+    expire_time: datetime
+    banks: list[BankProgress]
+    cards: list[MaskedCard] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"reports/{self.id}"
+
+
+@dataclass(frozen=True)
+class BankStats:
+    bank_code: str
+    answered: int
+    failed: int
+    mean_latency_ms: float
+
+
+@dataclass(frozen=True)
+class ServiceStats:
+    people_verified: int
+    lookups_created: int
+    reports_generated: int
+    banks: list[BankStats]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A bank task leased to this replica for one attempt."""
+
+    lookup_id: str
+    bank_code: str
+    attempt: int
+    sealed_identity: str | None
+    deadline_time: datetime

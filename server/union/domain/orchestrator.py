@@ -1,0 +1,247 @@
+"""Runs every lookup's bank work to the end, durably.
+
+The work queue is the `bank_tasks` table. This loop claims due tasks with a
+lease, calls the banks concurrently (bounded), and records each outcome in its
+own transaction. A failed attempt is retried with exponential backoff and full
+jitter while the lookup's deadline allows; at the deadline the report is
+finalised and every silent bank is marked NO_RESPONSE. Because claims are
+leases in the database, a restarted union (or another replica) picks up
+whatever a dead one left; because the report row is unique per lookup, no
+lookup is ever reported twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from server.union.clock import Clock
+from server.union.domain import model
+from server.union.domain.banks import BankCallFailed, BankGateway, check_answer
+from server.union.domain.events import LookupEvents
+from server.union.domain.retention import report_expire_time
+from server.union.secrets import Keys
+from server.union.storage.store import Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OrchestratorPolicy:
+    lookup_deadline: timedelta = timedelta(hours=24)
+    call_timeout: timedelta = timedelta(seconds=10)
+    backoff_base: timedelta = timedelta(seconds=1)
+    backoff_max: timedelta = timedelta(minutes=10)
+    max_concurrent_calls: int = 256
+    poll_interval: timedelta = timedelta(seconds=1)
+    purge_interval: timedelta = timedelta(minutes=10)
+    timezone: str = "Asia/Shanghai"
+    retention_days: int = 7
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        store: Store,
+        gateway: BankGateway,
+        keys: Keys,
+        clock: Clock,
+        events: LookupEvents,
+        policy: OrchestratorPolicy,
+    ) -> None:
+        self._store = store
+        self._gateway = gateway
+        self._keys = keys
+        self._clock = clock
+        self._events = events
+        self.policy = policy
+        self.owner = f"union-{uuid.uuid4().hex[:12]}"
+        self._wake = asyncio.Event()
+        self._calls: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(policy.max_concurrent_calls)
+        self._runner: asyncio.Task[None] | None = None
+        self._last_purge = 0.0
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._runner = asyncio.create_task(self._run(), name="orchestrator")
+
+    def wake(self) -> None:
+        """New work is due now (a lookup was created)."""
+        self._wake.set()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop claiming; give in-flight calls `grace` seconds, then cancel them (their leases lapse
+        and a restarted union resumes them)."""
+        if self._runner is not None:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+        if self._calls:
+            _, pending = await asyncio.wait(self._calls, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    @property
+    def calls_in_flight(self) -> int:
+        return len(self._calls)
+
+    async def _run(self) -> None:
+        while True:
+            delay = self.policy.poll_interval.total_seconds()
+            try:
+                delay = await self.tick()
+            except StoreUnavailable as error:
+                log.warning("database unavailable, orchestrator backing off", extra={"error": str(error)})
+            except Exception:
+                log.exception("orchestrator tick failed")
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    async def tick(self) -> float:
+        """One round: finalise what is due, start due bank calls. Returns seconds to sleep."""
+        now = self._clock.now()
+        for lookup_id in await self._store.lookups_past_deadline(now, limit=200):
+            await self._finalize(lookup_id, force=True)
+        for lookup_id in await self._store.running_lookups_without_pending_tasks(limit=200):
+            await self._finalize(lookup_id, force=False)
+        free = self.policy.max_concurrent_calls - len(self._calls)
+        if free > 0:
+            lease = self.policy.call_timeout + timedelta(seconds=5)
+            for claim in await self._store.claim_due_tasks(self.owner, now, lease, limit=min(free, 500)):
+                task = asyncio.create_task(self._attempt(claim), name=f"bank-call-{claim.bank_code}")
+                self._calls.add(task)
+                task.add_done_callback(self._calls.discard)
+        if time.monotonic() - self._last_purge >= self.policy.purge_interval.total_seconds():
+            self._last_purge = time.monotonic()
+            purged = await self._store.purge_expired_reports(now)
+            await self._store.erase_stale_verifications(now)
+            if purged:
+                log.info("purged expired reports", extra={"count": purged})
+        next_due = await self._store.next_due_time()
+        delay = self.policy.poll_interval.total_seconds()
+        if next_due is not None:
+            delay = min(delay, max(0.0, (next_due - self._clock.now()).total_seconds()))
+        return max(delay, 0.01)
+
+    # -- one bank attempt -----------------------------------------------------
+
+    async def _attempt(self, claim: model.Claim) -> None:
+        async with self._slots:
+            try:
+                await self._attempt_unguarded(claim)
+            except StoreUnavailable as error:
+                # The lease will lapse and the attempt is made again; nothing was half-written.
+                log.warning(
+                    "could not record bank outcome", extra={"bank": claim.bank_code, "error": str(error)}
+                )
+            finally:
+                self._events.notify(claim.lookup_id)
+
+    async def _attempt_unguarded(self, claim: model.Claim) -> None:
+        banks = {bank.code: bank for bank in await self._store.list_banks()}
+        bank = banks.get(claim.bank_code)
+        now = self._clock.now()
+        if claim.sealed_identity is None:
+            return
+        if bank is None or not bank.enabled:
+            await self._store.record_attempt_failed(
+                claim.lookup_id, claim.bank_code, self.owner, "bank was disabled", None, now
+            )
+            await self._finalize(claim.lookup_id, force=False)
+            return
+        opened = self._keys.unseal(claim.sealed_identity, context=f"lookup:{claim.lookup_id}")
+        remaining = (claim.deadline_time - now).total_seconds()
+        timeout = max(0.05, min(self.policy.call_timeout.total_seconds(), remaining))
+        started = time.monotonic()
+        query_id = f"{claim.lookup_id}-{claim.attempt}"
+        try:
+            cards = await self._gateway.query_cards(
+                bank, query_id, opened["id"], opened["name"], call_timeout=timeout
+            )
+            check_answer(bank, cards)
+        except BankCallFailed as failure:
+            await self._record_failure(claim, failure)
+            return
+        latency_ms = int((time.monotonic() - started) * 1000)
+        masked = [
+            (
+                card.bank_card_ref,
+                model.MaskedCard(
+                    card_ref=self._card_ref(claim.lookup_id, bank.code, card.bank_card_ref),
+                    bank_code=bank.code,
+                    bank_name=bank.name,
+                    card_type=card.card_type,
+                    first_four=card.first_four,
+                    last_four=card.last_four,
+                    number_length=card.number_length,
+                    status=card.status,
+                ),
+            )
+            for card in cards
+        ]
+        recorded = await self._store.record_answer(
+            claim.lookup_id, bank.code, self.owner, masked, latency_ms, self._clock.now()
+        )
+        log.info(
+            "bank answered",
+            extra={
+                "lookup": claim.lookup_id,
+                "bank": bank.code,
+                "cards": len(cards),
+                "latency_ms": latency_ms,
+                "recorded": recorded,
+            },
+        )
+        await self._finalize(claim.lookup_id, force=False)
+
+    def _card_ref(self, lookup_id: str, bank_code: str, bank_card_ref: str) -> str:
+        """Report-scoped opaque reference: the bank's own reference never reaches the person."""
+        return "c" + self._keys.attribute_hash("card-ref", f"{lookup_id}:{bank_code}:{bank_card_ref}")[:24]
+
+    async def _record_failure(self, claim: model.Claim, failure: BankCallFailed) -> None:
+        now = self._clock.now()
+        retry_at: datetime | None = None
+        if failure.retryable:
+            ceiling = min(
+                self.policy.backoff_max.total_seconds(),
+                self.policy.backoff_base.total_seconds() * 2 ** (claim.attempt - 1),
+            )
+            # Full jitter (AWS architecture blog): spreads retries of many lookups over time.
+            retry_at = now + timedelta(seconds=random.uniform(0, ceiling))  # noqa: S311
+        log.info(
+            "bank attempt failed",
+            extra={
+                "lookup": claim.lookup_id,
+                "bank": claim.bank_code,
+                "attempt": claim.attempt,
+                "reason": failure.reason,
+                "retry": retry_at is not None,
+            },
+        )
+        await self._store.record_attempt_failed(
+            claim.lookup_id, claim.bank_code, self.owner, failure.reason, retry_at, now
+        )
+        if retry_at is None:
+            await self._finalize(claim.lookup_id, force=False)
+        else:
+            self._wake.set()
+
+    async def _finalize(self, lookup_id: str, force: bool) -> None:
+        now = self._clock.now()
+        expire = report_expire_time(now, self.policy.timezone, self.policy.retention_days)
+        report_id = "r" + secrets.token_hex(12)
+        if await self._store.finalize_lookup(lookup_id, report_id, now, expire, force):
+            log.info("report ready", extra={"lookup": lookup_id, "report": report_id, "forced": force})
+            self._events.notify(lookup_id)

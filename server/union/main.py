@@ -1,0 +1,120 @@
+"""`cardlookup-union`: run the union server, purge expired reports, print the admin token."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from server.common.grpc_runtime import wait_for_shutdown_signal
+from server.common.logs import configure_logging
+from server.union.app import (
+    DEFAULT_POPULATION_SEED,
+    DEFAULT_POPULATION_SIZE,
+    UnionConfig,
+    UnionServer,
+    default_bank_addresses,
+)
+from server.union.clock import SystemClock
+from server.union.domain.lookups import LookupPolicy
+from server.union.domain.orchestrator import OrchestratorPolicy
+from server.union.storage.store import open_store
+
+app = typer.Typer(help="The 一键查卡 union server.", no_args_is_help=True, add_completion=False)
+
+DataDir = Annotated[Path, typer.Option(help="Directory for the SQLite database, keys and the SMS outbox.")]
+DatabaseUrl = Annotated[
+    str,
+    typer.Option(envvar="CARDLOOKUP_DATABASE_URL", help="SQLAlchemy URL; default sqlite under --data-dir."),
+]
+
+
+def _parse_bank_addresses(values: list[str], base_port: int) -> dict[str, str]:
+    addresses = default_bank_addresses(base_port=base_port)
+    for value in values:
+        code, sep, address = value.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"expected CODE=host:port, got {value!r}")
+        addresses[code.upper()] = address
+    return addresses
+
+
+@app.command()
+def serve(
+    listen: Annotated[str, typer.Option(help="host:port to listen on.")] = "127.0.0.1:50051",
+    data_dir: DataDir = Path("data"),
+    database_url: DatabaseUrl = "",
+    bank_base_port: Annotated[int, typer.Option(help="Banks listen on consecutive ports from here.")] = 50061,
+    bank: Annotated[list[str], typer.Option(help="Override one bank's address: CODE=host:port.")] = [],  # noqa: B006
+    population_seed: Annotated[
+        int, typer.Option(help="Seed of the synthetic population.")
+    ] = DEFAULT_POPULATION_SEED,
+    population_size: Annotated[
+        int, typer.Option(help="People in the identity registry.")
+    ] = DEFAULT_POPULATION_SIZE,
+    requery_cooldown_hours: Annotated[
+        float, typer.Option(help="Hours before a person may look up again.")
+    ] = 168,
+    deadline_hours: Annotated[float, typer.Option(help="Lookup deadline (the SLA) in hours.")] = 24,
+    log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
+) -> None:
+    """Run the union server until SIGINT/SIGTERM, then shut down gracefully."""
+    configure_logging(log_level)
+    config = UnionConfig(
+        listen=listen,
+        data_dir=data_dir,
+        database_url=database_url,
+        bank_addresses=_parse_bank_addresses(bank, bank_base_port),
+        population_seed=population_seed,
+        population_size=population_size,
+        lookups=LookupPolicy(requery_cooldown=timedelta(hours=requery_cooldown_hours)),
+        orchestration=OrchestratorPolicy(lookup_deadline=timedelta(hours=deadline_hours)),
+    )
+
+    async def run() -> None:
+        server = UnionServer(config)
+        await server.start()
+        try:
+            await wait_for_shutdown_signal()
+        finally:
+            await server.stop()
+
+    asyncio.run(run())
+
+
+@app.command()
+def purge(data_dir: DataDir = Path("data"), database_url: DatabaseUrl = "") -> None:
+    """Delete expired reports and their card rows now (the server also does this periodically)."""
+    config = UnionConfig(data_dir=data_dir, database_url=database_url)
+
+    async def run() -> int:
+        store = open_store(config.effective_database_url)
+        try:
+            await asyncio.to_thread(store.migrate)
+            return await store.purge_expired_reports(SystemClock().now(), limit=1_000_000)
+        finally:
+            await store.close()
+
+    typer.echo(f"purged {asyncio.run(run())} expired reports")
+
+
+@app.command("admin-token")
+def admin_token(data_dir: DataDir = Path("data")) -> None:
+    """Print the admin credential of this installation (from $CARDLOOKUP_ADMIN_TOKEN or the data dir)."""
+    typer.echo(UnionConfig(data_dir=data_dir).resolve_admin_token())
+
+
+@app.command()
+def migrate(data_dir: DataDir = Path("data"), database_url: DatabaseUrl = "") -> None:
+    """Apply database migrations and exit."""
+    store = open_store(UnionConfig(data_dir=data_dir, database_url=database_url).effective_database_url)
+    store.migrate()
+    asyncio.run(store.close())
+    typer.echo("database is at the newest schema")
+
+
+if __name__ == "__main__":
+    app()

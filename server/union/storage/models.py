@@ -1,0 +1,200 @@
+"""The union's tables (SQLAlchemy 2 typed models). Alembic migrations mirror these.
+
+Privacy by construction: no column can hold a card number or a resident ID
+number in the clear. People are keyed by `person_hash` (a keyed HMAC of the ID
+number); the ID number needed for the fan-out lives only in `sealed_identity`
+(AES-GCM ciphertext), which is erased when the verification or lookup ends.
+Cards are stored as first 4 + last 4 digits and a length.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on every backend (SQLite has no time zones of its own)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+Timestamp = UtcDateTime()
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class RegionRow(Base):
+    __tablename__ = "regions"
+
+    code: Mapped[str] = mapped_column(String(6), primary_key=True)
+    name: Mapped[str] = mapped_column(String(32))
+    open: Mapped[bool] = mapped_column(Boolean, default=False)
+    open_time: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class BankRow(Base):
+    __tablename__ = "banks"
+
+    code: Mapped[str] = mapped_column(String(16), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(64))
+    english_name: Mapped[str] = mapped_column(String(128))
+    address: Mapped[str] = mapped_column(String(255))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class IdentityRow(Base):
+    """The simulated national identity registry: hashes only, enough to check a claim."""
+
+    __tablename__ = "identities"
+
+    person_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name_hash: Mapped[str] = mapped_column(String(64))
+    mobile_hash: Mapped[str] = mapped_column(String(64))
+    region_code: Mapped[str] = mapped_column(String(6))
+
+
+class VerificationRow(Base):
+    __tablename__ = "verifications"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    person_hash: Mapped[str] = mapped_column(String(64), index=True)
+    region_code: Mapped[str] = mapped_column(String(6))
+    # Name + ID number, AES-GCM sealed; erased once the verification completes or dies.
+    sealed_identity: Mapped[str | None] = mapped_column(String(1024))
+    code_hash: Mapped[str] = mapped_column(String(64))
+    create_time: Mapped[datetime] = mapped_column(Timestamp)
+    expire_time: Mapped[datetime] = mapped_column(Timestamp)
+    failed_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    completed: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class VerifiedPersonRow(Base):
+    """One row per person who ever completed verification (for statistics)."""
+
+    __tablename__ = "verified_people"
+
+    person_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    first_verify_time: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class LookupRow(Base):
+    __tablename__ = "lookups"
+    __table_args__ = (
+        UniqueConstraint("person_hash", "request_id"),
+        Index("ix_lookups_state_deadline", "state", "deadline_time"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    person_hash: Mapped[str] = mapped_column(String(64), index=True)
+    request_id: Mapped[str] = mapped_column(String(64))
+    region_code: Mapped[str] = mapped_column(String(6))
+    state: Mapped[str] = mapped_column(String(16))  # "running" | "completed"
+    create_time: Mapped[datetime] = mapped_column(Timestamp)
+    deadline_time: Mapped[datetime] = mapped_column(Timestamp)
+    complete_time: Mapped[datetime | None] = mapped_column(Timestamp)
+    # Name + ID number for the fan-out, AES-GCM sealed; NULL once the lookup is final.
+    sealed_identity: Mapped[str | None] = mapped_column(String(1024))
+    report_id: Mapped[str | None] = mapped_column(String(40))
+
+
+class BankTaskRow(Base):
+    """One bank's part of one lookup: the unit of durable, resumable work."""
+
+    __tablename__ = "bank_tasks"
+    __table_args__ = (Index("ix_bank_tasks_due", "outcome", "next_attempt_time"),)
+
+    lookup_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("lookups.id", ondelete="CASCADE"), primary_key=True
+    )
+    bank_code: Mapped[str] = mapped_column(String(16), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)
+    bank_name: Mapped[str] = mapped_column(String(64))
+    outcome: Mapped[str] = mapped_column(String(16))  # pending | answered | failed | no_response
+    attempt_count: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_time: Mapped[datetime] = mapped_column(Timestamp)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(Timestamp)
+    card_count: Mapped[int] = mapped_column(Integer, default=0)
+    debit_count: Mapped[int] = mapped_column(Integer, default=0)
+    credit_count: Mapped[int] = mapped_column(Integer, default=0)
+    failure_reason: Mapped[str] = mapped_column(String(255), default="")
+    latency_ms: Mapped[int | None] = mapped_column(Integer)
+    update_time: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class FoundCardRow(Base):
+    """A masked card a bank reported for a lookup; the report's card rows."""
+
+    __tablename__ = "found_cards"
+
+    lookup_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("lookups.id", ondelete="CASCADE"), primary_key=True
+    )
+    card_ref: Mapped[str] = mapped_column(String(40), primary_key=True)
+    bank_code: Mapped[str] = mapped_column(String(16))
+    position: Mapped[int] = mapped_column(Integer)
+    bank_card_ref: Mapped[str] = mapped_column(String(128))
+    card_type: Mapped[str] = mapped_column(String(8))  # debit | credit
+    first_four: Mapped[str] = mapped_column(String(4))
+    last_four: Mapped[str] = mapped_column(String(4))
+    number_length: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))  # active | dormant | frozen
+
+
+class ReportRow(Base):
+    __tablename__ = "reports"
+    __table_args__ = (Index("ix_reports_person_generated", "person_hash", "generate_time"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    # Unique: a lookup yields exactly one report, even if two replicas race to finalise it.
+    lookup_id: Mapped[str] = mapped_column(String(40), unique=True)
+    person_hash: Mapped[str] = mapped_column(String(64))
+    generate_time: Mapped[datetime] = mapped_column(Timestamp)
+    expire_time: Mapped[datetime] = mapped_column(Timestamp, index=True)
+
+
+class CounterRow(Base):
+    """Monotonic service counters (reports generated survive report purges)."""
+
+    __tablename__ = "counters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(Integer, default=0)

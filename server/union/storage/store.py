@@ -1,0 +1,795 @@
+"""The union's storage: one interface, chosen from the database URL.
+
+`open_store(url)` is the single place that picks a backend. Both SQLite (the
+embedded default) and PostgreSQL (production) run through SQLAlchemy; what
+differs is how writers are kept from tripping over each other:
+
+- SQLite: one writer thread per process and `BEGIN IMMEDIATE` write
+  transactions, so a transaction never has to upgrade a read lock and
+  "database is locked" cannot happen; WAL lets readers carry on meanwhile.
+- PostgreSQL: a small thread pool, and bank work claimed with
+  `FOR UPDATE SKIP LOCKED` so several union replicas share the queue.
+
+Every public method is a coroutine; the SQL runs in the store's executor so the
+event loop never blocks on the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, case, create_engine, delete, event, func, insert, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.common import errors
+from server.population.catalogue import BankInfo, RegionInfo
+from server.union.domain import model
+from server.union.storage.models import (
+    BankRow,
+    BankTaskRow,
+    CounterRow,
+    FoundCardRow,
+    IdentityRow,
+    LookupRow,
+    RegionRow,
+    ReportRow,
+    VerificationRow,
+    VerifiedPersonRow,
+)
+
+T = TypeVar("T")
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+
+class StoreUnavailable(errors.Unavailable):
+    """The database could not be reached or answered with an operational error (UNAVAILABLE)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            "the service's database is unavailable; retry shortly", retry_after=timedelta(seconds=2)
+        )
+        self.detail = detail
+
+
+class DuplicateLookup(Exception):
+    """A lookup with this (person, request_id) already exists (a racing retry)."""
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def _make_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            # Let SQLAlchemy, not pysqlite, issue BEGIN (so we can make it IMMEDIATE).
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(connection: Any) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_size=8, max_overflow=4, pool_pre_ping=True)
+
+
+class Store:
+    """Durable state of the union. See the module docstring for the concurrency model."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = _make_engine(url)
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._executor = ThreadPoolExecutor(
+            max_workers=1 if self.is_sqlite else 8, thread_name_prefix="union-db"
+        )
+
+    # -- plumbing -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[Session]:
+        with self._sessions() as session, session.begin():
+            yield session
+
+    async def _run(self, work: Callable[[Session], T]) -> T:
+        def in_thread() -> T:
+            try:
+                with self._session() as session:
+                    return work(session)
+            except OperationalError as error:
+                raise StoreUnavailable(str(error.orig).split("\n")[0]) from error
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, in_thread)
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision (idempotent)."""
+        with self.engine.begin() as connection:
+            config = alembic_config(self.url)
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.engine.dispose()
+
+    async def ping(self) -> bool:
+        try:
+            await self._run(lambda s: s.execute(select(1)).scalar())
+        except StoreUnavailable:
+            return False
+        return True
+
+    # -- catalogue ----------------------------------------------------------
+
+    async def seed_catalogue(
+        self,
+        banks: Sequence[BankInfo],
+        addresses: dict[str, str],
+        regions: Sequence[RegionInfo],
+        now: datetime,
+    ) -> None:
+        """Insert banks and regions that are not there yet; never overwrite an operator's change."""
+
+        def work(s: Session) -> None:
+            known_banks = set(s.scalars(select(BankRow.code)))
+            for position, bank in enumerate(banks):
+                if bank.code not in known_banks:
+                    s.add(
+                        BankRow(
+                            code=bank.code,
+                            position=position,
+                            name=bank.name,
+                            english_name=bank.english_name,
+                            address=addresses.get(bank.code, ""),
+                            enabled=True,
+                        )
+                    )
+            known_regions = set(s.scalars(select(RegionRow.code)))
+            for region in regions:
+                if region.code not in known_regions:
+                    is_open = region.pilot_open_date is not None
+                    s.add(
+                        RegionRow(
+                            code=region.code,
+                            name=region.name,
+                            open=is_open,
+                            open_time=now if is_open else None,
+                        )
+                    )
+
+        await self._run(work)
+
+    async def set_bank_addresses(self, addresses: dict[str, str]) -> None:
+        """Point banks at where they listen in this deployment (the demo's ports change per run)."""
+
+        def work(s: Session) -> None:
+            for code, address in addresses.items():
+                s.execute(update(BankRow).where(BankRow.code == code).values(address=address))
+
+        await self._run(work)
+
+    async def identity_count(self) -> int:
+        return await self._run(lambda s: s.scalar(select(func.count()).select_from(IdentityRow)) or 0)
+
+    async def add_identities(self, rows: Iterable[tuple[str, str, str, str]]) -> None:
+        """Insert (person_hash, name_hash, mobile_hash, region_code) rows, skipping known people."""
+        batch = [
+            {"person_hash": p, "name_hash": n, "mobile_hash": m, "region_code": r} for p, n, m, r in rows
+        ]
+
+        def work(s: Session) -> None:
+            known = set(
+                s.scalars(
+                    select(IdentityRow.person_hash).where(
+                        IdentityRow.person_hash.in_([b["person_hash"] for b in batch])
+                    )
+                )
+            )
+            fresh = [b for b in batch if b["person_hash"] not in known]
+            if fresh:
+                s.execute(insert(IdentityRow), fresh)
+
+        await self._run(work)
+
+    async def find_identity(self, person_hash: str) -> IdentityRow | None:
+        return await self._run(lambda s: s.get(IdentityRow, person_hash))
+
+    async def list_banks(self) -> list[model.Bank]:
+        def work(s: Session) -> list[model.Bank]:
+            return [_bank(row) for row in s.scalars(select(BankRow).order_by(BankRow.position))]
+
+        return await self._run(work)
+
+    async def update_bank(self, code: str, enabled: bool, address: str | None) -> model.Bank | None:
+        def work(s: Session) -> model.Bank | None:
+            row = s.get(BankRow, code)
+            if row is None:
+                return None
+            row.enabled = enabled
+            if address:
+                row.address = address
+            return _bank(row)
+
+        return await self._run(work)
+
+    async def list_regions(self) -> list[model.Region]:
+        def work(s: Session) -> list[model.Region]:
+            return [_region(row) for row in s.scalars(select(RegionRow).order_by(RegionRow.code))]
+
+        return await self._run(work)
+
+    async def get_region(self, code: str) -> model.Region | None:
+        def work(s: Session) -> model.Region | None:
+            row = s.get(RegionRow, code)
+            return None if row is None else _region(row)
+
+        return await self._run(work)
+
+    async def update_region(self, code: str, is_open: bool, now: datetime) -> model.Region | None:
+        def work(s: Session) -> model.Region | None:
+            row = s.get(RegionRow, code)
+            if row is None:
+                return None
+            if is_open and not row.open:
+                row.open_time = now
+            if not is_open:
+                row.open_time = None
+            row.open = is_open
+            return _region(row)
+
+        return await self._run(work)
+
+    # -- verification -------------------------------------------------------
+
+    async def count_recent_verifications(self, person_hash: str, since: datetime) -> int:
+        def work(s: Session) -> int:
+            return (
+                s.scalar(
+                    select(func.count())
+                    .select_from(VerificationRow)
+                    .where(VerificationRow.person_hash == person_hash, VerificationRow.create_time >= since)
+                )
+                or 0
+            )
+
+        return await self._run(work)
+
+    async def add_verification(self, row: VerificationRow) -> None:
+        await self._run(lambda s: s.add(row))
+
+    async def get_verification(self, verification_id: str) -> VerificationRow | None:
+        return await self._run(lambda s: s.get(VerificationRow, verification_id))
+
+    async def fail_verification_attempt(self, verification_id: str, max_attempts: int) -> int:
+        """Count a wrong code; at the limit the sealed identity is erased. Returns attempts left."""
+
+        def work(s: Session) -> int:
+            row = s.get(VerificationRow, verification_id, with_for_update=not self.is_sqlite)
+            if row is None:
+                return 0
+            row.failed_attempts += 1
+            if row.failed_attempts >= max_attempts:
+                row.sealed_identity = None
+            return max(0, max_attempts - row.failed_attempts)
+
+        return await self._run(work)
+
+    async def complete_verification(self, verification_id: str, now: datetime) -> str | None:
+        """Mark used (once) and hand back the sealed identity, erasing it from the row."""
+
+        def work(s: Session) -> str | None:
+            row = s.get(VerificationRow, verification_id, with_for_update=not self.is_sqlite)
+            if row is None or row.completed or row.sealed_identity is None:
+                return None
+            sealed = row.sealed_identity
+            row.completed = True
+            row.sealed_identity = None
+            if s.get(VerifiedPersonRow, row.person_hash) is None:
+                s.add(VerifiedPersonRow(person_hash=row.person_hash, first_verify_time=now))
+            return sealed
+
+        return await self._run(work)
+
+    async def erase_stale_verifications(self, now: datetime) -> int:
+        """Expired verifications keep no sealed identity."""
+
+        def work(s: Session) -> int:
+            result = s.execute(
+                update(VerificationRow)
+                .where(VerificationRow.expire_time < now, VerificationRow.sealed_identity.is_not(None))
+                .values(sealed_identity=None)
+            )
+            return int(result.rowcount)  # type: ignore[attr-defined]
+
+        return await self._run(work)
+
+    # -- lookups ------------------------------------------------------------
+
+    async def find_lookup_by_request(self, person_hash: str, request_id: str) -> model.Lookup | None:
+        def work(s: Session) -> model.Lookup | None:
+            row = s.scalar(
+                select(LookupRow).where(
+                    LookupRow.person_hash == person_hash, LookupRow.request_id == request_id
+                )
+            )
+            return None if row is None else _lookup(s, row)
+
+        return await self._run(work)
+
+    async def last_lookup_activity(self, person_hash: str) -> tuple[bool, datetime | None]:
+        """(a lookup is running, when the latest one completed)."""
+
+        def work(s: Session) -> tuple[bool, datetime | None]:
+            running = s.scalar(
+                select(func.count())
+                .select_from(LookupRow)
+                .where(LookupRow.person_hash == person_hash, LookupRow.state == model.LookupState.RUNNING)
+            )
+            last = s.scalar(
+                select(func.max(LookupRow.complete_time)).where(LookupRow.person_hash == person_hash)
+            )
+            return bool(running), last
+
+        return await self._run(work)
+
+    async def create_lookup(
+        self,
+        lookup_id: str,
+        person_hash: str,
+        request_id: str,
+        region_code: str,
+        sealed_identity: str,
+        banks: Sequence[model.Bank],
+        now: datetime,
+        deadline: datetime,
+    ) -> model.Lookup:
+        """Persist the lookup and one pending task per bank in one transaction."""
+
+        def work(s: Session) -> model.Lookup:
+            row = LookupRow(
+                id=lookup_id,
+                person_hash=person_hash,
+                request_id=request_id,
+                region_code=region_code,
+                state=model.LookupState.RUNNING,
+                create_time=now,
+                deadline_time=deadline,
+                sealed_identity=sealed_identity,
+            )
+            s.add(row)
+            s.flush()  # the lookup row first: bank_tasks reference it
+            for bank in banks:
+                s.add(
+                    BankTaskRow(
+                        lookup_id=lookup_id,
+                        bank_code=bank.code,
+                        position=bank.position,
+                        bank_name=bank.name,
+                        outcome=model.BankOutcome.PENDING,
+                        attempt_count=0,
+                        next_attempt_time=now,
+                        update_time=now,
+                    )
+                )
+            _bump(s, "lookups_created")
+            s.flush()
+            return _lookup(s, row)
+
+        try:
+            return await self._run(work)
+        except IntegrityError as error:
+            raise DuplicateLookup(request_id) from error
+
+    async def get_lookup(self, lookup_id: str, person_hash: str | None) -> model.Lookup | None:
+        """The lookup if it exists and (when person_hash is given) belongs to that person."""
+
+        def work(s: Session) -> model.Lookup | None:
+            row = s.get(LookupRow, lookup_id)
+            if row is None or (person_hash is not None and row.person_hash != person_hash):
+                return None
+            return _lookup(s, row)
+
+        return await self._run(work)
+
+    async def claim_due_tasks(
+        self, owner: str, now: datetime, lease: timedelta, limit: int
+    ) -> list[model.Claim]:
+        """Lease up to `limit` due bank tasks to `owner` (SKIP LOCKED on PostgreSQL)."""
+
+        def work(s: Session) -> list[model.Claim]:
+            query = (
+                select(BankTaskRow, LookupRow.sealed_identity, LookupRow.deadline_time)
+                .join(LookupRow, LookupRow.id == BankTaskRow.lookup_id)
+                .where(
+                    BankTaskRow.outcome == model.BankOutcome.PENDING,
+                    BankTaskRow.next_attempt_time <= now,
+                    (BankTaskRow.lease_until.is_(None)) | (BankTaskRow.lease_until < now),
+                    LookupRow.deadline_time > now,
+                )
+                .order_by(BankTaskRow.next_attempt_time)
+                .limit(limit)
+            )
+            if not self.is_sqlite:
+                query = query.with_for_update(skip_locked=True, of=BankTaskRow)
+            claims = []
+            for task, sealed, deadline in s.execute(query):
+                task.lease_owner = owner
+                task.lease_until = now + lease
+                task.attempt_count += 1
+                claims.append(
+                    model.Claim(task.lookup_id, task.bank_code, task.attempt_count, sealed, deadline)
+                )
+            return claims
+
+        return await self._run(work)
+
+    async def record_answer(
+        self,
+        lookup_id: str,
+        bank_code: str,
+        owner: str,
+        cards: Sequence[tuple[str, model.MaskedCard]],
+        latency_ms: int,
+        now: datetime,
+    ) -> bool:
+        """Store a bank's complete answer, once: only the current lease holder may write it.
+
+        `cards` pairs the bank's own opaque reference with the card as the report shows it."""
+
+        def work(s: Session) -> bool:
+            task = _leased_task(s, lookup_id, bank_code, owner, self.is_sqlite)
+            if task is None:
+                return False
+            for bank_card_ref, card in cards:
+                s.add(
+                    FoundCardRow(
+                        lookup_id=lookup_id,
+                        card_ref=card.card_ref,
+                        bank_code=bank_code,
+                        position=task.position,
+                        bank_card_ref=bank_card_ref,
+                        card_type=card.card_type,
+                        first_four=card.first_four,
+                        last_four=card.last_four,
+                        number_length=card.number_length,
+                        status=card.status,
+                    )
+                )
+            task.outcome = model.BankOutcome.ANSWERED
+            task.card_count = len(cards)
+            task.debit_count = sum(1 for _, c in cards if c.card_type == model.CardType.DEBIT)
+            task.credit_count = len(cards) - task.debit_count
+            task.latency_ms = latency_ms
+            task.failure_reason = ""
+            task.lease_owner = None
+            task.lease_until = None
+            task.update_time = now
+            return True
+
+        return await self._run(work)
+
+    async def record_attempt_failed(
+        self,
+        lookup_id: str,
+        bank_code: str,
+        owner: str,
+        reason: str,
+        retry_at: datetime | None,
+        now: datetime,
+    ) -> bool:
+        """A failed attempt: schedule a retry at `retry_at`, or give the bank up as failed."""
+
+        def work(s: Session) -> bool:
+            task = _leased_task(s, lookup_id, bank_code, owner, self.is_sqlite)
+            if task is None:
+                return False
+            task.failure_reason = reason[:255]
+            task.lease_owner = None
+            task.lease_until = None
+            task.update_time = now
+            if retry_at is None:
+                task.outcome = model.BankOutcome.FAILED
+            else:
+                task.next_attempt_time = retry_at
+            return True
+
+        return await self._run(work)
+
+    async def finalize_lookup(
+        self, lookup_id: str, report_id: str, now: datetime, expire_time: datetime, force: bool
+    ) -> bool:
+        """Produce the lookup's one report once every bank is final (or, with force, mark the
+        silent banks NO_RESPONSE first). Erases the sealed identity. False if not (yet) done."""
+
+        def work(s: Session) -> bool:
+            lookup = s.get(LookupRow, lookup_id, with_for_update=not self.is_sqlite)
+            if lookup is None or lookup.state != model.LookupState.RUNNING:
+                return False
+            tasks = list(s.scalars(select(BankTaskRow).where(BankTaskRow.lookup_id == lookup_id)))
+            pending = [t for t in tasks if t.outcome == model.BankOutcome.PENDING]
+            if pending and not force:
+                return False
+            for task in pending:
+                task.outcome = model.BankOutcome.NO_RESPONSE
+                task.failure_reason = task.failure_reason or "no answer before the deadline"
+                task.lease_owner = None
+                task.lease_until = None
+                task.update_time = now
+            lookup.state = model.LookupState.COMPLETED
+            lookup.complete_time = now
+            lookup.sealed_identity = None
+            lookup.report_id = report_id
+            s.add(
+                ReportRow(
+                    id=report_id,
+                    lookup_id=lookup_id,
+                    person_hash=lookup.person_hash,
+                    generate_time=now,
+                    expire_time=expire_time,
+                )
+            )
+            _bump(s, "reports_generated")
+            return True
+
+        return await self._run(work)
+
+    async def lookups_past_deadline(self, now: datetime, limit: int) -> list[str]:
+        def work(s: Session) -> list[str]:
+            return list(
+                s.scalars(
+                    select(LookupRow.id)
+                    .where(LookupRow.state == model.LookupState.RUNNING, LookupRow.deadline_time <= now)
+                    .limit(limit)
+                )
+            )
+
+        return await self._run(work)
+
+    async def running_lookups_without_pending_tasks(self, limit: int) -> list[str]:
+        """Lookups whose banks are all final but whose report was never written (a crash between)."""
+
+        def work(s: Session) -> list[str]:
+            pending = (
+                select(BankTaskRow.lookup_id)
+                .where(BankTaskRow.outcome == model.BankOutcome.PENDING)
+                .scalar_subquery()
+            )
+            return list(
+                s.scalars(
+                    select(LookupRow.id)
+                    .where(LookupRow.state == model.LookupState.RUNNING, LookupRow.id.not_in(pending))
+                    .limit(limit)
+                )
+            )
+
+        return await self._run(work)
+
+    async def next_due_time(self) -> datetime | None:
+        """When the earliest pending task or deadline falls due (for the scheduler's sleep)."""
+
+        def work(s: Session) -> datetime | None:
+            task = s.scalar(
+                select(func.min(BankTaskRow.next_attempt_time)).where(
+                    BankTaskRow.outcome == model.BankOutcome.PENDING
+                )
+            )
+            deadline = s.scalar(
+                select(func.min(LookupRow.deadline_time)).where(LookupRow.state == model.LookupState.RUNNING)
+            )
+            candidates = [t for t in (task, deadline) if t is not None]
+            return min(candidates) if candidates else None
+
+        return await self._run(work)
+
+    # -- reports ------------------------------------------------------------
+
+    async def get_report(self, report_id: str, person_hash: str, now: datetime) -> model.Report | None:
+        def work(s: Session) -> model.Report | None:
+            row = s.get(ReportRow, report_id)
+            if row is None or row.person_hash != person_hash or row.expire_time <= now:
+                return None
+            return _report(s, row)
+
+        return await self._run(work)
+
+    async def list_reports(
+        self, person_hash: str, now: datetime, after: tuple[datetime, str] | None, limit: int
+    ) -> list[model.Report]:
+        """Unexpired reports, newest first, keyset-paginated after (generate_time, id)."""
+
+        def work(s: Session) -> list[model.Report]:
+            query = select(ReportRow).where(ReportRow.person_hash == person_hash, ReportRow.expire_time > now)
+            if after is not None:
+                time, last_id = after
+                query = query.where(
+                    (ReportRow.generate_time < time)
+                    | ((ReportRow.generate_time == time) & (ReportRow.id < last_id))
+                )
+            rows = s.scalars(query.order_by(ReportRow.generate_time.desc(), ReportRow.id.desc()).limit(limit))
+            return [_report(s, row) for row in rows]
+
+        return await self._run(work)
+
+    async def delete_report(self, report_id: str, person_hash: str, now: datetime) -> bool:
+        def work(s: Session) -> bool:
+            row = s.get(ReportRow, report_id)
+            if row is None or row.person_hash != person_hash or row.expire_time <= now:
+                return False
+            _delete_report_rows(s, row)
+            return True
+
+        return await self._run(work)
+
+    async def purge_expired_reports(self, now: datetime, limit: int = 500) -> int:
+        """Delete expired reports and their card rows for good."""
+
+        def work(s: Session) -> int:
+            rows = list(s.scalars(select(ReportRow).where(ReportRow.expire_time <= now).limit(limit)))
+            for row in rows:
+                _delete_report_rows(s, row)
+            return len(rows)
+
+        return await self._run(work)
+
+    # -- statistics ---------------------------------------------------------
+
+    async def stats(self) -> model.ServiceStats:
+        def work(s: Session) -> model.ServiceStats:
+            counters = {row.name: row.value for row in s.scalars(select(CounterRow))}
+            people = s.scalar(select(func.count()).select_from(VerifiedPersonRow)) or 0
+            per_bank = s.execute(
+                select(
+                    BankTaskRow.bank_code,
+                    func.sum(case((BankTaskRow.outcome == model.BankOutcome.ANSWERED, 1), else_=0)),
+                    func.sum(
+                        case(
+                            (
+                                BankTaskRow.outcome.in_(
+                                    [model.BankOutcome.FAILED, model.BankOutcome.NO_RESPONSE]
+                                ),
+                                1,
+                            ),
+                            else_=0,
+                        )
+                    ),
+                    func.avg(BankTaskRow.latency_ms),
+                ).group_by(BankTaskRow.bank_code)
+            )
+            positions = {row.code: row.position for row in s.scalars(select(BankRow))}
+            banks = sorted(
+                (
+                    model.BankStats(code, int(ok or 0), int(bad or 0), float(latency or 0.0))
+                    for code, ok, bad, latency in per_bank
+                ),
+                key=lambda b: positions.get(b.bank_code, 999),
+            )
+            return model.ServiceStats(
+                people_verified=int(people),
+                lookups_created=counters.get("lookups_created", 0),
+                reports_generated=counters.get("reports_generated", 0),
+                banks=banks,
+            )
+
+        return await self._run(work)
+
+
+# -- row → domain helpers ----------------------------------------------------
+
+
+def _bump(s: Session, name: str) -> None:
+    counter = s.get(CounterRow, name)
+    if counter is None:
+        s.add(CounterRow(name=name, value=1))
+    else:
+        counter.value += 1
+
+
+def _leased_task(
+    s: Session, lookup_id: str, bank_code: str, owner: str, is_sqlite: bool
+) -> BankTaskRow | None:
+    task = s.get(BankTaskRow, (lookup_id, bank_code), with_for_update=not is_sqlite)
+    if task is None or task.outcome != model.BankOutcome.PENDING or task.lease_owner != owner:
+        return None
+    return task
+
+
+def _delete_report_rows(s: Session, row: ReportRow) -> None:
+    s.execute(delete(FoundCardRow).where(FoundCardRow.lookup_id == row.lookup_id))
+    s.delete(row)
+
+
+def _bank(row: BankRow) -> model.Bank:
+    return model.Bank(row.code, row.name, row.english_name, row.address, row.enabled, row.position)
+
+
+def _region(row: RegionRow) -> model.Region:
+    return model.Region(row.code, row.name, row.open, row.open_time)
+
+
+def _progress(s: Session, lookup_id: str) -> list[model.BankProgress]:
+    tasks = s.scalars(
+        select(BankTaskRow).where(BankTaskRow.lookup_id == lookup_id).order_by(BankTaskRow.position)
+    )
+    return [
+        model.BankProgress(
+            bank_code=t.bank_code,
+            bank_name=t.bank_name,
+            outcome=model.BankOutcome(t.outcome),
+            attempt_count=t.attempt_count,
+            card_count=t.card_count,
+            debit_count=t.debit_count,
+            credit_count=t.credit_count,
+            failure_reason=t.failure_reason,
+        )
+        for t in tasks
+    ]
+
+
+def _lookup(s: Session, row: LookupRow) -> model.Lookup:
+    return model.Lookup(
+        id=row.id,
+        request_id=row.request_id,
+        state=model.LookupState(row.state),
+        create_time=row.create_time,
+        deadline_time=row.deadline_time,
+        report_id=row.report_id,
+        banks=_progress(s, row.id),
+    )
+
+
+def _report(s: Session, row: ReportRow) -> model.Report:
+    banks = _progress(s, row.lookup_id)
+    names = {b.bank_code: b.bank_name for b in banks}
+    cards = [
+        model.MaskedCard(
+            card_ref=c.card_ref,
+            bank_code=c.bank_code,
+            bank_name=names.get(c.bank_code, c.bank_code),
+            card_type=model.CardType(c.card_type),
+            first_four=c.first_four,
+            last_four=c.last_four,
+            number_length=c.number_length,
+            status=model.CardStatus(c.status),
+        )
+        for c in s.scalars(
+            select(FoundCardRow)
+            .where(FoundCardRow.lookup_id == row.lookup_id)
+            .order_by(FoundCardRow.position, FoundCardRow.card_type.desc(), FoundCardRow.card_ref)
+        )
+    ]
+    return model.Report(row.id, row.lookup_id, row.generate_time, row.expire_time, banks, cards)
+
+
+def open_store(url: str) -> Store:
+    """The one place a backend is chosen: sqlite:/// (embedded) or postgresql+psycopg:// (production)."""
+    backend = make_url(url).get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise ValueError(f"unsupported database backend {backend!r}: use sqlite:/// or postgresql+psycopg://")
+    return Store(url)
