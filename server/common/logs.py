@@ -22,17 +22,23 @@ def redact(text: str) -> str:
     return PII_PATTERN.sub("[REDACTED]", text)
 
 
+def record_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """What a log line says: the message and the structured `extra` fields, before redaction."""
+    entry: dict[str, Any] = {
+        "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+        "level": record.levelname.lower(),
+        "logger": record.name,
+        "message": record.getMessage(),
+    }
+    for key, value in vars(record).items():
+        if key not in _STANDARD and not key.startswith("_"):
+            entry[key] = value
+    return entry
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
-                entry[key] = value
+        entry = record_fields(record)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return redact(json.dumps(entry, ensure_ascii=False, default=str))

@@ -138,6 +138,7 @@ class UnionServer:
         self.admin = AdminService(self.store, self.clock, config.resolve_admin_token())
         self.grpc = GrpcServer(config.listen, SERVICE_NAMES, self._register, tls=config.tls)
         self._health_task: asyncio.Task[None] | None = None
+        self._stopped = False
 
     def _register(self, server: object) -> None:
         identity_grpc.add_IdentityServiceServicer_to_server(IdentityServicer(self.identity), server)  # type: ignore[arg-type]
@@ -176,7 +177,12 @@ class UnionServer:
                 await self.grpc.set_serving(healthy)
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Graceful: health NOT_SERVING, drain RPCs, let bank calls finish (or lapse), close."""
+        """Graceful: health NOT_SERVING, drain RPCs, let bank calls finish (or lapse), close.
+
+        Safe to call twice (tests stop a union mid-lookup, and the fixture stops it again)."""
+        if self._stopped:
+            return
+        self._stopped = True
         if self._health_task is not None:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)

@@ -13,6 +13,7 @@ lookup is ever reported twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import secrets
@@ -88,6 +89,8 @@ class Orchestrator:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        with contextlib.suppress(StoreUnavailable):  # if so, the leases lapse on their own
+            await self._store.release_leases(self.owner)
 
     @property
     def calls_in_flight(self) -> int:

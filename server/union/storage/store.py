@@ -450,6 +450,19 @@ class Store:
 
         return await self._run(work)
 
+    async def release_leases(self, owner: str) -> int:
+        """Hand back this replica's unfinished claims (graceful shutdown) so others resume them now."""
+
+        def work(s: Session) -> int:
+            result = s.execute(
+                update(BankTaskRow)
+                .where(BankTaskRow.lease_owner == owner, BankTaskRow.outcome == model.BankOutcome.PENDING)
+                .values(lease_owner=None, lease_until=None)
+            )
+            return int(result.rowcount)  # type: ignore[attr-defined]
+
+        return await self._run(work)
+
     async def record_answer(
         self,
         lookup_id: str,

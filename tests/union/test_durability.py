@@ -1,0 +1,140 @@
+"""Faulty banks and union restarts still end in exactly one correct report (invariants 4 and 5)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+
+import grpc
+from cardlookup.v1 import card_lookup_service_pb2 as pb
+from sqlalchemy import func, select
+
+from server.bank.app import RunningBank
+from server.bank.faults import FaultSettings
+from server.union.storage.models import ReportRow
+from tests.conftest import ZHANG, UnionFactory, run_lookup, verified_client
+
+
+def outcomes(report: pb.Report) -> dict[str, int]:
+    return {s.bank_code: s.outcome for s in report.bank_summaries}
+
+
+async def test_bank_down_for_the_whole_deadline(
+    make_union: UnionFactory, banks: dict[str, RunningBank]
+) -> None:
+    banks["CMB"].servicer.faults = FaultSettings(outage=True)
+    union = await make_union(orchestration={"lookup_deadline": timedelta(seconds=2)})
+    client = await verified_client(union, ZHANG)
+    async with client:
+        started = time.monotonic()
+        _, report = await run_lookup(client)
+        assert time.monotonic() - started < 10
+    result = outcomes(report)
+    assert result["CMB"] == pb.BANK_OUTCOME_NO_RESPONSE
+    assert all(v == pb.BANK_OUTCOME_ANSWERED for k, v in result.items() if k != "CMB")
+    # The partial report still has every other bank's cards, and none of CMB's.
+    assert report.total_card_count == 3
+    assert {c.bank_code for c in report.cards} == {"ICBC", "CCB"}
+
+
+async def test_bank_down_then_back_is_retried(
+    make_union: UnionFactory, banks: dict[str, RunningBank]
+) -> None:
+    banks["ICBC"].servicer.faults = FaultSettings(outage=True)
+    union = await make_union()
+    client = await verified_client(union, ZHANG)
+    async with client:
+        lookup = await client.create_lookup()
+        for _ in range(100):
+            current = await client.get_lookup(lookup.name)
+            icbc = next(b for b in current.bank_progress if b.bank_code == "ICBC")
+            if icbc.attempt_count >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert icbc.outcome == pb.BANK_OUTCOME_PENDING
+        banks["ICBC"].servicer.faults = FaultSettings()
+        events = [e async for e in client.watch_lookup(lookup.name)]
+        report = await client.get_report(events[-1].lookup.report)
+    assert outcomes(report)["ICBC"] == pb.BANK_OUTCOME_ANSWERED
+    icbc_progress = next(b for b in events[-1].lookup.bank_progress if b.bank_code == "ICBC")
+    assert icbc_progress.attempt_count >= 3
+    assert report.total_card_count == 5
+
+
+async def test_lying_banks_fail_alone(make_union: UnionFactory, banks: dict[str, RunningBank]) -> None:
+    banks["ICBC"].servicer.faults = FaultSettings(lie="wrong_bank")
+    banks["CMB"].servicer.faults = FaultSettings(lie="long_last_four")
+    banks["CCB"].servicer.faults = FaultSettings(lie="unknown_enum")
+    union = await make_union()
+    client = await verified_client(union, ZHANG)
+    async with client:
+        events, report = await run_lookup(client)
+    result = outcomes(report)
+    assert result["ICBC"] == result["CMB"] == result["CCB"] == pb.BANK_OUTCOME_FAILED
+    assert sum(1 for v in result.values() if v == pb.BANK_OUTCOME_ANSWERED) == 13
+    assert report.total_card_count == 0
+    assert list(report.cards) == []
+    reasons = {b.bank_code: b.failure_reason for b in events[-1].lookup.bank_progress}
+    assert "another bank" in reasons["ICBC"]
+    assert "last-four" in reasons["CMB"]
+    assert "unknown" in reasons["CCB"]
+
+
+async def test_truncated_and_dying_streams(make_union: UnionFactory, banks: dict[str, RunningBank]) -> None:
+    banks["ICBC"].servicer.faults = FaultSettings(truncate="omit_summary")
+    banks["CMB"].servicer.faults = FaultSettings(truncate="wrong_count")
+    banks["CCB"].servicer.faults = FaultSettings(die_after_records=0, die_mode="abort")
+    union = await make_union(orchestration={"lookup_deadline": timedelta(seconds=2)})
+    client = await verified_client(union, ZHANG)
+    async with client:
+        events, report = await run_lookup(client)
+    result = outcomes(report)
+    # Truncation may be a passing fault, so it is retried until the deadline, then reported as silence.
+    assert result["ICBC"] == result["CMB"] == result["CCB"] == pb.BANK_OUTCOME_NO_RESPONSE
+    reasons = {b.bank_code: b.failure_reason for b in events[-1].lookup.bank_progress}
+    assert "truncated" in reasons["ICBC"]
+    assert "truncated" in reasons["CMB"]
+    assert report.total_card_count == 0
+
+
+async def test_restart_mid_lookup_resumes_and_reports_once(
+    make_union: UnionFactory, banks: dict[str, RunningBank]
+) -> None:
+    banks["CMB"].servicer.faults = FaultSettings(outage=True)
+    first = await make_union()
+    client = await verified_client(first, ZHANG)
+    async with client:
+        lookup = await client.create_lookup(request_id="restart-me")
+        for _ in range(100):
+            current = await client.get_lookup(lookup.name)
+            done = [b for b in current.bank_progress if b.outcome != pb.BANK_OUTCOME_PENDING]
+            if len(done) == 15:
+                break
+            await asyncio.sleep(0.05)
+        assert len(done) == 15
+    await first.stop(0)
+
+    banks["CMB"].servicer.faults = FaultSettings()
+    second = await make_union()  # same data directory, keys and database: a restarted union
+    client = await verified_client(second, ZHANG)
+    async with client:
+        # The session from before the restart is still valid too (same keys), and the lookup is found.
+        events = [e async for e in client.watch_lookup(lookup.name)]
+        report = await client.get_report(events[-1].lookup.report)
+        assert (await client.create_lookup(request_id="restart-me")).name == lookup.name
+    assert all(v == pb.BANK_OUTCOME_ANSWERED for v in outcomes(report).values())
+    assert report.total_card_count == 5
+    with second.store.engine.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(ReportRow)) == 1
+
+
+async def test_health_reports_serving(make_union: UnionFactory) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    union = await make_union()
+    async with grpc.aio.insecure_channel(union.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "cardlookup.v1.CardLookupService"):
+            response = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+            assert response.status == health_pb2.HealthCheckResponse.SERVING

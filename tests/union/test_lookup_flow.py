@@ -1,0 +1,136 @@
+"""A lookup end to end: real union, real banks, real sockets, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import timedelta
+
+import grpc
+import pytest
+from cardlookup.v1 import card_lookup_service_pb2 as pb
+
+from clients.client import CardLookupError
+from server.union.app import UnionServer
+from tests.conftest import LI, LIU, ZHANG, UnionFactory, run_lookup, verified_client
+
+MASKED = re.compile(r"^\d{4}( \*{1,4})+ \d{4}$")
+
+
+async def test_report_for_seeded_person(union: UnionServer) -> None:
+    client = await verified_client(union, ZHANG)
+    async with client:
+        events, report = await run_lookup(client)
+
+    # Watch: current state first, then bank events, ending with report_ready.
+    assert events[0].lookup.state in (pb.LOOKUP_STATE_RUNNING, pb.LOOKUP_STATE_COMPLETED)
+    assert events[-1].lookup.state == pb.LOOKUP_STATE_COMPLETED
+    summaries = {s.bank_code: s for s in report.bank_summaries}
+    assert len(summaries) == 16
+    assert all(s.outcome == pb.BANK_OUTCOME_ANSWERED for s in summaries.values())
+    assert (summaries["ICBC"].debit_card_count, summaries["ICBC"].credit_card_count) == (
+        1,
+        1,
+    )  # closed card left out
+    assert (summaries["CMB"].debit_card_count, summaries["CMB"].credit_card_count) == (2, 0)
+    assert (summaries["CCB"].debit_card_count, summaries["CCB"].credit_card_count) == (0, 1)
+    assert (report.total_card_count, report.total_debit_card_count, report.total_credit_card_count) == (
+        5,
+        3,
+        2,
+    )
+    assert [c.status for c in report.cards].count(pb.CARD_STATUS_DORMANT) == 1
+    for card in report.cards:
+        assert MASKED.match(card.masked_number), card.masked_number
+        assert len(card.masked_number.replace(" ", "")) == card.number_length
+        assert card.card_ref
+        assert card.bank_name
+    # The report expires at the end of the 7th natural day (Asia/Shanghai midnight = 16:00 UTC).
+    assert report.expire_time.ToDatetime().hour == 16
+    assert (report.expire_time.ToDatetime() - report.generate_time.ToDatetime()).days in (7, 8)
+
+
+async def test_heavy_holder_gets_every_card(union: UnionServer) -> None:
+    client = await verified_client(union, LIU)
+    async with client:
+        _, report = await run_lookup(client)
+    icbc = next(s for s in report.bank_summaries if s.bank_code == "ICBC")
+    assert icbc.debit_card_count + icbc.credit_card_count == 55
+
+
+async def test_create_is_idempotent_and_rate_limited(union: UnionServer) -> None:
+    client = await verified_client(union, LI)
+    async with client:
+        request_id = uuid.uuid4().hex
+        first = await client.create_lookup(request_id=request_id)
+        again = await client.create_lookup(request_id=request_id)
+        assert again.name == first.name
+
+        _, report = await run_lookup(client, request_id=request_id)
+        assert report.lookup == first.name
+
+        # A new request inside the 7-day cooldown: RESOURCE_EXHAUSTED with RetryInfo.
+        with pytest.raises(CardLookupError) as refused:
+            await client.create_lookup(request_id=uuid.uuid4().hex)
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused.value.reason == "REQUERY_COOLDOWN"
+        assert refused.value.retry_after is not None
+        assert refused.value.retry_after.days >= 6
+
+        # The same request_id still answers with the original lookup.
+        assert (await client.create_lookup(request_id=request_id)).name == first.name
+
+
+async def test_second_lookup_while_one_is_running(make_union: UnionFactory) -> None:
+    union = await make_union()
+    client = await verified_client(union, ZHANG)
+    async with client:
+        # Pause the orchestrator so the first lookup is certainly in flight.
+        await union.orchestrator.stop(0)
+        await client.create_lookup(request_id="first")
+        with pytest.raises(CardLookupError) as refused:
+            await client.create_lookup(request_id="second")
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused.value.reason == "LOOKUP_IN_PROGRESS"
+        assert refused.value.retry_after is not None
+
+
+async def test_lookup_limited_to_chosen_banks(union: UnionServer) -> None:
+    client = await verified_client(union, ZHANG)
+    async with client:
+        _, report = await run_lookup(client, bank_codes=["CMB", "CCB"])
+        assert [s.bank_code for s in report.bank_summaries] == ["CCB", "CMB"]
+        assert report.total_card_count == 3
+        with pytest.raises(CardLookupError) as bad:
+            await client.create_lookup(bank_codes=["NOPE"])
+        assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad.value.field_violations[0][0] == "bank_codes[0]"
+
+
+async def test_list_and_delete_reports(make_union: UnionFactory) -> None:
+    union = await make_union(lookups={"requery_cooldown": timedelta(0)})
+    client = await verified_client(union, ZHANG)
+    async with client:
+        names = []
+        for _ in range(3):
+            _, report = await run_lookup(client)
+            names.append(report.name)
+        page1 = await client.list_reports(page_size=2)
+        assert [r.name for r in page1.reports] == names[::-1][:2]
+        assert page1.next_page_token
+        page2 = await client.list_reports(page_size=2, page_token=page1.next_page_token)
+        assert [r.name for r in page2.reports] == [names[0]]
+        assert page2.next_page_token == ""
+
+        with pytest.raises(CardLookupError) as forged:
+            await client.list_reports(page_token=page1.next_page_token[:-2] + "xx")
+        assert forged.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+        await client.delete_report(names[0])
+        with pytest.raises(CardLookupError) as gone:
+            await client.get_report(names[0])
+        assert gone.value.code == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(CardLookupError) as twice:
+            await client.delete_report(names[0])
+        assert twice.value.code == grpc.StatusCode.NOT_FOUND
+        assert len((await client.list_reports()).reports) == 2
