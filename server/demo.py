@@ -7,6 +7,10 @@ lookup with live per-bank progress, print the masked report, and shut both
 processes down with SIGTERM (graceful drain) — no stray processes.
 
 Serve: the same servers, kept running until Ctrl-C, for grpcurl and the CLI.
+
+Secure (`--secure`): a development PKI is created under `<data-dir>/pki` and the
+union talks to the banks over mutual TLS (each bank's certificate names its
+bank code); the union's own port stays plaintext on loopback for the client.
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ from rich.live import Live
 
 from clients.cli import progress_table, report_table
 from clients.client import CardLookupClient, CardLookupError
+from server.common.dev_ca import create_dev_pki, union_client_tls
 from server.population.catalogue import BANKS
 from server.population.generator import DEMO_PEOPLE
+from server.union.bank_gateway import ClientTls, bank_tls_name
 from server.union.sms import read_one_time_code
 
 console = Console()
@@ -72,7 +78,9 @@ def choose_ports() -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def processes(data_dir: Path, union_port: int, bank_base: int, cooldown_hours: float) -> Iterator[None]:
+def processes(
+    data_dir: Path, union_port: int, bank_base: int, cooldown_hours: float, pki_dir: Path | None = None
+) -> Iterator[None]:
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -103,6 +111,9 @@ def processes(data_dir: Path, union_port: int, bank_base: int, cooldown_hours: f
             str(cooldown_hours),
         ],
     }
+    if pki_dir is not None:
+        commands["banks"] += ["--tls-dir", str(pki_dir)]
+        commands["union"] += ["--bank-tls-dir", str(pki_dir)]
     running: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for name, command in commands.items():
@@ -124,8 +135,19 @@ def processes(data_dir: Path, union_port: int, bank_base: int, cooldown_hours: f
                 process.wait()
 
 
-async def wait_serving(address: str, deadline: float) -> None:
-    async with grpc.aio.insecure_channel(address) as channel:
+def _health_channel(address: str, tls: ClientTls | None, tls_name: str) -> grpc.aio.Channel:
+    if tls is None:
+        return grpc.aio.insecure_channel(address)
+    credentials = grpc.ssl_channel_credentials(tls.root_ca, tls.private_key, tls.cert_chain)
+    return grpc.aio.secure_channel(
+        address, credentials, options=[("grpc.ssl_target_name_override", tls_name)]
+    )
+
+
+async def wait_serving(
+    address: str, deadline: float, tls: ClientTls | None = None, tls_name: str = ""
+) -> None:
+    async with _health_channel(address, tls, tls_name) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
@@ -139,10 +161,16 @@ async def wait_serving(address: str, deadline: float) -> None:
             await asyncio.sleep(0.2)
 
 
-async def wait_all(union_port: int, bank_base: int) -> None:
+async def wait_all(union_port: int, bank_base: int, bank_tls: ClientTls | None = None) -> None:
+    """Every server SERVING; with `bank_tls`, the banks are checked over mutual TLS as the union would."""
     deadline = time.monotonic() + 120
-    addresses = [f"127.0.0.1:{union_port}"] + [f"127.0.0.1:{bank_base + i}" for i in range(len(BANKS))]
-    await asyncio.gather(*(wait_serving(a, deadline) for a in addresses))
+    await asyncio.gather(
+        wait_serving(f"127.0.0.1:{union_port}", deadline),
+        *(
+            wait_serving(f"127.0.0.1:{bank_base + i}", deadline, bank_tls, bank_tls_name(bank.code))
+            for i, bank in enumerate(BANKS)
+        ),
+    )
 
 
 async def run_lookup(target: str, sms_outbox: Path, person_index: int) -> None:
@@ -179,17 +207,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve", action="store_true", help="keep the servers running until Ctrl-C")
     parser.add_argument("--data-dir", type=Path, default=Path("data/demo"))
     parser.add_argument("--person", type=int, default=0, help="index of the demo person (see README)")
+    parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="mutual TLS between the union and the banks (development PKI in <data-dir>/pki)",
+    )
     args = parser.parse_args(argv)
 
     if not args.serve:
         # Each demo starts with a fresh union (the banks' seeded stores are kept: they never change).
         shutil.rmtree(args.data_dir / "union", ignore_errors=True)
+    pki_dir: Path | None = None
+    bank_tls: ClientTls | None = None
+    if args.secure:
+        pki_dir = args.data_dir / "pki"
+        create_dev_pki(pki_dir)
+        bank_tls = union_client_tls(pki_dir)
+        console.print(f"union↔bank traffic uses mutual TLS (development PKI in {pki_dir})")
     union_port, bank_base = choose_ports()
     target = f"127.0.0.1:{union_port}"
     console.print(f"starting 16 banks on 127.0.0.1:{bank_base}-{bank_base + 15} and the union on {target} …")
-    with processes(args.data_dir, union_port, bank_base, cooldown_hours=0 if not args.serve else 168):
+    cooldown = 0 if not args.serve else 168
+    with processes(args.data_dir, union_port, bank_base, cooldown_hours=cooldown, pki_dir=pki_dir):
         try:
-            asyncio.run(wait_all(union_port, bank_base))
+            asyncio.run(wait_all(union_port, bank_base, bank_tls))
         except DemoFailed as error:
             console.print(f"[red]demo failed:[/] {error}")
             return 1

@@ -27,6 +27,7 @@ from server.bank.faults import FaultSettings
 from server.bank.masking import mask_number
 from server.bank.store import BankStore, default_database_url
 from server.common.checks import is_luhn_valid, is_valid_resident_id, luhn_check_digit
+from server.common.dev_ca import bank_tls_files
 from server.common.grpc_runtime import TlsFiles, wait_for_shutdown_signal
 from server.population.catalogue import BANKS, BANKS_BY_CODE
 
@@ -59,15 +60,19 @@ def _store(bank: str, data_dir: Path, database_url: str | None) -> BankStore:
 
 
 def _tls_for(tls_dir: Path | None, bank: str) -> TlsFiles | None:
-    """<code>.crt/<code>.key (lower-case bank code) and, for mutual TLS, ca.crt from `tls_dir`."""
+    """<code>.crt/<code>.key (lower-case bank code) and ca.crt from `tls_dir`: always mutual TLS.
+
+    A missing file is an error (fail closed) rather than a silent fall-back to one-way TLS.
+    """
     if tls_dir is None:
         return None
-    ca = tls_dir / "ca.crt"
-    return TlsFiles(
-        cert_chain=(tls_dir / f"{bank.lower()}.crt").read_bytes(),
-        private_key=(tls_dir / f"{bank.lower()}.key").read_bytes(),
-        client_ca=ca.read_bytes() if ca.exists() else None,
-    )
+    try:
+        return bank_tls_files(tls_dir, bank)
+    except FileNotFoundError as error:
+        raise typer.BadParameter(
+            f"{error.filename} is missing (create a development PKI: python -m server.common.dev_ca DIR)",
+            param_hint="--tls-dir",
+        ) from error
 
 
 @app.command()
@@ -88,7 +93,8 @@ def serve(
         typer.Option(help="Fault knob key=value, repeatable (e.g. latency_ms=300, outage=1)."),
     ] = None,
     tls_dir: Annotated[
-        Path | None, typer.Option(help="Directory with <bank>.crt, <bank>.key and ca.crt (mutual TLS).")
+        Path | None,
+        typer.Option(help="Directory with <bank>.crt, <bank>.key and ca.crt (mutual TLS; see dev_ca)."),
     ] = None,
 ) -> None:
     """Serve one bank (--bank) or all of them (--all) until SIGINT/SIGTERM, then drain and stop."""

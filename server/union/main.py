@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from server.common.dev_ca import union_client_tls
 from server.common.grpc_runtime import wait_for_shutdown_signal
 from server.common.logs import configure_logging
 from server.union.app import (
@@ -18,6 +19,7 @@ from server.union.app import (
     UnionServer,
     default_bank_addresses,
 )
+from server.union.bank_gateway import ClientTls
 from server.union.clock import SystemClock
 from server.union.domain.lookups import LookupPolicy
 from server.union.domain.orchestrator import OrchestratorPolicy
@@ -60,8 +62,20 @@ def serve(
     ] = 168,
     deadline_hours: Annotated[float, typer.Option(help="Lookup deadline (the SLA) in hours.")] = 24,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
+    bank_tls_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Development PKI directory (ca.crt, union-client.crt/.key): mutual TLS towards the banks."
+        ),
+    ] = None,
 ) -> None:
     """Run the union server until SIGINT/SIGTERM, then shut down gracefully."""
+    bank_tls: ClientTls | None = None
+    if bank_tls_dir is not None:
+        try:
+            bank_tls = union_client_tls(bank_tls_dir)
+        except FileNotFoundError as error:
+            raise typer.BadParameter(f"{error.filename} is missing", param_hint="--bank-tls-dir") from error
     configure_logging(log_level)
     config = UnionConfig(
         listen=listen,
@@ -72,6 +86,7 @@ def serve(
         population_size=population_size,
         lookups=LookupPolicy(requery_cooldown=timedelta(hours=requery_cooldown_hours)),
         orchestration=OrchestratorPolicy(lookup_deadline=timedelta(hours=deadline_hours)),
+        bank_tls=bank_tls,
     )
 
     async def run() -> None:

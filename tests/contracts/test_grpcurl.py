@@ -12,6 +12,7 @@ import pytest
 
 from server.bank.app import RunningBank
 from server.union.app import UnionServer
+from server.union.sms import read_one_time_code
 from tests.conftest import ZHANG
 
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
@@ -74,3 +75,74 @@ async def test_grpcurl_lists_checks_and_calls(union: UnionServer, banks: dict[st
         )
     )
     assert len(banks_json["banks"]) == 16
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_grpcurl_full_flow(union: UnionServer) -> None:
+    """Verification, lookup, watch and report with grpcurl only, as in the README."""
+    target = union.address
+    start = json.dumps(
+        {
+            "name": ZHANG.name,
+            "resident_id_number": ZHANG.resident_id_number,
+            "mobile_number": ZHANG.mobile_number,
+        },
+        ensure_ascii=False,
+    )
+    started = json.loads(
+        await grpcurl("-plaintext", "-d", start, target, "cardlookup.v1.IdentityService/StartVerification")
+    )
+    code = read_one_time_code(union.config.sms_sink_path, ZHANG.mobile_number)
+    complete = json.dumps({"verification_id": started["verification_id"], "code": code})
+    session = json.loads(
+        await grpcurl(
+            "-plaintext", "-d", complete, target, "cardlookup.v1.IdentityService/CompleteVerification"
+        )
+    )
+    auth = f"authorization: Bearer {session['session_token']}"
+    created = json.loads(
+        await grpcurl(
+            "-plaintext",
+            "-H",
+            auth,
+            "-d",
+            '{"request_id": "readme-1"}',
+            target,
+            "cardlookup.v1.CardLookupService/CreateLookup",
+        )
+    )
+    name = created["lookup"]["name"]
+    watched = await grpcurl(
+        "-plaintext",
+        "-H",
+        auth,
+        "-d",
+        json.dumps({"name": name}),
+        target,
+        "cardlookup.v1.CardLookupService/WatchLookup",
+    )
+    assert '"report_ready": true' in watched
+    lookup = json.loads(
+        await grpcurl(
+            "-plaintext",
+            "-H",
+            auth,
+            "-d",
+            json.dumps({"name": name}),
+            target,
+            "cardlookup.v1.CardLookupService/GetLookup",
+        )
+    )
+    report = json.loads(
+        await grpcurl(
+            "-plaintext",
+            "-H",
+            auth,
+            "-d",
+            json.dumps({"name": lookup["lookup"]["report"]}),
+            target,
+            "cardlookup.v1.CardLookupService/GetReport",
+        )
+    )
+    assert report["report"]["total_card_count"] == 5
+    assert all("****" in card["masked_number"] for card in report["report"]["cards"])
