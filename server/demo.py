@@ -55,6 +55,8 @@ BANK_BASE_PORT = 50061
 
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # Like gRPC's own listener: a port in TIME_WAIT from the previous run is free to use.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
@@ -213,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         help="mutual TLS between the union and the banks (development PKI in <data-dir>/pki)",
     )
     args = parser.parse_args(argv)
+    # SIGTERM to the demo runs the same clean-up as Ctrl-C: the servers are stopped, never orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     if not args.serve:
         # Each demo starts with a fresh union (the banks' seeded stores are kept: they never change).
@@ -240,9 +244,11 @@ def main(argv: list[str] | None = None) -> int:
             console.print(
                 f"admin token: {token}   SMS outbox: {args.data_dir / 'union' / 'sms-outbox.jsonl'}"
             )
-            console.print("try: grpcurl -plaintext 127.0.0.1:50051 list    (Ctrl-C stops everything)")
-            with contextlib.suppress(KeyboardInterrupt):
-                signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            console.print(f"try: grpcurl -plaintext {target} list    (Ctrl-C stops everything)")
+            # Block the signals first: sigwait then receives them instead of the default handlers
+            # killing this process before it could stop its children.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
         else:
             try:
                 asyncio.run(run_lookup(target, args.data_dir / "union" / "sms-outbox.jsonl", args.person))
