@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 from bankquery.v1 import bank_query_service_pb2_grpc as pb_grpc
 
-from server.bank.faults import FaultSettings
+from server.bank.faults import FaultControl, FaultSettings, control_file
 from server.bank.service import SERVICE_NAME, BankQueryServicer
 from server.bank.store import BankStore, default_database_url, seed_stores
 from server.common.grpc_runtime import GrpcServer, TlsFiles
@@ -37,6 +37,7 @@ class RunningBank:
     servicer: BankQueryServicer
     store: BankStore
     server: GrpcServer
+    control: FaultControl | None = None
 
     @property
     def address(self) -> str:
@@ -47,6 +48,8 @@ class RunningBank:
         return self.server.port
 
     async def stop(self, grace: float = 2.0) -> None:
+        if self.control is not None:
+            await self.control.stop()
         await self.server.stop(grace)
         self.store.close()
 
@@ -75,16 +78,25 @@ def _prepare_stores(
 
 
 async def _start(
-    store: BankStore, address: str, tls: TlsFiles | None, faults: FaultSettings | None
+    store: BankStore, address: str, tls: TlsFiles | None, faults: FaultSettings | None, data_dir: Path
 ) -> RunningBank:
     servicer = BankQueryServicer(store.bank_code, store, faults)
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_BankQueryServiceServicer_to_server(servicer, server)
 
+    def apply(settings: FaultSettings) -> None:
+        servicer.faults = settings
+
+    # Run-time fault changes from another process arrive through the bank's control file.
+    control = FaultControl(control_file(data_dir, store.bank_code), apply, servicer.faults)
+    control.check()
     server = GrpcServer(address, [SERVICE_NAME], register, tls=tls)
     await server.start()
-    return RunningBank(bank_code=store.bank_code, servicer=servicer, store=store, server=server)
+    control.start()
+    return RunningBank(
+        bank_code=store.bank_code, servicer=servicer, store=store, server=server, control=control
+    )
 
 
 async def start_bank(
@@ -101,7 +113,7 @@ async def start_bank(
     urls = {bank_code: database_url} if database_url else {}
     stores = await asyncio.to_thread(_prepare_stores, [bank_code], urls, data_dir, seed, size)
     try:
-        return await _start(stores[bank_code], address, tls, faults)
+        return await _start(stores[bank_code], address, tls, faults, data_dir)
     except BaseException:
         stores[bank_code].close()
         raise
@@ -125,7 +137,9 @@ async def start_all_banks(
         for offset, code in enumerate(codes):
             port = base_port + offset if base_port else 0
             running.append(
-                await _start(stores[code], f"{host}:{port}", (tls or {}).get(code), (faults or {}).get(code))
+                await _start(
+                    stores[code], f"{host}:{port}", (tls or {}).get(code), (faults or {}).get(code), data_dir
+                )
             )
     except BaseException:
         for bank in running:

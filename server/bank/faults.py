@@ -11,9 +11,14 @@ Settings are immutable; change them at run time by assigning a new
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import os
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import grpc
@@ -21,6 +26,8 @@ from bankquery.v1 import bank_query_service_pb2 as pb
 
 from server.bank.store import StoredCard
 from server.population.catalogue import BANKS
+
+log = logging.getLogger(__name__)
 
 DieMode = Literal["abort", "end"]
 Truncate = Literal["none", "omit_summary", "wrong_count"]
@@ -121,3 +128,73 @@ def lie_about(record: pb.CardRecord, card: StoredCard, lie: Lie) -> None:
     elif lie == "unknown_enum":
         record.card_type = pb.CardType.ValueType(UNKNOWN_ENUM_VALUE)
         record.status = pb.CardStatus.ValueType(UNKNOWN_ENUM_VALUE)
+
+
+# --- run-time control through a file ------------------------------------------------------
+#
+# A bank running in its own process is reconfigured by writing its control file
+# (`cardlookup-bank faults --bank ICBC --set latency_ms=300`); the server notices the
+# change within a poll interval. A file, rather than an RPC, keeps the fault surface
+# off the wire the union talks to.
+
+
+def control_file(data_dir: Path, bank_code: str) -> Path:
+    """Where a bank's run-time fault settings live: <data_dir>/faults/<code>.json."""
+    return data_dir / "faults" / f"{bank_code.lower()}.json"
+
+
+def write_control_file(path: Path, specs: Iterable[str]) -> FaultSettings:
+    """Validate `key=value` specs and write them for the running bank to pick up (atomically)."""
+    specs = list(specs)
+    settings = FaultSettings.parse(specs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"faults": specs}))
+    os.replace(temporary, path)
+    return settings
+
+
+class FaultControl:
+    """Polls a bank's control file and applies it to the servicer; a deleted file restores the
+    settings the bank started with."""
+
+    def __init__(self, path: Path, apply: Callable[[FaultSettings], None], initial: FaultSettings) -> None:
+        self.path = path
+        self._apply = apply
+        self._initial = initial
+        self._seen: float | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def check(self) -> None:
+        """Apply the file if it changed since the last check."""
+        try:
+            mtime: float | None = self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            mtime = None
+        if mtime == self._seen:
+            return
+        self._seen = mtime
+        if mtime is None:
+            self._apply(self._initial)
+            return
+        try:
+            specs = json.loads(self.path.read_text())["faults"]
+            self._apply(FaultSettings.parse(specs))
+            log.info("fault settings changed", extra={"file": str(self.path), "faults": specs})
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            log.warning(
+                "ignoring a bad fault control file", extra={"file": str(self.path), "error": str(error)}
+            )
+
+    def start(self, interval: float = 0.25) -> None:
+        async def poll() -> None:
+            while True:
+                self.check()
+                await asyncio.sleep(interval)
+
+        self._task = asyncio.create_task(poll(), name=f"fault-control-{self.path.stem}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

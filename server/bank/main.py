@@ -23,7 +23,7 @@ from server.bank.app import (
     start_all_banks,
     start_bank,
 )
-from server.bank.faults import FaultSettings
+from server.bank.faults import FaultSettings, control_file, write_control_file
 from server.bank.masking import mask_number
 from server.bank.store import BankStore, default_database_url
 from server.common.checks import is_luhn_valid, is_valid_resident_id, luhn_check_digit
@@ -140,6 +140,30 @@ def serve(
             await asyncio.gather(*(running.stop() for running in banks))
 
     asyncio.run(run())
+
+
+@app.command()
+def faults(
+    bank: BankOption,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Fault knob key=value, repeatable (e.g. latency_ms=300, outage=1)."),
+    ] = None,
+    clear: Annotated[bool, typer.Option(help="Back to the settings the bank started with.")] = False,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Change a running bank's fault settings (it picks them up within a second)."""
+    code = _bank_code(bank)
+    path = control_file(data_dir, code)
+    if clear:
+        path.unlink(missing_ok=True)
+        console.print(f"{code}: fault settings cleared")
+        return
+    try:
+        settings = write_control_file(path, set_ or [])
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    console.print(f"{code}: {settings}")
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -377,3 +378,34 @@ async def test_all_banks_in_one_process(tmp_path: Path) -> None:
     finally:
         for running in banks:
             await running.stop(0)
+
+
+async def test_faults_change_at_run_time_through_the_control_file(tmp_path: Path) -> None:
+    """A bank in another process is reconfigured by its control file (`cardlookup-bank faults`)."""
+    from server.bank.faults import control_file, write_control_file
+
+    running = await start_bank("ICBC", data_dir=tmp_path, seed=SEED, size=SIZE)
+    try:
+        async with grpc.aio.insecure_channel(running.address) as channel:
+            stub = pb_grpc.BankQueryServiceStub(channel)
+            _, error = await _query(stub, ZHANG.person.resident_id_number, ZHANG.person.name)
+            assert error is None
+
+            write_control_file(control_file(tmp_path, "ICBC"), ["outage=1"])
+            for _ in range(40):
+                _, error = await _query(stub, ZHANG.person.resident_id_number, ZHANG.person.name)
+                if error is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert error is not None
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+
+            control_file(tmp_path, "ICBC").unlink()
+            for _ in range(40):
+                _, error = await _query(stub, ZHANG.person.resident_id_number, ZHANG.person.name)
+                if error is None:
+                    break
+                await asyncio.sleep(0.05)
+            assert error is None
+    finally:
+        await running.stop(0)

@@ -171,6 +171,8 @@ class Store:
                             enabled=True,
                         )
                     )
+            known_counters = set(s.scalars(select(CounterRow.name)))
+            s.add_all(CounterRow(name=name, value=0) for name in COUNTERS if name not in known_counters)
             known_regions = set(s.scalars(select(RegionRow.code)))
             for region in regions:
                 if region.code not in known_regions:
@@ -716,12 +718,13 @@ class Store:
 # -- row → domain helpers ----------------------------------------------------
 
 
+COUNTERS = ("lookups_created", "reports_generated")
+
+
 def _bump(s: Session, name: str) -> None:
-    counter = s.get(CounterRow, name)
-    if counter is None:
-        s.add(CounterRow(name=name, value=1))
-    else:
-        counter.value += 1
+    # One atomic UPDATE: concurrent transactions never race on a read-modify-write.
+    # The rows exist from seed_catalogue on.
+    s.execute(update(CounterRow).where(CounterRow.name == name).values(value=CounterRow.value + 1))
 
 
 def _leased_task(

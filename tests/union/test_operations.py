@@ -1,0 +1,80 @@
+"""Operations: health follows the database; many people at once never trip over each other."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from datetime import timedelta
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from clients.client import CardLookupError
+from server.population.generator import person_at
+from tests.conftest import POSTGRES_ENV, SEED, UnionFactory, run_lookup, verified_client
+
+
+async def _status(address: str) -> int:
+    async with grpc.aio.insecure_channel(address) as channel:
+        response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        return int(response.status)
+
+
+async def _wait_status(address: str, wanted: int) -> None:
+    for _ in range(100):
+        if await _status(address) == wanted:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"health never became {wanted}")
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_health_not_serving_while_database_is_unreachable(
+    make_union: UnionFactory, database_url: str
+) -> None:
+    union = await make_union(health_interval=timedelta(milliseconds=100))
+    client = await verified_client(union, person_at(SEED, 0))
+    admin = create_engine(os.environ[POSTGRES_ENV], isolation_level="AUTOCOMMIT")
+    name = make_url(database_url).database
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+            connection.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"),
+                {"name": name},
+            )
+        await _wait_status(union.address, health_pb2.HealthCheckResponse.NOT_SERVING)
+        async with client:
+            with pytest.raises(CardLookupError) as down:
+                await client.list_reports()
+            assert down.value.code == grpc.StatusCode.UNAVAILABLE
+            assert down.value.retry_after is not None
+
+            with admin.connect() as connection:
+                connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+            await _wait_status(union.address, health_pb2.HealthCheckResponse.SERVING)
+            _, report = await run_lookup(client)  # recovered by itself
+            assert report.total_card_count == 5
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+        admin.dispose()
+
+
+async def test_many_people_at_once(make_union: UnionFactory) -> None:
+    """Concurrent verifications and lookups: no 'database is locked', one report each."""
+    union = await make_union()
+    people = [person_at(SEED, index) for index in range(5, 200)]
+    people = [p for p in people if p.region_code in {"310000", "530000", "110000", "500000", "330000"}][:24]
+    assert len(people) >= 12
+    clients = await asyncio.gather(*(verified_client(union, person) for person in people))
+    try:
+        results = await asyncio.gather(*(run_lookup(client) for client in clients))
+    finally:
+        await asyncio.gather(*(client.close() for client in clients))
+    reports = [report for _, report in results]
+    assert len({r.name for r in reports}) == len(people)
+    assert all(len(r.bank_summaries) == 16 for r in reports)
