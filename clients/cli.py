@@ -62,7 +62,7 @@ CaFile = Annotated[Path | None, typer.Option("--ca", help="PEM file of the CA th
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_SESSION = Path.home() / ".config" / "cardlookup" / "session.json"
 
-CARD_TYPES = {lookup_pb.CARD_TYPE_DEBIT: "借记卡 debit", lookup_pb.CARD_TYPE_CREDIT: "信用卡 credit"}
+CARD_TYPES = {lookup_pb.CARD_TYPE_DEBIT: "借记 debit", lookup_pb.CARD_TYPE_CREDIT: "信用 credit"}
 CARD_STATUSES = {
     lookup_pb.CARD_STATUS_ACTIVE: "active",
     lookup_pb.CARD_STATUS_DORMANT: "[bold yellow]dormant 久悬[/]",
@@ -132,15 +132,16 @@ def report_table(report: lookup_pb.Report) -> list[Table]:
         f"{report.total_credit_card_count} credit · "
         f"expires {report.expire_time.ToDatetime():%Y-%m-%d %H:%M} UTC"
     )
+    # Sized for an 80-column terminal: the bank's full name is in the table above.
     cards = Table(title="Cards", title_justify="left")
-    cards.add_column("Bank")
-    cards.add_column("Type")
+    cards.add_column("Bank", no_wrap=True)
+    cards.add_column("Type", no_wrap=True)
     cards.add_column("Number", no_wrap=True)
     cards.add_column("Status", no_wrap=True)
-    cards.add_column("Ref", style="dim", overflow="ellipsis", no_wrap=True, max_width=14)
+    cards.add_column("Ref", style="dim", overflow="ellipsis", no_wrap=True, max_width=12)
     for card in report.cards:
         cards.add_row(
-            card.bank_name,
+            card.bank_code,
             CARD_TYPES.get(card.card_type, "?"),
             card.masked_number,
             CARD_STATUSES.get(card.status, "?"),
