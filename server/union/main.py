@@ -61,6 +61,10 @@ def serve(
         float, typer.Option(help="Hours before a person may look up again.")
     ] = 168,
     deadline_hours: Annotated[float, typer.Option(help="Lookup deadline (the SLA) in hours.")] = 24,
+    call_timeout_seconds: Annotated[float, typer.Option(help="Deadline of one call to a bank.")] = 10,
+    lease_margin_seconds: Annotated[
+        float, typer.Option(help="How long past the call deadline a dead replica's claim is held.")
+    ] = 5,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
     bank_tls_dir: Annotated[
         Path | None,
@@ -85,7 +89,11 @@ def serve(
         population_seed=population_seed,
         population_size=population_size,
         lookups=LookupPolicy(requery_cooldown=timedelta(hours=requery_cooldown_hours)),
-        orchestration=OrchestratorPolicy(lookup_deadline=timedelta(hours=deadline_hours)),
+        orchestration=OrchestratorPolicy(
+            lookup_deadline=timedelta(hours=deadline_hours),
+            call_timeout=timedelta(seconds=call_timeout_seconds),
+            lease_margin=timedelta(seconds=lease_margin_seconds),
+        ),
         bank_tls=bank_tls,
     )
 

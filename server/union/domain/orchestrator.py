@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 class OrchestratorPolicy:
     lookup_deadline: timedelta = timedelta(hours=24)
     call_timeout: timedelta = timedelta(seconds=10)
+    # A claim outlives its call by this much; after that a replica that died holding it loses it.
+    lease_margin: timedelta = timedelta(seconds=5)
     backoff_base: timedelta = timedelta(seconds=1)
     backoff_max: timedelta = timedelta(minutes=10)
     max_concurrent_calls: int = 256
@@ -121,7 +123,7 @@ class Orchestrator:
             await self._finalize(lookup_id, force=False)
         free = self.policy.max_concurrent_calls - len(self._calls)
         if free > 0:
-            lease = self.policy.call_timeout + timedelta(seconds=5)
+            lease = self.policy.call_timeout + self.policy.lease_margin
             for claim in await self._store.claim_due_tasks(self.owner, now, lease, limit=min(free, 500)):
                 task = asyncio.create_task(self._attempt(claim), name=f"bank-call-{claim.bank_code}")
                 self._calls.add(task)

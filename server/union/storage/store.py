@@ -26,7 +26,9 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, case, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import Engine, case, create_engine, delete, event, func, select, text, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -37,6 +39,7 @@ from server.union.domain import model
 from server.union.storage.models import (
     BankRow,
     BankTaskRow,
+    Base,
     CounterRow,
     FoundCardRow,
     IdentityRow,
@@ -128,9 +131,18 @@ class Store:
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, in_thread)
 
+    def _insert_missing(self, model_class: type[Base]) -> Any:
+        """INSERT that skips rows whose key exists: race-free when several replicas start at once."""
+        if self.is_sqlite:
+            return sqlite_insert(model_class).on_conflict_do_nothing()
+        return postgresql_insert(model_class).on_conflict_do_nothing()
+
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision (idempotent)."""
         with self.engine.begin() as connection:
+            if not self.is_sqlite:
+                # Replicas starting together take turns (SQLite's BEGIN IMMEDIATE does the same there).
+                connection.execute(text("SELECT pg_advisory_xact_lock(20211201)"))
             config = alembic_config(self.url)
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
@@ -157,34 +169,31 @@ class Store:
     ) -> None:
         """Insert banks and regions that are not there yet; never overwrite an operator's change."""
 
+        bank_rows = [
+            {
+                "code": bank.code,
+                "position": position,
+                "name": bank.name,
+                "english_name": bank.english_name,
+                "address": addresses.get(bank.code, ""),
+                "enabled": True,
+            }
+            for position, bank in enumerate(banks)
+        ]
+        region_rows = [
+            {
+                "code": region.code,
+                "name": region.name,
+                "open": region.pilot_open_date is not None,
+                "open_time": now if region.pilot_open_date is not None else None,
+            }
+            for region in regions
+        ]
+
         def work(s: Session) -> None:
-            known_banks = set(s.scalars(select(BankRow.code)))
-            for position, bank in enumerate(banks):
-                if bank.code not in known_banks:
-                    s.add(
-                        BankRow(
-                            code=bank.code,
-                            position=position,
-                            name=bank.name,
-                            english_name=bank.english_name,
-                            address=addresses.get(bank.code, ""),
-                            enabled=True,
-                        )
-                    )
-            known_counters = set(s.scalars(select(CounterRow.name)))
-            s.add_all(CounterRow(name=name, value=0) for name in COUNTERS if name not in known_counters)
-            known_regions = set(s.scalars(select(RegionRow.code)))
-            for region in regions:
-                if region.code not in known_regions:
-                    is_open = region.pilot_open_date is not None
-                    s.add(
-                        RegionRow(
-                            code=region.code,
-                            name=region.name,
-                            open=is_open,
-                            open_time=now if is_open else None,
-                        )
-                    )
+            s.execute(self._insert_missing(BankRow), bank_rows)
+            s.execute(self._insert_missing(RegionRow), region_rows)
+            s.execute(self._insert_missing(CounterRow), [{"name": name, "value": 0} for name in COUNTERS])
 
         await self._run(work)
 
@@ -207,16 +216,7 @@ class Store:
         ]
 
         def work(s: Session) -> None:
-            known = set(
-                s.scalars(
-                    select(IdentityRow.person_hash).where(
-                        IdentityRow.person_hash.in_([b["person_hash"] for b in batch])
-                    )
-                )
-            )
-            fresh = [b for b in batch if b["person_hash"] not in known]
-            if fresh:
-                s.execute(insert(IdentityRow), fresh)
+            s.execute(self._insert_missing(IdentityRow), batch)
 
         await self._run(work)
 
