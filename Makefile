@@ -5,14 +5,17 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 BUF    := node_modules/.bin/buf
+TS     := clients/typescript
 
-.PHONY: demo serve test lint typecheck buf-lint buf-breaking protos pytest install install-dev tools clean help
+.PHONY: demo serve test lint typecheck buf-lint buf-breaking protos ts-tools ts-protos ts-check pytest fuzz \
+	install install-dev tools clean help
 
 help:
 	@echo "make demo   - start the union and 16 banks on loopback, run one lookup, print the masked report"
 	@echo "make serve  - start the union and 16 banks and keep them running (Ctrl-C stops them)"
 	@echo "make test   - install what tests need, then lint, type-check, buf lint and run every test"
-	@echo "make protos - regenerate gen/python from protos/"
+	@echo "make protos - regenerate gen/python and the TypeScript stubs from protos/"
+	@echo "make fuzz   - the long property-based fuzz run (100x the examples of make test)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,9 +35,15 @@ $(BUF): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
+# TypeScript client tools (buf, protoc-gen-es, Connect, tsx, tsc), pinned in clients/typescript/package-lock.json.
+$(TS)/node_modules/.package-lock.json: $(TS)/package.json $(TS)/package-lock.json
+	cd $(TS) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 tools: $(BUF)
+ts-tools: $(TS)/node_modules/.package-lock.json
 
 demo: install
 	$(PY) -m server.demo
@@ -42,8 +51,17 @@ demo: install
 serve: install
 	$(PY) -m server.demo --serve
 
-protos: install-dev
+protos: install-dev ts-tools
 	$(PY) scripts/generate_protos.py
+	cd $(TS) && npm run -s generate
+
+# Regenerate only the TypeScript stubs (clients/typescript/src/gen, checked in like gen/python).
+ts-protos: ts-tools
+	cd $(TS) && npm run -s generate
+
+# The TypeScript client type-checks (its stubs' drift is checked by tests/clients/test_typescript.py).
+ts-check: ts-tools
+	cd $(TS) && npm run -s typecheck
 
 lint: install-dev
 	$(VENV)/bin/ruff check .
@@ -61,10 +79,14 @@ buf-breaking: tools
 		$(BUF) breaking --against ".git#ref=HEAD~1" && echo "buf breaking: no breaking changes against HEAD~1"; \
 	else echo "buf breaking: no previous commit, skipped"; fi
 
-pytest: install-dev tools
+pytest: install-dev tools ts-tools
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-test: lint typecheck buf-lint pytest
+# Nightly-style: the property-based fuzz tests with 100x the examples.
+fuzz: install-dev tools
+	CARDLOOKUP_FUZZ_EXAMPLES=100 $(VENV)/bin/pytest tests/fuzz $(PYTEST_ARGS)
+
+test: lint typecheck buf-lint ts-check pytest
 
 clean:
-	rm -rf $(VENV) node_modules data .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) node_modules $(TS)/node_modules data .mypy_cache .ruff_cache .pytest_cache

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,10 +53,11 @@ class GrpcServer:
         service_names: Iterable[str],
         register: Callable[[grpc.aio.Server], None],
         tls: TlsFiles | None = None,
+        interceptors: Sequence[Any] = (),
     ) -> None:
         self._requested_address = address
         self._service_names = list(service_names)
-        self._server = grpc.aio.server(options=server_options())
+        self._server = grpc.aio.server(options=server_options(), interceptors=list(interceptors))
         register(self._server)
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)

@@ -19,6 +19,7 @@ from cardlookup.v1 import admin_service_pb2_grpc as admin_grpc
 from cardlookup.v1 import card_lookup_service_pb2_grpc as lookup_grpc
 from cardlookup.v1 import identity_service_pb2_grpc as identity_grpc
 
+from server.common.admission import AdmissionControl
 from server.common.grpc_runtime import GrpcServer, TlsFiles
 from server.population.catalogue import BANKS, REGIONS
 from server.union.api.servicers import AdminServicer, CardLookupServicer, IdentityServicer
@@ -61,6 +62,9 @@ class UnionConfig:
     tls: TlsFiles | None = None  # for clients of the union
     bank_tls: ClientTls | None = None  # mutual TLS towards the banks
     health_interval: timedelta = timedelta(seconds=2)
+    # Admission control: calls and watch streams in progress before RESOURCE_EXHAUSTED.
+    max_concurrent_calls: int = 512
+    max_concurrent_watches: int = 2048
 
     @property
     def effective_database_url(self) -> str:
@@ -136,7 +140,10 @@ class UnionServer:
             self.store, self.keys, self.clock, self.events, self.orchestrator, config.lookups
         )
         self.admin = AdminService(self.store, self.clock, config.resolve_admin_token())
-        self.grpc = GrpcServer(config.listen, SERVICE_NAMES, self._register, tls=config.tls)
+        self.admission = AdmissionControl(config.max_concurrent_calls, config.max_concurrent_watches)
+        self.grpc = GrpcServer(
+            config.listen, SERVICE_NAMES, self._register, tls=config.tls, interceptors=[self.admission]
+        )
         self._health_task: asyncio.Task[None] | None = None
         self._stopped = False
 
