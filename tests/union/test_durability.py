@@ -138,3 +138,32 @@ async def test_health_reports_serving(make_union: UnionFactory) -> None:
         for service in ("", "cardlookup.v1.CardLookupService"):
             response = await stub.Check(health_pb2.HealthCheckRequest(service=service))
             assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_slow_and_hung_banks_do_not_delay_the_others(
+    make_union: UnionFactory, banks: dict[str, RunningBank]
+) -> None:
+    banks["ICBC"].servicer.faults = FaultSettings(latency_ms=3_600_000)  # hangs (for an hour)
+    banks["CMB"].servicer.faults = FaultSettings(latency_ms=5_000)  # slower than the 2 s call deadline
+    union = await make_union(orchestration={"lookup_deadline": timedelta(seconds=4)})
+    client = await verified_client(union, ZHANG)
+    async with client:
+        started = time.monotonic()
+        lookup = await client.create_lookup()
+        answered_at: dict[str, float] = {}
+        last = None
+        async for event in client.watch_lookup(lookup.name):
+            last = event
+            for bank in event.lookup.bank_progress:
+                if bank.outcome == pb.BANK_OUTCOME_ANSWERED and bank.bank_code not in answered_at:
+                    answered_at[bank.bank_code] = time.monotonic() - started
+        assert last is not None
+        report = await client.get_report(last.lookup.report)
+    # Every healthy bank's answer was in the stream long before the slow ones gave up.
+    assert len(answered_at) == 14
+    assert max(answered_at.values()) < 1.5
+    result = outcomes(report)
+    assert result["ICBC"] == result["CMB"] == pb.BANK_OUTCOME_NO_RESPONSE
+    progress = {b.bank_code: b for b in last.lookup.bank_progress}
+    assert progress["CMB"].attempt_count >= 2  # the deadline-exceeded call was retried
+    assert "DEADLINE_EXCEEDED" in progress["CMB"].failure_reason
