@@ -11,12 +11,14 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import grpc
 import typer
 from cardlookup.v1 import admin_service_pb2 as admin_pb
+from cardlookup.v1 import card_action_service_pb2 as action_pb
 from cardlookup.v1 import card_lookup_service_pb2 as lookup_pb
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
@@ -67,6 +69,19 @@ CARD_STATUSES = {
     lookup_pb.CARD_STATUS_ACTIVE: "active",
     lookup_pb.CARD_STATUS_DORMANT: "[bold yellow]dormant 久悬[/]",
     lookup_pb.CARD_STATUS_FROZEN: "[bold red]frozen 冻结[/]",
+}
+CLOSURE_STATES = {
+    action_pb.CARD_CLOSURE_STATE_PENDING: "[cyan]pending[/]",
+    action_pb.CARD_CLOSURE_STATE_CLOSED: "[green]closed 已销户[/]",
+    action_pb.CARD_CLOSURE_STATE_SCHEDULED: "[green]scheduled 待销户[/]",
+    action_pb.CARD_CLOSURE_STATE_BRANCH_VISIT_REQUIRED: "[yellow]visit a branch 需到网点[/]",
+    action_pb.CARD_CLOSURE_STATE_REJECTED: "[red]rejected 拒绝[/]",
+    action_pb.CARD_CLOSURE_STATE_FAILED: "[red]failed[/]",
+}
+FLAG_STATES = {
+    action_pb.CARD_FLAG_STATE_PENDING: "[cyan]pending[/]",
+    action_pb.CARD_FLAG_STATE_FROZEN: "[bold red]frozen 已冻结[/]",
+    action_pb.CARD_FLAG_STATE_FAILED: "[red]failed[/]",
 }
 OUTCOMES = {
     lookup_pb.BANK_OUTCOME_PENDING: "[cyan]pending[/]",
@@ -147,7 +162,40 @@ def report_table(report: lookup_pb.Report) -> list[Table]:
             CARD_STATUSES.get(card.status, "?"),
             card.card_ref,
         )
-    return [banks, cards]
+    tables = [banks, cards]
+    acted = [c for c in report.cards if c.HasField("not_mine_flag") or c.HasField("closure")]
+    if acted:
+        actions = Table(title="Your requests on these cards", title_justify="left")
+        actions.add_column("Card", no_wrap=True)
+        actions.add_column("Request")
+        actions.add_column("State")
+        actions.add_column("Ticket / case", no_wrap=True)
+        for card in acted:
+            label = f"{card.bank_code} {card.masked_number[-4:]}"
+            if card.HasField("not_mine_flag"):
+                flag = card.not_mine_flag
+                actions.add_row(label, "not mine 非本人", FLAG_STATES.get(flag.state, "?"), flag.case_number)
+            if card.HasField("closure"):
+                item = card.closure
+                actions.add_row(label, "close 销户", CLOSURE_STATES.get(item.state, "?"), item.ticket_id)
+        tables.append(actions)
+    return tables
+
+
+def closure_table(closure: action_pb.CardClosure) -> Table:
+    table = Table(title=f"{closure.name} (from {closure.report})", title_justify="left")
+    table.add_column("Card", no_wrap=True)
+    table.add_column("State")
+    table.add_column("Ticket", no_wrap=True)
+    table.add_column("Reason")
+    for item in closure.items:
+        table.add_row(
+            f"{item.bank_code} {item.masked_number}",
+            CLOSURE_STATES.get(item.state, "?"),
+            item.ticket_id,
+            item.reason,
+        )
+    return table
 
 
 def progress_table(lookup: lookup_pb.Lookup) -> Table:
@@ -332,6 +380,113 @@ def delete(
         out.print(f"deleted {name}")
 
 
+@app.command()
+def close(
+    report_name: Annotated[str, typer.Argument(metavar="REPORT", help="reports/{id}")],
+    card_refs: Annotated[list[str], typer.Argument(metavar="CARD_REF...", help="Card refs from the report.")],
+    request_id: Annotated[
+        str | None, typer.Option(help="Idempotency key; a retry returns the same request.")
+    ] = None,
+    target: Target = DEFAULT_TARGET,
+    session_file: SessionFile = DEFAULT_SESSION,
+    tls: Tls = False,
+    ca: CaFile = None,
+    as_json: Json = False,
+) -> None:
+    """Ask the banks to close cards from one of your reports (each bank decides)."""
+
+    async def work() -> action_pb.CardClosure:
+        async with _client(target, tls, ca, session=_load_session(session_file)) as client:
+            return await client.close_cards(report_name, card_refs, request_id)
+
+    result = _run(work)
+    if as_json:
+        _print_json(_as_json(result))
+    else:
+        out.print(closure_table(result))
+
+
+@app.command()
+def closures(
+    name: Annotated[
+        str | None, typer.Argument(help="closures/{id}; without it, list your closure requests.")
+    ] = None,
+    target: Target = DEFAULT_TARGET,
+    session_file: SessionFile = DEFAULT_SESSION,
+    tls: Tls = False,
+    ca: CaFile = None,
+    as_json: Json = False,
+) -> None:
+    """Show one closure request, or list yours, newest first."""
+
+    async def work() -> list[action_pb.CardClosure]:
+        async with _client(target, tls, ca, session=_load_session(session_file)) as client:
+            if name:
+                return [await client.get_closure(name)]
+            return list((await client.list_closures(page_size=100)).closures)
+
+    result = _run(work)
+    if as_json:
+        _print_json([_as_json(c) for c in result])
+    else:
+        for closure in result:
+            out.print(closure_table(closure))
+
+
+@app.command("not-mine")
+def not_mine(
+    report_name: Annotated[str, typer.Argument(metavar="REPORT", help="reports/{id}")],
+    card_ref: Annotated[str, typer.Argument(help="The card's ref in that report.")],
+    target: Target = DEFAULT_TARGET,
+    session_file: SessionFile = DEFAULT_SESSION,
+    tls: Tls = False,
+    ca: CaFile = None,
+    as_json: Json = False,
+) -> None:
+    """Flag a card you do not recognise: its bank freezes it and opens a fraud case."""
+
+    async def work() -> action_pb.CardFlag:
+        async with _client(target, tls, ca, session=_load_session(session_file)) as client:
+            return await client.flag_not_mine(report_name, card_ref)
+
+    result = _run(work)
+    if as_json:
+        _print_json(_as_json(result))
+    else:
+        case = result.case_number or "(pending)"
+        out.print(f"{result.bank_code}: {FLAG_STATES.get(result.state, '?')} · case {case}")
+
+
+def _events_table(events: list[action_pb.AuditEvent]) -> Table:
+    table = Table("Time (UTC)", "Action", "Outcome", "Resource")
+    for event in events:
+        table.add_row(
+            f"{event.time.ToDatetime():%Y-%m-%d %H:%M:%S}", event.action, event.outcome, event.resource
+        )
+    return table
+
+
+@app.command()
+def activity(
+    target: Target = DEFAULT_TARGET,
+    session_file: SessionFile = DEFAULT_SESSION,
+    tls: Tls = False,
+    ca: CaFile = None,
+    as_json: Json = False,
+) -> None:
+    """Your own audit trail: verifications, lookups, report reads and deletions, closures, flags."""
+
+    async def work() -> action_pb.ListMyAuditEventsResponse:
+        async with _client(target, tls, ca, session=_load_session(session_file)) as client:
+            return await client.my_audit_events(page_size=200)
+
+    result = _run(work)
+    if as_json:
+        _print_json(_as_json(result))
+    else:
+        out.print(_events_table(list(result.events)))
+
+
 def _admin_call(target: str, tls: bool, ca: Path | None, token: str, method: str, request: Message) -> Any:
     async def work() -> Any:
         async with _client(target, tls, ca, admin=token) as client:
@@ -451,6 +606,40 @@ def admin_stats(
             bank.bank_code, str(bank.answered_count), str(bank.failed_count), f"{bank.mean_latency_ms:.1f}"
         )
     out.print(table)
+
+
+@admin_app.command("audit")
+def admin_audit(
+    actor: Annotated[str, typer.Option(help="Only this actor hash.")] = "",
+    since: Annotated[str, typer.Option(help="Only events at or after this ISO time (UTC if no zone).")] = "",
+    until: Annotated[str, typer.Option(help="Only events before this ISO time.")] = "",
+    page_size: Annotated[int, typer.Option(help="Events per page.")] = 100,
+    target: Target = DEFAULT_TARGET,
+    admin_token: AdminToken = "",
+    tls: Tls = False,
+    ca: CaFile = None,
+    as_json: Json = False,
+) -> None:
+    """Audit events, newest first, by actor and time range."""
+    request = admin_pb.ListAuditEventsRequest(actor=actor, page_size=page_size)
+    for text, field in ((since, request.start_time), (until, request.end_time)):
+        if text:
+            moment = datetime.fromisoformat(text)
+            field.FromDatetime(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+    result = _admin_call(target, tls, ca, admin_token, "ListAuditEvents", request)
+    if as_json:
+        _print_json(_as_json(result))
+        return
+    full = Table("Time (UTC)", "Actor", "Action", "Outcome", "Resource")
+    for event in result.events:
+        full.add_row(
+            f"{event.time.ToDatetime():%Y-%m-%d %H:%M:%S}",
+            event.actor[:12] + "…",
+            event.action,
+            event.outcome,
+            event.resource,
+        )
+    out.print(full)
 
 
 def main() -> None:  # pragma: no cover - console entry point convenience

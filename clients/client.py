@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 import grpc
 from cardlookup.v1 import admin_service_pb2 as admin_pb
 from cardlookup.v1 import admin_service_pb2_grpc as admin_grpc
+from cardlookup.v1 import card_action_service_pb2 as action_pb
+from cardlookup.v1 import card_action_service_pb2_grpc as action_grpc
 from cardlookup.v1 import card_lookup_service_pb2 as lookup_pb
 from cardlookup.v1 import card_lookup_service_pb2_grpc as lookup_grpc
 from cardlookup.v1 import identity_service_pb2 as identity_pb
@@ -101,6 +103,7 @@ class CardLookupClient:
         self._identity = identity_grpc.IdentityServiceStub(self._channel)
         self._lookups = lookup_grpc.CardLookupServiceStub(self._channel)
         self._admin = admin_grpc.AdminServiceStub(self._channel)
+        self._actions = action_grpc.CardActionServiceStub(self._channel)
         self.session_token = session_token
         self.admin_token = admin_token
         self.timeout = timeout
@@ -206,6 +209,58 @@ class CardLookupClient:
         await self._call(
             lambda: self._lookups.DeleteReport(request, metadata=self._metadata(), timeout=self.timeout),
             False,
+        )
+
+    # -- card actions -----------------------------------------------------------
+
+    async def close_cards(
+        self, report: str, card_refs: list[str], request_id: str | None = None
+    ) -> action_pb.CardClosure:
+        request = action_pb.CreateCardClosureRequest(
+            request_id=request_id or uuid.uuid4().hex, report=report, card_refs=card_refs
+        )
+        response: action_pb.CreateCardClosureResponse = await self._call(
+            lambda: self._actions.CreateCardClosure(request, metadata=self._metadata(), timeout=self.timeout),
+            True,
+        )
+        return response.closure
+
+    async def get_closure(self, name: str) -> action_pb.CardClosure:
+        request = action_pb.GetCardClosureRequest(name=name)
+        response: action_pb.GetCardClosureResponse = await self._call(
+            lambda: self._actions.GetCardClosure(request, metadata=self._metadata(), timeout=self.timeout),
+            True,
+        )
+        return response.closure
+
+    async def list_closures(
+        self, page_size: int = 0, page_token: str = ""
+    ) -> action_pb.ListCardClosuresResponse:
+        request = action_pb.ListCardClosuresRequest(page_size=page_size, page_token=page_token)
+        return await self._call(
+            lambda: self._actions.ListCardClosures(request, metadata=self._metadata(), timeout=self.timeout),
+            True,
+        )
+
+    async def flag_not_mine(
+        self, report: str, card_ref: str, request_id: str | None = None
+    ) -> action_pb.CardFlag:
+        request = action_pb.FlagCardNotMineRequest(
+            request_id=request_id or uuid.uuid4().hex, report=report, card_ref=card_ref
+        )
+        response: action_pb.FlagCardNotMineResponse = await self._call(
+            lambda: self._actions.FlagCardNotMine(request, metadata=self._metadata(), timeout=self.timeout),
+            True,
+        )
+        return response.flag
+
+    async def my_audit_events(
+        self, page_size: int = 0, page_token: str = ""
+    ) -> action_pb.ListMyAuditEventsResponse:
+        request = action_pb.ListMyAuditEventsRequest(page_size=page_size, page_token=page_token)
+        return await self._call(
+            lambda: self._actions.ListMyAuditEvents(request, metadata=self._metadata(), timeout=self.timeout),
+            True,
         )
 
     # -- admin ------------------------------------------------------------------

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.exc import IntegrityError
 
+from server.bank.actions import format_yuan
 from server.bank.app import (
     DEFAULT_BASE_PORT,
     DEFAULT_DATA_DIR,
@@ -174,19 +175,27 @@ def cards(
     database_url: DatabaseUrl = None,
     include_closed: Annotated[bool, typer.Option(help="Also list closed cards.")] = True,
 ) -> None:
-    """List a customer's cards at one bank, masked (first 4 + last 4 digits)."""
+    """List a customer's cards at one bank, masked (first 4 + last 4 digits), with status and balance.
+
+    A debit card's balance is the funds it holds; a credit card's is the amount owed.
+    """
     store = _store(_bank_code(bank), data_dir, database_url)
     try:
         found = store.cards_for_id(resident_id, include_closed=include_closed)
     finally:
         store.close()
-    table = Table("card_ref", "number", "type", "status", "opened", "last activity")
+    table = Table("card_ref", "number", "type", "status", "balance", "opened", "last activity")
     for card in found:
+        status = card.status
+        if card.closure_scheduled_on is not None and card.status != "closed":
+            status += f" (closing {card.closure_scheduled_on.isoformat()})"
+        balance = format_yuan(card.balance_cents)
         table.add_row(
             card.card_ref,
             mask_number(card.number),
             card.card_type,
-            card.status,
+            status,
+            f"{balance} owed" if card.card_type == "credit" and card.balance_cents else balance,
             card.open_date.isoformat(),
             card.last_activity_date.isoformat(),
         )

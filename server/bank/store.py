@@ -6,30 +6,47 @@ everything that leaves the bank goes through `server.bank.masking`.
 
 The engine is synchronous; the gRPC servicer calls it through
 `asyncio.to_thread` (no async SQLite driver is a dependency of this project).
+
+Card actions (CloseCard, ReportCardNotMine) go through `answer_once`: it checks
+the card belongs to the person, decides through a caller-supplied function
+(server.bank.actions), applies the change to the card and records the answer
+under the request's idempotency key, all in one transaction, so a retry gets
+the first answer back without a second decision.
+
+Schema upgrades: `create_schema` (called whenever a store is opened) also adds
+columns that a store created by an older version lacks (`ALTER TABLE ... ADD
+COLUMN`), logging a warning; the cards it already holds get a balance of 0.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
     CheckConstraint,
     Date,
+    DateTime,
     Engine,
     ForeignKey,
     Index,
+    Integer,
     String,
     create_engine,
     event,
     func,
     insert,
+    inspect,
     select,
+    text,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from server.population import generator
@@ -37,6 +54,10 @@ from server.population import generator
 CARD_TYPES = ("debit", "credit")
 CARD_STATUSES = ("active", "dormant", "frozen", "closed")
 _SEED_BATCH = 5000
+
+log = logging.getLogger(__name__)
+
+ActionKind = Literal["close", "not_mine"]
 
 
 class Base(DeclarativeBase):
@@ -67,6 +88,32 @@ class BankCard(Base):
     open_date: Mapped[date] = mapped_column(Date)
     last_activity_date: Mapped[date] = mapped_column(Date)
     customer_id: Mapped[str] = mapped_column(ForeignKey("customers.resident_id_number"))
+    # Fen: funds on a debit card, the outstanding balance on a credit card.
+    balance_cents: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # A credit card whose closure was accepted: it closes at the end of this billing cycle.
+    closure_scheduled_on: Mapped[date | None] = mapped_column(Date, nullable=True, default=None)
+
+
+# Columns added after the first release: (name, DDL) for stores created before them.
+_ADDED_CARD_COLUMNS = (
+    ("balance_cents", "INTEGER NOT NULL DEFAULT 0"),
+    ("closure_scheduled_on", "DATE"),
+)
+
+
+class AnsweredRequest(Base):
+    """One answered CloseCard/ReportCardNotMine, kept so a retry gets the same answer."""
+
+    __tablename__ = "answered_requests"
+    __table_args__ = (CheckConstraint("kind IN ('close', 'not_mine')", name="ck_answered_requests_kind"),)
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    card_ref: Mapped[str] = mapped_column(String(128))
+    reference: Mapped[str] = mapped_column(String(32))  # ticket id (close) or case number (not mine)
+    outcome: Mapped[str] = mapped_column(String(32))  # closure outcome, or the card's status after a report
+    reason: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 @dataclass(frozen=True)
@@ -79,6 +126,42 @@ class StoredCard:
     status: str
     open_date: date
     last_activity_date: date
+    balance_cents: int = 0
+    closure_scheduled_on: date | None = None
+
+
+@dataclass(frozen=True)
+class CardAction:
+    """A decision about one card: the answer to record, and the change to make to the card."""
+
+    reference: str
+    outcome: str
+    reason: str = ""
+    new_status: str | None = None  # None: the status stays
+    closure_scheduled_on: date | None = None  # set: the card closes at the end of the billing cycle
+    clear_closure_schedule: bool = False
+
+
+@dataclass(frozen=True)
+class ActionAnswer:
+    """The recorded answer to one request; `replayed` is True when a retry got it back."""
+
+    request_id: str
+    kind: str
+    card_ref: str
+    reference: str
+    outcome: str
+    reason: str
+    created_at: datetime
+    replayed: bool = False
+
+
+class CardNotFound(LookupError):
+    """No such card for this person (unknown card, someone else's, or the name does not match)."""
+
+
+class RequestConflict(ValueError):
+    """The request_id was already used for another card (or another kind of request)."""
 
 
 def new_card_ref() -> str:
@@ -107,7 +190,34 @@ def _card_row(card: generator.Card, customer_id: str) -> dict[str, Any]:
         "open_date": card.open_date,
         "last_activity_date": card.last_activity_date,
         "customer_id": customer_id,
+        "balance_cents": card.balance_cents,
     }
+
+
+def _stored(row: BankCard) -> StoredCard:
+    return StoredCard(
+        card_ref=row.card_ref,
+        number=row.number,
+        card_type=row.card_type,
+        status=row.status,
+        open_date=row.open_date,
+        last_activity_date=row.last_activity_date,
+        balance_cents=row.balance_cents,
+        closure_scheduled_on=row.closure_scheduled_on,
+    )
+
+
+def _answer(row: AnsweredRequest, replayed: bool) -> ActionAnswer:
+    return ActionAnswer(
+        request_id=row.request_id,
+        kind=row.kind,
+        card_ref=row.card_ref,
+        reference=row.reference,
+        outcome=row.outcome,
+        reason=row.reason,
+        created_at=row.created_at,
+        replayed=replayed,
+    )
 
 
 class BankStore:
@@ -125,9 +235,28 @@ class BankStore:
         if is_sqlite:
             event.listen(self._engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
+        # Card actions in this process one at a time: SQLite cannot upgrade two concurrent
+        # read transactions to writes, and a retry racing its original must see its answer.
+        self._action_lock = threading.Lock()
 
     def create_schema(self) -> None:
+        """Create missing tables, and add the columns a store from an older version lacks."""
         Base.metadata.create_all(self._engine)
+        self._upgrade_cards_table()
+
+    def _upgrade_cards_table(self) -> None:
+        present = {column["name"] for column in inspect(self._engine).get_columns(BankCard.__tablename__)}
+        missing = [(name, ddl) for name, ddl in _ADDED_CARD_COLUMNS if name not in present]
+        if not missing:
+            return
+        with self._engine.begin() as connection:
+            for name, ddl in missing:
+                # Names and DDL are the constants above, never input.
+                connection.execute(text(f"ALTER TABLE {BankCard.__tablename__} ADD COLUMN {name} {ddl}"))
+        log.warning(
+            "upgraded a bank store created by an older version; its cards have a balance of 0",
+            extra={"bank": self.bank_code, "added_columns": [name for name, _ in missing]},
+        )
 
     def close(self) -> None:
         self._engine.dispose()
@@ -180,17 +309,92 @@ class BankStore:
         if not include_closed:
             query = query.where(BankCard.status != "closed")
         query = query.order_by(BankCard.open_date, BankCard.card_ref)
-        return [
-            StoredCard(
-                card_ref=row.card_ref,
-                number=row.number,
-                card_type=row.card_type,
-                status=row.status,
-                open_date=row.open_date,
-                last_activity_date=row.last_activity_date,
+        return [_stored(row) for row in session.scalars(query)]
+
+    def find_card(self, resident_id_number: str, name: str, card_ref: str) -> StoredCard | None:
+        """One of the person's cards, closed ones included; None if it is not theirs (or the name differs)."""
+        with self._sessions() as session:
+            row = self._owned_card(session, resident_id_number, name, card_ref)
+            return None if row is None else _stored(row)
+
+    @staticmethod
+    def _owned_card(session: Session, resident_id_number: str, name: str, card_ref: str) -> BankCard | None:
+        customer = session.get(Customer, resident_id_number)
+        if customer is None or customer.name != name:
+            return None
+        row = session.get(BankCard, card_ref)
+        if row is None or row.customer_id != resident_id_number:
+            return None
+        return row
+
+    def answered(self, request_id: str) -> ActionAnswer | None:
+        """The recorded answer for a request_id, if any."""
+        with self._sessions() as session:
+            row = session.get(AnsweredRequest, request_id)
+            return None if row is None else _answer(row, replayed=True)
+
+    def answer_once(
+        self,
+        kind: ActionKind,
+        request_id: str,
+        resident_id_number: str,
+        name: str,
+        card_ref: str,
+        decide: Callable[[StoredCard], CardAction],
+    ) -> ActionAnswer:
+        """Answer a card action exactly once per request_id.
+
+        Raises RequestConflict if request_id was used for another card or kind, CardNotFound if
+        the card is not this person's. A repeated request gets the recorded answer (replayed=True)
+        and `decide` is not called; otherwise `decide` sees the card as stored, and its change and
+        answer are committed together.
+        """
+        with self._action_lock:
+            try:
+                return self._answer_once(kind, request_id, resident_id_number, name, card_ref, decide)
+            except IntegrityError:
+                # Another process answered the same request_id first: replay its answer.
+                return self._answer_once(kind, request_id, resident_id_number, name, card_ref, decide)
+
+    def _answer_once(
+        self,
+        kind: ActionKind,
+        request_id: str,
+        resident_id_number: str,
+        name: str,
+        card_ref: str,
+        decide: Callable[[StoredCard], CardAction],
+    ) -> ActionAnswer:
+        with self._sessions.begin() as session:
+            previous = session.get(AnsweredRequest, request_id)
+            if previous is not None and (previous.kind != kind or previous.card_ref != card_ref):
+                raise RequestConflict("request_id was already used for another request")
+            card = self._owned_card(session, resident_id_number, name, card_ref)
+            if card is None:
+                raise CardNotFound("no such card")
+            if previous is not None:
+                return _answer(previous, replayed=True)
+            action = decide(_stored(card))
+            if action.new_status is not None:
+                if action.new_status not in CARD_STATUSES:
+                    raise ValueError(f"status must be one of {CARD_STATUSES}")
+                card.status = action.new_status
+            if action.clear_closure_schedule:
+                card.closure_scheduled_on = None
+            if action.closure_scheduled_on is not None:
+                card.closure_scheduled_on = action.closure_scheduled_on
+            row = AnsweredRequest(
+                request_id=request_id,
+                kind=kind,
+                card_ref=card_ref,
+                reference=action.reference,
+                outcome=action.outcome,
+                reason=action.reason,
+                created_at=datetime.now(UTC),
             )
-            for row in session.scalars(query)
-        ]
+            session.add(row)
+            session.flush()
+            return _answer(row, replayed=False)
 
     def add_customer(self, resident_id_number: str, name: str, mobile_number: str) -> None:
         with self._sessions.begin() as session:
@@ -206,11 +410,14 @@ class BankStore:
         status: str = "active",
         open_date: date | None = None,
         last_activity_date: date | None = None,
+        balance_cents: int = 0,
     ) -> StoredCard:
         if card_type not in CARD_TYPES:
             raise ValueError(f"card type must be one of {CARD_TYPES}")
         if status not in CARD_STATUSES:
             raise ValueError(f"status must be one of {CARD_STATUSES}")
+        if balance_cents < 0:
+            raise ValueError("balance must not be negative")
         opened = open_date or date.today()
         card = BankCard(
             card_ref=new_card_ref(),
@@ -220,19 +427,13 @@ class BankStore:
             open_date=opened,
             last_activity_date=last_activity_date or opened,
             customer_id=resident_id_number,
+            balance_cents=balance_cents,
         )
         with self._sessions.begin() as session:
             if session.get(Customer, resident_id_number) is None:
                 raise LookupError("no such customer")
             session.add(card)
-        return StoredCard(
-            card_ref=card.card_ref,
-            number=card.number,
-            card_type=card.card_type,
-            status=card.status,
-            open_date=card.open_date,
-            last_activity_date=card.last_activity_date,
-        )
+        return _stored(card)
 
 
 def seed_stores(stores: Mapping[str, BankStore], seed: int, size: int) -> dict[str, int]:

@@ -11,7 +11,7 @@ from datetime import date
 
 _ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 _ID_CHECK_CHARS = "10X98765432"
-_ID_PATTERN = re.compile(r"^\d{17}[\dX]$")
+_ID_PATTERN = re.compile(r"[0-9]{17}[0-9X]")
 
 
 def luhn_check_digit(partial: str) -> str:
@@ -30,7 +30,12 @@ def luhn_check_digit(partial: str) -> str:
 
 
 def is_luhn_valid(number: str) -> bool:
-    return len(number) >= 2 and number.isdigit() and luhn_check_digit(number[:-1]) == number[-1]
+    return (
+        len(number) >= 2
+        and number.isascii()
+        and number.isdigit()
+        and luhn_check_digit(number[:-1]) == number[-1]
+    )
 
 
 def resident_id_check_char(first17: str) -> str:
@@ -41,7 +46,7 @@ def resident_id_check_char(first17: str) -> str:
 
 def is_valid_resident_id(value: str) -> bool:
     """Shape, birth date and check character of an 18-character resident ID number."""
-    if not _ID_PATTERN.match(value):
+    if not _ID_PATTERN.fullmatch(value):
         return False
     try:
         date(int(value[6:10]), int(value[10:12]), int(value[12:14]))

@@ -20,6 +20,8 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from server.common.request_guard import RequestGuard
+
 log = logging.getLogger(__name__)
 
 # Requests are small; refuse anything large before it is parsed (bad input never hurts).
@@ -57,7 +59,11 @@ class GrpcServer:
     ) -> None:
         self._requested_address = address
         self._service_names = list(service_names)
-        self._server = grpc.aio.server(options=server_options(), interceptors=list(interceptors))
+        self._server = grpc.aio.server(
+            options=server_options(),
+            # The guard comes first so that even refused or admitted calls never see unparsed garbage.
+            interceptors=[RequestGuard(), *interceptors],
+        )
         register(self._server)
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)

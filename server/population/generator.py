@@ -19,7 +19,7 @@ Uniqueness does not rely on luck:
 
 Demo people (fixed, not random) take indices 0..len(DEMO_PEOPLE)-1 of every
 population. Their sequence digits are 990-999, which the random stream never
-uses, so they cannot collide with anyone:
+uses, so they cannot collide with anyone (their balances are listed below):
 
 =====  ======  ====================  ==============  ===========================================
 index  name    resident ID number    region          cards (non-closed are reported)
@@ -35,6 +35,43 @@ index  name    resident ID number    region          cards (non-closed are repor
 Dates are relative to the fixed `REFERENCE_DATE` (2026-01-01) so output never
 depends on when it is generated; a dormant card has had no activity for more
 than a year before it.
+
+Balances (`Card.balance_cents`, in fen): for a debit card the funds it holds, for
+a credit card the outstanding balance owed. Random people's balances are drawn
+from their per-person card RNG *after* every other draw, so adding them changed
+no card number, status or date. About 60% of open debit cards hold funds
+(log-uniform ¥0.01-¥50,000), dormant debit cards mostly hold nothing (80%) or
+small change, and about 40% of open credit cards carry an outstanding balance
+(log-uniform ¥1-¥50,000); closed cards hold nothing. The demo people's balances
+are fixed, so the bank's closure decisions (server.bank.actions) are
+predictable:
+
+======  =====  ======  =======  ====  ===============  =================================
+person  bank   type    status   last  balance          CloseCard outcome
+======  =====  ======  =======  ====  ===============  =================================
+张伟    ICBC   debit   active   1472  ¥0               CLOSED
+张伟    ICBC   credit  active   2353  ¥3,280.00 owed   BRANCH_VISIT_REQUIRED
+张伟    ICBC   debit   closed   7090  ¥0               CLOSED ("already closed")
+张伟    CMB    debit   active   3666  ¥52,000.00       BRANCH_VISIT_REQUIRED
+张伟    CMB    debit   dormant  2844  ¥0               CLOSED
+张伟    CCB    credit  active   0918  ¥0               SCHEDULED
+李娜    BOC    debit   active   6389  ¥1,250.50        BRANCH_VISIT_REQUIRED
+李娜    ABC    debit   active   9403  ¥0               CLOSED
+李娜    PSBC   debit   active   5456  ¥86.00           BRANCH_VISIT_REQUIRED
+李娜    CMB    credit  active   9126  ¥0               SCHEDULED
+王芳    ICBC   debit   active   3472  ¥18,000.00       BRANCH_VISIT_REQUIRED
+王芳    CGB    credit  active   3887  ¥456.00 owed     BRANCH_VISIT_REQUIRED
+刘洋    ICBC   55      mixed          see below        frozen: REJECTED (see below)
+刘洋    CMB    credit  active   6360  ¥0               SCHEDULED
+======  =====  ======  =======  ====  ===============  =================================
+
+陈静 holds no cards, so every CloseCard/ReportCardNotMine for her is NOT_FOUND.
+
+刘洋's 55 ICBC cards (n = 0..54, see `_heavy_demo_cards`): every third card
+(n % 3 == 0) holds nothing, the others ¥100 x (n % 7 + 1). The frozen debit
+cards (n = 7, 27, 47; last four 5371, 2775, 0176) are REJECTED whatever their
+balance; the active credit cards n = 0 (0031) and 33 (5996) owe nothing
+(SCHEDULED), n = 11 (1058) and 44 (5350) owe ¥500 and ¥300 (BRANCH_VISIT_REQUIRED).
 """
 
 from __future__ import annotations
@@ -230,6 +267,8 @@ class Card:
     status: str  # "active" | "dormant" | "frozen" | "closed"
     open_date: date
     last_activity_date: date
+    # Fen (1/100 yuan): funds held on a debit card, the outstanding balance owed on a credit card.
+    balance_cents: int = 0
 
 
 @dataclass(frozen=True)
@@ -307,8 +346,18 @@ def card_number(bin_: Bin, index: int, ordinal: int) -> str:
 # --- demo people -------------------------------------------------------------------------
 
 
+_DemoCardSpec = tuple[str, str, str, date, date, int]  # bank, type, status, opened, last activity, balance
+
+
 def _demo_card(
-    index: int, ordinal: int, bank_code: str, card_type: str, status: str, opened: date, last_activity: date
+    index: int,
+    ordinal: int,
+    bank_code: str,
+    card_type: str,
+    status: str,
+    opened: date,
+    last_activity: date,
+    balance_cents: int,
 ) -> Card:
     bank = BANKS_BY_CODE[bank_code]
     bins = bank.debit_bins if card_type == "debit" else bank.credit_bins
@@ -319,6 +368,7 @@ def _demo_card(
         status=status,
         open_date=opened,
         last_activity_date=last_activity,
+        balance_cents=balance_cents,
     )
 
 
@@ -329,7 +379,7 @@ def _demo(
     birth: date,
     sequence: int,
     mobile: str,
-    cards: Sequence[tuple[str, str, str, date, date]],
+    cards: Sequence[_DemoCardSpec],
 ) -> DemoPerson:
     person = Person(
         index=index,
@@ -344,19 +394,21 @@ def _demo(
     )
 
 
-def _heavy_demo_cards() -> list[tuple[str, str, str, date, date]]:
-    specs: list[tuple[str, str, str, date, date]] = []
+def _heavy_demo_cards() -> list[_DemoCardSpec]:
+    specs: list[_DemoCardSpec] = []
     for n in range(55):
         opened = date(2008, 1, 15) + timedelta(days=61 * n)
+        balance = 0 if n % 3 == 0 else 10_000 * (n % 7 + 1)
         # Mostly active salary/payment cards; every 9th forgotten (dormant), every 20th frozen.
         if n % 9 == 4:
-            specs.append(("ICBC", "debit", "dormant", opened, opened + timedelta(days=30)))
+            specs.append(("ICBC", "debit", "dormant", opened, opened + timedelta(days=30), balance))
         elif n % 20 == 7:
-            specs.append(("ICBC", "debit", "frozen", opened, date(2025, 6, 1)))
+            specs.append(("ICBC", "debit", "frozen", opened, date(2025, 6, 1), balance))
         else:
             card_type = "credit" if n % 11 == 0 else "debit"
-            specs.append(("ICBC", card_type, "active", opened, date(2025, 12, 1) - timedelta(days=n)))
-    specs.append(("CMB", "credit", "active", date(2019, 5, 20), date(2025, 12, 28)))
+            last = date(2025, 12, 1) - timedelta(days=n)
+            specs.append(("ICBC", card_type, "active", opened, last, balance))
+    specs.append(("CMB", "credit", "active", date(2019, 5, 20), date(2025, 12, 28), 0))
     return specs
 
 
@@ -369,12 +421,12 @@ DEMO_PEOPLE: tuple[DemoPerson, ...] = (
         991,
         "13917285036",
         [
-            ("ICBC", "debit", "active", date(2007, 9, 3), date(2025, 12, 20)),
-            ("ICBC", "credit", "active", date(2015, 4, 18), date(2025, 12, 30)),
-            ("ICBC", "debit", "closed", date(2009, 2, 1), date(2016, 8, 8)),
-            ("CMB", "debit", "active", date(2012, 6, 11), date(2025, 11, 2)),
-            ("CMB", "debit", "dormant", date(2010, 3, 5), date(2019, 7, 14)),
-            ("CCB", "credit", "active", date(2018, 10, 9), date(2025, 12, 12)),
+            ("ICBC", "debit", "active", date(2007, 9, 3), date(2025, 12, 20), 0),
+            ("ICBC", "credit", "active", date(2015, 4, 18), date(2025, 12, 30), 328_000),
+            ("ICBC", "debit", "closed", date(2009, 2, 1), date(2016, 8, 8), 0),
+            ("CMB", "debit", "active", date(2012, 6, 11), date(2025, 11, 2), 5_200_000),
+            ("CMB", "debit", "dormant", date(2010, 3, 5), date(2019, 7, 14), 0),
+            ("CCB", "credit", "active", date(2018, 10, 9), date(2025, 12, 12), 0),
         ],
     ),
     _demo(
@@ -385,10 +437,10 @@ DEMO_PEOPLE: tuple[DemoPerson, ...] = (
         992,
         "15887123490",
         [
-            ("BOC", "debit", "active", date(2012, 9, 1), date(2025, 12, 1)),
-            ("ABC", "debit", "active", date(2008, 7, 30), date(2025, 10, 17)),
-            ("PSBC", "debit", "active", date(2014, 3, 3), date(2025, 9, 9)),
-            ("CMB", "credit", "active", date(2020, 1, 6), date(2025, 12, 24)),
+            ("BOC", "debit", "active", date(2012, 9, 1), date(2025, 12, 1), 125_050),
+            ("ABC", "debit", "active", date(2008, 7, 30), date(2025, 10, 17), 0),
+            ("PSBC", "debit", "active", date(2014, 3, 3), date(2025, 9, 9), 8_600),
+            ("CMB", "credit", "active", date(2020, 1, 6), date(2025, 12, 24), 0),
         ],
     ),
     _demo(
@@ -399,8 +451,8 @@ DEMO_PEOPLE: tuple[DemoPerson, ...] = (
         994,
         "18620345871",
         [
-            ("ICBC", "debit", "active", date(2001, 5, 14), date(2025, 12, 5)),
-            ("CGB", "credit", "active", date(2016, 11, 23), date(2025, 12, 18)),
+            ("ICBC", "debit", "active", date(2001, 5, 14), date(2025, 12, 5), 1_800_000),
+            ("CGB", "credit", "active", date(2016, 11, 23), date(2025, 12, 18), 45_600),
         ],
     ),
     _demo(3, "刘洋", "110105", date(1982, 1, 30), 995, "13501234567", _heavy_demo_cards()),
@@ -487,24 +539,51 @@ def cards_of(seed: int, person: Person) -> list[Card]:
     if rng.random() < HEAVY_HOLDER_RATE:
         # A heavy holder: dozens of cards at one bank (a payroll agent, or a fraud victim).
         plan[0] = (plan[0][0], rng.randrange(50, 71))
-    cards: list[Card] = []
+    drawn: list[tuple[str, str, str, date, date, str]] = []  # bank, number, type, opened, last, status
     for bank_code, count in plan:
         bank = BANKS_BY_CODE[bank_code]
         for _ in range(count):
             card_type = "credit" if rng.random() < CREDIT_RATE else "debit"
             bins = bank.credit_bins if card_type == "credit" else bank.debit_bins
             opened, last, status = _card_dates(rng, birth)
-            cards.append(
-                Card(
-                    bank_code=bank_code,
-                    number=card_number(rng.choice(bins), person.index, len(cards)),
-                    card_type=card_type,
-                    status=status,
-                    open_date=opened,
-                    last_activity_date=last,
-                )
-            )
-    return cards
+            number = card_number(rng.choice(bins), person.index, len(drawn))
+            drawn.append((bank_code, number, card_type, opened, last, status))
+    # Balances are drawn last, so they leave every earlier draw (numbers, statuses, dates) as it was.
+    return [
+        Card(
+            bank_code=bank_code,
+            number=number,
+            card_type=card_type,
+            status=status,
+            open_date=opened,
+            last_activity_date=last,
+            balance_cents=_random_balance(rng, card_type, status),
+        )
+        for bank_code, number, card_type, opened, last, status in drawn
+    ]
+
+
+_LOG_1 = 0.0
+_LOG_100 = math.log(100)
+_LOG_50K_YUAN = math.log(5_000_001)
+_LOG_500_YUAN = math.log(50_001)
+
+
+def _log_uniform_cents(rng: random.Random, log_low: float, log_high: float, high_cents: int) -> int:
+    """An amount whose order of magnitude is uniform between exp(log_low) and high (small sums common)."""
+    return min(high_cents, int(math.exp(rng.uniform(log_low, log_high))))
+
+
+def _random_balance(rng: random.Random, card_type: str, status: str) -> int:
+    """Funds on a debit card, the amount owed on a credit card (fen); one draw, then maybe one more."""
+    roll = rng.random()
+    if status == "closed":
+        return 0
+    if card_type == "credit":  # up to ¥50,000 owed by 40%
+        return _log_uniform_cents(rng, _LOG_100, _LOG_50K_YUAN, 5_000_000) if roll < 0.4 else 0
+    if status == "dormant":  # small change on 20%
+        return _log_uniform_cents(rng, _LOG_1, _LOG_500_YUAN, 50_000) if roll < 0.2 else 0
+    return _log_uniform_cents(rng, _LOG_1, _LOG_50K_YUAN, 5_000_000) if roll < 0.6 else 0
 
 
 def cards_at_bank(seed: int, person: Person, bank_code: str) -> list[Card]:

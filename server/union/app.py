@@ -15,22 +15,27 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+import grpc
 from cardlookup.v1 import admin_service_pb2_grpc as admin_grpc
+from cardlookup.v1 import card_action_service_pb2_grpc as action_grpc
 from cardlookup.v1 import card_lookup_service_pb2_grpc as lookup_grpc
 from cardlookup.v1 import identity_service_pb2_grpc as identity_grpc
 
 from server.common.admission import AdmissionControl
 from server.common.grpc_runtime import GrpcServer, TlsFiles
 from server.population.catalogue import BANKS, REGIONS
-from server.union.api.servicers import AdminServicer, CardLookupServicer, IdentityServicer
+from server.union.api.servicers import AdminServicer, CardActionServicer, CardLookupServicer, IdentityServicer
 from server.union.bank_gateway import ClientTls, GrpcBankGateway
 from server.union.clock import Clock, SystemClock
 from server.union.domain.admin import AdminService
+from server.union.domain.audit import AuditTrail
 from server.union.domain.banks import BankGateway
+from server.union.domain.card_actions import CardActionPolicy, CardActionService
 from server.union.domain.events import LookupEvents
 from server.union.domain.identity import IdentityPolicy, IdentityService
 from server.union.domain.lookups import LookupPolicy, LookupService
 from server.union.domain.orchestrator import Orchestrator, OrchestratorPolicy
+from server.union.notify import SmsNotifier
 from server.union.secrets import Keys
 from server.union.sms import FileSmsSink, SmsSender
 from server.union.storage.store import Store, open_store
@@ -40,6 +45,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = (
     "cardlookup.v1.IdentityService",
     "cardlookup.v1.CardLookupService",
+    "cardlookup.v1.CardActionService",
     "cardlookup.v1.AdminService",
 )
 ADMIN_TOKEN_ENV = "CARDLOOKUP_ADMIN_TOKEN"  # noqa: S105 (a variable name, not a secret)
@@ -59,6 +65,7 @@ class UnionConfig:
     identity: IdentityPolicy = field(default_factory=IdentityPolicy)
     lookups: LookupPolicy = field(default_factory=LookupPolicy)
     orchestration: OrchestratorPolicy = field(default_factory=OrchestratorPolicy)
+    card_actions: CardActionPolicy = field(default_factory=CardActionPolicy)
     tls: TlsFiles | None = None  # for clients of the union
     bank_tls: ClientTls | None = None  # mutual TLS towards the banks
     health_interval: timedelta = timedelta(seconds=2)
@@ -132,12 +139,25 @@ class UnionServer:
         self.gateway = gateway or GrpcBankGateway(config.bank_tls)
         self.sms = sms or FileSmsSink(config.sms_sink_path)
         self.events = LookupEvents()
+        self.audit = AuditTrail(self.store, self.clock, self.keys)
         self.orchestrator = Orchestrator(
-            self.store, self.gateway, self.keys, self.clock, self.events, config.orchestration
+            self.store,
+            self.gateway,
+            self.keys,
+            self.clock,
+            self.events,
+            config.orchestration,
+            notifier=SmsNotifier(self.sms),
+            audit=self.audit,
         )
-        self.identity = IdentityService(self.store, self.keys, self.sms, self.clock, config.identity)
+        self.identity = IdentityService(
+            self.store, self.keys, self.sms, self.clock, config.identity, self.audit
+        )
         self.lookups = LookupService(
-            self.store, self.keys, self.clock, self.events, self.orchestrator, config.lookups
+            self.store, self.keys, self.clock, self.events, self.orchestrator, config.lookups, self.audit
+        )
+        self.card_actions = CardActionService(
+            self.store, self.keys, self.clock, self.events, self.orchestrator, self.audit, config.card_actions
         )
         self.admin = AdminService(self.store, self.clock, config.resolve_admin_token())
         self.admission = AdmissionControl(config.max_concurrent_calls, config.max_concurrent_watches)
@@ -147,13 +167,15 @@ class UnionServer:
         self._health_task: asyncio.Task[None] | None = None
         self._stopped = False
 
-    def _register(self, server: object) -> None:
-        identity_grpc.add_IdentityServiceServicer_to_server(IdentityServicer(self.identity), server)  # type: ignore[arg-type]
+    def _register(self, server: grpc.aio.Server) -> None:
+        identity_grpc.add_IdentityServiceServicer_to_server(IdentityServicer(self.identity), server)
         lookup_grpc.add_CardLookupServiceServicer_to_server(
-            CardLookupServicer(self.identity, self.lookups),
-            server,  # type: ignore[arg-type]
+            CardLookupServicer(self.identity, self.lookups), server
         )
-        admin_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.admin), server)  # type: ignore[arg-type]
+        action_grpc.add_CardActionServiceServicer_to_server(
+            CardActionServicer(self.identity, self.card_actions), server
+        )
+        admin_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.admin, self.audit), server)
 
     @property
     def address(self) -> str:

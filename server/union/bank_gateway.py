@@ -21,8 +21,8 @@ import grpc
 from bankquery.v1 import bank_query_service_pb2 as pb
 from bankquery.v1 import bank_query_service_pb2_grpc as pb_grpc
 
-from server.union.domain.banks import BankCallFailed, ReportedCard
-from server.union.domain.model import Bank, CardStatus, CardType
+from server.union.domain.banks import BankCallFailed, BankDecision, ReportedCard
+from server.union.domain.model import ActionState, Bank, CardStatus, CardType
 
 # Codes after which another attempt may well succeed.
 RETRYABLE = {
@@ -36,11 +36,24 @@ RETRYABLE = {
 }
 
 _CARD_TYPES = {pb.CARD_TYPE_DEBIT: CardType.DEBIT, pb.CARD_TYPE_CREDIT: CardType.CREDIT}
+_CLOSURE_OUTCOMES = {
+    pb.CLOSURE_OUTCOME_CLOSED: ActionState.CLOSED,
+    pb.CLOSURE_OUTCOME_SCHEDULED: ActionState.SCHEDULED,
+    pb.CLOSURE_OUTCOME_BRANCH_VISIT_REQUIRED: ActionState.BRANCH_VISIT_REQUIRED,
+    pb.CLOSURE_OUTCOME_REJECTED: ActionState.REJECTED,
+}
 _CARD_STATUSES = {
     pb.CARD_STATUS_ACTIVE: CardStatus.ACTIVE,
     pb.CARD_STATUS_DORMANT: CardStatus.DORMANT,
     pb.CARD_STATUS_FROZEN: CardStatus.FROZEN,
 }
+
+
+def _failure(error: grpc.aio.AioRpcError) -> BankCallFailed:
+    code = error.code()
+    if code == grpc.StatusCode.NOT_FOUND:
+        return BankCallFailed("the bank does not know this card for this person", retryable=False)
+    return BankCallFailed(f"bank call failed: {code.name}", retryable=code in RETRYABLE)
 
 
 def bank_tls_name(bank_code: str) -> str:
@@ -101,8 +114,7 @@ class GrpcBankGateway:
                 else:
                     raise BankCallFailed("bank sent an empty message", retryable=False)
         except grpc.aio.AioRpcError as error:
-            code = error.code()
-            raise BankCallFailed(f"bank call failed: {code.name}", retryable=code in RETRYABLE) from error
+            raise _failure(error) from error
         except TimeoutError as error:
             raise BankCallFailed("bank call timed out", retryable=True) from error
         finally:
@@ -118,6 +130,49 @@ class GrpcBankGateway:
                 retryable=True,
             )
         return cards
+
+    async def close_card(
+        self,
+        bank: Bank,
+        request_id: str,
+        bank_card_ref: str,
+        resident_id_number: str,
+        name: str,
+        call_timeout: float,
+    ) -> BankDecision:
+        stub = pb_grpc.BankQueryServiceStub(self._channel(bank))
+        request = pb.CloseCardRequest(
+            request_id=request_id, card_ref=bank_card_ref, resident_id_number=resident_id_number, name=name
+        )
+        try:
+            response = await stub.CloseCard(request, timeout=call_timeout)
+        except grpc.aio.AioRpcError as error:
+            raise _failure(error) from error
+        state = _CLOSURE_OUTCOMES.get(response.outcome)
+        if state is None or not response.ticket_id:
+            raise BankCallFailed("bank sent an unknown closure outcome or no ticket", retryable=False)
+        return BankDecision(state, response.ticket_id[:64], response.reason[:255])
+
+    async def report_not_mine(
+        self,
+        bank: Bank,
+        request_id: str,
+        bank_card_ref: str,
+        resident_id_number: str,
+        name: str,
+        call_timeout: float,
+    ) -> BankDecision:
+        stub = pb_grpc.BankQueryServiceStub(self._channel(bank))
+        request = pb.ReportCardNotMineRequest(
+            request_id=request_id, card_ref=bank_card_ref, resident_id_number=resident_id_number, name=name
+        )
+        try:
+            response = await stub.ReportCardNotMine(request, timeout=call_timeout)
+        except grpc.aio.AioRpcError as error:
+            raise _failure(error) from error
+        if not response.case_number:
+            raise BankCallFailed("bank opened no fraud case", retryable=False)
+        return BankDecision(ActionState.FROZEN, response.case_number[:64], "")
 
     @staticmethod
     def _card(card: pb.CardRecord) -> ReportedCard:

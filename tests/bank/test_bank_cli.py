@@ -44,6 +44,9 @@ def test_add_customer_card_and_list_masked(tmp_path: Path) -> None:
     assert f"{cards[0].number[:4]} **** {cards[0].number[-4:]}" in result.output
     assert cards[0].number not in result.output
     assert "1 card(s)" in result.output
+    assert "balance" in result.output
+    assert "¥0.00" in result.output
+    assert "active" in result.output
 
 
 def test_bad_input_is_refused(tmp_path: Path) -> None:

@@ -73,3 +73,56 @@ async def test_cli_verify_lookup_report(union: UnionServer, tmp_path: Path) -> N
     assert code == 6
     assert "RESOURCE_EXHAUSTED" in err
     assert "retry in" in err
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_cli_close_not_mine_and_activity(union: UnionServer, tmp_path: Path) -> None:
+    session = tmp_path / "session.json"
+    target = ["--target", union.address]
+    code, _, err = await cli(
+        "verify",
+        "--name",
+        ZHANG.name,
+        "--id",
+        ZHANG.resident_id_number,
+        "--mobile",
+        ZHANG.mobile_number,
+        "--sms-outbox",
+        str(union.config.sms_sink_path),
+        *target,
+        env_session=session,
+    )
+    assert code == 0, err
+    code, out, err = await cli("lookup", *target, "--json", env_session=session)
+    assert code == 0, err
+    report = json.loads(out)
+    cards = {card["masked_number"][-4:]: card["card_ref"] for card in report["cards"]}
+
+    code, out, err = await cli(
+        "close", report["name"], cards["1472"], cards["2353"], *target, "--json", env_session=session
+    )
+    assert code == 0, err
+    items = json.loads(out)["items"]
+    assert [item["state"] for item in items] == [
+        "CARD_CLOSURE_STATE_CLOSED",
+        "CARD_CLOSURE_STATE_BRANCH_VISIT_REQUIRED",
+    ]
+
+    code, out, err = await cli("not-mine", report["name"], cards["0918"], *target, env_session=session)
+    assert code == 0, err
+    assert "case FR-CCB-" in out
+
+    code, out, err = await cli("report", report["name"], *target, env_session=session)
+    assert code == 0, err
+    assert "not mine" in out
+    assert "FR-CCB-" in out
+    assert "T-ICBC-" in out
+
+    code, out, err = await cli("closures", *target, env_session=session)
+    assert code == 0, err
+    assert "visit a branch" in out
+
+    code, out, err = await cli("activity", *target, "--json", env_session=session)
+    assert code == 0, err
+    actions = {event["action"] for event in json.loads(out)["events"]}
+    assert {"lookup.create", "card.close", "card.flag", "report.read"} <= actions

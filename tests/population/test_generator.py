@@ -188,3 +188,48 @@ def test_demo_ids_never_collide_with_the_stream(population: list[tuple[Person, l
             # Stream sequences are 001-989; 990-999 belong to the demo people.
             assert int(person.resident_id_number[14:17]) < 990
             assert not demo_numbers.intersection(c.number for c in cards)
+
+
+def test_demo_balances() -> None:
+    """The fixed balances behind the bank's demo closure decisions (see the generator's docstring)."""
+    by_name = {d.person.name: d for d in DEMO_PEOPLE}
+    zhang = [(c.bank_code, c.card_type, c.status, c.balance_cents) for c in by_name["张伟"].cards]
+    assert zhang == [
+        ("ICBC", "debit", "active", 0),
+        ("ICBC", "credit", "active", 328_000),
+        ("ICBC", "debit", "closed", 0),
+        ("CMB", "debit", "active", 5_200_000),
+        ("CMB", "debit", "dormant", 0),
+        ("CCB", "credit", "active", 0),
+    ]
+    assert [c.balance_cents for c in by_name["李娜"].cards] == [125_050, 0, 8_600, 0]
+    assert [c.balance_cents for c in by_name["王芳"].cards] == [1_800_000, 45_600]
+    heavy = by_name["刘洋"].cards
+    assert [c.status for c in heavy].count("frozen") == 3
+    assert all(c.balance_cents >= 0 for c in heavy)
+    assert any(c.balance_cents == 0 for c in heavy)
+    assert any(c.balance_cents > 0 for c in heavy)
+
+
+def test_random_balances_are_plausible(population: list[tuple[Person, list[Card]]]) -> None:
+    held: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    for person, cards in population:
+        if person.index < len(DEMO_PEOPLE):
+            continue
+        for card in cards:
+            assert 0 <= card.balance_cents <= 5_000_000, card
+            if card.status == "closed":
+                assert card.balance_cents == 0
+                continue
+            kind = (
+                "dormant debit" if card.card_type == "debit" and card.status == "dormant" else card.card_type
+            )
+            total[kind] += 1
+            held[kind] += card.balance_cents > 0
+    assert 0.55 < held["debit"] / total["debit"] < 0.65
+    assert 0.35 < held["credit"] / total["credit"] < 0.45
+    assert held["dormant debit"] / total["dormant debit"] < 0.3  # mostly empty
+    # Amounts spread over orders of magnitude, from small change to tens of thousands of yuan.
+    amounts = [c.balance_cents for _, cards in population for c in cards if c.balance_cents]
+    assert min(amounts) < 10_000 < 1_000_000 < max(amounts)

@@ -59,6 +59,12 @@ async def test_no_pan_or_id_number_in_database_logs_or_responses(
             events, report = await run_lookup(client)
             responses += [MessageToJson(e) for e in events] + [MessageToJson(report)]
             responses.append(MessageToJson(await client.list_reports()))
+            # Card actions carry the ID number to the banks too: closures and a flag.
+            closure = await client.close_cards(report.name, [c.card_ref for c in report.cards[:3]])
+            flag = await client.flag_not_mine(report.name, report.cards[-1].card_ref)
+            responses += [MessageToJson(closure), MessageToJson(flag)]
+            responses.append(MessageToJson(await client.get_report(report.name)))
+            responses.append(MessageToJson(await client.my_audit_events()))
     assert any(len(r) > 1000 for r in responses)  # the 56-card report is in there
 
     raw_files = sorted((tmp_path / "union").glob("union.db*"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from cardlookup.v1 import admin_service_pb2 as admin_pb
+from cardlookup.v1 import card_action_service_pb2 as action_pb
 from cardlookup.v1 import card_lookup_service_pb2 as pb
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -25,6 +26,21 @@ _CARD_STATUSES = {
     model.CardStatus.ACTIVE: pb.CARD_STATUS_ACTIVE,
     model.CardStatus.DORMANT: pb.CARD_STATUS_DORMANT,
     model.CardStatus.FROZEN: pb.CARD_STATUS_FROZEN,
+}
+
+
+_CLOSURE_STATES = {
+    model.ActionState.PENDING: action_pb.CARD_CLOSURE_STATE_PENDING,
+    model.ActionState.CLOSED: action_pb.CARD_CLOSURE_STATE_CLOSED,
+    model.ActionState.SCHEDULED: action_pb.CARD_CLOSURE_STATE_SCHEDULED,
+    model.ActionState.BRANCH_VISIT_REQUIRED: action_pb.CARD_CLOSURE_STATE_BRANCH_VISIT_REQUIRED,
+    model.ActionState.REJECTED: action_pb.CARD_CLOSURE_STATE_REJECTED,
+    model.ActionState.FAILED: action_pb.CARD_CLOSURE_STATE_FAILED,
+}
+_FLAG_STATES = {
+    model.ActionState.PENDING: action_pb.CARD_FLAG_STATE_PENDING,
+    model.ActionState.FROZEN: action_pb.CARD_FLAG_STATE_FROZEN,
+    model.ActionState.FAILED: action_pb.CARD_FLAG_STATE_FAILED,
 }
 
 
@@ -82,12 +98,57 @@ def report(value: model.Report) -> pb.Report:
                 masked_number=c.masked_number,
                 number_length=c.number_length,
                 status=_CARD_STATUSES[c.status],
+                not_mine_flag=flag(c.flag) if c.flag else None,
+                closure=closure_item(c.closure) if c.closure else None,
             )
             for c in value.cards
         ],
         total_card_count=len(value.cards),
         total_debit_card_count=sum(b.debit_count for b in answered),
         total_credit_card_count=sum(b.credit_count for b in answered),
+    )
+
+
+def closure_item(value: model.CardAction) -> action_pb.CardClosureItem:
+    return action_pb.CardClosureItem(
+        card_ref=value.card_ref,
+        bank_code=value.bank_code,
+        bank_name=value.bank_name,
+        masked_number=value.masked_number,
+        state=_CLOSURE_STATES.get(value.state, action_pb.CARD_CLOSURE_STATE_UNSPECIFIED),
+        ticket_id=value.ticket,
+        reason=value.reason,
+        update_time=timestamp(value.update_time),
+    )
+
+
+def closure(value: model.CardClosure) -> action_pb.CardClosure:
+    return action_pb.CardClosure(
+        name=value.name,
+        request_id=value.request_id,
+        report=f"reports/{value.report_id}",
+        items=[closure_item(item) for item in value.items],
+        create_time=timestamp(value.create_time),
+    )
+
+
+def flag(value: model.CardAction) -> action_pb.CardFlag:
+    return action_pb.CardFlag(
+        card_ref=value.card_ref,
+        bank_code=value.bank_code,
+        state=_FLAG_STATES.get(value.state, action_pb.CARD_FLAG_STATE_UNSPECIFIED),
+        case_number=value.ticket,
+        create_time=timestamp(value.create_time),
+    )
+
+
+def audit_event(value: model.AuditEvent) -> action_pb.AuditEvent:
+    return action_pb.AuditEvent(
+        time=timestamp(value.time),
+        actor=value.actor,
+        action=value.action,
+        outcome=value.outcome,
+        resource=value.resource,
     )
 
 

@@ -6,12 +6,16 @@ Errors are raised by the domain as DomainError and turned into statuses by
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
+from datetime import UTC
 from typing import Any, TypeVar
 
 import grpc
 from cardlookup.v1 import admin_service_pb2 as admin_pb
 from cardlookup.v1 import admin_service_pb2_grpc as admin_grpc
+from cardlookup.v1 import card_action_service_pb2 as action_pb
+from cardlookup.v1 import card_action_service_pb2_grpc as action_grpc
 from cardlookup.v1 import card_lookup_service_pb2 as lookup_pb
 from cardlookup.v1 import card_lookup_service_pb2_grpc as lookup_grpc
 from cardlookup.v1 import identity_service_pb2 as identity_pb
@@ -21,10 +25,13 @@ from server.common import errors
 from server.common.grpc_errors import grpc_method
 from server.union.api import convert
 from server.union.domain.admin import AdminService
+from server.union.domain.audit import ADMIN_ACTOR, AuditTrail
+from server.union.domain.card_actions import CardActionService
 from server.union.domain.identity import Caller, IdentityService
 from server.union.domain.lookups import LookupService
 
 Context = grpc.aio.ServicerContext[Any, Any]
+AUDIT_ACTOR = re.compile(r"^[0-9a-f]{64}$")
 T = TypeVar("T")
 
 
@@ -142,9 +149,66 @@ class CardLookupServicer(lookup_grpc.CardLookupServiceServicer):
         return lookup_pb.DeleteReportResponse()
 
 
+class CardActionServicer(action_grpc.CardActionServiceServicer):
+    def __init__(self, identity: IdentityService, actions: CardActionService) -> None:
+        self._identity = identity
+        self._actions = actions
+
+    def _caller(self, context: Context) -> Caller:
+        return self._identity.authenticate(_authorization(context))
+
+    @grpc_method
+    async def CreateCardClosure(
+        self, request: action_pb.CreateCardClosureRequest, context: Context
+    ) -> action_pb.CreateCardClosureResponse:
+        closure = await self._actions.create_closure(
+            self._caller(context), request.request_id, request.report, list(request.card_refs)
+        )
+        return action_pb.CreateCardClosureResponse(closure=convert.closure(closure))
+
+    @grpc_method
+    async def GetCardClosure(
+        self, request: action_pb.GetCardClosureRequest, context: Context
+    ) -> action_pb.GetCardClosureResponse:
+        closure = await self._actions.get_closure(self._caller(context), request.name)
+        return action_pb.GetCardClosureResponse(closure=convert.closure(closure))
+
+    @grpc_method
+    async def ListCardClosures(
+        self, request: action_pb.ListCardClosuresRequest, context: Context
+    ) -> action_pb.ListCardClosuresResponse:
+        closures, token = await self._actions.list_closures(
+            self._caller(context), request.page_size, request.page_token
+        )
+        return action_pb.ListCardClosuresResponse(
+            closures=[convert.closure(c) for c in closures], next_page_token=token
+        )
+
+    @grpc_method
+    async def FlagCardNotMine(
+        self, request: action_pb.FlagCardNotMineRequest, context: Context
+    ) -> action_pb.FlagCardNotMineResponse:
+        flag = await self._actions.flag_not_mine(
+            self._caller(context), request.request_id, request.report, request.card_ref
+        )
+        return action_pb.FlagCardNotMineResponse(flag=convert.flag(flag))
+
+    @grpc_method
+    async def ListMyAuditEvents(
+        self, request: action_pb.ListMyAuditEventsRequest, context: Context
+    ) -> action_pb.ListMyAuditEventsResponse:
+        events, token = await self._actions.list_my_audit_events(
+            self._caller(context), request.page_size, request.page_token
+        )
+        return action_pb.ListMyAuditEventsResponse(
+            events=[convert.audit_event(e) for e in events], next_page_token=token
+        )
+
+
 class AdminServicer(admin_grpc.AdminServiceServicer):
-    def __init__(self, admin: AdminService) -> None:
+    def __init__(self, admin: AdminService, audit: AuditTrail) -> None:
         self._admin = admin
+        self._audit = audit
 
     @grpc_method
     async def ListBanks(
@@ -199,4 +263,22 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
                 )
                 for b in stats.banks
             ],
+        )
+
+    @grpc_method
+    async def ListAuditEvents(
+        self, request: admin_pb.ListAuditEventsRequest, context: Context
+    ) -> admin_pb.ListAuditEventsResponse:
+        self._admin.authorize(_authorization(context))
+        if request.actor and not (request.actor == ADMIN_ACTOR or AUDIT_ACTOR.fullmatch(request.actor)):
+            raise errors.InvalidArgument([errors.FieldViolation("actor", "not an actor hash")])
+        events, token = await self._audit.list(
+            request.actor or None,
+            request.start_time.ToDatetime(tzinfo=UTC) if request.HasField("start_time") else None,
+            request.end_time.ToDatetime(tzinfo=UTC) if request.HasField("end_time") else None,
+            request.page_size,
+            request.page_token,
+        )
+        return admin_pb.ListAuditEventsResponse(
+            events=[convert.audit_event(e) for e in events], next_page_token=token
         )

@@ -10,9 +10,9 @@ from server.union.clock import Clock
 from server.union.domain import model
 from server.union.storage.store import Store
 
-REGION_CODE = re.compile(r"^\d{6}$")
+REGION_CODE = re.compile(r"^[0-9]{6}$")
 BANK_CODE = re.compile(r"^[A-Z]{2,16}$")
-ADDRESS = re.compile(r"^[A-Za-z0-9.\-\[\]:]{1,253}:\d{1,5}$")
+ADDRESS = re.compile(r"^[A-Za-z0-9.\-\[\]:]{1,253}:[0-9]{1,5}$")
 
 
 class AdminService:
@@ -31,9 +31,9 @@ class AdminService:
 
     async def update_bank(self, code: str, enabled: bool, address: str) -> model.Bank:
         violations = []
-        if not BANK_CODE.match(code):
+        if not BANK_CODE.fullmatch(code):
             violations.append(errors.FieldViolation("code", "must be 2-16 capital letters"))
-        if address and not ADDRESS.match(address):
+        if address and not (ADDRESS.fullmatch(address) and 0 < int(address.rsplit(":", 1)[1]) < 65536):
             violations.append(errors.FieldViolation("address", "must be host:port"))
         if violations:
             raise errors.InvalidArgument(violations)
@@ -46,7 +46,7 @@ class AdminService:
         return await self._store.list_regions()
 
     async def update_region(self, code: str, is_open: bool) -> model.Region:
-        if not REGION_CODE.match(code):
+        if not REGION_CODE.fullmatch(code):
             raise errors.InvalidArgument([errors.FieldViolation("code", "must be a 6-digit GB/T 2260 code")])
         region = await self._store.update_region(code, is_open, self._clock.now())
         if region is None:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from server.union.domain.model import Bank, CardStatus, CardType
+from server.union.domain.model import ActionState, Bank, CardStatus, CardType
 
 MAX_CARDS_PER_BANK = 500
 
@@ -25,6 +25,15 @@ class ReportedCard:
     last_four: str
     number_length: int
     status: CardStatus
+
+
+@dataclass(frozen=True)
+class BankDecision:
+    """A bank's answer to a card action."""
+
+    state: ActionState
+    ticket: str
+    reason: str
 
 
 class BankCallFailed(Exception):
@@ -41,6 +50,30 @@ class BankGateway(Protocol):
         self, bank: Bank, query_id: str, resident_id_number: str, name: str, call_timeout: float
     ) -> list[ReportedCard]:
         """All the person's cards at `bank`, or BankCallFailed."""
+        ...
+
+    async def close_card(
+        self,
+        bank: Bank,
+        request_id: str,
+        bank_card_ref: str,
+        resident_id_number: str,
+        name: str,
+        call_timeout: float,
+    ) -> BankDecision:
+        """The bank's decision on closing one card (state CLOSED/SCHEDULED/BRANCH_VISIT_REQUIRED/REJECTED)."""
+        ...
+
+    async def report_not_mine(
+        self,
+        bank: Bank,
+        request_id: str,
+        bank_card_ref: str,
+        resident_id_number: str,
+        name: str,
+        call_timeout: float,
+    ) -> BankDecision:
+        """The fraud desk's answer: state FROZEN and the case number as ticket."""
         ...
 
     async def close(self) -> None: ...

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from server.common import errors
 from server.union.clock import Clock
 from server.union.domain import validation
+from server.union.domain.audit import AuditTrail
 from server.union.secrets import InvalidToken, Keys
 from server.union.sms import SmsSender
 from server.union.storage.models import VerificationRow
@@ -62,6 +63,10 @@ class Caller:
         opened = keys.unseal(self.sealed_identity, context=f"session:{self.token_id}")
         return opened["name"], opened["id"]
 
+    def mobile_number(self, keys: Keys) -> str | None:
+        """Where to send the report-ready SMS (sessions from before it was sealed have none)."""
+        return keys.unseal(self.sealed_identity, context=f"session:{self.token_id}").get("mobile")
+
 
 def mask_mobile(mobile: str) -> str:
     return mobile[:3] + "****" + mobile[-4:]
@@ -69,8 +74,15 @@ def mask_mobile(mobile: str) -> str:
 
 class IdentityService:
     def __init__(
-        self, store: Store, keys: Keys, sms: SmsSender, clock: Clock, policy: IdentityPolicy
+        self,
+        store: Store,
+        keys: Keys,
+        sms: SmsSender,
+        clock: Clock,
+        policy: IdentityPolicy,
+        audit: AuditTrail,
     ) -> None:
+        self._audit = audit
         self._store = store
         self._keys = keys
         self._sms = sms
@@ -88,14 +100,19 @@ class IdentityService:
             violations.append(errors.FieldViolation("name", problem))
         if problem := validation.resident_id_problem(resident_id_number):
             violations.append(errors.FieldViolation("resident_id_number", problem))
-        if not validation.MOBILE.match(mobile_number):
+        if not validation.MOBILE.fullmatch(mobile_number):
             violations.append(
                 errors.FieldViolation("mobile_number", "must be an 11-digit mainland mobile number")
             )
         validation.require(violations)
-
-        now = self._clock.now()
         person_hash = self._keys.person_hash(resident_id_number)
+        async with self._audit.action(person_hash, "verification.start"):
+            return await self._start(person_hash, name, resident_id_number, mobile_number)
+
+    async def _start(
+        self, person_hash: str, name: str, resident_id_number: str, mobile_number: str
+    ) -> StartedVerification:
+        now = self._clock.now()
         recent = await self._store.count_recent_verifications(person_hash, now - self.policy.start_window)
         if recent >= self.policy.max_starts_per_window:
             raise errors.ResourceExhausted(
@@ -139,7 +156,8 @@ class IdentityService:
                 person_hash=person_hash,
                 region_code=identity.region_code,
                 sealed_identity=self._keys.seal(
-                    {"name": name, "id": resident_id_number}, context=f"verification:{verification_id}"
+                    {"name": name, "id": resident_id_number, "mobile": mobile_number},
+                    context=f"verification:{verification_id}",
                 ),
                 code_hash=self._code_hash(verification_id, code),
                 create_time=now,
@@ -154,14 +172,18 @@ class IdentityService:
 
     async def complete_verification(self, verification_id: str, code: str) -> Session:
         violations = []
-        if not verification_id.startswith("v") or not validation.RESOURCE_ID.match(verification_id):
+        if not verification_id.startswith("v") or not validation.RESOURCE_ID.fullmatch(verification_id):
             violations.append(errors.FieldViolation("verification_id", "not a verification id"))
-        if not validation.CODE.match(code):
+        if not validation.CODE.fullmatch(code):
             violations.append(errors.FieldViolation("code", "must be 6 digits"))
         validation.require(violations)
 
-        now = self._clock.now()
         row = await self._store.get_verification(verification_id)
+        async with self._audit.action(row.person_hash if row else "unknown", "verification.complete"):
+            return await self._complete(row, verification_id, code)
+
+    async def _complete(self, row: VerificationRow | None, verification_id: str, code: str) -> Session:
+        now = self._clock.now()
         if row is None or row.completed or row.expire_time <= now:
             raise errors.NotFound("no such verification, or it expired or was already used")
         if row.failed_attempts >= self.policy.max_code_attempts or row.sealed_identity is None:

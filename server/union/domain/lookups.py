@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from server.common import errors
 from server.union.clock import Clock
 from server.union.domain import model, validation
+from server.union.domain.audit import AuditTrail
 from server.union.domain.events import LookupEvents
 from server.union.domain.identity import Caller
 from server.union.domain.orchestrator import Orchestrator
@@ -49,7 +50,9 @@ class LookupService:
         events: LookupEvents,
         orchestrator: Orchestrator,
         policy: LookupPolicy,
+        audit: AuditTrail,
     ) -> None:
+        self._audit = audit
         self._store = store
         self._keys = keys
         self._clock = clock
@@ -58,8 +61,14 @@ class LookupService:
         self.policy = policy
 
     async def create_lookup(self, caller: Caller, request_id: str, bank_codes: Sequence[str]) -> model.Lookup:
+        async with self._audit.action(caller.person_hash, "lookup.create") as audited:
+            lookup = await self._create(caller, request_id, bank_codes)
+            audited.resource = lookup.name
+            return lookup
+
+    async def _create(self, caller: Caller, request_id: str, bank_codes: Sequence[str]) -> model.Lookup:
         violations = []
-        if not validation.REQUEST_ID.match(request_id):
+        if not validation.REQUEST_ID.fullmatch(request_id):
             violations.append(errors.FieldViolation("request_id", "must be 1-64 characters of [A-Za-z0-9_-]"))
         if len(bank_codes) > 64:
             violations.append(errors.FieldViolation("bank_codes", "at most 64 bank codes"))
@@ -107,6 +116,7 @@ class LookupService:
             )
 
         name, resident_id = caller.identity(self._keys)
+        mobile = caller.mobile_number(self._keys)
         lookup_id = "l" + secrets.token_hex(12)
         try:
             lookup = await self._store.create_lookup(
@@ -116,6 +126,9 @@ class LookupService:
                 region_code=caller.region_code,
                 sealed_identity=self._keys.seal(
                     {"name": name, "id": resident_id}, context=f"lookup:{lookup_id}"
+                ),
+                sealed_contact=(
+                    self._keys.seal({"mobile": mobile}, context=f"contact:{lookup_id}") if mobile else None
                 ),
                 banks=chosen,
                 now=now,
@@ -155,11 +168,12 @@ class LookupService:
         yield WatchEvent(lookup, "", True)
 
     async def get_report(self, caller: Caller, name: str) -> model.Report:
-        report_id = validation.parse_resource_name(name, "reports")
-        report = await self._store.get_report(report_id, caller.person_hash, self._clock.now())
-        if report is None:
-            raise errors.NotFound(f"{name} not found")
-        return report
+        async with self._audit.action(caller.person_hash, "report.read", name[:96]):
+            report_id = validation.parse_resource_name(name, "reports")
+            report = await self._store.get_report(report_id, caller.person_hash, self._clock.now())
+            if report is None:
+                raise errors.NotFound(f"{name} not found")
+            return report
 
     async def list_reports(
         self, caller: Caller, page_size: int, page_token: str
@@ -192,6 +206,7 @@ class LookupService:
             raise bad from error
 
     async def delete_report(self, caller: Caller, name: str) -> None:
-        report_id = validation.parse_resource_name(name, "reports")
-        if not await self._store.delete_report(report_id, caller.person_hash, self._clock.now()):
-            raise errors.NotFound(f"{name} not found")
+        async with self._audit.action(caller.person_hash, "report.delete", name[:96]):
+            report_id = validation.parse_resource_name(name, "reports")
+            if not await self._store.delete_report(report_id, caller.person_hash, self._clock.now()):
+                raise errors.NotFound(f"{name} not found")

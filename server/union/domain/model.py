@@ -75,6 +75,107 @@ class Lookup:
         return f"lookups/{self.id}"
 
 
+def mask_number(first_four: str, last_four: str, number_length: int) -> str:
+    """First 4 and last 4 digits with one star per hidden digit, in groups of four:
+    '6222 **** **** 1234' (16 digits), '6217 **** **** *** 1234' (19 digits)."""
+    stars = "*" * (number_length - 8)
+    middle = [stars[i : i + 4] for i in range(0, len(stars), 4)]
+    return " ".join([first_four, *middle, last_four])
+
+
+class ActionKind(StrEnum):
+    CLOSE = "close"
+    FLAG = "flag"
+
+
+class ActionState(StrEnum):
+    PENDING = "pending"
+    CLOSED = "closed"
+    SCHEDULED = "scheduled"
+    BRANCH_VISIT_REQUIRED = "branch_visit_required"
+    REJECTED = "rejected"
+    FROZEN = "frozen"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class CardAction:
+    """One card's closure or "not mine" flag, as the person sees it."""
+
+    id: str
+    kind: ActionKind
+    card_ref: str
+    bank_code: str
+    bank_name: str
+    first_four: str
+    last_four: str
+    number_length: int
+    state: ActionState
+    ticket: str  # the bank's ticket id (closure) or fraud case number (flag)
+    reason: str
+    create_time: datetime
+    update_time: datetime
+
+    @property
+    def masked_number(self) -> str:
+        return mask_number(self.first_four, self.last_four, self.number_length)
+
+
+@dataclass(frozen=True)
+class CardClosure:
+    id: str
+    request_id: str
+    report_id: str
+    create_time: datetime
+    items: list[CardAction]
+
+    @property
+    def name(self) -> str:
+        return f"closures/{self.id}"
+
+    @property
+    def final(self) -> bool:
+        return all(item.state != ActionState.PENDING for item in self.items)
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    id: int
+    time: datetime
+    actor: str
+    action: str
+    outcome: str
+    resource: str
+
+
+@dataclass(frozen=True)
+class ActionClaim:
+    """A card action leased to this replica for one attempt."""
+
+    action_id: str
+    kind: ActionKind
+    person_hash: str
+    bank_code: str
+    bank_card_ref: str
+    attempt: int
+    sealed_identity: str | None
+    deadline_time: datetime
+
+
+@dataclass(frozen=True)
+class ReportCardSource:
+    """What the union keeps about a report card, enough to ask its bank to act on it."""
+
+    lookup_id: str
+    card_ref: str
+    bank_code: str
+    bank_name: str
+    bank_card_ref: str
+    first_four: str
+    last_four: str
+    number_length: int
+
+
 @dataclass(frozen=True)
 class MaskedCard:
     """A card as the union knows it: never more than first 4 + last 4 digits."""
@@ -88,13 +189,12 @@ class MaskedCard:
     number_length: int
     status: CardStatus
 
+    flag: CardAction | None = None
+    closure: CardAction | None = None
+
     @property
     def masked_number(self) -> str:
-        """First 4 and last 4 digits with one star per hidden digit, in groups of four:
-        '6222 **** **** 1234' (16 digits), '6217 **** **** *** 1234' (19 digits)."""
-        stars = "*" * (self.number_length - 8)
-        middle = [stars[i : i + 4] for i in range(0, len(stars), 4)]
-        return " ".join([self.first_four, *middle, self.last_four])
+        return mask_number(self.first_four, self.last_four, self.number_length)
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,18 @@ import random
 import secrets
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from server.union.clock import Clock
 from server.union.domain import model
+from server.union.domain.audit import AuditTrail
 from server.union.domain.banks import BankCallFailed, BankGateway, check_answer
 from server.union.domain.events import LookupEvents
 from server.union.domain.retention import report_expire_time
+from server.union.notify import Notifier
 from server.union.secrets import Keys
 from server.union.storage.store import Store, StoreUnavailable
 
@@ -57,7 +61,11 @@ class Orchestrator:
         clock: Clock,
         events: LookupEvents,
         policy: OrchestratorPolicy,
+        notifier: Notifier | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
+        self._notifier = notifier
+        self._audit = audit
         self._store = store
         self._gateway = gateway
         self._keys = keys
@@ -121,13 +129,20 @@ class Orchestrator:
             await self._finalize(lookup_id, force=True)
         for lookup_id in await self._store.running_lookups_without_pending_tasks(limit=200):
             await self._finalize(lookup_id, force=False)
+        for action in await self._store.fail_overdue_actions(now):
+            await self._action_final(action)
+        lease = self.policy.call_timeout + self.policy.lease_margin
         free = self.policy.max_concurrent_calls - len(self._calls)
         if free > 0:
-            lease = self.policy.call_timeout + self.policy.lease_margin
             for claim in await self._store.claim_due_tasks(self.owner, now, lease, limit=min(free, 500)):
-                task = asyncio.create_task(self._attempt(claim), name=f"bank-call-{claim.bank_code}")
-                self._calls.add(task)
-                task.add_done_callback(self._calls.discard)
+                self._spawn(self._attempt(claim), f"bank-call-{claim.bank_code}")
+        free = self.policy.max_concurrent_calls - len(self._calls)
+        if free > 0:
+            for action_claim in await self._store.claim_due_actions(
+                self.owner, now, lease, limit=min(free, 100)
+            ):
+                self._spawn(self._act(action_claim), f"card-action-{action_claim.bank_code}")
+        await self._send_notifications()
         if time.monotonic() - self._last_purge >= self.policy.purge_interval.total_seconds():
             self._last_purge = time.monotonic()
             purged = await self._store.purge_expired_reports(now)
@@ -139,6 +154,115 @@ class Orchestrator:
         if next_due is not None:
             delay = min(delay, max(0.0, (next_due - self._clock.now()).total_seconds()))
         return max(delay, 0.01)
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
+    # -- notifications --------------------------------------------------------
+
+    async def _send_notifications(self) -> None:
+        """Announce ready reports from the outbox; a row is deleted only after its message went out."""
+        if self._notifier is None:
+            return
+        for lookup_id, report_id, sealed in await self._store.pending_notifications():
+            mobile = self._keys.unseal(sealed, context=f"contact:{lookup_id}")["mobile"]
+            try:
+                await asyncio.to_thread(self._notifier.report_ready, mobile)
+            except Exception:
+                log.exception("notification failed; will retry", extra={"report": report_id})
+                continue
+            await self._store.delete_notification(lookup_id)
+
+    # -- one card action ------------------------------------------------------
+
+    async def _act(self, claim: model.ActionClaim) -> None:
+        async with self._slots:
+            try:
+                await self._act_unguarded(claim)
+            except StoreUnavailable as error:
+                log.warning(
+                    "could not record card action", extra={"bank": claim.bank_code, "error": str(error)}
+                )
+            finally:
+                self._events.notify(claim.action_id)
+
+    async def _act_unguarded(self, claim: model.ActionClaim) -> None:
+        if claim.sealed_identity is None:
+            return
+        banks = {bank.code: bank for bank in await self._store.list_banks()}
+        bank = banks.get(claim.bank_code)
+        now = self._clock.now()
+        if bank is None:
+            final = await self._store.record_action(
+                claim.action_id,
+                self.owner,
+                model.ActionState.FAILED,
+                "",
+                "the bank no longer participates",
+                None,
+                now,
+            )
+            await self._action_final(final)
+            return
+        opened = self._keys.unseal(claim.sealed_identity, context=f"action:{claim.action_id}")
+        remaining = (claim.deadline_time - now).total_seconds()
+        timeout = max(0.05, min(self.policy.call_timeout.total_seconds(), remaining))
+        call = (
+            self._gateway.close_card
+            if claim.kind == model.ActionKind.CLOSE
+            else self._gateway.report_not_mine
+        )
+        try:
+            # The action id is the bank's idempotency key: a retry after a lost answer is answered the same.
+            decision = await call(
+                bank, claim.action_id, claim.bank_card_ref, opened["id"], opened["name"], call_timeout=timeout
+            )
+        except BankCallFailed as failure:
+            retry_at = self._retry_time(claim.attempt) if failure.retryable else None
+            final = await self._store.record_action(
+                claim.action_id,
+                self.owner,
+                model.ActionState.PENDING if retry_at else model.ActionState.FAILED,
+                "",
+                failure.reason,
+                retry_at,
+                self._clock.now(),
+            )
+            await self._action_final(final, claim.person_hash)
+            if retry_at is not None:
+                self._wake.set()
+            return
+        final = await self._store.record_action(
+            claim.action_id,
+            self.owner,
+            decision.state,
+            decision.ticket,
+            decision.reason,
+            None,
+            self._clock.now(),
+        )
+        await self._action_final(final, claim.person_hash)
+
+    async def _action_final(self, action: model.CardAction | None, person_hash: str | None = None) -> None:
+        if action is None:
+            return
+        self._events.notify(action.id)
+        log.info(
+            "card action final", extra={"action": action.id, "bank": action.bank_code, "state": action.state}
+        )
+        if self._audit is not None and person_hash is not None:
+            verb = "card.closed" if action.kind == model.ActionKind.CLOSE else "card.frozen"
+            await self._audit.record(person_hash, verb, f"{action.bank_code}:{action.state.value}", action.id)
+
+    def _retry_time(self, attempt: int) -> datetime:
+        ceiling = min(
+            self.policy.backoff_max.total_seconds(),
+            self.policy.backoff_base.total_seconds() * 2 ** (attempt - 1),
+        )
+        # Full jitter (AWS architecture blog): spreads retries of many lookups over time.
+        return self._clock.now() + timedelta(seconds=random.uniform(0, ceiling))  # noqa: S311
 
     # -- one bank attempt -----------------------------------------------------
 
@@ -217,14 +341,7 @@ class Orchestrator:
 
     async def _record_failure(self, claim: model.Claim, failure: BankCallFailed) -> None:
         now = self._clock.now()
-        retry_at: datetime | None = None
-        if failure.retryable:
-            ceiling = min(
-                self.policy.backoff_max.total_seconds(),
-                self.policy.backoff_base.total_seconds() * 2 ** (claim.attempt - 1),
-            )
-            # Full jitter (AWS architecture blog): spreads retries of many lookups over time.
-            retry_at = now + timedelta(seconds=random.uniform(0, ceiling))  # noqa: S311
+        retry_at = self._retry_time(claim.attempt) if failure.retryable else None
         log.info(
             "bank attempt failed",
             extra={

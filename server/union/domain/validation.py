@@ -7,10 +7,11 @@ import re
 from server.common import errors
 from server.common.checks import is_valid_resident_id
 
+# Always used with fullmatch: "$" alone would accept a trailing newline, and "\d" any Unicode digit.
 REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 RESOURCE_ID = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
-MOBILE = re.compile(r"^1[3-9]\d{9}$")
-CODE = re.compile(r"^\d{6}$")
+MOBILE = re.compile(r"^1[3-9][0-9]{9}$")
+CODE = re.compile(r"^[0-9]{6}$")
 MAX_NAME_CHARS = 64
 
 
@@ -39,6 +40,6 @@ def require(violations: list[errors.FieldViolation]) -> None:
 def parse_resource_name(name: str, collection: str, field: str = "name") -> str:
     """'lookups/abc' -> 'abc', or INVALID_ARGUMENT."""
     prefix = f"{collection}/"
-    if not name.startswith(prefix) or not RESOURCE_ID.match(name[len(prefix) :]):
+    if not name.startswith(prefix) or not RESOURCE_ID.fullmatch(name[len(prefix) :]):
         raise errors.InvalidArgument([errors.FieldViolation(field, f"must look like {collection}/{{id}}")])
     return name[len(prefix) :]

@@ -133,6 +133,8 @@ class LookupRow(Base):
     # Name + ID number for the fan-out, AES-GCM sealed; NULL once the lookup is final.
     sealed_identity: Mapped[str | None] = mapped_column(String(1024))
     report_id: Mapped[str | None] = mapped_column(String(40))
+    # The mobile number for the report-ready SMS, sealed; moved to the notification outbox when final.
+    sealed_contact: Mapped[str | None] = mapped_column(String(512))
 
 
 class BankTaskRow(Base):
@@ -198,3 +200,87 @@ class CounterRow(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class CardClosureRow(Base):
+    """A person's request to close cards of one report (its items are card_actions rows)."""
+
+    __tablename__ = "card_closures"
+    __table_args__ = (UniqueConstraint("person_hash", "request_id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    person_hash: Mapped[str] = mapped_column(String(64), index=True)
+    request_id: Mapped[str] = mapped_column(String(64))
+    report_id: Mapped[str] = mapped_column(String(40))
+    create_time: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class CardActionRow(Base):
+    """One card's closure or "not mine" flag: durable, resumable work like a bank task.
+
+    Keeps its own copy of the card's masked parts, so the person can still see
+    what was asked after the report itself has expired or been deleted.
+    """
+
+    __tablename__ = "card_actions"
+    __table_args__ = (Index("ix_card_actions_due", "state", "next_attempt_time"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8))  # close | flag
+    closure_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    # "lookup_id:card_ref" for flags, so a card is flagged at most once; NULL for closures.
+    flag_key: Mapped[str | None] = mapped_column(String(96), unique=True)
+    request_id: Mapped[str] = mapped_column(String(64))
+    person_hash: Mapped[str] = mapped_column(String(64), index=True)
+    lookup_id: Mapped[str] = mapped_column(String(40), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    card_ref: Mapped[str] = mapped_column(String(40))
+    bank_code: Mapped[str] = mapped_column(String(16))
+    bank_name: Mapped[str] = mapped_column(String(64))
+    bank_card_ref: Mapped[str] = mapped_column(String(128))
+    first_four: Mapped[str] = mapped_column(String(4))
+    last_four: Mapped[str] = mapped_column(String(4))
+    number_length: Mapped[int] = mapped_column(Integer)
+    # pending | closed | scheduled | branch_visit_required | rejected | frozen | failed
+    state: Mapped[str] = mapped_column(String(24))
+    ticket: Mapped[str] = mapped_column(String(64), default="")  # ticket id or fraud case number
+    reason: Mapped[str] = mapped_column(String(255), default="")
+    # Name + ID number for the bank, AES-GCM sealed; NULL once the action is final.
+    sealed_identity: Mapped[str | None] = mapped_column(String(1024))
+    attempt_count: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_time: Mapped[datetime] = mapped_column(Timestamp)
+    deadline_time: Mapped[datetime] = mapped_column(Timestamp)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(Timestamp)
+    create_time: Mapped[datetime] = mapped_column(Timestamp)
+    update_time: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class AuditEventRow(Base):
+    """Who did what, when, and how it ended: never a name, ID number or card number.
+
+    Outlives the reports it mentions (no foreign keys on purpose)."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_actor_time", "actor", "time"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    time: Mapped[datetime] = mapped_column(Timestamp, index=True)
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(48))
+    outcome: Mapped[str] = mapped_column(String(64))
+    resource: Mapped[str] = mapped_column(String(96), default="")
+
+
+class NotificationRow(Base):
+    """Outbox of "your report is ready" messages: written with the report, sent, then deleted.
+
+    Unique per lookup, so a report is announced once."""
+
+    __tablename__ = "notifications"
+
+    lookup_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    report_id: Mapped[str] = mapped_column(String(40))
+    # The mobile number, AES-GCM sealed (context "contact:<lookup_id>").
+    sealed_contact: Mapped[str] = mapped_column(String(512))
+    create_time: Mapped[datetime] = mapped_column(Timestamp)

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,13 +38,17 @@ from server.common import errors
 from server.population.catalogue import BankInfo, RegionInfo
 from server.union.domain import model
 from server.union.storage.models import (
+    AuditEventRow,
     BankRow,
     BankTaskRow,
     Base,
+    CardActionRow,
+    CardClosureRow,
     CounterRow,
     FoundCardRow,
     IdentityRow,
     LookupRow,
+    NotificationRow,
     RegionRow,
     ReportRow,
     VerificationRow,
@@ -65,8 +70,11 @@ class StoreUnavailable(errors.Unavailable):
         self.detail = detail
 
 
-class DuplicateLookup(Exception):
-    """A lookup with this (person, request_id) already exists (a racing retry)."""
+class DuplicateRequest(Exception):
+    """A resource with this (person, request_id) already exists (a racing retry)."""
+
+
+DuplicateLookup = DuplicateRequest
 
 
 def alembic_config(url: str) -> Config:
@@ -368,6 +376,7 @@ class Store:
         request_id: str,
         region_code: str,
         sealed_identity: str,
+        sealed_contact: str | None,
         banks: Sequence[model.Bank],
         now: datetime,
         deadline: datetime,
@@ -384,6 +393,7 @@ class Store:
                 create_time=now,
                 deadline_time=deadline,
                 sealed_identity=sealed_identity,
+                sealed_contact=sealed_contact,
             )
             s.add(row)
             s.flush()  # the lookup row first: bank_tasks reference it
@@ -561,6 +571,17 @@ class Store:
             lookup.complete_time = now
             lookup.sealed_identity = None
             lookup.report_id = report_id
+            if lookup.sealed_contact is not None:
+                # Written with the report in one transaction: the report is announced exactly once.
+                s.add(
+                    NotificationRow(
+                        lookup_id=lookup_id,
+                        report_id=report_id,
+                        sealed_contact=lookup.sealed_contact,
+                        create_time=now,
+                    )
+                )
+                lookup.sealed_contact = None
             s.add(
                 ReportRow(
                     id=report_id,
@@ -673,6 +694,327 @@ class Store:
 
         return await self._run(work)
 
+    # -- card actions (closures and "not mine" flags) ---------------------------
+
+    async def report_card_sources(
+        self, report_id: str, person_hash: str, now: datetime
+    ) -> dict[str, model.ReportCardSource] | None:
+        """The cards of one of the person's unexpired reports, keyed by card_ref; None if no such report."""
+
+        def work(s: Session) -> dict[str, model.ReportCardSource] | None:
+            row = s.get(ReportRow, report_id)
+            if row is None or row.person_hash != person_hash or row.expire_time <= now:
+                return None
+            names: dict[str, str] = {
+                code: name
+                for code, name in s.execute(
+                    select(BankTaskRow.bank_code, BankTaskRow.bank_name).where(
+                        BankTaskRow.lookup_id == row.lookup_id
+                    )
+                )
+            }
+            cards = s.scalars(select(FoundCardRow).where(FoundCardRow.lookup_id == row.lookup_id))
+            return {
+                c.card_ref: model.ReportCardSource(
+                    lookup_id=row.lookup_id,
+                    card_ref=c.card_ref,
+                    bank_code=c.bank_code,
+                    bank_name=names.get(c.bank_code, c.bank_code),
+                    bank_card_ref=c.bank_card_ref,
+                    first_four=c.first_four,
+                    last_four=c.last_four,
+                    number_length=c.number_length,
+                )
+                for c in cards
+            }
+
+        return await self._run(work)
+
+    async def create_card_closure(
+        self,
+        closure_id: str,
+        person_hash: str,
+        request_id: str,
+        report_id: str,
+        items: Sequence[tuple[str, model.ReportCardSource, str]],
+        now: datetime,
+        deadline: datetime,
+    ) -> model.CardClosure:
+        """Persist a closure and one pending action per card ((action_id, card, sealed identity))."""
+
+        def work(s: Session) -> model.CardClosure:
+            s.add(
+                CardClosureRow(
+                    id=closure_id,
+                    person_hash=person_hash,
+                    request_id=request_id,
+                    report_id=report_id,
+                    create_time=now,
+                )
+            )
+            for position, (action_id, card, sealed) in enumerate(items):
+                s.add(
+                    _action_row(
+                        action_id,
+                        model.ActionKind.CLOSE,
+                        request_id,
+                        person_hash,
+                        card,
+                        sealed,
+                        now,
+                        deadline,
+                        position=position,
+                        closure_id=closure_id,
+                    )
+                )
+            s.flush()
+            closure = _closure(s, s.get_one(CardClosureRow, closure_id))
+            return closure
+
+        try:
+            return await self._run(work)
+        except IntegrityError as error:
+            raise DuplicateRequest(request_id) from error
+
+    async def find_closure_by_request(self, person_hash: str, request_id: str) -> model.CardClosure | None:
+        def work(s: Session) -> model.CardClosure | None:
+            row = s.scalar(
+                select(CardClosureRow).where(
+                    CardClosureRow.person_hash == person_hash, CardClosureRow.request_id == request_id
+                )
+            )
+            return None if row is None else _closure(s, row)
+
+        return await self._run(work)
+
+    async def get_card_closure(self, closure_id: str, person_hash: str) -> model.CardClosure | None:
+        def work(s: Session) -> model.CardClosure | None:
+            row = s.get(CardClosureRow, closure_id)
+            if row is None or row.person_hash != person_hash:
+                return None
+            return _closure(s, row)
+
+        return await self._run(work)
+
+    async def list_card_closures(
+        self, person_hash: str, after: tuple[datetime, str] | None, limit: int
+    ) -> list[model.CardClosure]:
+        def work(s: Session) -> list[model.CardClosure]:
+            query = select(CardClosureRow).where(CardClosureRow.person_hash == person_hash)
+            if after is not None:
+                time, last_id = after
+                query = query.where(
+                    (CardClosureRow.create_time < time)
+                    | ((CardClosureRow.create_time == time) & (CardClosureRow.id < last_id))
+                )
+            rows = s.scalars(
+                query.order_by(CardClosureRow.create_time.desc(), CardClosureRow.id.desc()).limit(limit)
+            )
+            return [_closure(s, row) for row in rows]
+
+        return await self._run(work)
+
+    async def create_flag(
+        self,
+        action_id: str,
+        person_hash: str,
+        request_id: str,
+        card: model.ReportCardSource,
+        sealed_identity: str,
+        now: datetime,
+        deadline: datetime,
+    ) -> tuple[model.CardAction, bool]:
+        """The card's flag: a new one, or the one already raised (a card is flagged once). (flag, created)"""
+        flag_key = f"{card.lookup_id}:{card.card_ref}"
+
+        def existing(s: Session) -> model.CardAction | None:
+            row = s.scalar(select(CardActionRow).where(CardActionRow.flag_key == flag_key))
+            return None if row is None else _action(row)
+
+        def work(s: Session) -> tuple[model.CardAction, bool]:
+            found = existing(s)
+            if found is not None:
+                return found, False
+            row = _action_row(
+                action_id,
+                model.ActionKind.FLAG,
+                request_id,
+                person_hash,
+                card,
+                sealed_identity,
+                now,
+                deadline,
+                position=0,
+                flag_key=flag_key,
+            )
+            s.add(row)
+            s.flush()
+            return _action(row), True
+
+        try:
+            return await self._run(work)
+        except IntegrityError:
+            # Another request flagged the same card at the same moment; it won.
+            found = await self._run(existing)
+            if found is None:
+                raise
+            return found, False
+
+    async def get_card_action(self, action_id: str) -> model.CardAction | None:
+        def work(s: Session) -> model.CardAction | None:
+            row = s.get(CardActionRow, action_id)
+            return None if row is None else _action(row)
+
+        return await self._run(work)
+
+    async def claim_due_actions(
+        self, owner: str, now: datetime, lease: timedelta, limit: int
+    ) -> list[model.ActionClaim]:
+        def work(s: Session) -> list[model.ActionClaim]:
+            query = (
+                select(CardActionRow)
+                .where(
+                    CardActionRow.state == model.ActionState.PENDING,
+                    CardActionRow.next_attempt_time <= now,
+                    (CardActionRow.lease_until.is_(None)) | (CardActionRow.lease_until < now),
+                    CardActionRow.deadline_time > now,
+                )
+                .order_by(CardActionRow.next_attempt_time)
+                .limit(limit)
+            )
+            if not self.is_sqlite:
+                query = query.with_for_update(skip_locked=True)
+            claims = []
+            for row in s.scalars(query):
+                row.lease_owner = owner
+                row.lease_until = now + lease
+                row.attempt_count += 1
+                claims.append(
+                    model.ActionClaim(
+                        action_id=row.id,
+                        kind=model.ActionKind(row.kind),
+                        person_hash=row.person_hash,
+                        bank_code=row.bank_code,
+                        bank_card_ref=row.bank_card_ref,
+                        attempt=row.attempt_count,
+                        sealed_identity=row.sealed_identity,
+                        deadline_time=row.deadline_time,
+                    )
+                )
+            return claims
+
+        return await self._run(work)
+
+    async def record_action(
+        self,
+        action_id: str,
+        owner: str,
+        state: model.ActionState,
+        ticket: str,
+        reason: str,
+        retry_at: datetime | None,
+        now: datetime,
+    ) -> model.CardAction | None:
+        """The bank's answer (final: the sealed identity is erased), or a retry at `retry_at`.
+        Only the lease holder may write; returns the action if this call finalised it."""
+
+        def work(s: Session) -> model.CardAction | None:
+            row = s.get(CardActionRow, action_id, with_for_update=not self.is_sqlite)
+            if row is None or row.state != model.ActionState.PENDING or row.lease_owner != owner:
+                return None
+            row.lease_owner = None
+            row.lease_until = None
+            row.reason = reason[:255]
+            row.update_time = now
+            if retry_at is not None and state == model.ActionState.PENDING:
+                row.next_attempt_time = retry_at
+                return None
+            row.state = state
+            row.ticket = ticket[:64]
+            row.sealed_identity = None
+            return _action(row)
+
+        return await self._run(work)
+
+    async def fail_overdue_actions(self, now: datetime, limit: int = 200) -> list[model.CardAction]:
+        def work(s: Session) -> list[model.CardAction]:
+            rows = list(
+                s.scalars(
+                    select(CardActionRow)
+                    .where(
+                        CardActionRow.state == model.ActionState.PENDING, CardActionRow.deadline_time <= now
+                    )
+                    .limit(limit)
+                )
+            )
+            for row in rows:
+                row.state = model.ActionState.FAILED
+                row.reason = row.reason or "the bank did not answer in time"
+                row.sealed_identity = None
+                row.lease_owner = None
+                row.lease_until = None
+                row.update_time = now
+            return [_action(row) for row in rows]
+
+        return await self._run(work)
+
+    # -- audit trail and notifications -----------------------------------------
+
+    async def add_audit_event(
+        self, time: datetime, actor: str, action: str, outcome: str, resource: str
+    ) -> None:
+        def work(s: Session) -> None:
+            s.add(
+                AuditEventRow(
+                    time=time, actor=actor, action=action, outcome=outcome[:64], resource=resource[:96]
+                )
+            )
+
+        await self._run(work)
+
+    async def list_audit_events(
+        self,
+        actor: str | None,
+        start: datetime | None,
+        end: datetime | None,
+        after: tuple[datetime, int] | None,
+        limit: int,
+    ) -> list[model.AuditEvent]:
+        def work(s: Session) -> list[model.AuditEvent]:
+            query = select(AuditEventRow)
+            if actor is not None:
+                query = query.where(AuditEventRow.actor == actor)
+            if start is not None:
+                query = query.where(AuditEventRow.time >= start)
+            if end is not None:
+                query = query.where(AuditEventRow.time < end)
+            if after is not None:
+                time, last_id = after
+                query = query.where(
+                    (AuditEventRow.time < time)
+                    | ((AuditEventRow.time == time) & (AuditEventRow.id < last_id))
+                )
+            rows = s.scalars(query.order_by(AuditEventRow.time.desc(), AuditEventRow.id.desc()).limit(limit))
+            return [model.AuditEvent(r.id, r.time, r.actor, r.action, r.outcome, r.resource) for r in rows]
+
+        return await self._run(work)
+
+    async def pending_notifications(self, limit: int = 100) -> list[tuple[str, str, str]]:
+        """(lookup_id, report_id, sealed_contact) of reports not yet announced."""
+
+        def work(s: Session) -> list[tuple[str, str, str]]:
+            rows = s.scalars(select(NotificationRow).order_by(NotificationRow.create_time).limit(limit))
+            return [(r.lookup_id, r.report_id, r.sealed_contact) for r in rows]
+
+        return await self._run(work)
+
+    async def delete_notification(self, lookup_id: str) -> bool:
+        def work(s: Session) -> bool:
+            result = s.execute(delete(NotificationRow).where(NotificationRow.lookup_id == lookup_id))
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
+        return await self._run(work)
+
     # -- statistics ---------------------------------------------------------
 
     async def stats(self) -> model.ServiceStats:
@@ -780,6 +1122,74 @@ def _lookup(s: Session, row: LookupRow) -> model.Lookup:
     )
 
 
+def _action_row(
+    action_id: str,
+    kind: model.ActionKind,
+    request_id: str,
+    person_hash: str,
+    card: model.ReportCardSource,
+    sealed_identity: str,
+    now: datetime,
+    deadline: datetime,
+    position: int,
+    closure_id: str | None = None,
+    flag_key: str | None = None,
+) -> CardActionRow:
+    return CardActionRow(
+        id=action_id,
+        kind=kind,
+        closure_id=closure_id,
+        flag_key=flag_key,
+        request_id=request_id,
+        person_hash=person_hash,
+        lookup_id=card.lookup_id,
+        position=position,
+        card_ref=card.card_ref,
+        bank_code=card.bank_code,
+        bank_name=card.bank_name,
+        bank_card_ref=card.bank_card_ref,
+        first_four=card.first_four,
+        last_four=card.last_four,
+        number_length=card.number_length,
+        state=model.ActionState.PENDING,
+        ticket="",
+        reason="",
+        sealed_identity=sealed_identity,
+        attempt_count=0,
+        next_attempt_time=now,
+        deadline_time=deadline,
+        create_time=now,
+        update_time=now,
+    )
+
+
+def _action(row: CardActionRow) -> model.CardAction:
+    return model.CardAction(
+        id=row.id,
+        kind=model.ActionKind(row.kind),
+        card_ref=row.card_ref,
+        bank_code=row.bank_code,
+        bank_name=row.bank_name,
+        first_four=row.first_four,
+        last_four=row.last_four,
+        number_length=row.number_length,
+        state=model.ActionState(row.state),
+        ticket=row.ticket,
+        reason=row.reason,
+        create_time=row.create_time,
+        update_time=row.update_time,
+    )
+
+
+def _closure(s: Session, row: CardClosureRow) -> model.CardClosure:
+    items = s.scalars(
+        select(CardActionRow).where(CardActionRow.closure_id == row.id).order_by(CardActionRow.position)
+    )
+    return model.CardClosure(
+        row.id, row.request_id, row.report_id, row.create_time, [_action(i) for i in items]
+    )
+
+
 def _report(s: Session, row: ReportRow) -> model.Report:
     banks = _progress(s, row.lookup_id)
     names = {b.bank_code: b.bank_name for b in banks}
@@ -800,6 +1210,17 @@ def _report(s: Session, row: ReportRow) -> model.Report:
             .order_by(FoundCardRow.position, FoundCardRow.card_type.desc(), FoundCardRow.card_ref)
         )
     ]
+    flags: dict[str, model.CardAction] = {}
+    closures: dict[str, model.CardAction] = {}
+    actions = s.scalars(
+        select(CardActionRow)
+        .where(CardActionRow.lookup_id == row.lookup_id)
+        .order_by(CardActionRow.create_time)
+    )
+    for action_row in actions:
+        action = _action(action_row)
+        (flags if action.kind == model.ActionKind.FLAG else closures)[action.card_ref] = action
+    cards = [replace(c, flag=flags.get(c.card_ref), closure=closures.get(c.card_ref)) for c in cards]
     return model.Report(row.id, row.lookup_id, row.generate_time, row.expire_time, banks, cards)
 
 

@@ -24,6 +24,42 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ClosureOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ClosureOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ClosureOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CLOSURE_OUTCOME_UNSPECIFIED: _ClosureOutcome.ValueType  # 0
+    """Not set; never sent by a correct bank."""
+    CLOSURE_OUTCOME_CLOSED: _ClosureOutcome.ValueType  # 1
+    """The card is closed."""
+    CLOSURE_OUTCOME_SCHEDULED: _ClosureOutcome.ValueType  # 2
+    """The bank accepted and will close the card later (for example at the end
+    of a billing cycle).
+    """
+    CLOSURE_OUTCOME_BRANCH_VISIT_REQUIRED: _ClosureOutcome.ValueType  # 3
+    """The person must visit a branch; reason says why."""
+    CLOSURE_OUTCOME_REJECTED: _ClosureOutcome.ValueType  # 4
+    """The bank refused; reason says why."""
+
+class ClosureOutcome(_ClosureOutcome, metaclass=_ClosureOutcomeEnumTypeWrapper):
+    """What a bank decided about a closure request."""
+
+CLOSURE_OUTCOME_UNSPECIFIED: ClosureOutcome.ValueType  # 0
+"""Not set; never sent by a correct bank."""
+CLOSURE_OUTCOME_CLOSED: ClosureOutcome.ValueType  # 1
+"""The card is closed."""
+CLOSURE_OUTCOME_SCHEDULED: ClosureOutcome.ValueType  # 2
+"""The bank accepted and will close the card later (for example at the end
+of a billing cycle).
+"""
+CLOSURE_OUTCOME_BRANCH_VISIT_REQUIRED: ClosureOutcome.ValueType  # 3
+"""The person must visit a branch; reason says why."""
+CLOSURE_OUTCOME_REJECTED: ClosureOutcome.ValueType  # 4
+"""The bank refused; reason says why."""
+Global___ClosureOutcome: _TypeAlias = ClosureOutcome  # noqa: Y015
+
 class _CardType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -75,6 +111,130 @@ CARD_STATUS_DORMANT: CardStatus.ValueType  # 2
 CARD_STATUS_FROZEN: CardStatus.ValueType  # 3
 """Frozen by the bank (for example after a fraud report)."""
 Global___CardStatus: _TypeAlias = CardStatus  # noqa: Y015
+
+@_typing.final
+class CloseCardRequest(_message.Message):
+    """Request for CloseCard."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CARD_REF_FIELD_NUMBER: _builtins.int
+    RESIDENT_ID_NUMBER_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Union-assigned idempotency key, 1-64 characters of [A-Za-z0-9_-]."""
+    card_ref: _builtins.str
+    """The bank's opaque card reference from a CardRecord."""
+    resident_id_number: _builtins.str
+    """The person's resident ID number; the card must be theirs."""
+    name: _builtins.str
+    """The person's name as verified by the union."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        card_ref: _builtins.str = ...,
+        resident_id_number: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_ref", b"card_ref", "name", b"name", "request_id", b"request_id", "resident_id_number", b"resident_id_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloseCardRequest: _TypeAlias = CloseCardRequest  # noqa: Y015
+
+@_typing.final
+class CloseCardResponse(_message.Message):
+    """Response for CloseCard."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICKET_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ticket_id: _builtins.str
+    """The bank's ticket for this request."""
+    outcome: Global___ClosureOutcome.ValueType
+    """The bank's decision."""
+    reason: _builtins.str
+    """Why, in words the person can read (branch visit, rejection, schedule)."""
+    def __init__(
+        self,
+        *,
+        ticket_id: _builtins.str = ...,
+        outcome: Global___ClosureOutcome.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "reason", b"reason", "ticket_id", b"ticket_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloseCardResponse: _TypeAlias = CloseCardResponse  # noqa: Y015
+
+@_typing.final
+class ReportCardNotMineRequest(_message.Message):
+    """Request for ReportCardNotMine."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CARD_REF_FIELD_NUMBER: _builtins.int
+    RESIDENT_ID_NUMBER_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Union-assigned idempotency key, 1-64 characters of [A-Za-z0-9_-]."""
+    card_ref: _builtins.str
+    """The bank's opaque card reference from a CardRecord."""
+    resident_id_number: _builtins.str
+    """The person's resident ID number; the card is held in their name."""
+    name: _builtins.str
+    """The person's name as verified by the union."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        card_ref: _builtins.str = ...,
+        resident_id_number: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_ref", b"card_ref", "name", b"name", "request_id", b"request_id", "resident_id_number", b"resident_id_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportCardNotMineRequest: _TypeAlias = ReportCardNotMineRequest  # noqa: Y015
+
+@_typing.final
+class ReportCardNotMineResponse(_message.Message):
+    """Response for ReportCardNotMine."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CASE_NUMBER_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    case_number: _builtins.str
+    """The fraud desk's case number."""
+    status: Global___CardStatus.ValueType
+    """The card's status after the report (frozen)."""
+    def __init__(
+        self,
+        *,
+        case_number: _builtins.str = ...,
+        status: Global___CardStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_number", b"case_number", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportCardNotMineResponse: _TypeAlias = ReportCardNotMineResponse  # noqa: Y015
 
 @_typing.final
 class QueryCardsRequest(_message.Message):

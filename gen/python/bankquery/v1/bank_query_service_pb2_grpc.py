@@ -40,6 +40,16 @@ class BankQueryServiceStub:
                 request_serializer=bankquery_dot_v1_dot_bank__query__service__pb2.QueryCardsRequest.SerializeToString,
                 response_deserializer=bankquery_dot_v1_dot_bank__query__service__pb2.QueryCardsResponse.FromString,
                 _registered_method=True)
+        self.CloseCard = channel.unary_unary(
+                '/bankquery.v1.BankQueryService/CloseCard',
+                request_serializer=bankquery_dot_v1_dot_bank__query__service__pb2.CloseCardRequest.SerializeToString,
+                response_deserializer=bankquery_dot_v1_dot_bank__query__service__pb2.CloseCardResponse.FromString,
+                _registered_method=True)
+        self.ReportCardNotMine = channel.unary_unary(
+                '/bankquery.v1.BankQueryService/ReportCardNotMine',
+                request_serializer=bankquery_dot_v1_dot_bank__query__service__pb2.ReportCardNotMineRequest.SerializeToString,
+                response_deserializer=bankquery_dot_v1_dot_bank__query__service__pb2.ReportCardNotMineResponse.FromString,
+                _registered_method=True)
 
 
 class BankQueryServiceServicer:
@@ -70,6 +80,39 @@ class BankQueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CloseCard(self, request, context):
+        """Asks the bank to close one of the person's cards. The bank decides: close
+        it now or schedule it, ask the person to visit a branch (a credit card
+        with an outstanding balance, a card that still holds funds), or refuse.
+
+        Idempotent on request_id: a retry returns the first answer and ticket.
+
+        Status codes:
+        - OK: the bank decided; see outcome.
+        - INVALID_ARGUMENT: malformed request_id, card_ref, ID number or name.
+        - NOT_FOUND: no such card for this person (or the name does not match).
+        - UNAVAILABLE: the bank is temporarily unable to answer; retry with backoff.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportCardNotMine(self, request, context):
+        """Tells the bank's fraud desk that the person does not recognise a card.
+        The bank freezes the card and opens a case.
+
+        Idempotent on request_id: a retry returns the first case number.
+
+        Status codes:
+        - OK: the card is frozen and a case is open.
+        - INVALID_ARGUMENT: malformed request_id, card_ref, ID number or name.
+        - NOT_FOUND: no such card for this person (or the name does not match).
+        - UNAVAILABLE: the bank is temporarily unable to answer; retry with backoff.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BankQueryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +120,16 @@ def add_BankQueryServiceServicer_to_server(servicer, server):
                     servicer.QueryCards,
                     request_deserializer=bankquery_dot_v1_dot_bank__query__service__pb2.QueryCardsRequest.FromString,
                     response_serializer=bankquery_dot_v1_dot_bank__query__service__pb2.QueryCardsResponse.SerializeToString,
+            ),
+            'CloseCard': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseCard,
+                    request_deserializer=bankquery_dot_v1_dot_bank__query__service__pb2.CloseCardRequest.FromString,
+                    response_serializer=bankquery_dot_v1_dot_bank__query__service__pb2.CloseCardResponse.SerializeToString,
+            ),
+            'ReportCardNotMine': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportCardNotMine,
+                    request_deserializer=bankquery_dot_v1_dot_bank__query__service__pb2.ReportCardNotMineRequest.FromString,
+                    response_serializer=bankquery_dot_v1_dot_bank__query__service__pb2.ReportCardNotMineResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -107,6 +160,60 @@ class BankQueryService:
             '/bankquery.v1.BankQueryService/QueryCards',
             bankquery_dot_v1_dot_bank__query__service__pb2.QueryCardsRequest.SerializeToString,
             bankquery_dot_v1_dot_bank__query__service__pb2.QueryCardsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseCard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bankquery.v1.BankQueryService/CloseCard',
+            bankquery_dot_v1_dot_bank__query__service__pb2.CloseCardRequest.SerializeToString,
+            bankquery_dot_v1_dot_bank__query__service__pb2.CloseCardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportCardNotMine(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bankquery.v1.BankQueryService/ReportCardNotMine',
+            bankquery_dot_v1_dot_bank__query__service__pb2.ReportCardNotMineRequest.SerializeToString,
+            bankquery_dot_v1_dot_bank__query__service__pb2.ReportCardNotMineResponse.FromString,
             options,
             channel_credentials,
             insecure,

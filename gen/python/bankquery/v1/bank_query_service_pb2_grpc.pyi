@@ -59,6 +59,31 @@ class BankQueryServiceStub:
     - UNAVAILABLE: the bank is temporarily unable to answer; retry with backoff.
     - DEADLINE_EXCEEDED: the caller's deadline passed.
     """
+    CloseCard: _grpc.UnaryUnaryMultiCallable[_bank_query_service_pb2.CloseCardRequest, _bank_query_service_pb2.CloseCardResponse]
+    """Asks the bank to close one of the person's cards. The bank decides: close
+    it now or schedule it, ask the person to visit a branch (a credit card
+    with an outstanding balance, a card that still holds funds), or refuse.
+
+    Idempotent on request_id: a retry returns the first answer and ticket.
+
+    Status codes:
+    - OK: the bank decided; see outcome.
+    - INVALID_ARGUMENT: malformed request_id, card_ref, ID number or name.
+    - NOT_FOUND: no such card for this person (or the name does not match).
+    - UNAVAILABLE: the bank is temporarily unable to answer; retry with backoff.
+    """
+    ReportCardNotMine: _grpc.UnaryUnaryMultiCallable[_bank_query_service_pb2.ReportCardNotMineRequest, _bank_query_service_pb2.ReportCardNotMineResponse]
+    """Tells the bank's fraud desk that the person does not recognise a card.
+    The bank freezes the card and opens a case.
+
+    Idempotent on request_id: a retry returns the first case number.
+
+    Status codes:
+    - OK: the card is frozen and a case is open.
+    - INVALID_ARGUMENT: malformed request_id, card_ref, ID number or name.
+    - NOT_FOUND: no such card for this person (or the name does not match).
+    - UNAVAILABLE: the bank is temporarily unable to answer; retry with backoff.
+    """
 
 @_typing.type_check_only
 class BankQueryServiceAsyncStub(BankQueryServiceStub):
@@ -84,6 +109,31 @@ class BankQueryServiceAsyncStub(BankQueryServiceStub):
       (google.rpc.BadRequest names the fields).
     - UNAVAILABLE: the bank is temporarily unable to answer; retry with backoff.
     - DEADLINE_EXCEEDED: the caller's deadline passed.
+    """
+    CloseCard: _aio.UnaryUnaryMultiCallable[_bank_query_service_pb2.CloseCardRequest, _bank_query_service_pb2.CloseCardResponse]  # type: ignore[assignment]
+    """Asks the bank to close one of the person's cards. The bank decides: close
+    it now or schedule it, ask the person to visit a branch (a credit card
+    with an outstanding balance, a card that still holds funds), or refuse.
+
+    Idempotent on request_id: a retry returns the first answer and ticket.
+
+    Status codes:
+    - OK: the bank decided; see outcome.
+    - INVALID_ARGUMENT: malformed request_id, card_ref, ID number or name.
+    - NOT_FOUND: no such card for this person (or the name does not match).
+    - UNAVAILABLE: the bank is temporarily unable to answer; retry with backoff.
+    """
+    ReportCardNotMine: _aio.UnaryUnaryMultiCallable[_bank_query_service_pb2.ReportCardNotMineRequest, _bank_query_service_pb2.ReportCardNotMineResponse]  # type: ignore[assignment]
+    """Tells the bank's fraud desk that the person does not recognise a card.
+    The bank freezes the card and opens a case.
+
+    Idempotent on request_id: a retry returns the first case number.
+
+    Status codes:
+    - OK: the card is frozen and a case is open.
+    - INVALID_ARGUMENT: malformed request_id, card_ref, ID number or name.
+    - NOT_FOUND: no such card for this person (or the name does not match).
+    - UNAVAILABLE: the bank is temporarily unable to answer; retry with backoff.
     """
 
 class BankQueryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -113,6 +163,43 @@ class BankQueryServiceServicer(metaclass=_abc_1.ABCMeta):
           (google.rpc.BadRequest names the fields).
         - UNAVAILABLE: the bank is temporarily unable to answer; retry with backoff.
         - DEADLINE_EXCEEDED: the caller's deadline passed.
+        """
+
+    @_abc_1.abstractmethod
+    def CloseCard(
+        self,
+        request: _bank_query_service_pb2.CloseCardRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_bank_query_service_pb2.CloseCardResponse, _abc.Awaitable[_bank_query_service_pb2.CloseCardResponse]]:
+        """Asks the bank to close one of the person's cards. The bank decides: close
+        it now or schedule it, ask the person to visit a branch (a credit card
+        with an outstanding balance, a card that still holds funds), or refuse.
+
+        Idempotent on request_id: a retry returns the first answer and ticket.
+
+        Status codes:
+        - OK: the bank decided; see outcome.
+        - INVALID_ARGUMENT: malformed request_id, card_ref, ID number or name.
+        - NOT_FOUND: no such card for this person (or the name does not match).
+        - UNAVAILABLE: the bank is temporarily unable to answer; retry with backoff.
+        """
+
+    @_abc_1.abstractmethod
+    def ReportCardNotMine(
+        self,
+        request: _bank_query_service_pb2.ReportCardNotMineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_bank_query_service_pb2.ReportCardNotMineResponse, _abc.Awaitable[_bank_query_service_pb2.ReportCardNotMineResponse]]:
+        """Tells the bank's fraud desk that the person does not recognise a card.
+        The bank freezes the card and opens a case.
+
+        Idempotent on request_id: a retry returns the first case number.
+
+        Status codes:
+        - OK: the card is frozen and a case is open.
+        - INVALID_ARGUMENT: malformed request_id, card_ref, ID number or name.
+        - NOT_FOUND: no such card for this person (or the name does not match).
+        - UNAVAILABLE: the bank is temporarily unable to answer; retry with backoff.
         """
 
 def add_BankQueryServiceServicer_to_server(servicer: BankQueryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -64,6 +64,11 @@ class AdminServiceStub:
                 request_serializer=cardlookup_dot_v1_dot_admin__service__pb2.GetServiceStatsRequest.SerializeToString,
                 response_deserializer=cardlookup_dot_v1_dot_admin__service__pb2.GetServiceStatsResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/cardlookup.v1.AdminService/ListAuditEvents',
+                request_serializer=cardlookup_dot_v1_dot_admin__service__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=cardlookup_dot_v1_dot_admin__service__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -136,6 +141,20 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEvents(self, request, context):
+        """Lists audit events, newest first, optionally for one actor and a time
+        range. Events outlive the reports they mention.
+
+        Status codes:
+        - OK.
+        - INVALID_ARGUMENT: negative page_size, a foreign page_token, a malformed
+        actor, or start_time after end_time.
+        - UNAUTHENTICATED: missing or wrong admin credential.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +182,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetServiceStats,
                     request_deserializer=cardlookup_dot_v1_dot_admin__service__pb2.GetServiceStatsRequest.FromString,
                     response_serializer=cardlookup_dot_v1_dot_admin__service__pb2.GetServiceStatsResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=cardlookup_dot_v1_dot_admin__service__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=cardlookup_dot_v1_dot_admin__service__pb2.ListAuditEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -305,6 +329,33 @@ class AdminService:
             '/cardlookup.v1.AdminService/GetServiceStats',
             cardlookup_dot_v1_dot_admin__service__pb2.GetServiceStatsRequest.SerializeToString,
             cardlookup_dot_v1_dot_admin__service__pb2.GetServiceStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardlookup.v1.AdminService/ListAuditEvents',
+            cardlookup_dot_v1_dot_admin__service__pb2.ListAuditEventsRequest.SerializeToString,
+            cardlookup_dot_v1_dot_admin__service__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -80,6 +80,16 @@ class AdminServiceStub:
     - OK.
     - UNAUTHENTICATED: missing or wrong admin credential.
     """
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListAuditEventsRequest, _admin_service_pb2.ListAuditEventsResponse]
+    """Lists audit events, newest first, optionally for one actor and a time
+    range. Events outlive the reports they mention.
+
+    Status codes:
+    - OK.
+    - INVALID_ARGUMENT: negative page_size, a foreign page_token, a malformed
+      actor, or start_time after end_time.
+    - UNAUTHENTICATED: missing or wrong admin credential.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -131,6 +141,16 @@ class AdminServiceAsyncStub(AdminServiceStub):
 
     Status codes:
     - OK.
+    - UNAUTHENTICATED: missing or wrong admin credential.
+    """
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListAuditEventsRequest, _admin_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """Lists audit events, newest first, optionally for one actor and a time
+    range. Events outlive the reports they mention.
+
+    Status codes:
+    - OK.
+    - INVALID_ARGUMENT: negative page_size, a foreign page_token, a malformed
+      actor, or start_time after end_time.
     - UNAUTHENTICATED: missing or wrong admin credential.
     """
 
@@ -211,6 +231,22 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Status codes:
         - OK.
+        - UNAUTHENTICATED: missing or wrong admin credential.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _admin_service_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListAuditEventsResponse, _abc.Awaitable[_admin_service_pb2.ListAuditEventsResponse]]:
+        """Lists audit events, newest first, optionally for one actor and a time
+        range. Events outlive the reports they mention.
+
+        Status codes:
+        - OK.
+        - INVALID_ARGUMENT: negative page_size, a foreign page_token, a malformed
+          actor, or start_time after end_time.
         - UNAUTHENTICATED: missing or wrong admin credential.
         """
 

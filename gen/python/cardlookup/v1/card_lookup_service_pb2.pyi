@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from cardlookup.v1 import card_action_service_pb2 as _card_action_service_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -343,6 +344,8 @@ class ReportCard(_message.Message):
     MASKED_NUMBER_FIELD_NUMBER: _builtins.int
     NUMBER_LENGTH_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    NOT_MINE_FLAG_FIELD_NUMBER: _builtins.int
+    CLOSURE_FIELD_NUMBER: _builtins.int
     card_ref: _builtins.str
     """Opaque reference to this card within the report."""
     bank_code: _builtins.str
@@ -360,6 +363,14 @@ class ReportCard(_message.Message):
     """Digits in the full number (16 to 19)."""
     status: Global___CardStatus.ValueType
     """Active, dormant or frozen."""
+    @_builtins.property
+    def not_mine_flag(self) -> _card_action_service_pb2.CardFlag:
+        """The person's "not mine" flag on this card, if they raised one."""
+
+    @_builtins.property
+    def closure(self) -> _card_action_service_pb2.CardClosureItem:
+        """The latest closure request for this card, if any."""
+
     def __init__(
         self,
         *,
@@ -370,10 +381,12 @@ class ReportCard(_message.Message):
         masked_number: _builtins.str = ...,
         number_length: _builtins.int = ...,
         status: Global___CardStatus.ValueType = ...,
+        not_mine_flag: _card_action_service_pb2.CardFlag | None = ...,
+        closure: _card_action_service_pb2.CardClosureItem | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["closure", b"closure", "not_mine_flag", b"not_mine_flag"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank_code", b"bank_code", "bank_name", b"bank_name", "card_ref", b"card_ref", "card_type", b"card_type", "masked_number", b"masked_number", "number_length", b"number_length", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank_code", b"bank_code", "bank_name", b"bank_name", "card_ref", b"card_ref", "card_type", b"card_type", "closure", b"closure", "masked_number", b"masked_number", "not_mine_flag", b"not_mine_flag", "number_length", b"number_length", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

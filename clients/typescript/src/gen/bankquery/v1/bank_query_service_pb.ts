@@ -19,7 +19,154 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file bankquery/v1/bank_query_service.proto.
  */
 export const file_bankquery_v1_bank_query_service: GenFile = /*@__PURE__*/
-  fileDesc("CiViYW5rcXVlcnkvdjEvYmFua19xdWVyeV9zZXJ2aWNlLnByb3RvEgxiYW5rcXVlcnkudjEiTwoRUXVlcnlDYXJkc1JlcXVlc3QSEAoIcXVlcnlfaWQYASABKAkSGgoScmVzaWRlbnRfaWRfbnVtYmVyGAIgASgJEgwKBG5hbWUYAyABKAkidwoSUXVlcnlDYXJkc1Jlc3BvbnNlEigKBGNhcmQYASABKAsyGC5iYW5rcXVlcnkudjEuQ2FyZFJlY29yZEgAEi0KB3N1bW1hcnkYAiABKAsyGi5iYW5rcXVlcnkudjEuUXVlcnlTdW1tYXJ5SABCCAoGcmVzdWx0IvMBCgpDYXJkUmVjb3JkEhEKCWJhbmtfY29kZRgBIAEoCRIQCghjYXJkX3JlZhgCIAEoCRIpCgljYXJkX3R5cGUYAyABKA4yFi5iYW5rcXVlcnkudjEuQ2FyZFR5cGUSEgoKZmlyc3RfZm91chgEIAEoCRIRCglsYXN0X2ZvdXIYBSABKAkSFQoNbnVtYmVyX2xlbmd0aBgGIAEoBRIoCgZzdGF0dXMYByABKA4yGC5iYW5rcXVlcnkudjEuQ2FyZFN0YXR1cxItCglvcGVuX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIjcKDFF1ZXJ5U3VtbWFyeRIRCgliYW5rX2NvZGUYASABKAkSFAoMcmVjb3JkX2NvdW50GAIgASgFKlAKCENhcmRUeXBlEhkKFUNBUkRfVFlQRV9VTlNQRUNJRklFRBAAEhMKD0NBUkRfVFlQRV9ERUJJVBABEhQKEENBUkRfVFlQRV9DUkVESVQQAipyCgpDYXJkU3RhdHVzEhsKF0NBUkRfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFgoSQ0FSRF9TVEFUVVNfQUNUSVZFEAESFwoTQ0FSRF9TVEFUVVNfRE9STUFOVBACEhYKEkNBUkRfU1RBVFVTX0ZST1pFThADMmUKEEJhbmtRdWVyeVNlcnZpY2USUQoKUXVlcnlDYXJkcxIfLmJhbmtxdWVyeS52MS5RdWVyeUNhcmRzUmVxdWVzdBogLmJhbmtxdWVyeS52MS5RdWVyeUNhcmRzUmVzcG9uc2UwAWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("CiViYW5rcXVlcnkvdjEvYmFua19xdWVyeV9zZXJ2aWNlLnByb3RvEgxiYW5rcXVlcnkudjEiYgoQQ2xvc2VDYXJkUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhAKCGNhcmRfcmVmGAIgASgJEhoKEnJlc2lkZW50X2lkX251bWJlchgDIAEoCRIMCgRuYW1lGAQgASgJImUKEUNsb3NlQ2FyZFJlc3BvbnNlEhEKCXRpY2tldF9pZBgBIAEoCRItCgdvdXRjb21lGAIgASgOMhwuYmFua3F1ZXJ5LnYxLkNsb3N1cmVPdXRjb21lEg4KBnJlYXNvbhgDIAEoCSJqChhSZXBvcnRDYXJkTm90TWluZVJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIQCghjYXJkX3JlZhgCIAEoCRIaChJyZXNpZGVudF9pZF9udW1iZXIYAyABKAkSDAoEbmFtZRgEIAEoCSJaChlSZXBvcnRDYXJkTm90TWluZVJlc3BvbnNlEhMKC2Nhc2VfbnVtYmVyGAEgASgJEigKBnN0YXR1cxgCIAEoDjIYLmJhbmtxdWVyeS52MS5DYXJkU3RhdHVzIk8KEVF1ZXJ5Q2FyZHNSZXF1ZXN0EhAKCHF1ZXJ5X2lkGAEgASgJEhoKEnJlc2lkZW50X2lkX251bWJlchgCIAEoCRIMCgRuYW1lGAMgASgJIncKElF1ZXJ5Q2FyZHNSZXNwb25zZRIoCgRjYXJkGAEgASgLMhguYmFua3F1ZXJ5LnYxLkNhcmRSZWNvcmRIABItCgdzdW1tYXJ5GAIgASgLMhouYmFua3F1ZXJ5LnYxLlF1ZXJ5U3VtbWFyeUgAQggKBnJlc3VsdCLzAQoKQ2FyZFJlY29yZBIRCgliYW5rX2NvZGUYASABKAkSEAoIY2FyZF9yZWYYAiABKAkSKQoJY2FyZF90eXBlGAMgASgOMhYuYmFua3F1ZXJ5LnYxLkNhcmRUeXBlEhIKCmZpcnN0X2ZvdXIYBCABKAkSEQoJbGFzdF9mb3VyGAUgASgJEhUKDW51bWJlcl9sZW5ndGgYBiABKAUSKAoGc3RhdHVzGAcgASgOMhguYmFua3F1ZXJ5LnYxLkNhcmRTdGF0dXMSLQoJb3Blbl90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCI3CgxRdWVyeVN1bW1hcnkSEQoJYmFua19jb2RlGAEgASgJEhQKDHJlY29yZF9jb3VudBgCIAEoBSq1AQoOQ2xvc3VyZU91dGNvbWUSHwobQ0xPU1VSRV9PVVRDT01FX1VOU1BFQ0lGSUVEEAASGgoWQ0xPU1VSRV9PVVRDT01FX0NMT1NFRBABEh0KGUNMT1NVUkVfT1VUQ09NRV9TQ0hFRFVMRUQQAhIpCiVDTE9TVVJFX09VVENPTUVfQlJBTkNIX1ZJU0lUX1JFUVVJUkVEEAMSHAoYQ0xPU1VSRV9PVVRDT01FX1JFSkVDVEVEEAQqUAoIQ2FyZFR5cGUSGQoVQ0FSRF9UWVBFX1VOU1BFQ0lGSUVEEAASEwoPQ0FSRF9UWVBFX0RFQklUEAESFAoQQ0FSRF9UWVBFX0NSRURJVBACKnIKCkNhcmRTdGF0dXMSGwoXQ0FSRF9TVEFUVVNfVU5TUEVDSUZJRUQQABIWChJDQVJEX1NUQVRVU19BQ1RJVkUQARIXChNDQVJEX1NUQVRVU19ET1JNQU5UEAISFgoSQ0FSRF9TVEFUVVNfRlJPWkVOEAMymQIKEEJhbmtRdWVyeVNlcnZpY2USUQoKUXVlcnlDYXJkcxIfLmJhbmtxdWVyeS52MS5RdWVyeUNhcmRzUmVxdWVzdBogLmJhbmtxdWVyeS52MS5RdWVyeUNhcmRzUmVzcG9uc2UwARJMCglDbG9zZUNhcmQSHi5iYW5rcXVlcnkudjEuQ2xvc2VDYXJkUmVxdWVzdBofLmJhbmtxdWVyeS52MS5DbG9zZUNhcmRSZXNwb25zZRJkChFSZXBvcnRDYXJkTm90TWluZRImLmJhbmtxdWVyeS52MS5SZXBvcnRDYXJkTm90TWluZVJlcXVlc3QaJy5iYW5rcXVlcnkudjEuUmVwb3J0Q2FyZE5vdE1pbmVSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+
+/**
+ * Request for CloseCard.
+ *
+ * @generated from message bankquery.v1.CloseCardRequest
+ */
+export type CloseCardRequest = Message<"bankquery.v1.CloseCardRequest"> & {
+  /**
+   * Union-assigned idempotency key, 1-64 characters of [A-Za-z0-9_-].
+   *
+   * @generated from field: string request_id = 1;
+   */
+  requestId: string;
+
+  /**
+   * The bank's opaque card reference from a CardRecord.
+   *
+   * @generated from field: string card_ref = 2;
+   */
+  cardRef: string;
+
+  /**
+   * The person's resident ID number; the card must be theirs.
+   *
+   * @generated from field: string resident_id_number = 3;
+   */
+  residentIdNumber: string;
+
+  /**
+   * The person's name as verified by the union.
+   *
+   * @generated from field: string name = 4;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message bankquery.v1.CloseCardRequest.
+ * Use `create(CloseCardRequestSchema)` to create a new message.
+ */
+export const CloseCardRequestSchema: GenMessage<CloseCardRequest> = /*@__PURE__*/
+  messageDesc(file_bankquery_v1_bank_query_service, 0);
+
+/**
+ * Response for CloseCard.
+ *
+ * @generated from message bankquery.v1.CloseCardResponse
+ */
+export type CloseCardResponse = Message<"bankquery.v1.CloseCardResponse"> & {
+  /**
+   * The bank's ticket for this request.
+   *
+   * @generated from field: string ticket_id = 1;
+   */
+  ticketId: string;
+
+  /**
+   * The bank's decision.
+   *
+   * @generated from field: bankquery.v1.ClosureOutcome outcome = 2;
+   */
+  outcome: ClosureOutcome;
+
+  /**
+   * Why, in words the person can read (branch visit, rejection, schedule).
+   *
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message bankquery.v1.CloseCardResponse.
+ * Use `create(CloseCardResponseSchema)` to create a new message.
+ */
+export const CloseCardResponseSchema: GenMessage<CloseCardResponse> = /*@__PURE__*/
+  messageDesc(file_bankquery_v1_bank_query_service, 1);
+
+/**
+ * Request for ReportCardNotMine.
+ *
+ * @generated from message bankquery.v1.ReportCardNotMineRequest
+ */
+export type ReportCardNotMineRequest = Message<"bankquery.v1.ReportCardNotMineRequest"> & {
+  /**
+   * Union-assigned idempotency key, 1-64 characters of [A-Za-z0-9_-].
+   *
+   * @generated from field: string request_id = 1;
+   */
+  requestId: string;
+
+  /**
+   * The bank's opaque card reference from a CardRecord.
+   *
+   * @generated from field: string card_ref = 2;
+   */
+  cardRef: string;
+
+  /**
+   * The person's resident ID number; the card is held in their name.
+   *
+   * @generated from field: string resident_id_number = 3;
+   */
+  residentIdNumber: string;
+
+  /**
+   * The person's name as verified by the union.
+   *
+   * @generated from field: string name = 4;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message bankquery.v1.ReportCardNotMineRequest.
+ * Use `create(ReportCardNotMineRequestSchema)` to create a new message.
+ */
+export const ReportCardNotMineRequestSchema: GenMessage<ReportCardNotMineRequest> = /*@__PURE__*/
+  messageDesc(file_bankquery_v1_bank_query_service, 2);
+
+/**
+ * Response for ReportCardNotMine.
+ *
+ * @generated from message bankquery.v1.ReportCardNotMineResponse
+ */
+export type ReportCardNotMineResponse = Message<"bankquery.v1.ReportCardNotMineResponse"> & {
+  /**
+   * The fraud desk's case number.
+   *
+   * @generated from field: string case_number = 1;
+   */
+  caseNumber: string;
+
+  /**
+   * The card's status after the report (frozen).
+   *
+   * @generated from field: bankquery.v1.CardStatus status = 2;
+   */
+  status: CardStatus;
+};
+
+/**
+ * Describes the message bankquery.v1.ReportCardNotMineResponse.
+ * Use `create(ReportCardNotMineResponseSchema)` to create a new message.
+ */
+export const ReportCardNotMineResponseSchema: GenMessage<ReportCardNotMineResponse> = /*@__PURE__*/
+  messageDesc(file_bankquery_v1_bank_query_service, 3);
 
 /**
  * Request for QueryCards.
@@ -58,7 +205,7 @@ export type QueryCardsRequest = Message<"bankquery.v1.QueryCardsRequest"> & {
  * Use `create(QueryCardsRequestSchema)` to create a new message.
  */
 export const QueryCardsRequestSchema: GenMessage<QueryCardsRequest> = /*@__PURE__*/
-  messageDesc(file_bankquery_v1_bank_query_service, 0);
+  messageDesc(file_bankquery_v1_bank_query_service, 4);
 
 /**
  * One message of the QueryCards stream: a card, or the final summary.
@@ -95,7 +242,7 @@ export type QueryCardsResponse = Message<"bankquery.v1.QueryCardsResponse"> & {
  * Use `create(QueryCardsResponseSchema)` to create a new message.
  */
 export const QueryCardsResponseSchema: GenMessage<QueryCardsResponse> = /*@__PURE__*/
-  messageDesc(file_bankquery_v1_bank_query_service, 1);
+  messageDesc(file_bankquery_v1_bank_query_service, 5);
 
 /**
  * A card as the bank reports it, already masked.
@@ -165,7 +312,7 @@ export type CardRecord = Message<"bankquery.v1.CardRecord"> & {
  * Use `create(CardRecordSchema)` to create a new message.
  */
 export const CardRecordSchema: GenMessage<CardRecord> = /*@__PURE__*/
-  messageDesc(file_bankquery_v1_bank_query_service, 2);
+  messageDesc(file_bankquery_v1_bank_query_service, 6);
 
 /**
  * The last message of a complete QueryCards stream.
@@ -193,7 +340,56 @@ export type QuerySummary = Message<"bankquery.v1.QuerySummary"> & {
  * Use `create(QuerySummarySchema)` to create a new message.
  */
 export const QuerySummarySchema: GenMessage<QuerySummary> = /*@__PURE__*/
-  messageDesc(file_bankquery_v1_bank_query_service, 3);
+  messageDesc(file_bankquery_v1_bank_query_service, 7);
+
+/**
+ * What a bank decided about a closure request.
+ *
+ * @generated from enum bankquery.v1.ClosureOutcome
+ */
+export enum ClosureOutcome {
+  /**
+   * Not set; never sent by a correct bank.
+   *
+   * @generated from enum value: CLOSURE_OUTCOME_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The card is closed.
+   *
+   * @generated from enum value: CLOSURE_OUTCOME_CLOSED = 1;
+   */
+  CLOSED = 1,
+
+  /**
+   * The bank accepted and will close the card later (for example at the end
+   * of a billing cycle).
+   *
+   * @generated from enum value: CLOSURE_OUTCOME_SCHEDULED = 2;
+   */
+  SCHEDULED = 2,
+
+  /**
+   * The person must visit a branch; reason says why.
+   *
+   * @generated from enum value: CLOSURE_OUTCOME_BRANCH_VISIT_REQUIRED = 3;
+   */
+  BRANCH_VISIT_REQUIRED = 3,
+
+  /**
+   * The bank refused; reason says why.
+   *
+   * @generated from enum value: CLOSURE_OUTCOME_REJECTED = 4;
+   */
+  REJECTED = 4,
+}
+
+/**
+ * Describes the enum bankquery.v1.ClosureOutcome.
+ */
+export const ClosureOutcomeSchema: GenEnum<ClosureOutcome> = /*@__PURE__*/
+  enumDesc(file_bankquery_v1_bank_query_service, 0);
 
 /**
  * The kind of card.
@@ -227,7 +423,7 @@ export enum CardType {
  * Describes the enum bankquery.v1.CardType.
  */
 export const CardTypeSchema: GenEnum<CardType> = /*@__PURE__*/
-  enumDesc(file_bankquery_v1_bank_query_service, 0);
+  enumDesc(file_bankquery_v1_bank_query_service, 1);
 
 /**
  * The card's state at the bank. Closed cards are never reported.
@@ -268,7 +464,7 @@ export enum CardStatus {
  * Describes the enum bankquery.v1.CardStatus.
  */
 export const CardStatusSchema: GenEnum<CardStatus> = /*@__PURE__*/
-  enumDesc(file_bankquery_v1_bank_query_service, 1);
+  enumDesc(file_bankquery_v1_bank_query_service, 2);
 
 /**
  * BankQueryService answers the union's questions about one bank's cardholders.
@@ -302,6 +498,45 @@ export const BankQueryService: GenService<{
     methodKind: "server_streaming";
     input: typeof QueryCardsRequestSchema;
     output: typeof QueryCardsResponseSchema;
+  },
+  /**
+   * Asks the bank to close one of the person's cards. The bank decides: close
+   * it now or schedule it, ask the person to visit a branch (a credit card
+   * with an outstanding balance, a card that still holds funds), or refuse.
+   *
+   * Idempotent on request_id: a retry returns the first answer and ticket.
+   *
+   * Status codes:
+   * - OK: the bank decided; see outcome.
+   * - INVALID_ARGUMENT: malformed request_id, card_ref, ID number or name.
+   * - NOT_FOUND: no such card for this person (or the name does not match).
+   * - UNAVAILABLE: the bank is temporarily unable to answer; retry with backoff.
+   *
+   * @generated from rpc bankquery.v1.BankQueryService.CloseCard
+   */
+  closeCard: {
+    methodKind: "unary";
+    input: typeof CloseCardRequestSchema;
+    output: typeof CloseCardResponseSchema;
+  },
+  /**
+   * Tells the bank's fraud desk that the person does not recognise a card.
+   * The bank freezes the card and opens a case.
+   *
+   * Idempotent on request_id: a retry returns the first case number.
+   *
+   * Status codes:
+   * - OK: the card is frozen and a case is open.
+   * - INVALID_ARGUMENT: malformed request_id, card_ref, ID number or name.
+   * - NOT_FOUND: no such card for this person (or the name does not match).
+   * - UNAVAILABLE: the bank is temporarily unable to answer; retry with backoff.
+   *
+   * @generated from rpc bankquery.v1.BankQueryService.ReportCardNotMine
+   */
+  reportCardNotMine: {
+    methodKind: "unary";
+    input: typeof ReportCardNotMineRequestSchema;
+    output: typeof ReportCardNotMineResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_bankquery_v1_bank_query_service, 0);

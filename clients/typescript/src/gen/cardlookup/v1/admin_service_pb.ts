@@ -4,6 +4,8 @@
 
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { AuditEvent } from "./card_action_service_pb.js";
+import { file_cardlookup_v1_card_action_service } from "./card_action_service_pb.js";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
@@ -12,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cardlookup/v1/admin_service.proto.
  */
 export const file_cardlookup_v1_admin_service: GenFile = /*@__PURE__*/
-  fileDesc("CiFjYXJkbG9va3VwL3YxL2FkbWluX3NlcnZpY2UucHJvdG8SDWNhcmRsb29rdXAudjEiWgoEQmFuaxIMCgRjb2RlGAEgASgJEgwKBG5hbWUYAiABKAkSFAoMZW5nbGlzaF9uYW1lGAMgASgJEg8KB2FkZHJlc3MYBCABKAkSDwoHZW5hYmxlZBgFIAEoCCJhCgZSZWdpb24SDAoEY29kZRgBIAEoCRIMCgRuYW1lGAIgASgJEgwKBG9wZW4YAyABKAgSLQoJb3Blbl90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCI5ChBMaXN0QmFua3NSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJIlAKEUxpc3RCYW5rc1Jlc3BvbnNlEiIKBWJhbmtzGAEgAygLMhMuY2FyZGxvb2t1cC52MS5CYW5rEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJDChFVcGRhdGVCYW5rUmVxdWVzdBIMCgRjb2RlGAEgASgJEg8KB2VuYWJsZWQYAiABKAgSDwoHYWRkcmVzcxgDIAEoCSI3ChJVcGRhdGVCYW5rUmVzcG9uc2USIQoEYmFuaxgBIAEoCzITLmNhcmRsb29rdXAudjEuQmFuayI7ChJMaXN0UmVnaW9uc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkiVgoTTGlzdFJlZ2lvbnNSZXNwb25zZRImCgdyZWdpb25zGAEgAygLMhUuY2FyZGxvb2t1cC52MS5SZWdpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjEKE1VwZGF0ZVJlZ2lvblJlcXVlc3QSDAoEY29kZRgBIAEoCRIMCgRvcGVuGAIgASgIIj0KFFVwZGF0ZVJlZ2lvblJlc3BvbnNlEiUKBnJlZ2lvbhgBIAEoCzIVLmNhcmRsb29rdXAudjEuUmVnaW9uIhgKFkdldFNlcnZpY2VTdGF0c1JlcXVlc3QilAEKF0dldFNlcnZpY2VTdGF0c1Jlc3BvbnNlEhcKD3Blb3BsZV92ZXJpZmllZBgBIAEoAxIXCg9sb29rdXBzX2NyZWF0ZWQYAiABKAMSGQoRcmVwb3J0c19nZW5lcmF0ZWQYAyABKAMSLAoKYmFua19zdGF0cxgEIAMoCzIYLmNhcmRsb29rdXAudjEuQmFua1N0YXRzImUKCUJhbmtTdGF0cxIRCgliYW5rX2NvZGUYASABKAkSFgoOYW5zd2VyZWRfY291bnQYAiABKAMSFAoMZmFpbGVkX2NvdW50GAMgASgDEhcKD21lYW5fbGF0ZW5jeV9tcxgEIAEoATLCAwoMQWRtaW5TZXJ2aWNlEk4KCUxpc3RCYW5rcxIfLmNhcmRsb29rdXAudjEuTGlzdEJhbmtzUmVxdWVzdBogLmNhcmRsb29rdXAudjEuTGlzdEJhbmtzUmVzcG9uc2USUQoKVXBkYXRlQmFuaxIgLmNhcmRsb29rdXAudjEuVXBkYXRlQmFua1JlcXVlc3QaIS5jYXJkbG9va3VwLnYxLlVwZGF0ZUJhbmtSZXNwb25zZRJUCgtMaXN0UmVnaW9ucxIhLmNhcmRsb29rdXAudjEuTGlzdFJlZ2lvbnNSZXF1ZXN0GiIuY2FyZGxvb2t1cC52MS5MaXN0UmVnaW9uc1Jlc3BvbnNlElcKDFVwZGF0ZVJlZ2lvbhIiLmNhcmRsb29rdXAudjEuVXBkYXRlUmVnaW9uUmVxdWVzdBojLmNhcmRsb29rdXAudjEuVXBkYXRlUmVnaW9uUmVzcG9uc2USYAoPR2V0U2VydmljZVN0YXRzEiUuY2FyZGxvb2t1cC52MS5HZXRTZXJ2aWNlU3RhdHNSZXF1ZXN0GiYuY2FyZGxvb2t1cC52MS5HZXRTZXJ2aWNlU3RhdHNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("CiFjYXJkbG9va3VwL3YxL2FkbWluX3NlcnZpY2UucHJvdG8SDWNhcmRsb29rdXAudjEiWgoEQmFuaxIMCgRjb2RlGAEgASgJEgwKBG5hbWUYAiABKAkSFAoMZW5nbGlzaF9uYW1lGAMgASgJEg8KB2FkZHJlc3MYBCABKAkSDwoHZW5hYmxlZBgFIAEoCCJhCgZSZWdpb24SDAoEY29kZRgBIAEoCRIMCgRuYW1lGAIgASgJEgwKBG9wZW4YAyABKAgSLQoJb3Blbl90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCI5ChBMaXN0QmFua3NSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJIlAKEUxpc3RCYW5rc1Jlc3BvbnNlEiIKBWJhbmtzGAEgAygLMhMuY2FyZGxvb2t1cC52MS5CYW5rEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJDChFVcGRhdGVCYW5rUmVxdWVzdBIMCgRjb2RlGAEgASgJEg8KB2VuYWJsZWQYAiABKAgSDwoHYWRkcmVzcxgDIAEoCSI3ChJVcGRhdGVCYW5rUmVzcG9uc2USIQoEYmFuaxgBIAEoCzITLmNhcmRsb29rdXAudjEuQmFuayI7ChJMaXN0UmVnaW9uc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkiVgoTTGlzdFJlZ2lvbnNSZXNwb25zZRImCgdyZWdpb25zGAEgAygLMhUuY2FyZGxvb2t1cC52MS5SZWdpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjEKE1VwZGF0ZVJlZ2lvblJlcXVlc3QSDAoEY29kZRgBIAEoCRIMCgRvcGVuGAIgASgIIj0KFFVwZGF0ZVJlZ2lvblJlc3BvbnNlEiUKBnJlZ2lvbhgBIAEoCzIVLmNhcmRsb29rdXAudjEuUmVnaW9uIhgKFkdldFNlcnZpY2VTdGF0c1JlcXVlc3QilAEKF0dldFNlcnZpY2VTdGF0c1Jlc3BvbnNlEhcKD3Blb3BsZV92ZXJpZmllZBgBIAEoAxIXCg9sb29rdXBzX2NyZWF0ZWQYAiABKAMSGQoRcmVwb3J0c19nZW5lcmF0ZWQYAyABKAMSLAoKYmFua19zdGF0cxgEIAMoCzIYLmNhcmRsb29rdXAudjEuQmFua1N0YXRzImUKCUJhbmtTdGF0cxIRCgliYW5rX2NvZGUYASABKAkSFgoOYW5zd2VyZWRfY291bnQYAiABKAMSFAoMZmFpbGVkX2NvdW50GAMgASgDEhcKD21lYW5fbGF0ZW5jeV9tcxgEIAEoASKsAQoWTGlzdEF1ZGl0RXZlbnRzUmVxdWVzdBINCgVhY3RvchgBIAEoCRIuCgpzdGFydF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcGFnZV9zaXplGAQgASgFEhIKCnBhZ2VfdG9rZW4YBSABKAkiXQoXTGlzdEF1ZGl0RXZlbnRzUmVzcG9uc2USKQoGZXZlbnRzGAEgAygLMhkuY2FyZGxvb2t1cC52MS5BdWRpdEV2ZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCTKkBAoMQWRtaW5TZXJ2aWNlEk4KCUxpc3RCYW5rcxIfLmNhcmRsb29rdXAudjEuTGlzdEJhbmtzUmVxdWVzdBogLmNhcmRsb29rdXAudjEuTGlzdEJhbmtzUmVzcG9uc2USUQoKVXBkYXRlQmFuaxIgLmNhcmRsb29rdXAudjEuVXBkYXRlQmFua1JlcXVlc3QaIS5jYXJkbG9va3VwLnYxLlVwZGF0ZUJhbmtSZXNwb25zZRJUCgtMaXN0UmVnaW9ucxIhLmNhcmRsb29rdXAudjEuTGlzdFJlZ2lvbnNSZXF1ZXN0GiIuY2FyZGxvb2t1cC52MS5MaXN0UmVnaW9uc1Jlc3BvbnNlElcKDFVwZGF0ZVJlZ2lvbhIiLmNhcmRsb29rdXAudjEuVXBkYXRlUmVnaW9uUmVxdWVzdBojLmNhcmRsb29rdXAudjEuVXBkYXRlUmVnaW9uUmVzcG9uc2USYAoPR2V0U2VydmljZVN0YXRzEiUuY2FyZGxvb2t1cC52MS5HZXRTZXJ2aWNlU3RhdHNSZXF1ZXN0GiYuY2FyZGxvb2t1cC52MS5HZXRTZXJ2aWNlU3RhdHNSZXNwb25zZRJgCg9MaXN0QXVkaXRFdmVudHMSJS5jYXJkbG9va3VwLnYxLkxpc3RBdWRpdEV2ZW50c1JlcXVlc3QaJi5jYXJkbG9va3VwLnYxLkxpc3RBdWRpdEV2ZW50c1Jlc3BvbnNlYgZwcm90bzM", [file_cardlookup_v1_card_action_service, file_google_protobuf_timestamp]);
 
 /**
  * A participating bank.
@@ -422,6 +424,84 @@ export const BankStatsSchema: GenMessage<BankStats> = /*@__PURE__*/
   messageDesc(file_cardlookup_v1_admin_service, 12);
 
 /**
+ * Request for ListAuditEvents.
+ *
+ * @generated from message cardlookup.v1.ListAuditEventsRequest
+ */
+export type ListAuditEventsRequest = Message<"cardlookup.v1.ListAuditEventsRequest"> & {
+  /**
+   * Only this actor's events (the keyed hash from AuditEvent.actor); empty
+   * for everyone.
+   *
+   * @generated from field: string actor = 1;
+   */
+  actor: string;
+
+  /**
+   * Only events at or after this time; unset for no lower bound.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 2;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * Only events before this time; unset for no upper bound.
+   *
+   * @generated from field: google.protobuf.Timestamp end_time = 3;
+   */
+  endTime?: Timestamp | undefined;
+
+  /**
+   * Maximum number to return; 0 means 50, at most 500.
+   *
+   * @generated from field: int32 page_size = 4;
+   */
+  pageSize: number;
+
+  /**
+   * From a previous response; empty for the first page.
+   *
+   * @generated from field: string page_token = 5;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message cardlookup.v1.ListAuditEventsRequest.
+ * Use `create(ListAuditEventsRequestSchema)` to create a new message.
+ */
+export const ListAuditEventsRequestSchema: GenMessage<ListAuditEventsRequest> = /*@__PURE__*/
+  messageDesc(file_cardlookup_v1_admin_service, 13);
+
+/**
+ * Response for ListAuditEvents.
+ *
+ * @generated from message cardlookup.v1.ListAuditEventsResponse
+ */
+export type ListAuditEventsResponse = Message<"cardlookup.v1.ListAuditEventsResponse"> & {
+  /**
+   * Matching events, newest first.
+   *
+   * @generated from field: repeated cardlookup.v1.AuditEvent events = 1;
+   */
+  events: AuditEvent[];
+
+  /**
+   * Token for the next page; empty when there are no more.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message cardlookup.v1.ListAuditEventsResponse.
+ * Use `create(ListAuditEventsResponseSchema)` to create a new message.
+ */
+export const ListAuditEventsResponseSchema: GenMessage<ListAuditEventsResponse> = /*@__PURE__*/
+  messageDesc(file_cardlookup_v1_admin_service, 14);
+
+/**
  * AdminService lets operators open regions, manage banks and read service
  * statistics. Changes take effect at once, without a restart.
  *
@@ -507,6 +587,23 @@ export const AdminService: GenService<{
     methodKind: "unary";
     input: typeof GetServiceStatsRequestSchema;
     output: typeof GetServiceStatsResponseSchema;
+  },
+  /**
+   * Lists audit events, newest first, optionally for one actor and a time
+   * range. Events outlive the reports they mention.
+   *
+   * Status codes:
+   * - OK.
+   * - INVALID_ARGUMENT: negative page_size, a foreign page_token, a malformed
+   *   actor, or start_time after end_time.
+   * - UNAUTHENTICATED: missing or wrong admin credential.
+   *
+   * @generated from rpc cardlookup.v1.AdminService.ListAuditEvents
+   */
+  listAuditEvents: {
+    methodKind: "unary";
+    input: typeof ListAuditEventsRequestSchema;
+    output: typeof ListAuditEventsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_cardlookup_v1_admin_service, 0);

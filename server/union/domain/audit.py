@@ -1,0 +1,95 @@
+"""The audit trail: who did what, when, and how it ended — never a name, ID or card number.
+
+Actors are the keyed person hash (the same pseudonym the union uses
+everywhere) or "admin"; resources are resource names like "reports/r…".
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from server.common import errors
+from server.union.clock import Clock
+from server.union.domain import model
+from server.union.secrets import InvalidToken, Keys
+from server.union.storage.store import Store
+
+ADMIN_ACTOR = "admin"
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+
+
+@dataclass
+class Outcome:
+    """Set by the audited block when "ok" is not the whole story (e.g. the bank's decision)."""
+
+    value: str = "ok"
+    resource: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def refusal(error: errors.DomainError) -> str:
+    reason = getattr(error, "reason", "") or type(error).__name__.upper()
+    return f"refused:{reason}"
+
+
+class AuditTrail:
+    def __init__(self, store: Store, clock: Clock, keys: Keys) -> None:
+        self._store = store
+        self._clock = clock
+        self._keys = keys
+
+    async def record(self, actor: str, action: str, outcome: str, resource: str = "") -> None:
+        await self._store.add_audit_event(self._clock.now(), actor, action, outcome, resource)
+
+    @contextlib.asynccontextmanager
+    async def action(self, actor: str, action: str, resource: str = "") -> AsyncIterator[Outcome]:
+        """Record `action` with the block's outcome: "ok", what the block set, or the refusal."""
+        outcome = Outcome(resource=resource)
+        try:
+            yield outcome
+        except errors.DomainError as error:
+            if not isinstance(error, errors.Unavailable):  # nothing can be written while the database is down
+                await self.record(actor, action, refusal(error), outcome.resource)
+            raise
+        await self.record(actor, action, outcome.value, outcome.resource)
+
+    async def list(
+        self,
+        actor: str | None,
+        start: datetime | None,
+        end: datetime | None,
+        page_size: int,
+        page_token: str,
+    ) -> tuple[list[model.AuditEvent], str]:
+        if page_size < 0:
+            raise errors.InvalidArgument([errors.FieldViolation("page_size", "must not be negative")])
+        if start is not None and end is not None and start > end:
+            raise errors.InvalidArgument([errors.FieldViolation("start_time", "must not be after end_time")])
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        scope = actor or "*"
+        after = self._read_token(scope, page_token) if page_token else None
+        events = await self._store.list_audit_events(actor, start, end, after, size + 1)
+        token = ""
+        if len(events) > size:
+            events = events[:size]
+            last = events[-1]
+            token = self._keys.sign(
+                self._keys.page, {"a": scope[:16], "t": last.time.isoformat(), "i": last.id}
+            )
+        return events, token
+
+    def _read_token(self, scope: str, token: str) -> tuple[datetime, int]:
+        bad = errors.InvalidArgument(
+            [errors.FieldViolation("page_token", "not a page token from this server")]
+        )
+        try:
+            claims = self._keys.verify(self._keys.page, token)
+            if claims["a"] != scope[:16]:
+                raise bad
+            return datetime.fromisoformat(str(claims["t"])), int(claims["i"])
+        except (InvalidToken, KeyError, TypeError, ValueError) as error:
+            raise bad from error

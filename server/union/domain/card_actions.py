@@ -1,0 +1,210 @@
+"""Acting on cards found in a report: close them, or flag one as "not mine".
+
+Each card's action is persisted before the call answers and carried out by
+the orchestrator like a bank task (leases, retries with backoff, a deadline),
+so it survives restarts. The call waits a moment for the banks' answers so a
+person usually sees the outcome at once; otherwise they see PENDING and can
+come back with GetCardClosure or GetReport.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from server.common import errors
+from server.union.clock import Clock
+from server.union.domain import model, validation
+from server.union.domain.audit import AuditTrail
+from server.union.domain.events import LookupEvents
+from server.union.domain.identity import Caller
+from server.union.domain.orchestrator import Orchestrator
+from server.union.secrets import InvalidToken, Keys
+from server.union.storage.store import DuplicateRequest, Store
+
+MAX_CARDS_PER_CLOSURE = 20
+DEFAULT_PAGE_SIZE = 10
+MAX_PAGE_SIZE = 100
+
+
+@dataclass(frozen=True)
+class CardActionPolicy:
+    # How long CreateCardClosure / FlagCardNotMine wait for the banks before answering PENDING.
+    answer_wait: timedelta = timedelta(seconds=3)
+    # After this, an action whose bank never answered is FAILED.
+    deadline: timedelta = timedelta(hours=24)
+
+
+class CardActionService:
+    def __init__(
+        self,
+        store: Store,
+        keys: Keys,
+        clock: Clock,
+        events: LookupEvents,
+        orchestrator: Orchestrator,
+        audit: AuditTrail,
+        policy: CardActionPolicy,
+    ) -> None:
+        self._store = store
+        self._keys = keys
+        self._clock = clock
+        self._events = events
+        self._orchestrator = orchestrator
+        self._audit = audit
+        self.policy = policy
+
+    async def _report_cards(
+        self, caller: Caller, report_name: str, field: str = "report"
+    ) -> dict[str, model.ReportCardSource]:
+        report_id = validation.parse_resource_name(report_name, "reports", field)
+        cards = await self._store.report_card_sources(report_id, caller.person_hash, self._clock.now())
+        if cards is None:
+            raise errors.NotFound(f"{report_name} not found")
+        return cards
+
+    def _seal_for_bank(self, caller: Caller, action_id: str) -> str:
+        name, resident_id = caller.identity(self._keys)
+        return self._keys.seal({"name": name, "id": resident_id}, context=f"action:{action_id}")
+
+    async def create_closure(
+        self, caller: Caller, request_id: str, report_name: str, card_refs: Sequence[str]
+    ) -> model.CardClosure:
+        async with self._audit.action(caller.person_hash, "card.close", report_name[:96]) as audited:
+            violations = []
+            if not validation.REQUEST_ID.fullmatch(request_id):
+                violations.append(
+                    errors.FieldViolation("request_id", "must be 1-64 characters of [A-Za-z0-9_-]")
+                )
+            if not card_refs:
+                violations.append(errors.FieldViolation("card_refs", "name at least one card"))
+            if len(card_refs) > MAX_CARDS_PER_CLOSURE:
+                violations.append(
+                    errors.FieldViolation("card_refs", f"at most {MAX_CARDS_PER_CLOSURE} cards")
+                )
+            if len(set(card_refs)) != len(card_refs):
+                violations.append(errors.FieldViolation("card_refs", "must not repeat a card"))
+            validation.require(violations)
+
+            existing = await self._store.find_closure_by_request(caller.person_hash, request_id)
+            if existing is None:
+                cards = await self._report_cards(caller, report_name)
+                validation.require(
+                    [
+                        errors.FieldViolation(f"card_refs[{index}]", "not a card of this report")
+                        for index, ref in enumerate(card_refs)
+                        if ref not in cards
+                    ]
+                )
+                closure_id = "k" + secrets.token_hex(12)
+                now = self._clock.now()
+                items = []
+                for ref in card_refs:
+                    action_id = "a" + secrets.token_hex(12)
+                    items.append((action_id, cards[ref], self._seal_for_bank(caller, action_id)))
+                try:
+                    existing = await self._store.create_card_closure(
+                        closure_id,
+                        caller.person_hash,
+                        request_id,
+                        report_name.split("/", 1)[1],
+                        items,
+                        now,
+                        now + self.policy.deadline,
+                    )
+                except DuplicateRequest:
+                    existing = await self._store.find_closure_by_request(caller.person_hash, request_id)
+                    if existing is None:
+                        raise
+                self._orchestrator.wake()
+            closure = await self._wait_closure(caller, existing)
+            audited.resource = closure.name
+            audited.value = "requested:" + ",".join(sorted({item.state.value for item in closure.items}))
+            return closure
+
+    async def _wait_closure(self, caller: Caller, closure: model.CardClosure) -> model.CardClosure:
+        deadline = time.monotonic() + self.policy.answer_wait.total_seconds()
+        while not closure.final and time.monotonic() < deadline:
+            await self._events.wait(closure.id, min(0.5, max(0.0, deadline - time.monotonic())))
+            refreshed = await self._store.get_card_closure(closure.id, caller.person_hash)
+            if refreshed is None:
+                break
+            closure = refreshed
+        return closure
+
+    async def get_closure(self, caller: Caller, name: str) -> model.CardClosure:
+        closure_id = validation.parse_resource_name(name, "closures")
+        closure = await self._store.get_card_closure(closure_id, caller.person_hash)
+        if closure is None:
+            raise errors.NotFound(f"{name} not found")
+        return closure
+
+    async def list_closures(
+        self, caller: Caller, page_size: int, page_token: str
+    ) -> tuple[list[model.CardClosure], str]:
+        if page_size < 0:
+            raise errors.InvalidArgument([errors.FieldViolation("page_size", "must not be negative")])
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = self._read_page_token(caller, page_token) if page_token else None
+        closures = await self._store.list_card_closures(caller.person_hash, after, size + 1)
+        token = ""
+        if len(closures) > size:
+            closures = closures[:size]
+            last = closures[-1]
+            token = self._keys.sign(
+                self._keys.page,
+                {"c": caller.person_hash[:16], "t": last.create_time.isoformat(), "i": last.id},
+            )
+        return closures, token
+
+    def _read_page_token(self, caller: Caller, token: str) -> tuple[datetime, str]:
+        bad = errors.InvalidArgument(
+            [errors.FieldViolation("page_token", "not a page token from this server")]
+        )
+        try:
+            claims = self._keys.verify(self._keys.page, token)
+            if claims["c"] != caller.person_hash[:16]:
+                raise bad
+            return datetime.fromisoformat(str(claims["t"])), str(claims["i"])
+        except (InvalidToken, KeyError, TypeError, ValueError) as error:
+            raise bad from error
+
+    async def flag_not_mine(
+        self, caller: Caller, request_id: str, report_name: str, card_ref: str
+    ) -> model.CardAction:
+        async with self._audit.action(caller.person_hash, "card.flag", report_name[:96]) as audited:
+            if not validation.REQUEST_ID.fullmatch(request_id):
+                raise errors.InvalidArgument(
+                    [errors.FieldViolation("request_id", "must be 1-64 characters of [A-Za-z0-9_-]")]
+                )
+            cards = await self._report_cards(caller, report_name)
+            card = cards.get(card_ref)
+            if card is None:
+                raise errors.InvalidArgument([errors.FieldViolation("card_ref", "not a card of this report")])
+            now = self._clock.now()
+            action_id = "a" + secrets.token_hex(12)
+            flag, created = await self._store.create_flag(
+                action_id,
+                caller.person_hash,
+                request_id,
+                card,
+                self._seal_for_bank(caller, action_id),
+                now,
+                now + self.policy.deadline,
+            )
+            if created:
+                self._orchestrator.wake()
+            deadline = time.monotonic() + self.policy.answer_wait.total_seconds()
+            while flag.state == model.ActionState.PENDING and time.monotonic() < deadline:
+                await self._events.wait(flag.id, min(0.5, max(0.0, deadline - time.monotonic())))
+                flag = await self._store.get_card_action(flag.id) or flag
+            audited.value = flag.state.value if created else f"existing:{flag.state.value}"
+            return flag
+
+    async def list_my_audit_events(
+        self, caller: Caller, page_size: int, page_token: str
+    ) -> tuple[list[model.AuditEvent], str]:
+        return await self._audit.list(caller.person_hash, None, None, page_size, page_token)
