@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 BUF    := node_modules/.bin/buf
 TS     := clients/typescript
 
-.PHONY: demo serve test lint typecheck buf-lint buf-breaking protos ts-tools ts-protos ts-check pytest fuzz \
+.PHONY: bench demo serve test lint typecheck buf-lint buf-breaking protos ts-tools ts-protos ts-check pytest fuzz \
 	install install-dev tools clean help
 
 help:
@@ -16,6 +16,7 @@ help:
 	@echo "make test   - install what tests need, then lint, type-check, buf lint and run every test"
 	@echo "make protos - regenerate gen/python and the TypeScript stubs from protos/"
 	@echo "make fuzz   - the long property-based fuzz run (100x the examples of make test)"
+	@echo "make bench  - end-to-end benchmark against a bare fan-out baseline (BENCH_ARGS=--help for options)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +82,14 @@ buf-breaking: tools
 
 pytest: install-dev tools ts-tools
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# Benchmarks are not tests: they print figures and ratios, and never fail on a timing.
+$(VENV)/.installed-bench: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e . --group bench
+	@touch $@
+
+bench: install $(VENV)/.installed-bench
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 # Nightly-style: the property-based fuzz tests with 100x the examples.
 fuzz: install-dev tools

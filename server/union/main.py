@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
@@ -105,7 +106,16 @@ def serve(
         finally:
             await server.stop()
 
-    asyncio.run(run())
+    profile_to = os.environ.get("CARDLOOKUP_PROFILE")
+    if not profile_to:
+        asyncio.run(run())
+        return
+    # Profiling on request (make bench --profile): pyinstrument is a dev/bench dependency only.
+    from pyinstrument import Profiler
+
+    with Profiler(interval=0.001) as profiler:
+        asyncio.run(run())
+    Path(profile_to).write_text(profiler.output_text(unicode=True, show_all=False))
 
 
 @app.command()

@@ -66,7 +66,7 @@ class UnionProcess:
             "--lease-margin-seconds",
             "1",
             "--log-level",
-            "WARNING",
+            "INFO",
         ]
         for code, bank in banks.items():
             self.command += ["--bank", f"{code}={bank.address}"]
@@ -78,9 +78,10 @@ class UnionProcess:
             "CARDLOOKUP_MASTER_KEY": MASTER_KEY,
             "CARDLOOKUP_ADMIN_TOKEN": "test-admin-token",
         }
-        self.process = await asyncio.create_subprocess_exec(
-            *self.command, env=env, stderr=asyncio.subprocess.DEVNULL
-        )
+        # Kept for a failure's post-mortem: the union writes JSON log lines to stderr.
+        self.log = self.data_dir.with_name(f"{self.data_dir.name}-{self.address.rsplit(':', 1)[1]}.log")
+        with self.log.open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(*self.command, env=env, stderr=log)
         async with grpc.aio.insecure_channel(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             for _ in range(300):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from cardlookup.v1 import admin_service_pb2 as admin_pb
 from cardlookup.v1 import card_action_service_pb2 as action_pb
 from cardlookup.v1 import card_lookup_service_pb2 as pb
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from server.common import errors
 from server.union.domain import model
 
 _OUTCOMES = {
@@ -42,6 +44,17 @@ _FLAG_STATES = {
     model.ActionState.FROZEN: action_pb.CARD_FLAG_STATE_FROZEN,
     model.ActionState.FAILED: action_pb.CARD_FLAG_STATE_FAILED,
 }
+
+
+def optional_datetime(message: Message, field: str) -> datetime | None:
+    """A request's Timestamp field as an aware datetime; unset is None, out of range is INVALID_ARGUMENT."""
+    if not message.HasField(field):
+        return None
+    try:
+        value: datetime = getattr(message, field).ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError) as error:
+        raise errors.InvalidArgument([errors.FieldViolation(field, "not a valid timestamp")]) from error
+    return value
 
 
 def timestamp(value: datetime) -> Timestamp:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
-from datetime import UTC
 from typing import Any, TypeVar
 
 import grpc
@@ -274,8 +273,8 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
             raise errors.InvalidArgument([errors.FieldViolation("actor", "not an actor hash")])
         events, token = await self._audit.list(
             request.actor or None,
-            request.start_time.ToDatetime(tzinfo=UTC) if request.HasField("start_time") else None,
-            request.end_time.ToDatetime(tzinfo=UTC) if request.HasField("end_time") else None,
+            convert.optional_datetime(request, "start_time"),
+            convert.optional_datetime(request, "end_time"),
             request.page_size,
             request.page_token,
         )

@@ -18,13 +18,18 @@ class LookupEvents:
         for event in self._waiters.get(lookup_id, ()):
             event.set()
 
-    async def wait(self, lookup_id: str, max_wait: float) -> None:
-        """Return when `lookup_id` changes or `max_wait` seconds pass, whichever is first."""
+    async def wait(self, lookup_id: str, max_wait: float, coalesce: float = 0.0) -> None:
+        """Return when `lookup_id` changes or `max_wait` seconds pass, whichever is first.
+
+        With `coalesce`, linger that long after the first change so that a burst of changes (16
+        banks answering together) costs the watcher one re-read instead of one each."""
         event = asyncio.Event()
         self._waiters[lookup_id].add(event)
         try:
             async with asyncio.timeout(max_wait):
                 await event.wait()
+            if coalesce:
+                await asyncio.sleep(coalesce)
         except TimeoutError:
             pass
         finally:

@@ -32,6 +32,8 @@ class LookupPolicy:
     requery_cooldown: timedelta = timedelta(days=7)
     # Watchers re-read at least this often (changes made by other replicas).
     watch_poll_interval: timedelta = timedelta(seconds=1)
+    # After a change, wait this long for more before re-reading (fewer reads, a little latency).
+    watch_coalesce: timedelta = timedelta(milliseconds=5)
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,11 @@ class LookupService:
         yield WatchEvent(lookup, "", lookup.state == model.LookupState.COMPLETED)
         previous = {bank.bank_code: bank for bank in lookup.banks}
         while lookup.state != model.LookupState.COMPLETED:
-            await self._events.wait(lookup.id, self.policy.watch_poll_interval.total_seconds())
+            await self._events.wait(
+                lookup.id,
+                self.policy.watch_poll_interval.total_seconds(),
+                self.policy.watch_coalesce.total_seconds(),
+            )
             current = await self._store.get_lookup(lookup.id, caller.person_hash)
             if current is None:
                 raise errors.NotFound(f"{name} not found")

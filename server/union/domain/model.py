@@ -154,6 +154,7 @@ class ActionClaim:
 
     action_id: str
     kind: ActionKind
+    closure_id: str | None
     person_hash: str
     bank_code: str
     bank_card_ref: str
@@ -225,6 +226,14 @@ class ServiceStats:
     lookups_created: int
     reports_generated: int
     banks: list[BankStats]
+
+
+@dataclass(frozen=True)
+class ReportPlan:
+    """The report to write if a transaction turns out to finish its lookup."""
+
+    report_id: str
+    expire_time: datetime
 
 
 @dataclass(frozen=True)

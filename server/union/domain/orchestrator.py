@@ -78,6 +78,11 @@ class Orchestrator:
         self._slots = asyncio.Semaphore(policy.max_concurrent_calls)
         self._runner: asyncio.Task[None] | None = None
         self._last_purge = 0.0
+        self._next_maintenance = 0.0
+        self._announce = False
+        self._next_due: datetime | None = None
+        # Bank catalogue, refreshed at every maintenance (so admin changes apply within a poll interval).
+        self._banks: dict[str, model.Bank] = {}
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -112,7 +117,7 @@ class Orchestrator:
             try:
                 delay = await self.tick()
             except StoreUnavailable as error:
-                log.warning("database unavailable, orchestrator backing off", extra={"error": str(error)})
+                log.warning("database unavailable, orchestrator backing off", extra={"error": error.detail})
             except Exception:
                 log.exception("orchestrator tick failed")
             self._wake.clear()
@@ -123,14 +128,14 @@ class Orchestrator:
                 pass
 
     async def tick(self) -> float:
-        """One round: finalise what is due, start due bank calls. Returns seconds to sleep."""
+        """One round: start due bank calls and card actions; at most once per poll interval also the
+        housekeeping (deadlines, notifications, purge). Returns seconds to sleep."""
         now = self._clock.now()
-        for lookup_id in await self._store.lookups_past_deadline(now, limit=200):
-            await self._finalize(lookup_id, force=True)
-        for lookup_id in await self._store.running_lookups_without_pending_tasks(limit=200):
-            await self._finalize(lookup_id, force=False)
-        for action in await self._store.fail_overdue_actions(now):
-            await self._action_final(action)
+        if time.monotonic() >= self._next_maintenance:
+            self._next_maintenance = time.monotonic() + self.policy.poll_interval.total_seconds()
+            await self._maintain(now)
+        elif self._announce:
+            await self._send_notifications()
         lease = self.policy.call_timeout + self.policy.lease_margin
         free = self.policy.max_concurrent_calls - len(self._calls)
         if free > 0:
@@ -142,18 +147,41 @@ class Orchestrator:
                 self.owner, now, lease, limit=min(free, 100)
             ):
                 self._spawn(self._act(action_claim), f"card-action-{action_claim.bank_code}")
+        delay = self._next_maintenance - time.monotonic()
+        if self._next_due is not None:
+            delay = min(delay, (self._next_due - self._clock.now()).total_seconds())
+        return max(delay, 0.01)
+
+    async def _maintain(self, now: datetime) -> None:
+        """Everything that need not run on every wake-up: it reads whole tables' worth of state."""
+        self._banks = {bank.code: bank for bank in await self._store.list_banks()}
+        for lookup_id in await self._store.lookups_past_deadline(now, limit=200):
+            await self._finalize(lookup_id, force=True)
+        for action in await self._store.fail_overdue_actions(now):
+            await self._action_final(action)
         await self._send_notifications()
         if time.monotonic() - self._last_purge >= self.policy.purge_interval.total_seconds():
             self._last_purge = time.monotonic()
+            # A union from before answers and reports were written together may have left these.
+            for lookup_id in await self._store.running_lookups_without_pending_tasks(limit=200):
+                await self._finalize(lookup_id, force=False)
             purged = await self._store.purge_expired_reports(now)
             await self._store.erase_stale_verifications(now)
             if purged:
                 log.info("purged expired reports", extra={"count": purged})
-        next_due = await self._store.next_due_time()
-        delay = self.policy.poll_interval.total_seconds()
-        if next_due is not None:
-            delay = min(delay, max(0.0, (next_due - self._clock.now()).total_seconds()))
-        return max(delay, 0.01)
+        self._next_due = await self._store.next_due_time()
+
+    def _due_at(self, when: datetime) -> None:
+        """Something this replica scheduled falls due at `when`: sleep no longer than that."""
+        if self._next_due is None or when < self._next_due:
+            self._next_due = when
+
+    def _plan(self) -> model.ReportPlan:
+        now = self._clock.now()
+        return model.ReportPlan(
+            "r" + secrets.token_hex(12),
+            report_expire_time(now, self.policy.timezone, self.policy.retention_days),
+        )
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(work, name=name)
@@ -164,6 +192,7 @@ class Orchestrator:
 
     async def _send_notifications(self) -> None:
         """Announce ready reports from the outbox; a row is deleted only after its message went out."""
+        self._announce = False
         if self._notifier is None:
             return
         for lookup_id, report_id, sealed in await self._store.pending_notifications():
@@ -183,10 +212,12 @@ class Orchestrator:
                 await self._act_unguarded(claim)
             except StoreUnavailable as error:
                 log.warning(
-                    "could not record card action", extra={"bank": claim.bank_code, "error": str(error)}
+                    "could not record card action", extra={"bank": claim.bank_code, "error": error.detail}
                 )
             finally:
                 self._events.notify(claim.action_id)
+                if claim.closure_id is not None:
+                    self._events.notify(claim.closure_id)  # CreateCardClosure waits on the whole closure
 
     async def _act_unguarded(self, claim: model.ActionClaim) -> None:
         if claim.sealed_identity is None:
@@ -279,16 +310,15 @@ class Orchestrator:
                 self._events.notify(claim.lookup_id)
 
     async def _attempt_unguarded(self, claim: model.Claim) -> None:
-        banks = {bank.code: bank for bank in await self._store.list_banks()}
-        bank = banks.get(claim.bank_code)
+        bank = await self._bank(claim.bank_code)
         now = self._clock.now()
         if claim.sealed_identity is None:
             return
         if bank is None or not bank.enabled:
-            await self._store.record_attempt_failed(
-                claim.lookup_id, claim.bank_code, self.owner, "bank was disabled", None, now
+            _, done = await self._store.record_attempt_failed(
+                claim.lookup_id, claim.bank_code, self.owner, "bank was disabled", None, now, self._plan()
             )
-            await self._finalize(claim.lookup_id, force=False)
+            self._reported(claim.lookup_id, done)
             return
         opened = self._keys.unseal(claim.sealed_identity, context=f"lookup:{claim.lookup_id}")
         remaining = (claim.deadline_time - now).total_seconds()
@@ -320,8 +350,8 @@ class Orchestrator:
             )
             for card in cards
         ]
-        recorded = await self._store.record_answer(
-            claim.lookup_id, bank.code, self.owner, masked, latency_ms, self._clock.now()
+        recorded, done = await self._store.record_answer(
+            claim.lookup_id, bank.code, self.owner, masked, latency_ms, self._clock.now(), self._plan()
         )
         log.info(
             "bank answered",
@@ -333,7 +363,7 @@ class Orchestrator:
                 "recorded": recorded,
             },
         )
-        await self._finalize(claim.lookup_id, force=False)
+        self._reported(claim.lookup_id, done)
 
     def _card_ref(self, lookup_id: str, bank_code: str, bank_card_ref: str) -> str:
         """Report-scoped opaque reference: the bank's own reference never reaches the person."""
@@ -352,18 +382,29 @@ class Orchestrator:
                 "retry": retry_at is not None,
             },
         )
-        await self._store.record_attempt_failed(
-            claim.lookup_id, claim.bank_code, self.owner, failure.reason, retry_at, now
+        _, done = await self._store.record_attempt_failed(
+            claim.lookup_id, claim.bank_code, self.owner, failure.reason, retry_at, now, self._plan()
         )
-        if retry_at is None:
-            await self._finalize(claim.lookup_id, force=False)
-        else:
+        self._reported(claim.lookup_id, done)
+        if retry_at is not None:
+            self._due_at(retry_at)
             self._wake.set()
 
     async def _finalize(self, lookup_id: str, force: bool) -> None:
-        now = self._clock.now()
-        expire = report_expire_time(now, self.policy.timezone, self.policy.retention_days)
-        report_id = "r" + secrets.token_hex(12)
-        if await self._store.finalize_lookup(lookup_id, report_id, now, expire, force):
-            log.info("report ready", extra={"lookup": lookup_id, "report": report_id, "forced": force})
+        plan = self._plan()
+        done = await self._store.finalize_lookup(
+            lookup_id, plan.report_id, self._clock.now(), plan.expire_time, force
+        )
+        self._reported(lookup_id, done)
+
+    def _reported(self, lookup_id: str, done: bool) -> None:
+        if done:
+            log.info("report ready", extra={"lookup": lookup_id})
             self._events.notify(lookup_id)
+            self._announce = True  # the notification outbox has a new row
+            self._wake.set()
+
+    async def _bank(self, code: str) -> model.Bank | None:
+        if code not in self._banks:
+            self._banks = {bank.code: bank for bank in await self._store.list_banks()}
+        return self._banks.get(code)

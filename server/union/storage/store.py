@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -27,7 +28,7 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, case, create_engine, delete, event, func, select, text, update
+from sqlalchemy import Engine, case, create_engine, delete, event, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
@@ -118,6 +119,9 @@ class Store:
         self.engine = _make_engine(url)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._batch: list[tuple[Callable[[Session], Any], asyncio.Future[Any]]] = []
+        self._batch_lock = threading.Lock()
+        self._batch_scheduled = False
         self._executor = ThreadPoolExecutor(
             max_workers=1 if self.is_sqlite else 8, thread_name_prefix="union-db"
         )
@@ -138,6 +142,50 @@ class Store:
                 raise StoreUnavailable(str(error.orig).split("\n")[0]) from error
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, in_thread)
+
+    async def _run_batched(self, work: Callable[[Session], T]) -> T:
+        """Like _run, but writes that queue up while the database is busy share one transaction
+        (each in its own SAVEPOINT, so one failing write does not undo the others).
+
+        Bank answers arrive in bursts (16 per lookup); committing them together is what lets one
+        SQLite writer keep up. Each write still checks its own lease and finalises its own lookup.
+        """
+        if not self.is_sqlite:
+            # PostgreSQL has many writers already; a batch would hold row locks of many lookups at
+            # once, in arbitrary order, and deadlock with another batch.
+            return await self._run(work)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        with self._batch_lock:
+            self._batch.append((work, future))
+            schedule = not self._batch_scheduled
+            self._batch_scheduled = True
+        if schedule:
+            loop.run_in_executor(self._executor, self._drain_batch, loop)
+        return await future
+
+    def _drain_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._batch_lock:
+            items, self._batch = self._batch, []
+            self._batch_scheduled = False
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            with self._session() as session:
+                for work, future in items:
+                    try:
+                        with session.begin_nested():
+                            results.append((future, work(session), None))
+                    except OperationalError:
+                        raise
+                    except Exception as error:  # this write alone failed; its savepoint is rolled back
+                        results.append((future, None, error))
+        except OperationalError as error:
+            unavailable = StoreUnavailable(str(error.orig).split("\n")[0])
+            results = [(future, None, unavailable) for _, future in items]
+        except Exception as error:  # the commit itself failed: nothing of this batch was written
+            results = [(future, None, error) for _, future in items]
+        for future, value, failure in results:
+            loop.call_soon_threadsafe(_settle, future, value, failure)
 
     def _insert_missing(self, model_class: type[Base]) -> Any:
         """INSERT that skips rows whose key exists: race-free when several replicas start at once."""
@@ -483,29 +531,37 @@ class Store:
         cards: Sequence[tuple[str, model.MaskedCard]],
         latency_ms: int,
         now: datetime,
-    ) -> bool:
+        plan: model.ReportPlan,
+    ) -> tuple[bool, bool]:
         """Store a bank's complete answer, once: only the current lease holder may write it.
+        If it was the last bank, the report (as `plan`) is written in the same transaction.
 
-        `cards` pairs the bank's own opaque reference with the card as the report shows it."""
+        `cards` pairs the bank's own opaque reference with the card as the report shows it.
+        Returns (recorded, report written)."""
 
-        def work(s: Session) -> bool:
+        def work(s: Session) -> tuple[bool, bool]:
             task = _leased_task(s, lookup_id, bank_code, owner, self.is_sqlite)
             if task is None:
-                return False
-            for bank_card_ref, card in cards:
-                s.add(
-                    FoundCardRow(
-                        lookup_id=lookup_id,
-                        card_ref=card.card_ref,
-                        bank_code=bank_code,
-                        position=task.position,
-                        bank_card_ref=bank_card_ref,
-                        card_type=card.card_type,
-                        first_four=card.first_four,
-                        last_four=card.last_four,
-                        number_length=card.number_length,
-                        status=card.status,
-                    )
+                return False, False
+            if cards:
+                # One executemany instead of an ORM object per card (a heavy holder has dozens).
+                s.execute(
+                    insert(FoundCardRow),
+                    [
+                        {
+                            "lookup_id": lookup_id,
+                            "card_ref": card.card_ref,
+                            "bank_code": bank_code,
+                            "position": task.position,
+                            "bank_card_ref": bank_card_ref,
+                            "card_type": card.card_type,
+                            "first_four": card.first_four,
+                            "last_four": card.last_four,
+                            "number_length": card.number_length,
+                            "status": card.status,
+                        }
+                        for bank_card_ref, card in cards
+                    ],
                 )
             task.outcome = model.BankOutcome.ANSWERED
             task.card_count = len(cards)
@@ -516,9 +572,12 @@ class Store:
             task.lease_owner = None
             task.lease_until = None
             task.update_time = now
-            return True
+            s.flush()
+            return True, _pending_tasks(s, lookup_id) == 0 and _finalize(
+                s, lookup_id, plan, now, False, self.is_sqlite
+            )
 
-        return await self._run(work)
+        return await self._run_batched(work)
 
     async def record_attempt_failed(
         self,
@@ -528,24 +587,29 @@ class Store:
         reason: str,
         retry_at: datetime | None,
         now: datetime,
-    ) -> bool:
-        """A failed attempt: schedule a retry at `retry_at`, or give the bank up as failed."""
+        plan: model.ReportPlan,
+    ) -> tuple[bool, bool]:
+        """A failed attempt: schedule a retry at `retry_at`, or give the bank up as failed (and, if
+        it was the last bank, write the report as `plan`). Returns (recorded, report written)."""
 
-        def work(s: Session) -> bool:
+        def work(s: Session) -> tuple[bool, bool]:
             task = _leased_task(s, lookup_id, bank_code, owner, self.is_sqlite)
             if task is None:
-                return False
+                return False, False
             task.failure_reason = reason[:255]
             task.lease_owner = None
             task.lease_until = None
             task.update_time = now
-            if retry_at is None:
-                task.outcome = model.BankOutcome.FAILED
-            else:
+            if retry_at is not None:
                 task.next_attempt_time = retry_at
-            return True
+                return True, False
+            task.outcome = model.BankOutcome.FAILED
+            s.flush()
+            return True, _pending_tasks(s, lookup_id) == 0 and _finalize(
+                s, lookup_id, plan, now, False, self.is_sqlite
+            )
 
-        return await self._run(work)
+        return await self._run_batched(work)
 
     async def finalize_lookup(
         self, lookup_id: str, report_id: str, now: datetime, expire_time: datetime, force: bool
@@ -554,45 +618,9 @@ class Store:
         silent banks NO_RESPONSE first). Erases the sealed identity. False if not (yet) done."""
 
         def work(s: Session) -> bool:
-            lookup = s.get(LookupRow, lookup_id, with_for_update=not self.is_sqlite)
-            if lookup is None or lookup.state != model.LookupState.RUNNING:
-                return False
-            tasks = list(s.scalars(select(BankTaskRow).where(BankTaskRow.lookup_id == lookup_id)))
-            pending = [t for t in tasks if t.outcome == model.BankOutcome.PENDING]
-            if pending and not force:
-                return False
-            for task in pending:
-                task.outcome = model.BankOutcome.NO_RESPONSE
-                task.failure_reason = task.failure_reason or "no answer before the deadline"
-                task.lease_owner = None
-                task.lease_until = None
-                task.update_time = now
-            lookup.state = model.LookupState.COMPLETED
-            lookup.complete_time = now
-            lookup.sealed_identity = None
-            lookup.report_id = report_id
-            if lookup.sealed_contact is not None:
-                # Written with the report in one transaction: the report is announced exactly once.
-                s.add(
-                    NotificationRow(
-                        lookup_id=lookup_id,
-                        report_id=report_id,
-                        sealed_contact=lookup.sealed_contact,
-                        create_time=now,
-                    )
-                )
-                lookup.sealed_contact = None
-            s.add(
-                ReportRow(
-                    id=report_id,
-                    lookup_id=lookup_id,
-                    person_hash=lookup.person_hash,
-                    generate_time=now,
-                    expire_time=expire_time,
-                )
+            return _finalize(
+                s, lookup_id, model.ReportPlan(report_id, expire_time), now, force, self.is_sqlite
             )
-            _bump(s, "reports_generated")
-            return True
 
         return await self._run(work)
 
@@ -893,6 +921,7 @@ class Store:
                     model.ActionClaim(
                         action_id=row.id,
                         kind=model.ActionKind(row.kind),
+                        closure_id=row.closure_id,
                         person_hash=row.person_hash,
                         bank_code=row.bank_code,
                         bank_card_ref=row.bank_card_ref,
@@ -1069,9 +1098,81 @@ def _bump(s: Session, name: str) -> None:
     s.execute(update(CounterRow).where(CounterRow.name == name).values(value=CounterRow.value + 1))
 
 
+def _settle(future: asyncio.Future[Any], value: Any, failure: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled meanwhile
+        return
+    if failure is None:
+        future.set_result(value)
+    else:
+        future.set_exception(failure)
+
+
+def _pending_tasks(s: Session, lookup_id: str) -> int:
+    """A cheap count, so that only the last bank's answer pays for loading the whole lookup."""
+    return (
+        s.scalar(
+            select(func.count())
+            .select_from(BankTaskRow)
+            .where(BankTaskRow.lookup_id == lookup_id, BankTaskRow.outcome == model.BankOutcome.PENDING)
+        )
+        or 0
+    )
+
+
+def _finalize(
+    s: Session, lookup_id: str, plan: model.ReportPlan, now: datetime, force: bool, is_sqlite: bool
+) -> bool:
+    """Write the lookup's one report if every bank is final (with force: mark the silent ones
+    NO_RESPONSE first); erase the sealed identity. False if the lookup is not (yet) done."""
+    lookup = s.get(LookupRow, lookup_id, with_for_update=not is_sqlite)
+    if lookup is None or lookup.state != model.LookupState.RUNNING:
+        return False
+    tasks = list(s.scalars(select(BankTaskRow).where(BankTaskRow.lookup_id == lookup_id)))
+    pending = [t for t in tasks if t.outcome == model.BankOutcome.PENDING]
+    if pending and not force:
+        return False
+    for task in pending:
+        task.outcome = model.BankOutcome.NO_RESPONSE
+        task.failure_reason = task.failure_reason or "no answer before the deadline"
+        task.lease_owner = None
+        task.lease_until = None
+        task.update_time = now
+    lookup.state = model.LookupState.COMPLETED
+    lookup.complete_time = now
+    lookup.sealed_identity = None
+    lookup.report_id = plan.report_id
+    if lookup.sealed_contact is not None:
+        # Written with the report in one transaction: the report is announced exactly once.
+        s.add(
+            NotificationRow(
+                lookup_id=lookup_id,
+                report_id=plan.report_id,
+                sealed_contact=lookup.sealed_contact,
+                create_time=now,
+            )
+        )
+        lookup.sealed_contact = None
+    s.add(
+        ReportRow(
+            id=plan.report_id,
+            lookup_id=lookup_id,
+            person_hash=lookup.person_hash,
+            generate_time=now,
+            expire_time=plan.expire_time,
+        )
+    )
+    _bump(s, "reports_generated")
+    return True
+
+
 def _leased_task(
     s: Session, lookup_id: str, bank_code: str, owner: str, is_sqlite: bool
 ) -> BankTaskRow | None:
+    if not is_sqlite:
+        # Lock the lookup first (the same order as _finalize): answers of one lookup recorded by
+        # concurrent transactions then queue up, and the last one sees all the others when it
+        # counts what is still pending. Without it two "last" answers could each miss the other.
+        s.get(LookupRow, lookup_id, with_for_update=True)
     task = s.get(BankTaskRow, (lookup_id, bank_code), with_for_update=not is_sqlite)
     if task is None or task.outcome != model.BankOutcome.PENDING or task.lease_owner != owner:
         return None
