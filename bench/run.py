@@ -278,7 +278,7 @@ async def drive_bare(stack: Stack, people: list[Person], concurrency: int, durat
     stubs = [bank_grpc.BankQueryServiceStub(c) for c in channels]
     deadline = time.monotonic() + duration
 
-    async def query(stub: bank_grpc.BankQueryServiceStub, person: Person) -> None:
+    async def query(stub: bank_grpc.BankQueryServiceAsyncStub, person: Person) -> None:
         request = bank_pb.QueryCardsRequest(
             query_id=uuid.uuid4().hex, resident_id_number=person.resident_id_number, name=person.name
         )
@@ -302,7 +302,7 @@ async def drive_bare(stack: Stack, people: list[Person], concurrency: int, durat
     began = time.monotonic()
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
     run.seconds = time.monotonic() - began
-    await asyncio.gather(*(c.close() for c in channels))
+    await asyncio.gather(*(c.close(None) for c in channels))
     return run
 
 

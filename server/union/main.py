@@ -10,8 +10,8 @@ from typing import Annotated
 
 import typer
 
-from server.common.dev_ca import union_client_tls
-from server.common.grpc_runtime import wait_for_shutdown_signal
+from server.common.dev_ca import union_client_tls, union_server_tls
+from server.common.grpc_runtime import TlsFiles, wait_for_shutdown_signal
 from server.common.logs import configure_logging
 from server.union.app import (
     DEFAULT_POPULATION_SEED,
@@ -67,6 +67,10 @@ def serve(
         float, typer.Option(help="How long past the call deadline a dead replica's claim is held.")
     ] = 5,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
+    tls_dir: Annotated[
+        Path | None,
+        typer.Option(help="Serve clients over TLS with union-server.crt/.key from this PKI directory."),
+    ] = None,
     bank_tls_dir: Annotated[
         Path | None,
         typer.Option(
@@ -81,6 +85,12 @@ def serve(
             bank_tls = union_client_tls(bank_tls_dir)
         except FileNotFoundError as error:
             raise typer.BadParameter(f"{error.filename} is missing", param_hint="--bank-tls-dir") from error
+    server_tls: TlsFiles | None = None
+    if tls_dir is not None:
+        try:
+            server_tls = union_server_tls(tls_dir)
+        except FileNotFoundError as error:
+            raise typer.BadParameter(f"{error.filename} is missing", param_hint="--tls-dir") from error
     configure_logging(log_level)
     config = UnionConfig(
         listen=listen,
@@ -96,6 +106,7 @@ def serve(
             lease_margin=timedelta(seconds=lease_margin_seconds),
         ),
         bank_tls=bank_tls,
+        tls=server_tls,
     )
 
     async def run() -> None:

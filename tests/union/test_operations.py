@@ -8,12 +8,16 @@ from datetime import timedelta
 
 import grpc
 import pytest
+from cardlookup.v1 import card_lookup_service_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
 from clients.client import CardLookupError
+from server.bank.app import RunningBank
+from server.bank.faults import FaultSettings
 from server.population.generator import person_at
+from server.union.storage.models import ReportRow
 from tests.conftest import POSTGRES_ENV, SEED, UnionFactory, run_lookup, verified_client
 
 
@@ -33,10 +37,14 @@ async def _wait_status(address: str, wanted: int) -> None:
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_health_not_serving_while_database_is_unreachable(
-    make_union: UnionFactory, database_url: str
+    make_union: UnionFactory, database_url: str, banks: dict[str, RunningBank]
 ) -> None:
     union = await make_union(health_interval=timedelta(milliseconds=100))
     client = await verified_client(union, person_at(SEED, 0))
+    # Banks slow enough that the lookup is in flight when the database goes away.
+    for bank in banks.values():
+        bank.servicer.faults = FaultSettings(latency_ms=1000)
+    lookup = await client.create_lookup(request_id="through-the-outage")
     admin = create_engine(os.environ[POSTGRES_ENV], isolation_level="AUTOCOMMIT")
     name = make_url(database_url).database
     try:
@@ -52,12 +60,18 @@ async def test_health_not_serving_while_database_is_unreachable(
                 await client.list_reports()
             assert down.value.code == grpc.StatusCode.UNAVAILABLE
             assert down.value.retry_after is not None
+            await asyncio.sleep(1.5)  # the banks answer meanwhile; nothing can be recorded
 
             with admin.connect() as connection:
                 connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
             await _wait_status(union.address, health_pb2.HealthCheckResponse.SERVING)
-            _, report = await run_lookup(client)  # recovered by itself
+            # Recovered by itself, and nothing was half-written: the lookup finishes with one whole report.
+            events = [event async for event in client.watch_lookup(lookup.name, stream_timeout=60)]
+            report = await client.get_report(events[-1].lookup.report)
             assert report.total_card_count == 5
+            assert all(s.outcome == pb.BANK_OUTCOME_ANSWERED for s in report.bank_summaries)
+            with union.store.engine.connect() as connection:
+                assert connection.scalar(select(func.count()).select_from(ReportRow)) == 1
     finally:
         with admin.connect() as connection:
             connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
