@@ -11,14 +11,15 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import pytest
 from cardlookup.v1 import card_lookup_service_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import Connection, create_engine, func, select
 
 from clients.client import CardLookupClient
 from server.bank.app import RunningBank
@@ -29,6 +30,7 @@ from server.union.sms import read_one_time_code
 from server.union.storage.models import LookupRow, ReportRow
 from tests.conftest import SEED
 
+T = TypeVar("T")
 LOOKUPS = 110
 OPEN = {region.code for region in PILOT_REGIONS}
 MASTER_KEY = "11" * 32  # shared by the replicas of one deployment, as in production
@@ -146,21 +148,36 @@ async def create_many(union: UnionProcess, data_dir: Path) -> list[tuple[str, st
     return await asyncio.gather(*(one(p) for p in people))
 
 
-def assert_one_report_each(database_url: str, lookup_names: list[str]) -> None:
+def read_database(database_url: str, query: Callable[[Connection], T]) -> T:
+    """Run `query` on a fresh connection that is closed whatever happens (no stray connections)."""
     engine = create_engine(database_url)
-    with engine.connect() as connection:
-        ids = [name.split("/")[1] for name in lookup_names]
-        reports = connection.execute(
+    try:
+        with engine.connect() as connection:
+            return query(connection)
+    finally:
+        engine.dispose()
+
+
+def assert_one_report_each(database_url: str, lookup_names: list[str]) -> None:
+    ids = [name.split("/")[1] for name in lookup_names]
+
+    def counts(connection: Connection) -> tuple[dict[str, int], int, int]:
+        rows = connection.execute(
             select(ReportRow.lookup_id, func.count()).group_by(ReportRow.lookup_id)
         ).all()
-        per_lookup = dict(reports)
-        assert {i: per_lookup.get(i, 0) for i in ids} == dict.fromkeys(ids, 1)
-        assert connection.scalar(select(func.count()).select_from(LookupRow)) == len(ids)
-        unfinished = connection.scalar(
-            select(func.count()).select_from(LookupRow).where(LookupRow.report_id.is_(None))
+        lookups = connection.scalar(select(func.count()).select_from(LookupRow)) or 0
+        unfinished = (
+            connection.scalar(
+                select(func.count()).select_from(LookupRow).where(LookupRow.report_id.is_(None))
+            )
+            or 0
         )
-        assert unfinished == 0
-    engine.dispose()
+        return {lookup_id: int(n) for lookup_id, n in rows}, lookups, unfinished
+
+    per_lookup, lookups, unfinished = read_database(database_url, counts)
+    assert {i: per_lookup.get(i, 0) for i in ids} == dict.fromkeys(ids, 1)
+    assert lookups == len(ids)
+    assert unfinished == 0
 
 
 def slow_banks(banks: dict[str, RunningBank]) -> None:
@@ -182,12 +199,10 @@ async def test_kill_9_with_lookups_in_flight_then_restart(
     assert len({name for _, name in created}) == LOOKUPS
 
     await first.kill()
-    engine = create_engine(database_url)
-    with engine.connect() as connection:
-        running = connection.scalar(
-            select(func.count()).select_from(LookupRow).where(LookupRow.report_id.is_(None))
-        )
-    engine.dispose()
+    running = read_database(
+        database_url,
+        lambda c: c.scalar(select(func.count()).select_from(LookupRow).where(LookupRow.report_id.is_(None))),
+    )
     assert running, "the crash should leave lookups in flight"
 
     second = UnionProcess(tmp_path / "union", database_url, banks)

@@ -514,12 +514,17 @@ class Store:
         """Hand back this replica's unfinished claims (graceful shutdown) so others resume them now."""
 
         def work(s: Session) -> int:
-            result = s.execute(
+            tasks = s.execute(
                 update(BankTaskRow)
                 .where(BankTaskRow.lease_owner == owner, BankTaskRow.outcome == model.BankOutcome.PENDING)
                 .values(lease_owner=None, lease_until=None)
             )
-            return int(result.rowcount)  # type: ignore[attr-defined]
+            actions = s.execute(
+                update(CardActionRow)
+                .where(CardActionRow.lease_owner == owner, CardActionRow.state == model.ActionState.PENDING)
+                .values(lease_owner=None, lease_until=None)
+            )
+            return int(tasks.rowcount) + int(actions.rowcount)  # type: ignore[attr-defined]
 
         return await self._run(work)
 
@@ -656,7 +661,7 @@ class Store:
         return await self._run(work)
 
     async def next_due_time(self) -> datetime | None:
-        """When the earliest pending task or deadline falls due (for the scheduler's sleep)."""
+        """When the earliest pending task, card action or deadline falls due (the scheduler's sleep)."""
 
         def work(s: Session) -> datetime | None:
             task = s.scalar(
@@ -667,7 +672,12 @@ class Store:
             deadline = s.scalar(
                 select(func.min(LookupRow.deadline_time)).where(LookupRow.state == model.LookupState.RUNNING)
             )
-            candidates = [t for t in (task, deadline) if t is not None]
+            action = s.scalar(
+                select(func.min(CardActionRow.next_attempt_time)).where(
+                    CardActionRow.state == model.ActionState.PENDING
+                )
+            )
+            candidates = [t for t in (task, deadline, action) if t is not None]
             return min(candidates) if candidates else None
 
         return await self._run(work)
