@@ -14,7 +14,8 @@ from datetime import datetime
 from server.common import errors
 from server.union.clock import Clock
 from server.union.domain import model
-from server.union.secrets import InvalidToken, Keys
+from server.union.domain.paging import Pager
+from server.union.secrets import Keys
 from server.union.storage.store import Store
 
 ADMIN_ACTOR = "admin"
@@ -40,7 +41,7 @@ class AuditTrail:
     def __init__(self, store: Store, clock: Clock, keys: Keys) -> None:
         self._store = store
         self._clock = clock
-        self._keys = keys
+        self._pager = Pager(keys, "audit", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
     async def record(self, actor: str, action: str, outcome: str, resource: str = "") -> None:
         await self._store.add_audit_event(self._clock.now(), actor, action, outcome, resource)
@@ -65,31 +66,11 @@ class AuditTrail:
         page_size: int,
         page_token: str,
     ) -> tuple[list[model.AuditEvent], str]:
-        if page_size < 0:
-            raise errors.InvalidArgument([errors.FieldViolation("page_size", "must not be negative")])
         if start is not None and end is not None and start > end:
             raise errors.InvalidArgument([errors.FieldViolation("start_time", "must not be after end_time")])
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = self._pager.size(page_size)
         scope = actor or "*"
-        after = self._read_token(scope, page_token) if page_token else None
-        events = await self._store.list_audit_events(actor, start, end, after, size + 1)
-        token = ""
-        if len(events) > size:
-            events = events[:size]
-            last = events[-1]
-            token = self._keys.sign(
-                self._keys.page, {"a": scope[:16], "t": last.time.isoformat(), "i": last.id}
-            )
-        return events, token
-
-    def _read_token(self, scope: str, token: str) -> tuple[datetime, int]:
-        bad = errors.InvalidArgument(
-            [errors.FieldViolation("page_token", "not a page token from this server")]
-        )
-        try:
-            claims = self._keys.verify(self._keys.page, token)
-            if claims["a"] != scope[:16]:
-                raise bad
-            return datetime.fromisoformat(str(claims["t"])), int(claims["i"])
-        except (InvalidToken, KeyError, TypeError, ValueError) as error:
-            raise bad from error
+        after = self._pager.after(scope, page_token)
+        cursor = (after[0], int(after[1])) if after else None
+        events = await self._store.list_audit_events(actor, start, end, cursor, size + 1)
+        return self._pager.page(events, size, scope, lambda e: (e.time, e.id))

@@ -13,7 +13,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from server.common import errors
 from server.union.clock import Clock
@@ -22,7 +22,8 @@ from server.union.domain.audit import AuditTrail
 from server.union.domain.events import LookupEvents
 from server.union.domain.identity import Caller
 from server.union.domain.orchestrator import Orchestrator
-from server.union.secrets import InvalidToken, Keys
+from server.union.domain.paging import Pager
+from server.union.secrets import Keys
 from server.union.storage.store import DuplicateRequest, Store
 
 MAX_CARDS_PER_CLOSURE = 20
@@ -55,6 +56,7 @@ class CardActionService:
         self._events = events
         self._orchestrator = orchestrator
         self._audit = audit
+        self._pager = Pager(keys, "closures", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         self.policy = policy
 
     async def _report_cards(
@@ -145,32 +147,10 @@ class CardActionService:
     async def list_closures(
         self, caller: Caller, page_size: int, page_token: str
     ) -> tuple[list[model.CardClosure], str]:
-        if page_size < 0:
-            raise errors.InvalidArgument([errors.FieldViolation("page_size", "must not be negative")])
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        after = self._read_page_token(caller, page_token) if page_token else None
+        size = self._pager.size(page_size)
+        after = self._pager.after(caller.person_hash, page_token)
         closures = await self._store.list_card_closures(caller.person_hash, after, size + 1)
-        token = ""
-        if len(closures) > size:
-            closures = closures[:size]
-            last = closures[-1]
-            token = self._keys.sign(
-                self._keys.page,
-                {"c": caller.person_hash[:16], "t": last.create_time.isoformat(), "i": last.id},
-            )
-        return closures, token
-
-    def _read_page_token(self, caller: Caller, token: str) -> tuple[datetime, str]:
-        bad = errors.InvalidArgument(
-            [errors.FieldViolation("page_token", "not a page token from this server")]
-        )
-        try:
-            claims = self._keys.verify(self._keys.page, token)
-            if claims["c"] != caller.person_hash[:16]:
-                raise bad
-            return datetime.fromisoformat(str(claims["t"])), str(claims["i"])
-        except (InvalidToken, KeyError, TypeError, ValueError) as error:
-            raise bad from error
+        return self._pager.page(closures, size, caller.person_hash, lambda c: (c.create_time, c.id))
 
     async def flag_not_mine(
         self, caller: Caller, request_id: str, report_name: str, card_ref: str

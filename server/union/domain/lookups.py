@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from server.common import errors
 from server.union.clock import Clock
@@ -19,7 +19,8 @@ from server.union.domain.audit import AuditTrail
 from server.union.domain.events import LookupEvents
 from server.union.domain.identity import Caller
 from server.union.domain.orchestrator import Orchestrator
-from server.union.secrets import InvalidToken, Keys
+from server.union.domain.paging import Pager
+from server.union.secrets import Keys
 from server.union.storage.store import DuplicateLookup, Store
 
 DEFAULT_PAGE_SIZE = 10
@@ -55,6 +56,7 @@ class LookupService:
         audit: AuditTrail,
     ) -> None:
         self._audit = audit
+        self._pager = Pager(keys, "reports", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         self._store = store
         self._keys = keys
         self._clock = clock
@@ -184,32 +186,10 @@ class LookupService:
     async def list_reports(
         self, caller: Caller, page_size: int, page_token: str
     ) -> tuple[list[model.Report], str]:
-        if page_size < 0:
-            raise errors.InvalidArgument([errors.FieldViolation("page_size", "must not be negative")])
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        after = self._read_page_token(caller, page_token) if page_token else None
+        size = self._pager.size(page_size)
+        after = self._pager.after(caller.person_hash, page_token)
         reports = await self._store.list_reports(caller.person_hash, self._clock.now(), after, size + 1)
-        next_token = ""
-        if len(reports) > size:
-            reports = reports[:size]
-            last = reports[-1]
-            next_token = self._keys.sign(
-                self._keys.page,
-                {"p": caller.person_hash[:16], "t": last.generate_time.isoformat(), "i": last.id},
-            )
-        return reports, next_token
-
-    def _read_page_token(self, caller: Caller, token: str) -> tuple[datetime, str]:
-        bad = errors.InvalidArgument(
-            [errors.FieldViolation("page_token", "not a page token from this server")]
-        )
-        try:
-            claims = self._keys.verify(self._keys.page, token)
-            if claims["p"] != caller.person_hash[:16]:
-                raise bad
-            return datetime.fromisoformat(str(claims["t"])), str(claims["i"])
-        except (InvalidToken, KeyError, TypeError, ValueError) as error:
-            raise bad from error
+        return self._pager.page(reports, size, caller.person_hash, lambda r: (r.generate_time, r.id))
 
     async def delete_report(self, caller: Caller, name: str) -> None:
         async with self._audit.action(caller.person_hash, "report.delete", name[:96]):
