@@ -21,7 +21,7 @@ from server.union.domain.identity import Caller
 from server.union.domain.orchestrator import Orchestrator
 from server.union.domain.paging import Pager
 from server.union.secrets import Keys
-from server.union.storage.store import DuplicateLookup, Store
+from server.union.storage.store import DuplicateRequest, Store
 
 DEFAULT_PAGE_SIZE = 10
 MAX_PAGE_SIZE = 100
@@ -138,7 +138,7 @@ class LookupService:
                 now=now,
                 deadline=now + self._orchestrator.policy.lookup_deadline,
             )
-        except DuplicateLookup:
+        except DuplicateRequest:
             # Two retries of the same request raced; the other one won.
             raced = await self._store.find_lookup_by_request(caller.person_hash, request_id)
             if raced is None:

@@ -75,9 +75,6 @@ class DuplicateRequest(Exception):
     """A resource with this (person, request_id) already exists (a racing retry)."""
 
 
-DuplicateLookup = DuplicateRequest
-
-
 def alembic_config(url: str) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
@@ -465,7 +462,7 @@ class Store:
         try:
             return await self._run(work)
         except IntegrityError as error:
-            raise DuplicateLookup(request_id) from error
+            raise DuplicateRequest(request_id) from error
 
     async def get_lookup(self, lookup_id: str, person_hash: str | None) -> model.Lookup | None:
         """The lookup if it exists and (when person_hash is given) belongs to that person."""
