@@ -391,10 +391,7 @@ class Orchestrator:
             self._wake.set()
 
     async def _finalize(self, lookup_id: str, force: bool) -> None:
-        plan = self._plan()
-        done = await self._store.finalize_lookup(
-            lookup_id, plan.report_id, self._clock.now(), plan.expire_time, force
-        )
+        done = await self._store.finalize_lookup(lookup_id, self._plan(), self._clock.now(), force)
         self._reported(lookup_id, done)
 
     def _reported(self, lookup_id: str, done: bool) -> None:

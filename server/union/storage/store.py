@@ -614,15 +614,13 @@ class Store:
         return await self._run_batched(work)
 
     async def finalize_lookup(
-        self, lookup_id: str, report_id: str, now: datetime, expire_time: datetime, force: bool
+        self, lookup_id: str, plan: model.ReportPlan, now: datetime, force: bool
     ) -> bool:
         """Produce the lookup's one report once every bank is final (or, with force, mark the
         silent banks NO_RESPONSE first). Erases the sealed identity. False if not (yet) done."""
 
         def work(s: Session) -> bool:
-            return _finalize(
-                s, lookup_id, model.ReportPlan(report_id, expire_time), now, force, self.is_sqlite
-            )
+            return _finalize(s, lookup_id, plan, now, force, self.is_sqlite)
 
         return await self._run(work)
 
