@@ -9,9 +9,11 @@ before it is serialised and sends only the first 4 and last 4 digits, the
 number's length and an opaque reference that only the bank can resolve.
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -304,6 +306,140 @@ class QueryCardsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 
 Global___QueryCardsResponse: _TypeAlias = QueryCardsResponse  # noqa: Y015
+
+@_typing.final
+class QuerySessionRequest(_message.Message):
+    """One query on a QuerySession stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    RESIDENT_ID_NUMBER_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    query_id: _builtins.str
+    """Union-assigned identifier of this query, unique per lookup and bank; the
+    answer carries it back. 1-64 characters of [A-Za-z0-9_-].
+    """
+    resident_id_number: _builtins.str
+    """The person's 18-character resident ID number (GB 11643), with a valid
+    check digit. Sent only over mutual TLS and never echoed back.
+    """
+    name: _builtins.str
+    """The person's name as verified by the union (1-64 characters). A mismatch
+    is answered like an unknown person.
+    """
+    def __init__(
+        self,
+        *,
+        query_id: _builtins.str = ...,
+        resident_id_number: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "query_id", b"query_id", "resident_id_number", b"resident_id_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuerySessionRequest: _TypeAlias = QuerySessionRequest  # noqa: Y015
+
+@_typing.final
+class QuerySessionResponse(_message.Message):
+    """The answer to one query of a QuerySession stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    ANSWER_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    query_id: _builtins.str
+    """The query_id of the QuerySessionRequest this answers."""
+    @_builtins.property
+    def answer(self) -> Global___QueryAnswer:
+        """The person's cards at this bank (none for an unknown person)."""
+
+    @_builtins.property
+    def error(self) -> Global___QueryError:
+        """Why this query failed."""
+
+    def __init__(
+        self,
+        *,
+        query_id: _builtins.str = ...,
+        answer: Global___QueryAnswer | None = ...,
+        error: Global___QueryError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "error", b"error", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "error", b"error", "query_id", b"query_id", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["answer", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___QuerySessionResponse: _TypeAlias = QuerySessionResponse  # noqa: Y015
+
+@_typing.final
+class QueryAnswer(_message.Message):
+    """A complete answer to one query: the same records and summary a QueryCards
+    stream carries, in one message.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CARDS_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def cards(self) -> _containers.RepeatedCompositeFieldContainer[Global___CardRecord]:
+        """Every non-closed card the bank holds for the person, masked at the bank."""
+
+    @_builtins.property
+    def summary(self) -> Global___QuerySummary:
+        """Counts the cards; an answer without a summary, or whose count differs,
+        is truncated.
+        """
+
+    def __init__(
+        self,
+        *,
+        cards: _abc.Iterable[Global___CardRecord] | None = ...,
+        summary: Global___QuerySummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cards", b"cards", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryAnswer: _TypeAlias = QueryAnswer  # noqa: Y015
+
+@_typing.final
+class QueryError(_message.Message):
+    """A failed query on a QuerySession stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code the same failure would end a QueryCards call with,
+    as its number (google.rpc.Code: 3 INVALID_ARGUMENT, 14 UNAVAILABLE, ...).
+    """
+    message: _builtins.str
+    """What went wrong, for logs; never contains the query's ID number or name."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryError: _TypeAlias = QueryError  # noqa: Y015
 
 @_typing.final
 class CardRecord(_message.Message):

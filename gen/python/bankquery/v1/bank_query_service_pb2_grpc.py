@@ -40,6 +40,11 @@ class BankQueryServiceStub:
                 request_serializer=bankquery_dot_v1_dot_bank__query__service__pb2.QueryCardsRequest.SerializeToString,
                 response_deserializer=bankquery_dot_v1_dot_bank__query__service__pb2.QueryCardsResponse.FromString,
                 _registered_method=True)
+        self.QuerySession = channel.stream_stream(
+                '/bankquery.v1.BankQueryService/QuerySession',
+                request_serializer=bankquery_dot_v1_dot_bank__query__service__pb2.QuerySessionRequest.SerializeToString,
+                response_deserializer=bankquery_dot_v1_dot_bank__query__service__pb2.QuerySessionResponse.FromString,
+                _registered_method=True)
         self.CloseCard = channel.unary_unary(
                 '/bankquery.v1.BankQueryService/CloseCard',
                 request_serializer=bankquery_dot_v1_dot_bank__query__service__pb2.CloseCardRequest.SerializeToString,
@@ -75,6 +80,37 @@ class BankQueryServiceServicer:
         (google.rpc.BadRequest names the fields).
         - UNAVAILABLE: the bank is temporarily unable to answer; retry with backoff.
         - DEADLINE_EXCEEDED: the caller's deadline passed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QuerySession(self, request_iterator, context):
+        """Answers many card queries over one long-lived stream. The union sends one
+        QuerySessionRequest per query and may have many queries outstanding; the
+        bank answers each with exactly one QuerySessionResponse carrying the same
+        query_id, in whatever order the answers are ready.
+
+        Bidirectional streaming because in gRPC the cost of an RPC is far higher
+        than that of a message: one stream per bank, carrying every lookup's
+        query, lets a bank answer hundreds of lookups a second where one
+        QueryCards call per query would not. Optional: a bank that answers
+        UNIMPLEMENTED is asked through QueryCards instead (the union negotiates
+        per bank). The answers mean exactly what QueryCards answers mean; a query
+        whose answer does not carry a summary counting its cards is truncated.
+
+        One query failing (a malformed field, an injected fault) fails only that
+        query, in its response's error; the stream goes on.
+
+        Flow control is the backpressure: a bank stops reading queries while it
+        has its limit of unanswered ones on the stream, so nothing queues without
+        bound on either side.
+
+        Status codes of the stream as a whole:
+        - OK: the union closed its side and every query was answered.
+        - UNIMPLEMENTED: this bank answers only QueryCards.
+        - UNAVAILABLE: the bank is going away or lost its connection; queries
+        without an answer may be retried on a new stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,6 +157,11 @@ def add_BankQueryServiceServicer_to_server(servicer, server):
                     request_deserializer=bankquery_dot_v1_dot_bank__query__service__pb2.QueryCardsRequest.FromString,
                     response_serializer=bankquery_dot_v1_dot_bank__query__service__pb2.QueryCardsResponse.SerializeToString,
             ),
+            'QuerySession': grpc.stream_stream_rpc_method_handler(
+                    servicer.QuerySession,
+                    request_deserializer=bankquery_dot_v1_dot_bank__query__service__pb2.QuerySessionRequest.FromString,
+                    response_serializer=bankquery_dot_v1_dot_bank__query__service__pb2.QuerySessionResponse.SerializeToString,
+            ),
             'CloseCard': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseCard,
                     request_deserializer=bankquery_dot_v1_dot_bank__query__service__pb2.CloseCardRequest.FromString,
@@ -160,6 +201,33 @@ class BankQueryService:
             '/bankquery.v1.BankQueryService/QueryCards',
             bankquery_dot_v1_dot_bank__query__service__pb2.QueryCardsRequest.SerializeToString,
             bankquery_dot_v1_dot_bank__query__service__pb2.QueryCardsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QuerySession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/bankquery.v1.BankQueryService/QuerySession',
+            bankquery_dot_v1_dot_bank__query__service__pb2.QuerySessionRequest.SerializeToString,
+            bankquery_dot_v1_dot_bank__query__service__pb2.QuerySessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,33 @@ class BankQueryServiceStub:
     - UNAVAILABLE: the bank is temporarily unable to answer; retry with backoff.
     - DEADLINE_EXCEEDED: the caller's deadline passed.
     """
+    QuerySession: _grpc.StreamStreamMultiCallable[_bank_query_service_pb2.QuerySessionRequest, _bank_query_service_pb2.QuerySessionResponse]
+    """Answers many card queries over one long-lived stream. The union sends one
+    QuerySessionRequest per query and may have many queries outstanding; the
+    bank answers each with exactly one QuerySessionResponse carrying the same
+    query_id, in whatever order the answers are ready.
+
+    Bidirectional streaming because in gRPC the cost of an RPC is far higher
+    than that of a message: one stream per bank, carrying every lookup's
+    query, lets a bank answer hundreds of lookups a second where one
+    QueryCards call per query would not. Optional: a bank that answers
+    UNIMPLEMENTED is asked through QueryCards instead (the union negotiates
+    per bank). The answers mean exactly what QueryCards answers mean; a query
+    whose answer does not carry a summary counting its cards is truncated.
+
+    One query failing (a malformed field, an injected fault) fails only that
+    query, in its response's error; the stream goes on.
+
+    Flow control is the backpressure: a bank stops reading queries while it
+    has its limit of unanswered ones on the stream, so nothing queues without
+    bound on either side.
+
+    Status codes of the stream as a whole:
+    - OK: the union closed its side and every query was answered.
+    - UNIMPLEMENTED: this bank answers only QueryCards.
+    - UNAVAILABLE: the bank is going away or lost its connection; queries
+      without an answer may be retried on a new stream.
+    """
     CloseCard: _grpc.UnaryUnaryMultiCallable[_bank_query_service_pb2.CloseCardRequest, _bank_query_service_pb2.CloseCardResponse]
     """Asks the bank to close one of the person's cards. The bank decides: close
     it now or schedule it, ask the person to visit a branch (a credit card
@@ -109,6 +136,33 @@ class BankQueryServiceAsyncStub(BankQueryServiceStub):
       (google.rpc.BadRequest names the fields).
     - UNAVAILABLE: the bank is temporarily unable to answer; retry with backoff.
     - DEADLINE_EXCEEDED: the caller's deadline passed.
+    """
+    QuerySession: _aio.StreamStreamMultiCallable[_bank_query_service_pb2.QuerySessionRequest, _bank_query_service_pb2.QuerySessionResponse]  # type: ignore[assignment]
+    """Answers many card queries over one long-lived stream. The union sends one
+    QuerySessionRequest per query and may have many queries outstanding; the
+    bank answers each with exactly one QuerySessionResponse carrying the same
+    query_id, in whatever order the answers are ready.
+
+    Bidirectional streaming because in gRPC the cost of an RPC is far higher
+    than that of a message: one stream per bank, carrying every lookup's
+    query, lets a bank answer hundreds of lookups a second where one
+    QueryCards call per query would not. Optional: a bank that answers
+    UNIMPLEMENTED is asked through QueryCards instead (the union negotiates
+    per bank). The answers mean exactly what QueryCards answers mean; a query
+    whose answer does not carry a summary counting its cards is truncated.
+
+    One query failing (a malformed field, an injected fault) fails only that
+    query, in its response's error; the stream goes on.
+
+    Flow control is the backpressure: a bank stops reading queries while it
+    has its limit of unanswered ones on the stream, so nothing queues without
+    bound on either side.
+
+    Status codes of the stream as a whole:
+    - OK: the union closed its side and every query was answered.
+    - UNIMPLEMENTED: this bank answers only QueryCards.
+    - UNAVAILABLE: the bank is going away or lost its connection; queries
+      without an answer may be retried on a new stream.
     """
     CloseCard: _aio.UnaryUnaryMultiCallable[_bank_query_service_pb2.CloseCardRequest, _bank_query_service_pb2.CloseCardResponse]  # type: ignore[assignment]
     """Asks the bank to close one of the person's cards. The bank decides: close
@@ -163,6 +217,39 @@ class BankQueryServiceServicer(metaclass=_abc_1.ABCMeta):
           (google.rpc.BadRequest names the fields).
         - UNAVAILABLE: the bank is temporarily unable to answer; retry with backoff.
         - DEADLINE_EXCEEDED: the caller's deadline passed.
+        """
+
+    @_abc_1.abstractmethod
+    def QuerySession(
+        self,
+        request_iterator: _MaybeAsyncIterator[_bank_query_service_pb2.QuerySessionRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_bank_query_service_pb2.QuerySessionResponse], _abc.AsyncIterator[_bank_query_service_pb2.QuerySessionResponse]]:
+        """Answers many card queries over one long-lived stream. The union sends one
+        QuerySessionRequest per query and may have many queries outstanding; the
+        bank answers each with exactly one QuerySessionResponse carrying the same
+        query_id, in whatever order the answers are ready.
+
+        Bidirectional streaming because in gRPC the cost of an RPC is far higher
+        than that of a message: one stream per bank, carrying every lookup's
+        query, lets a bank answer hundreds of lookups a second where one
+        QueryCards call per query would not. Optional: a bank that answers
+        UNIMPLEMENTED is asked through QueryCards instead (the union negotiates
+        per bank). The answers mean exactly what QueryCards answers mean; a query
+        whose answer does not carry a summary counting its cards is truncated.
+
+        One query failing (a malformed field, an injected fault) fails only that
+        query, in its response's error; the stream goes on.
+
+        Flow control is the backpressure: a bank stops reading queries while it
+        has its limit of unanswered ones on the stream, so nothing queues without
+        bound on either side.
+
+        Status codes of the stream as a whole:
+        - OK: the union closed its side and every query was answered.
+        - UNIMPLEMENTED: this bank answers only QueryCards.
+        - UNAVAILABLE: the bank is going away or lost its connection; queries
+          without an answer may be retried on a new stream.
         """
 
     @_abc_1.abstractmethod

@@ -19,7 +19,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file bankquery/v1/bank_query_service.proto.
  */
 export const file_bankquery_v1_bank_query_service: GenFile = /*@__PURE__*/
-  fileDesc("CiViYW5rcXVlcnkvdjEvYmFua19xdWVyeV9zZXJ2aWNlLnByb3RvEgxiYW5rcXVlcnkudjEiYgoQQ2xvc2VDYXJkUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhAKCGNhcmRfcmVmGAIgASgJEhoKEnJlc2lkZW50X2lkX251bWJlchgDIAEoCRIMCgRuYW1lGAQgASgJImUKEUNsb3NlQ2FyZFJlc3BvbnNlEhEKCXRpY2tldF9pZBgBIAEoCRItCgdvdXRjb21lGAIgASgOMhwuYmFua3F1ZXJ5LnYxLkNsb3N1cmVPdXRjb21lEg4KBnJlYXNvbhgDIAEoCSJqChhSZXBvcnRDYXJkTm90TWluZVJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIQCghjYXJkX3JlZhgCIAEoCRIaChJyZXNpZGVudF9pZF9udW1iZXIYAyABKAkSDAoEbmFtZRgEIAEoCSJaChlSZXBvcnRDYXJkTm90TWluZVJlc3BvbnNlEhMKC2Nhc2VfbnVtYmVyGAEgASgJEigKBnN0YXR1cxgCIAEoDjIYLmJhbmtxdWVyeS52MS5DYXJkU3RhdHVzIk8KEVF1ZXJ5Q2FyZHNSZXF1ZXN0EhAKCHF1ZXJ5X2lkGAEgASgJEhoKEnJlc2lkZW50X2lkX251bWJlchgCIAEoCRIMCgRuYW1lGAMgASgJIncKElF1ZXJ5Q2FyZHNSZXNwb25zZRIoCgRjYXJkGAEgASgLMhguYmFua3F1ZXJ5LnYxLkNhcmRSZWNvcmRIABItCgdzdW1tYXJ5GAIgASgLMhouYmFua3F1ZXJ5LnYxLlF1ZXJ5U3VtbWFyeUgAQggKBnJlc3VsdCLzAQoKQ2FyZFJlY29yZBIRCgliYW5rX2NvZGUYASABKAkSEAoIY2FyZF9yZWYYAiABKAkSKQoJY2FyZF90eXBlGAMgASgOMhYuYmFua3F1ZXJ5LnYxLkNhcmRUeXBlEhIKCmZpcnN0X2ZvdXIYBCABKAkSEQoJbGFzdF9mb3VyGAUgASgJEhUKDW51bWJlcl9sZW5ndGgYBiABKAUSKAoGc3RhdHVzGAcgASgOMhguYmFua3F1ZXJ5LnYxLkNhcmRTdGF0dXMSLQoJb3Blbl90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCI3CgxRdWVyeVN1bW1hcnkSEQoJYmFua19jb2RlGAEgASgJEhQKDHJlY29yZF9jb3VudBgCIAEoBSq1AQoOQ2xvc3VyZU91dGNvbWUSHwobQ0xPU1VSRV9PVVRDT01FX1VOU1BFQ0lGSUVEEAASGgoWQ0xPU1VSRV9PVVRDT01FX0NMT1NFRBABEh0KGUNMT1NVUkVfT1VUQ09NRV9TQ0hFRFVMRUQQAhIpCiVDTE9TVVJFX09VVENPTUVfQlJBTkNIX1ZJU0lUX1JFUVVJUkVEEAMSHAoYQ0xPU1VSRV9PVVRDT01FX1JFSkVDVEVEEAQqUAoIQ2FyZFR5cGUSGQoVQ0FSRF9UWVBFX1VOU1BFQ0lGSUVEEAASEwoPQ0FSRF9UWVBFX0RFQklUEAESFAoQQ0FSRF9UWVBFX0NSRURJVBACKnIKCkNhcmRTdGF0dXMSGwoXQ0FSRF9TVEFUVVNfVU5TUEVDSUZJRUQQABIWChJDQVJEX1NUQVRVU19BQ1RJVkUQARIXChNDQVJEX1NUQVRVU19ET1JNQU5UEAISFgoSQ0FSRF9TVEFUVVNfRlJPWkVOEAMymQIKEEJhbmtRdWVyeVNlcnZpY2USUQoKUXVlcnlDYXJkcxIfLmJhbmtxdWVyeS52MS5RdWVyeUNhcmRzUmVxdWVzdBogLmJhbmtxdWVyeS52MS5RdWVyeUNhcmRzUmVzcG9uc2UwARJMCglDbG9zZUNhcmQSHi5iYW5rcXVlcnkudjEuQ2xvc2VDYXJkUmVxdWVzdBofLmJhbmtxdWVyeS52MS5DbG9zZUNhcmRSZXNwb25zZRJkChFSZXBvcnRDYXJkTm90TWluZRImLmJhbmtxdWVyeS52MS5SZXBvcnRDYXJkTm90TWluZVJlcXVlc3QaJy5iYW5rcXVlcnkudjEuUmVwb3J0Q2FyZE5vdE1pbmVSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("CiViYW5rcXVlcnkvdjEvYmFua19xdWVyeV9zZXJ2aWNlLnByb3RvEgxiYW5rcXVlcnkudjEiYgoQQ2xvc2VDYXJkUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhAKCGNhcmRfcmVmGAIgASgJEhoKEnJlc2lkZW50X2lkX251bWJlchgDIAEoCRIMCgRuYW1lGAQgASgJImUKEUNsb3NlQ2FyZFJlc3BvbnNlEhEKCXRpY2tldF9pZBgBIAEoCRItCgdvdXRjb21lGAIgASgOMhwuYmFua3F1ZXJ5LnYxLkNsb3N1cmVPdXRjb21lEg4KBnJlYXNvbhgDIAEoCSJqChhSZXBvcnRDYXJkTm90TWluZVJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIQCghjYXJkX3JlZhgCIAEoCRIaChJyZXNpZGVudF9pZF9udW1iZXIYAyABKAkSDAoEbmFtZRgEIAEoCSJaChlSZXBvcnRDYXJkTm90TWluZVJlc3BvbnNlEhMKC2Nhc2VfbnVtYmVyGAEgASgJEigKBnN0YXR1cxgCIAEoDjIYLmJhbmtxdWVyeS52MS5DYXJkU3RhdHVzIk8KEVF1ZXJ5Q2FyZHNSZXF1ZXN0EhAKCHF1ZXJ5X2lkGAEgASgJEhoKEnJlc2lkZW50X2lkX251bWJlchgCIAEoCRIMCgRuYW1lGAMgASgJIncKElF1ZXJ5Q2FyZHNSZXNwb25zZRIoCgRjYXJkGAEgASgLMhguYmFua3F1ZXJ5LnYxLkNhcmRSZWNvcmRIABItCgdzdW1tYXJ5GAIgASgLMhouYmFua3F1ZXJ5LnYxLlF1ZXJ5U3VtbWFyeUgAQggKBnJlc3VsdCJRChNRdWVyeVNlc3Npb25SZXF1ZXN0EhAKCHF1ZXJ5X2lkGAEgASgJEhoKEnJlc2lkZW50X2lkX251bWJlchgCIAEoCRIMCgRuYW1lGAMgASgJIooBChRRdWVyeVNlc3Npb25SZXNwb25zZRIQCghxdWVyeV9pZBgBIAEoCRIrCgZhbnN3ZXIYAiABKAsyGS5iYW5rcXVlcnkudjEuUXVlcnlBbnN3ZXJIABIpCgVlcnJvchgDIAEoCzIYLmJhbmtxdWVyeS52MS5RdWVyeUVycm9ySABCCAoGcmVzdWx0ImMKC1F1ZXJ5QW5zd2VyEicKBWNhcmRzGAEgAygLMhguYmFua3F1ZXJ5LnYxLkNhcmRSZWNvcmQSKwoHc3VtbWFyeRgCIAEoCzIaLmJhbmtxdWVyeS52MS5RdWVyeVN1bW1hcnkiKwoKUXVlcnlFcnJvchIMCgRjb2RlGAEgASgFEg8KB21lc3NhZ2UYAiABKAki8wEKCkNhcmRSZWNvcmQSEQoJYmFua19jb2RlGAEgASgJEhAKCGNhcmRfcmVmGAIgASgJEikKCWNhcmRfdHlwZRgDIAEoDjIWLmJhbmtxdWVyeS52MS5DYXJkVHlwZRISCgpmaXJzdF9mb3VyGAQgASgJEhEKCWxhc3RfZm91chgFIAEoCRIVCg1udW1iZXJfbGVuZ3RoGAYgASgFEigKBnN0YXR1cxgHIAEoDjIYLmJhbmtxdWVyeS52MS5DYXJkU3RhdHVzEi0KCW9wZW5fdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiNwoMUXVlcnlTdW1tYXJ5EhEKCWJhbmtfY29kZRgBIAEoCRIUCgxyZWNvcmRfY291bnQYAiABKAUqtQEKDkNsb3N1cmVPdXRjb21lEh8KG0NMT1NVUkVfT1VUQ09NRV9VTlNQRUNJRklFRBAAEhoKFkNMT1NVUkVfT1VUQ09NRV9DTE9TRUQQARIdChlDTE9TVVJFX09VVENPTUVfU0NIRURVTEVEEAISKQolQ0xPU1VSRV9PVVRDT01FX0JSQU5DSF9WSVNJVF9SRVFVSVJFRBADEhwKGENMT1NVUkVfT1VUQ09NRV9SRUpFQ1RFRBAEKlAKCENhcmRUeXBlEhkKFUNBUkRfVFlQRV9VTlNQRUNJRklFRBAAEhMKD0NBUkRfVFlQRV9ERUJJVBABEhQKEENBUkRfVFlQRV9DUkVESVQQAipyCgpDYXJkU3RhdHVzEhsKF0NBUkRfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFgoSQ0FSRF9TVEFUVVNfQUNUSVZFEAESFwoTQ0FSRF9TVEFUVVNfRE9STUFOVBACEhYKEkNBUkRfU1RBVFVTX0ZST1pFThADMvQCChBCYW5rUXVlcnlTZXJ2aWNlElEKClF1ZXJ5Q2FyZHMSHy5iYW5rcXVlcnkudjEuUXVlcnlDYXJkc1JlcXVlc3QaIC5iYW5rcXVlcnkudjEuUXVlcnlDYXJkc1Jlc3BvbnNlMAESWQoMUXVlcnlTZXNzaW9uEiEuYmFua3F1ZXJ5LnYxLlF1ZXJ5U2Vzc2lvblJlcXVlc3QaIi5iYW5rcXVlcnkudjEuUXVlcnlTZXNzaW9uUmVzcG9uc2UoATABEkwKCUNsb3NlQ2FyZBIeLmJhbmtxdWVyeS52MS5DbG9zZUNhcmRSZXF1ZXN0Gh8uYmFua3F1ZXJ5LnYxLkNsb3NlQ2FyZFJlc3BvbnNlEmQKEVJlcG9ydENhcmROb3RNaW5lEiYuYmFua3F1ZXJ5LnYxLlJlcG9ydENhcmROb3RNaW5lUmVxdWVzdBonLmJhbmtxdWVyeS52MS5SZXBvcnRDYXJkTm90TWluZVJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp]);
 
 /**
  * Request for CloseCard.
@@ -245,6 +245,147 @@ export const QueryCardsResponseSchema: GenMessage<QueryCardsResponse> = /*@__PUR
   messageDesc(file_bankquery_v1_bank_query_service, 5);
 
 /**
+ * One query on a QuerySession stream.
+ *
+ * @generated from message bankquery.v1.QuerySessionRequest
+ */
+export type QuerySessionRequest = Message<"bankquery.v1.QuerySessionRequest"> & {
+  /**
+   * Union-assigned identifier of this query, unique per lookup and bank; the
+   * answer carries it back. 1-64 characters of [A-Za-z0-9_-].
+   *
+   * @generated from field: string query_id = 1;
+   */
+  queryId: string;
+
+  /**
+   * The person's 18-character resident ID number (GB 11643), with a valid
+   * check digit. Sent only over mutual TLS and never echoed back.
+   *
+   * @generated from field: string resident_id_number = 2;
+   */
+  residentIdNumber: string;
+
+  /**
+   * The person's name as verified by the union (1-64 characters). A mismatch
+   * is answered like an unknown person.
+   *
+   * @generated from field: string name = 3;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message bankquery.v1.QuerySessionRequest.
+ * Use `create(QuerySessionRequestSchema)` to create a new message.
+ */
+export const QuerySessionRequestSchema: GenMessage<QuerySessionRequest> = /*@__PURE__*/
+  messageDesc(file_bankquery_v1_bank_query_service, 6);
+
+/**
+ * The answer to one query of a QuerySession stream.
+ *
+ * @generated from message bankquery.v1.QuerySessionResponse
+ */
+export type QuerySessionResponse = Message<"bankquery.v1.QuerySessionResponse"> & {
+  /**
+   * The query_id of the QuerySessionRequest this answers.
+   *
+   * @generated from field: string query_id = 1;
+   */
+  queryId: string;
+
+  /**
+   * Exactly one is set.
+   *
+   * @generated from oneof bankquery.v1.QuerySessionResponse.result
+   */
+  result: {
+    /**
+     * The person's cards at this bank (none for an unknown person).
+     *
+     * @generated from field: bankquery.v1.QueryAnswer answer = 2;
+     */
+    value: QueryAnswer;
+    case: "answer";
+  } | {
+    /**
+     * Why this query failed.
+     *
+     * @generated from field: bankquery.v1.QueryError error = 3;
+     */
+    value: QueryError;
+    case: "error";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message bankquery.v1.QuerySessionResponse.
+ * Use `create(QuerySessionResponseSchema)` to create a new message.
+ */
+export const QuerySessionResponseSchema: GenMessage<QuerySessionResponse> = /*@__PURE__*/
+  messageDesc(file_bankquery_v1_bank_query_service, 7);
+
+/**
+ * A complete answer to one query: the same records and summary a QueryCards
+ * stream carries, in one message.
+ *
+ * @generated from message bankquery.v1.QueryAnswer
+ */
+export type QueryAnswer = Message<"bankquery.v1.QueryAnswer"> & {
+  /**
+   * Every non-closed card the bank holds for the person, masked at the bank.
+   *
+   * @generated from field: repeated bankquery.v1.CardRecord cards = 1;
+   */
+  cards: CardRecord[];
+
+  /**
+   * Counts the cards; an answer without a summary, or whose count differs,
+   * is truncated.
+   *
+   * @generated from field: bankquery.v1.QuerySummary summary = 2;
+   */
+  summary?: QuerySummary | undefined;
+};
+
+/**
+ * Describes the message bankquery.v1.QueryAnswer.
+ * Use `create(QueryAnswerSchema)` to create a new message.
+ */
+export const QueryAnswerSchema: GenMessage<QueryAnswer> = /*@__PURE__*/
+  messageDesc(file_bankquery_v1_bank_query_service, 8);
+
+/**
+ * A failed query on a QuerySession stream.
+ *
+ * @generated from message bankquery.v1.QueryError
+ */
+export type QueryError = Message<"bankquery.v1.QueryError"> & {
+  /**
+   * The gRPC status code the same failure would end a QueryCards call with,
+   * as its number (google.rpc.Code: 3 INVALID_ARGUMENT, 14 UNAVAILABLE, ...).
+   *
+   * @generated from field: int32 code = 1;
+   */
+  code: number;
+
+  /**
+   * What went wrong, for logs; never contains the query's ID number or name.
+   *
+   * @generated from field: string message = 2;
+   */
+  message: string;
+};
+
+/**
+ * Describes the message bankquery.v1.QueryError.
+ * Use `create(QueryErrorSchema)` to create a new message.
+ */
+export const QueryErrorSchema: GenMessage<QueryError> = /*@__PURE__*/
+  messageDesc(file_bankquery_v1_bank_query_service, 9);
+
+/**
  * A card as the bank reports it, already masked.
  *
  * @generated from message bankquery.v1.CardRecord
@@ -312,7 +453,7 @@ export type CardRecord = Message<"bankquery.v1.CardRecord"> & {
  * Use `create(CardRecordSchema)` to create a new message.
  */
 export const CardRecordSchema: GenMessage<CardRecord> = /*@__PURE__*/
-  messageDesc(file_bankquery_v1_bank_query_service, 6);
+  messageDesc(file_bankquery_v1_bank_query_service, 10);
 
 /**
  * The last message of a complete QueryCards stream.
@@ -340,7 +481,7 @@ export type QuerySummary = Message<"bankquery.v1.QuerySummary"> & {
  * Use `create(QuerySummarySchema)` to create a new message.
  */
 export const QuerySummarySchema: GenMessage<QuerySummary> = /*@__PURE__*/
-  messageDesc(file_bankquery_v1_bank_query_service, 7);
+  messageDesc(file_bankquery_v1_bank_query_service, 11);
 
 /**
  * What a bank decided about a closure request.
@@ -498,6 +639,40 @@ export const BankQueryService: GenService<{
     methodKind: "server_streaming";
     input: typeof QueryCardsRequestSchema;
     output: typeof QueryCardsResponseSchema;
+  },
+  /**
+   * Answers many card queries over one long-lived stream. The union sends one
+   * QuerySessionRequest per query and may have many queries outstanding; the
+   * bank answers each with exactly one QuerySessionResponse carrying the same
+   * query_id, in whatever order the answers are ready.
+   *
+   * Bidirectional streaming because in gRPC the cost of an RPC is far higher
+   * than that of a message: one stream per bank, carrying every lookup's
+   * query, lets a bank answer hundreds of lookups a second where one
+   * QueryCards call per query would not. Optional: a bank that answers
+   * UNIMPLEMENTED is asked through QueryCards instead (the union negotiates
+   * per bank). The answers mean exactly what QueryCards answers mean; a query
+   * whose answer does not carry a summary counting its cards is truncated.
+   *
+   * One query failing (a malformed field, an injected fault) fails only that
+   * query, in its response's error; the stream goes on.
+   *
+   * Flow control is the backpressure: a bank stops reading queries while it
+   * has its limit of unanswered ones on the stream, so nothing queues without
+   * bound on either side.
+   *
+   * Status codes of the stream as a whole:
+   * - OK: the union closed its side and every query was answered.
+   * - UNIMPLEMENTED: this bank answers only QueryCards.
+   * - UNAVAILABLE: the bank is going away or lost its connection; queries
+   *   without an answer may be retried on a new stream.
+   *
+   * @generated from rpc bankquery.v1.BankQueryService.QuerySession
+   */
+  querySession: {
+    methodKind: "bidi_streaming";
+    input: typeof QuerySessionRequestSchema;
+    output: typeof QuerySessionResponseSchema;
   },
   /**
    * Asks the bank to close one of the person's cards. The bank decides: close
