@@ -6,7 +6,8 @@ settings make a simulated bank do exactly that on the wire, so the union's
 tests and demos exercise its real client code, not mocks.
 
 Settings are immutable; change them at run time by assigning a new
-`FaultSettings` to `BankQueryServicer.faults` (each call reads it once).
+`FaultSettings` to `BankQueryServicer.faults` (each call, and each query on a
+QuerySession stream, reads it once).
 """
 
 from __future__ import annotations
@@ -36,6 +37,19 @@ Lie = Literal["none", "wrong_bank", "long_last_four", "unknown_enum"]
 # A value no CardType/CardStatus has; proto3 enums are open, so it goes on the wire as-is.
 UNKNOWN_ENUM_VALUE = 99
 
+_BOOLEAN_KNOBS = ("outage", "query_session")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _parse_bool(key: str, raw: str) -> bool:
+    """Strict, so a typo (`query_session=flase`) is an error instead of silently meaning False."""
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ValueError(f"{key} must be one of {', '.join(_TRUE + _FALSE)}")
+
 
 @dataclass(frozen=True)
 class FaultSettings:
@@ -53,6 +67,8 @@ class FaultSettings:
     die_mode: DieMode = "abort"  # ...with UNAVAILABLE ("abort") or a clean end without summary ("end")
     truncate: Truncate = "none"  # omit the summary, or send a wrong record_count
     lie: Lie = "none"  # wrong bank code, 5-digit last_four, or unknown enum values
+    # False: an older bank that only has QueryCards; QuerySession answers UNIMPLEMENTED.
+    query_session: bool = True
 
     def __post_init__(self) -> None:
         for name in ("latency_ms", "latency_jitter_ms", "tail_latency_ms", "record_delay_ms"):
@@ -97,8 +113,8 @@ class FaultSettings:
                     value = grpc.StatusCode[raw.upper()]
                 except KeyError:
                     raise ValueError(f"unknown status code {raw!r}") from None
-            elif key == "outage":
-                value = raw.lower() in ("1", "true", "yes", "on")
+            elif key in _BOOLEAN_KNOBS:
+                value = _parse_bool(key, raw)
             elif key == "die_after_records":
                 value = None if raw.lower() in ("", "none") else int(raw)
             elif key in ("error_rate", "tail_rate"):

@@ -91,7 +91,9 @@ def serve(
     population: Annotated[int, typer.Option(help="Size of the synthetic population.")] = DEFAULT_POPULATION,
     fault: Annotated[
         list[str] | None,
-        typer.Option(help="Fault knob key=value, repeatable (e.g. latency_ms=300, outage=1)."),
+        typer.Option(
+            help="Fault knob key=value, repeatable (e.g. latency_ms=300, outage=1, query_session=0)."
+        ),
     ] = None,
     tls_dir: Annotated[
         Path | None,
@@ -148,7 +150,9 @@ def faults(
     bank: BankOption,
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Fault knob key=value, repeatable (e.g. latency_ms=300, outage=1)."),
+        typer.Option(
+            "--set", help="Fault knob key=value, repeatable (e.g. latency_ms=300, outage=1, query_session=0)."
+        ),
     ] = None,
     clear: Annotated[bool, typer.Option(help="Back to the settings the bank started with.")] = False,
     data_dir: DataDir = DEFAULT_DATA_DIR,
