@@ -38,6 +38,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    bindparam,
     create_engine,
     event,
     func,
@@ -162,6 +163,31 @@ class CardNotFound(LookupError):
 
 class RequestConflict(ValueError):
     """The request_id was already used for another card (or another kind of request)."""
+
+
+# find_cards_many: at most this many IDs per statement (SQLite's old limit on bound parameters is 999).
+_LOOKUP_CHUNK = 500
+_customers = Customer.__table__
+_cards = BankCard.__table__
+# Built once; the expanding IN keeps one cached compiled form whatever the batch size. Ordered
+# like _cards_of within each person (rows of different people may interleave).
+_CARDS_OF_MANY = (
+    select(
+        _cards.c.customer_id,
+        _customers.c.name,
+        _cards.c.card_ref,
+        _cards.c.number,
+        _cards.c.card_type,
+        _cards.c.status,
+        _cards.c.open_date,
+        _cards.c.last_activity_date,
+        _cards.c.balance_cents,
+        _cards.c.closure_scheduled_on,
+    )
+    .select_from(_cards.join(_customers, _cards.c.customer_id == _customers.c.resident_id_number))
+    .where(_cards.c.customer_id.in_(bindparam("ids", expanding=True)), _cards.c.status != "closed")
+    .order_by(_cards.c.open_date, _cards.c.card_ref)
+)
 
 
 def new_card_ref() -> str:
@@ -297,6 +323,40 @@ class BankStore:
             if customer is None or customer.name != name:
                 return []
             return self._cards_of(session, resident_id_number, include_closed)
+
+    def find_cards_many(self, people: Sequence[tuple[str, str]]) -> list[list[StoredCard]]:
+        """`find_cards` for many (resident_id_number, name) pairs at once, answers in the same order.
+
+        QuerySession batches the queries that arrive while a read is in progress into one call:
+        one Core SELECT per chunk of IDs instead of an ORM session and two queries per person,
+        which is what lets one bank answer thousands of queries a second.
+        """
+        wanted = list(dict.fromkeys(resident_id for resident_id, _ in people))
+        names: dict[str, str] = {}
+        cards: dict[str, list[StoredCard]] = {}
+        with self._engine.connect() as connection:
+            for start in range(0, len(wanted), _LOOKUP_CHUNK):
+                chunk = wanted[start : start + _LOOKUP_CHUNK]
+                for row in connection.execute(_CARDS_OF_MANY, {"ids": chunk}):
+                    names[row.customer_id] = row.name
+                    cards.setdefault(row.customer_id, []).append(
+                        StoredCard(
+                            card_ref=row.card_ref,
+                            number=row.number,
+                            card_type=row.card_type,
+                            status=row.status,
+                            open_date=row.open_date,
+                            last_activity_date=row.last_activity_date,
+                            balance_cents=row.balance_cents,
+                            closure_scheduled_on=row.closure_scheduled_on,
+                        )
+                    )
+        # A name that does not match answers like an unknown person, as in find_cards. The lists
+        # are shared between repeated pairs; StoredCard is frozen and callers only read them.
+        return [
+            cards.get(resident_id, []) if names.get(resident_id) == name else []
+            for resident_id, name in people
+        ]
 
     def cards_for_id(self, resident_id_number: str, include_closed: bool = True) -> list[StoredCard]:
         """Operator view by ID number alone (the bank's own tools, not the union contract)."""
