@@ -1,8 +1,18 @@
 """bankquery.v1.BankQueryService for one simulated bank.
 
-The servicer validates the union's request, reads the bank's own store off the
+QueryCards validates the union's request, reads the bank's own store off the
 event loop, masks every card at the source and streams the records followed by
 a summary. Fault settings (server.bank.faults) bend that behaviour on purpose.
+
+QuerySession answers many queries on one long-lived stream with the same
+meaning, each in one message. It is built for throughput, since per-RPC cost
+is what limits a Python gRPC bank: a reader task takes queries off the stream
+(and stops while MAX_OUTSTANDING_QUERIES are unanswered: the contract's
+backpressure), queries that arrive while a read is in progress are looked up
+together in one thread hop and one SQL statement, injected delays are timers
+rather than tasks, and the handler itself is the stream's only writer. Faults
+apply per query (one snapshot each); a failed query is answered with a
+QueryError and the stream goes on, except the die knobs, which end the stream.
 
 CloseCard and ReportCardNotMine (unary) go through the same fault gate as
 QueryCards (outage, latency, injected errors; the stream-only knobs do not
@@ -15,17 +25,20 @@ import asyncio
 import logging
 import random
 import re
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from bankquery.v1 import bank_query_service_pb2 as pb
 from bankquery.v1 import bank_query_service_pb2_grpc as pb_grpc
+from google.protobuf.message import DecodeError
 
 from server.bank import actions
 from server.bank.faults import FaultSettings, lie_about, other_bank_code
 from server.bank.masking import to_card_record
-from server.bank.store import ActionAnswer, ActionKind, BankStore, CardNotFound, RequestConflict
+from server.bank.store import ActionAnswer, ActionKind, BankStore, CardNotFound, RequestConflict, StoredCard
 from server.common import errors
 from server.common.checks import is_valid_resident_id
 from server.common.grpc_errors import grpc_method
@@ -37,7 +50,11 @@ _QUERY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _MAX_NAME_LENGTH = 64
 _MAX_CARD_REF_LENGTH = 128
 
+# Unanswered queries one QuerySession stream may have before the bank stops reading it.
+MAX_OUTSTANDING_QUERIES = 512
+
 CardActionRequest = pb.CloseCardRequest | pb.ReportCardNotMineRequest
+CardQuery = pb.QueryCardsRequest | pb.QuerySessionRequest
 
 _CLOSURE_OUTCOMES: dict[str, pb.ClosureOutcome.ValueType] = {
     actions.ClosureOutcome.CLOSED: pb.CLOSURE_OUTCOME_CLOSED,
@@ -60,12 +77,16 @@ def _person_violations(resident_id_number: str, name: str) -> list[errors.FieldV
     return violations
 
 
-def validate_request(request: pb.QueryCardsRequest) -> None:
-    """Raise InvalidArgument naming every bad field (never echoing the values: they are PII)."""
+def _query_violations(request: CardQuery) -> list[errors.FieldViolation]:
     violations: list[errors.FieldViolation] = []
     if not _QUERY_ID.fullmatch(request.query_id):
         violations.append(errors.FieldViolation("query_id", "must be 1-64 characters of [A-Za-z0-9_-]"))
-    violations += _person_violations(request.resident_id_number, request.name)
+    return violations + _person_violations(request.resident_id_number, request.name)
+
+
+def validate_request(request: CardQuery) -> None:
+    """Raise InvalidArgument naming every bad field (never echoing the values: they are PII)."""
+    violations = _query_violations(request)
     if violations:
         raise errors.InvalidArgument(violations)
 
@@ -88,15 +109,259 @@ def _dies_now(faults: FaultSettings, sent: int) -> bool:
     return faults.die_after_records is not None and sent >= faults.die_after_records
 
 
+def _error(query_id: str, code: grpc.StatusCode, message: str) -> pb.QuerySessionResponse:
+    number: int = code.value[0]
+    return pb.QuerySessionResponse(query_id=query_id, error=pb.QueryError(code=number, message=message))
+
+
+@dataclass(slots=True)
+class _Query:
+    """One query of a QuerySession stream, with the fault snapshot it was read under."""
+
+    query_id: str
+    resident_id_number: str
+    name: str
+    faults: FaultSettings
+
+
+@dataclass(frozen=True, slots=True)
+class _StreamEnd:
+    """Queued behind the answers already due: the writer sends those, then ends the stream here."""
+
+    abort: bool  # UNAVAILABLE; otherwise a clean OK end with queries left unanswered
+    reason: str
+
+
+class _ReadDone:
+    """Queued when the union half-closes: end OK once every query read is answered."""
+
+
+_READ_DONE = _ReadDone()
+
+_Outgoing = pb.QuerySessionResponse | _StreamEnd | _ReadDone | Exception
+
+
+class _QuerySession:
+    """The state of one QuerySession stream (see the module docstring for the shape).
+
+    Everything runs on the event loop except the store reads; callbacks only append to
+    `outgoing`, which the servicer's handler drains as the stream's single writer.
+    """
+
+    def __init__(
+        self,
+        servicer: BankQueryServicer,
+        requests: AsyncIterator[pb.QuerySessionRequest],
+        max_outstanding: int,
+    ) -> None:
+        self._servicer = servicer
+        self._bank = servicer.bank_code
+        self._requests = requests
+        self._rng = servicer._rng
+        self._loop = asyncio.get_running_loop()
+        self._debug = log.isEnabledFor(logging.DEBUG)
+        self.outgoing: asyncio.Queue[_Outgoing] = asyncio.Queue()  # bounded by _slots
+        self._slots = asyncio.Semaphore(max_outstanding)
+        self._pending: list[_Query] = []  # waiting for the next store read
+        self._lookup_wanted = asyncio.Event()
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ending = False
+        self.started = time.monotonic()
+        self.received = 0
+        self.answered = 0
+        self.failed = 0
+        self.outstanding = 0  # read and not yet written
+        self.reading_done = False
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._read(), name=f"query-session-read-{self._bank}"),
+            asyncio.create_task(self._look_up(), name=f"query-session-lookup-{self._bank}"),
+        ]
+
+    def written(self) -> None:
+        """One response is on the wire: its slot may take a new query."""
+        self.outstanding -= 1
+        self._slots.release()
+
+    async def close(self) -> None:
+        """Stop reading, looking up and waiting; nothing of this stream outlives the call."""
+        self._ending = True
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        try:
+            requests = aiter(self._requests)
+            while not self._ending:
+                # A slot before every read: at the limit the bank stops reading (backpressure).
+                await self._slots.acquire()
+                try:
+                    request = await anext(requests)
+                except StopAsyncIteration:
+                    self.outgoing.put_nowait(_READ_DONE)
+                    return
+                self._receive(request)
+        except (DecodeError, UnicodeDecodeError):
+            # Bytes without a readable query_id cannot be answered in-stream: the caller's bug
+            # ends the stream INVALID_ARGUMENT (as server.common.request_guard does for QueryCards).
+            self.outgoing.put_nowait(
+                errors.InvalidArgument([errors.FieldViolation("", "a query could not be parsed")])
+            )
+        except Exception as error:  # handed to the writer, which fails the stream with it
+            self.outgoing.put_nowait(error)
+
+    def _receive(self, request: pb.QuerySessionRequest) -> None:
+        """Fault gate and validation in QueryCards' order: outage, validation, delay, injected error."""
+        self.received += 1
+        self.outstanding += 1
+        faults = self._servicer.faults  # one snapshot per query
+        if not faults.query_session:
+            # Switched off at run time: the bank restarts as a version without QuerySession.
+            # This stream goes away; the union's next one gets UNIMPLEMENTED.
+            self._end(abort=True, reason=f"{self._bank} is going away")
+            return
+        if faults.outage:
+            self._fail(request.query_id, grpc.StatusCode.UNAVAILABLE, f"{self._bank} is unavailable")
+            return
+        violations = _query_violations(request)
+        if violations:
+            message = errors.InvalidArgument(violations).message  # field names, never values
+            self._fail(request.query_id, grpc.StatusCode.INVALID_ARGUMENT, message)
+            return
+        query = _Query(request.query_id, request.resident_id_number, request.name, faults)
+        delay = faults.start_delay(self._rng)
+        if delay:
+            self._later(delay, lambda: self._delayed(query))
+        else:
+            self._delayed(query)
+
+    def _delayed(self, query: _Query) -> None:
+        if query.faults.fails(self._rng):
+            self._fail(query.query_id, query.faults.error_code, f"{self._bank}: injected failure")
+            return
+        self._pending.append(query)
+        self._lookup_wanted.set()
+
+    # --- looking up ------------------------------------------------------------------------
+
+    async def _look_up(self) -> None:
+        """One store read per batch: whatever queued up while the previous read ran."""
+        store = self._servicer.store
+        try:
+            while True:
+                await self._lookup_wanted.wait()
+                self._lookup_wanted.clear()
+                batch, self._pending = self._pending, []
+                people = [(query.resident_id_number, query.name) for query in batch]
+                try:
+                    found = await asyncio.to_thread(store.find_cards_many, people)
+                except Exception:
+                    # What QueryCards would end with (INTERNAL), for these queries only.
+                    log.exception("card lookup failed", extra={"bank": self._bank, "queries": len(batch)})
+                    for query in batch:
+                        self._fail(query.query_id, grpc.StatusCode.INTERNAL, "internal error")
+                    continue
+                for query, cards in zip(batch, found, strict=True):
+                    self._looked_up(query, cards)
+        except Exception as error:
+            self.outgoing.put_nowait(error)
+
+    def _looked_up(self, query: _Query, cards: Sequence[StoredCard]) -> None:
+        delay_ms = query.faults.record_delay_ms * len(cards)
+        if delay_ms:
+            self._later(delay_ms / 1000, lambda: self._answer(query, cards))
+        else:
+            self._answer(query, cards)
+
+    # --- answering -------------------------------------------------------------------------
+
+    def _answer(self, query: _Query, cards: Sequence[StoredCard]) -> None:
+        """The QueryCards answer in one message, bent by the same knobs."""
+        faults = query.faults
+        if _dies_now(faults, len(cards)):
+            # As in QueryCards, the bank dies before the (die_after_records + 1)-th message of an
+            # answer; here that message would be in this answer, so the whole stream goes.
+            self._end(abort=faults.die_mode == "abort", reason=f"{self._bank}: connection lost")
+            return
+        records = [to_card_record(self._bank, card) for card in cards]
+        if faults.lie != "none":
+            for record, card in zip(records, cards, strict=True):
+                lie_about(record, card, faults.lie)
+        answer = pb.QueryAnswer(cards=records)
+        if faults.truncate != "omit_summary":
+            count = len(records) + 1 if faults.truncate == "wrong_count" else len(records)
+            summary_bank = other_bank_code(self._bank) if faults.lie == "wrong_bank" else self._bank
+            answer.summary.bank_code = summary_bank
+            answer.summary.record_count = count
+        self.answered += 1
+        self.outgoing.put_nowait(pb.QuerySessionResponse(query_id=query.query_id, answer=answer))
+        if self._debug:
+            log.debug(
+                "answered query",
+                extra={"query_id": query.query_id, "bank": self._bank, "records": len(cards)},
+            )
+
+    def _fail(self, query_id: str, code: grpc.StatusCode, message: str) -> None:
+        self.failed += 1
+        self.outgoing.put_nowait(_error(query_id, code, message))
+        if self._debug:
+            log.debug("failed query", extra={"query_id": query_id, "bank": self._bank, "code": code.name})
+
+    def _end(self, abort: bool, reason: str) -> None:
+        if not self._ending:
+            self._ending = True
+            self.outgoing.put_nowait(_StreamEnd(abort, reason))
+
+    def _later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run `callback` after `delay` seconds without holding up any other query."""
+
+        def fire() -> None:
+            self._timers.discard(handle)
+            try:
+                callback()
+            except Exception as error:
+                self.outgoing.put_nowait(error)
+
+        handle = self._loop.call_later(delay, fire)
+        self._timers.add(handle)
+
+
 class BankQueryServicer(pb_grpc.BankQueryServiceServicer):
     """One bank's answer to the union. `faults` may be replaced at any time."""
 
-    def __init__(self, bank_code: str, store: BankStore, faults: FaultSettings | None = None) -> None:
+    def __init__(
+        self,
+        bank_code: str,
+        store: BankStore,
+        faults: FaultSettings | None = None,
+        max_outstanding: int = MAX_OUTSTANDING_QUERIES,
+    ) -> None:
+        if max_outstanding < 1:
+            raise ValueError("max_outstanding must be at least 1")
         self.bank_code = bank_code
         self.store = store
         self.faults = faults or FaultSettings()
+        self.max_outstanding = max_outstanding
         # Fault decisions only; nothing security-relevant is drawn from it.
         self._rng = random.Random()  # noqa: S311
+        self._sessions: set[_QuerySession] = set()
+
+    @property
+    def open_sessions(self) -> int:
+        """QuerySession streams in progress (tests check none outlives its client)."""
+        return len(self._sessions)
+
+    def session_received(self) -> list[int]:
+        """Queries read so far on each open QuerySession stream (tests observe backpressure)."""
+        return [session.received for session in self._sessions]
 
     async def _fault_gate(
         self, faults: FaultSettings, context: grpc.aio.ServicerContext[Any, Any], validate: Callable[[], None]
@@ -140,7 +405,8 @@ class BankQueryServicer(pb_grpc.BankQueryServiceServicer):
             return
         count = sent + 1 if faults.truncate == "wrong_count" else sent
         summary_bank = other_bank_code(self.bank_code) if faults.lie == "wrong_bank" else self.bank_code
-        log.info(
+        # DEBUG: a line per query at INFO costs real throughput at hundreds of queries a second.
+        log.debug(
             "answered query", extra={"query_id": request.query_id, "bank": self.bank_code, "records": sent}
         )
         yield pb.QueryCardsResponse(summary=pb.QuerySummary(bank_code=summary_bank, record_count=count))
@@ -148,6 +414,54 @@ class BankQueryServicer(pb_grpc.BankQueryServiceServicer):
     async def _die(self, faults: FaultSettings, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if faults.die_mode == "abort":
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.bank_code}: connection lost")
+
+    @grpc_method
+    async def QuerySession(
+        self,
+        request_iterator: AsyncIterator[pb.QuerySessionRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.QuerySessionResponse]:
+        """Answer every query read, in whatever order the answers are ready; this handler is the
+        stream's only writer. OK once the union half-closes and all is answered."""
+        if not self.faults.query_session:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{self.bank_code} answers only QueryCards")
+        session = _QuerySession(self, request_iterator, self.max_outstanding)
+        self._sessions.add(session)
+        outcome = "cancelled"
+        try:
+            session.start()
+            outgoing = session.outgoing
+            while not (session.reading_done and session.outstanding == 0):
+                item = await outgoing.get()
+                if isinstance(item, pb.QuerySessionResponse):
+                    yield item
+                    session.written()
+                elif isinstance(item, _ReadDone):
+                    session.reading_done = True
+                elif isinstance(item, _StreamEnd):
+                    outcome = "died" if item.abort else "ended early"
+                    if item.abort:
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, item.reason)
+                    return
+                else:
+                    outcome = "failed"
+                    raise item  # grpc_method: a DomainError's status, anything else INTERNAL (logged)
+            outcome = "ok"
+        finally:
+            self._sessions.discard(session)
+            await session.close()
+            # Once per stream at INFO; per query only at DEBUG (thousands a second).
+            log.info(
+                "query session ended",
+                extra={
+                    "bank": self.bank_code,
+                    "outcome": outcome,
+                    "queries": session.received,
+                    "answered": session.answered,
+                    "failed": session.failed,
+                    "seconds": round(time.monotonic() - session.started, 3),
+                },
+            )
 
     async def _act(
         self,
