@@ -4,11 +4,14 @@ Starts the 16 banks (one process) and the union (its own process) on loopback,
 verifies N simulated people once each, then keeps C lookups in flight for D
 seconds (create → watch until the report is ready, person after person) and
 measures completed lookups/s, time-to-report percentiles, errors by status
-code and the union's peak RSS. In the same run it measures a bare baseline —
-the same banks driven by a minimal fan-out (one QueryCards call per bank per
-lookup, no persistence, auth or masking) — and prints the ratio. Timings are
-never asserted: these machines are shared and noisy, so ratios against a
-baseline from the same run are what to compare.
+code, CPU per lookup of each process and the union's peak RSS. In the same run,
+before the union, it measures two bare baselines: the same banks driven by a
+minimal fan-out with no persistence, auth or masking, first with one QueryCards
+call per bank per lookup ("bare per-call"), then with one long-lived
+QuerySession stream per bank carrying every lookup's query ("bare
+multiplexed"). It prints the ratios between the three. Timings are never
+asserted: these machines are shared and noisy, so ratios against baselines
+from the same run are what to compare.
 
     python -m bench.run --concurrency 32 --duration 20 [--bank-latency-ms 50] [--database-url ...]
 """
@@ -29,6 +32,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,7 @@ from server.union.sms import read_one_time_code
 
 SEED = 20211201
 OPEN = {r.code for r in PILOT_REGIONS}
+STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 def free_block(size: int) -> int:
@@ -272,7 +277,8 @@ async def drive_union(stack: Stack, tokens: list[str], concurrency: int, duratio
 
 
 async def drive_bare(stack: Stack, people: list[Person], concurrency: int, duration: float) -> Run:
-    """The floor: fan a query out to the 16 banks and wait for every stream; nothing else."""
+    """The per-call floor: one QueryCards call to each of the 16 banks per lookup, waiting for
+    every stream; nothing else."""
     run = Run("bare per-call fan-out")
     channels = [grpc.aio.insecure_channel(f"127.0.0.1:{stack.bank_base + i}") for i in range(16)]
     stubs = [bank_grpc.BankQueryServiceStub(c) for c in channels]
@@ -304,6 +310,110 @@ async def drive_bare(stack: Stack, people: list[Person], concurrency: int, durat
     run.seconds = time.monotonic() - began
     await asyncio.gather(*(c.close(None) for c in channels))
     return run
+
+
+class SessionStream:
+    """One QuerySession stream to one bank: `ask` sends a query, a reader task resolves its answer.
+
+    The requests go through a queue into the call's request iterator, so the stream has exactly
+    one writer however many lookups are asking at once.
+    """
+
+    def __init__(self, stub: bank_grpc.BankQueryServiceAsyncStub) -> None:
+        self._outbox: asyncio.Queue[bank_pb.QuerySessionRequest | None] = asyncio.Queue()
+        self._waiting: dict[str, asyncio.Future[bank_pb.QuerySessionResponse]] = {}
+        self._call = stub.QuerySession(self._requests())
+        self._failure: grpc.aio.AioRpcError | None = None
+        self._reader = asyncio.create_task(self._read())
+
+    async def _requests(self) -> AsyncIterator[bank_pb.QuerySessionRequest]:
+        while (request := await self._outbox.get()) is not None:
+            yield request
+
+    async def _read(self) -> None:
+        try:
+            async for response in self._call:
+                waiter = self._waiting.pop(response.query_id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(response)
+        except grpc.aio.AioRpcError as error:
+            self._failure = error
+        # The stream is over: nothing still waiting will be answered on it.
+        for waiter in self._waiting.values():
+            if not waiter.done():
+                waiter.set_exception(self._failure or ConnectionError("stream ended"))
+        self._waiting.clear()
+
+    def ask(self, person: Person) -> asyncio.Future[bank_pb.QuerySessionResponse]:
+        waiter: asyncio.Future[bank_pb.QuerySessionResponse] = asyncio.get_running_loop().create_future()
+        if self._reader.done():
+            waiter.set_exception(self._failure or ConnectionError("stream ended"))
+            return waiter
+        query_id = uuid.uuid4().hex
+        self._waiting[query_id] = waiter
+        self._outbox.put_nowait(
+            bank_pb.QuerySessionRequest(
+                query_id=query_id, resident_id_number=person.resident_id_number, name=person.name
+            )
+        )
+        return waiter
+
+    async def close(self) -> None:
+        """Half-close, so the bank finishes what is outstanding and ends the stream OK."""
+        self._outbox.put_nowait(None)
+        await self._reader
+
+
+async def drive_bare_multiplexed(
+    stack: Stack, people: list[Person], concurrency: int, duration: float
+) -> Run:
+    """The floor with per-RPC cost taken out: one QuerySession stream per bank carries every
+    lookup's query; a lookup sends its query to all 16 streams and waits for the 16 answers."""
+    run = Run("bare multiplexed fan-out")
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{stack.bank_base + i}") for i in range(16)]
+    streams = [SessionStream(bank_grpc.BankQueryServiceStub(c)) for c in channels]
+    deadline = time.monotonic() + duration
+
+    async def worker(index: int) -> None:
+        turn = 0
+        while time.monotonic() < deadline:
+            person = people[(index + turn * concurrency) % len(people)]
+            turn += 1
+            started = time.monotonic()
+            try:
+                answers = await asyncio.wait_for(
+                    asyncio.gather(*(stream.ask(person) for stream in streams)), timeout=30
+                )
+            except grpc.aio.AioRpcError as error:
+                run.errors[error.code().name] += 1
+                continue
+            except TimeoutError:
+                run.errors["DEADLINE_EXCEEDED"] += 1
+                continue
+            except ConnectionError:
+                run.errors["STREAM_ENDED"] += 1
+                continue
+            failed = [a.error.code for a in answers if a.WhichOneof("result") == "error"]
+            if failed:
+                run.errors[STATUS_NAMES.get(failed[0], str(failed[0]))] += 1
+                continue
+            run.latencies_ms.append((time.monotonic() - started) * 1000)
+            run.completed += 1
+
+    began = time.monotonic()
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    run.seconds = time.monotonic() - began
+    await asyncio.gather(*(stream.close() for stream in streams))
+    await asyncio.gather(*(c.close(None) for c in channels))
+    return run
+
+
+def rate(run: Run) -> float:
+    return run.completed / run.seconds if run.seconds else 0.0
+
+
+def ratio(numerator: Run, denominator: Run) -> float | None:
+    return round(rate(numerator) / rate(denominator), 3) if rate(denominator) else None
 
 
 def measured(stack: Stack, run_phase: Any) -> Run:
@@ -365,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     stack.start()
     try:
         tokens = asyncio.run(verify_all(stack, people))
-        bare = measured(stack, drive_bare(stack, people, args.concurrency, args.duration))
+        per_call = measured(stack, drive_bare(stack, people, args.concurrency, args.duration))
+        multiplexed = measured(stack, drive_bare_multiplexed(stack, people, args.concurrency, args.duration))
         union = measured(stack, drive_union(stack, tokens, args.concurrency, args.duration))
         rss = max(peak_rss_mb(pid) for pid in stack.union_pids)
     finally:
@@ -385,19 +496,22 @@ def main(argv: list[str] | None = None) -> int:
             "database": "postgresql" if args.database_url.startswith("postgresql") else "sqlite",
             "replicas": args.replicas,
         },
-        "bare_baseline": bare.summary(),
+        "bare_per_call": per_call.summary(),
+        "bare_multiplexed": multiplexed.summary(),
         "union": union.summary(),
         "union_peak_rss_mb": round(rss, 1),
-        "ratio_union_to_bare": round(union.completed / union.seconds / (bare.completed / bare.seconds), 3)
-        if bare.completed and union.seconds
-        else None,
+        "ratio_union_to_bare_multiplexed": ratio(union, multiplexed),
+        "ratio_union_to_bare_per_call": ratio(union, per_call),
+        "ratio_multiplexed_to_per_call": ratio(multiplexed, per_call),
     }
     if args.bank_latency_ms:
         result["fanout_overhead_p50_ms"] = round(union.summary()["p50_ms"] - args.bank_latency_ms, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    plot([bare, union], args.out / "latency.png")
+    plot([per_call, multiplexed, union], args.out / "latency.png")
     print(json.dumps(result, indent=2, ensure_ascii=False))
+    for run in (per_call, multiplexed, union):
+        print(f"{run.name:28} {rate(run):8.1f} lookups/s  cpu ms/lookup {run.cpu_ms_per_lookup}")
     print(f"wrote {args.out / 'latest.json'} and {args.out / 'latency.png'}")
     return 0
 
