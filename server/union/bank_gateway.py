@@ -1,9 +1,16 @@
 """The union's gRPC client for bankquery.v1: one channel per bank, proto → domain, failures classified.
 
 This adapter is the only union code that sees the bank contract's wire types.
-It rejects a stream that does not end with a summary whose count matches
-(truncation), records with unknown enum values, and a summary from another
-bank; the domain's `check_answer` does the rest.
+It rejects an answer without a summary whose count matches (truncation),
+records with unknown enum values, and a summary from another bank; the
+domain's `check_answer` does the rest.
+
+Card queries go over one long-lived QuerySession stream per bank, carrying
+every lookup's query: in Python gRPC an RPC costs far more than a message, so
+this is what lets the union fan out near the transport's limit. A bank that
+answers UNIMPLEMENTED (it only has QueryCards) is asked with one QueryCards
+call per query instead, and asked again for a session after a while, so the
+choice is negotiated per bank and follows the bank's upgrades.
 
 With mutual TLS, the union presents its own certificate and checks that the
 bank's certificate names the bank it called (the expected name is the bank
@@ -14,6 +21,9 @@ other peer is refused by the handshake itself.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +33,8 @@ from bankquery.v1 import bank_query_service_pb2_grpc as pb_grpc
 
 from server.union.domain.banks import BankCallFailed, BankDecision, ReportedCard
 from server.union.domain.model import ActionState, Bank, CardStatus, CardType
+
+log = logging.getLogger(__name__)
 
 # Codes after which another attempt may well succeed.
 RETRYABLE = {
@@ -49,8 +61,17 @@ _CARD_STATUSES = {
 }
 
 
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+# How long a bank that answered UNIMPLEMENTED is asked per call before it is offered a session again.
+SESSION_RETRY_SECONDS = 60.0
+
+
 def _failure(error: grpc.aio.AioRpcError) -> BankCallFailed:
-    code = error.code()
+    return _code_failure(error.code())
+
+
+def _code_failure(code: grpc.StatusCode) -> BankCallFailed:
     if code == grpc.StatusCode.NOT_FOUND:
         return BankCallFailed("the bank does not know this card for this person", retryable=False)
     return BankCallFailed(f"bank call failed: {code.name}", retryable=code in RETRYABLE)
@@ -68,11 +89,111 @@ class ClientTls:
     private_key: bytes
 
 
+class _SessionUnsupported(Exception):
+    """The bank answered QuerySession with UNIMPLEMENTED: ask it through QueryCards."""
+
+
+class _QuerySessionLink:
+    """One QuerySession stream to one bank, shared by every query to that bank.
+
+    A query registers a future under its query_id, puts its request on the
+    stream and waits for the answer with that id. `max_outstanding` bounds the
+    unanswered queries (and so everything this link holds); a query that finds
+    the link full waits, within its own deadline, for a place. When the stream
+    ends, every unanswered query fails as retryable and the next query opens a
+    new stream.
+    """
+
+    def __init__(self, channel: grpc.aio.Channel, bank_code: str, max_outstanding: int) -> None:
+        self._stub = pb_grpc.BankQueryServiceStub(channel)
+        self._bank_code = bank_code
+        self._places = asyncio.Semaphore(max_outstanding)
+        self._pending: dict[str, asyncio.Future[pb.QuerySessionResponse]] = {}
+        self._outbox: asyncio.Queue[pb.QuerySessionRequest | None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self.unsupported_until = 0.0
+
+    @property
+    def supported(self) -> bool:
+        return time.monotonic() >= self.unsupported_until
+
+    async def query(self, request: pb.QuerySessionRequest) -> pb.QuerySessionResponse:
+        """The bank's answer to one query (caller applies the deadline), or an exception:
+        BankCallFailed, or _SessionUnsupported if the bank has no QuerySession."""
+        async with self._places:
+            if request.query_id in self._pending:
+                raise BankCallFailed("query id already in flight", retryable=True)
+            future: asyncio.Future[pb.QuerySessionResponse] = asyncio.get_running_loop().create_future()
+            self._pending[request.query_id] = future
+            try:
+                self._open().put_nowait(request)  # never blocks: the places bound the queue
+                return await future
+            finally:
+                if self._pending.get(request.query_id) is future:
+                    del self._pending[request.query_id]
+
+    def _open(self) -> asyncio.Queue[pb.QuerySessionRequest | None]:
+        if self._outbox is None or self._reader is None or self._reader.done():
+            outbox: asyncio.Queue[pb.QuerySessionRequest | None] = asyncio.Queue()
+            call = self._stub.QuerySession(self._requests(outbox))
+            self._outbox = outbox
+            self._reader = asyncio.create_task(self._read(call, outbox), name=f"session-{self._bank_code}")
+        return self._outbox
+
+    @staticmethod
+    async def _requests(
+        outbox: asyncio.Queue[pb.QuerySessionRequest | None],
+    ) -> AsyncIterator[pb.QuerySessionRequest]:
+        while (request := await outbox.get()) is not None:
+            yield request
+
+    async def _read(
+        self,
+        call: grpc.aio.StreamStreamCall[pb.QuerySessionRequest, pb.QuerySessionResponse],
+        outbox: asyncio.Queue[pb.QuerySessionRequest | None],
+    ) -> None:
+        failure: Exception = BankCallFailed("bank session ended", retryable=True)
+        try:
+            async for response in call:
+                future = self._pending.get(response.query_id)
+                if future is not None and not future.done():
+                    future.set_result(response)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self.unsupported_until = time.monotonic() + SESSION_RETRY_SECONDS
+                failure = _SessionUnsupported()
+                log.info("bank has no query session; asking per call", extra={"bank": self._bank_code})
+            else:
+                failure = BankCallFailed(f"bank session lost: {error.code().name}", retryable=True)
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        finally:
+            if self._outbox is outbox:
+                self._outbox = None
+            # Only queries sent on this stream fail; a query already waiting for the next one is
+            # not in the outbox of this stream, so it is not affected.
+            for future in list(self._pending.values()):
+                if not future.done():
+                    future.set_exception(failure)
+
+    async def close(self) -> None:
+        if self._outbox is not None:
+            self._outbox.put_nowait(None)
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+
 class GrpcBankGateway:
-    def __init__(self, tls: ClientTls | None = None, max_records: int = 500) -> None:
+    def __init__(
+        self, tls: ClientTls | None = None, max_records: int = 500, max_outstanding_per_bank: int = 512
+    ) -> None:
         self._tls = tls
         self._max_records = max_records
+        self._max_outstanding = max_outstanding_per_bank
         self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
+        self._sessions: dict[tuple[str, str], _QuerySessionLink] = {}
 
     def _channel(self, bank: Bank) -> grpc.aio.Channel:
         key = (bank.code, bank.address)
@@ -95,6 +216,60 @@ class GrpcBankGateway:
     ) -> list[ReportedCard]:
         if not bank.address:
             raise BankCallFailed("bank has no address configured", retryable=True)
+        link = self._session(bank)
+        if link.supported:
+            request = pb.QuerySessionRequest(
+                query_id=query_id, resident_id_number=resident_id_number, name=name
+            )
+            try:
+                async with asyncio.timeout(call_timeout):
+                    response = await link.query(request)
+            except TimeoutError as error:
+                # Worded like the per-call path's deadline, so a report reads the same either way.
+                raise _code_failure(grpc.StatusCode.DEADLINE_EXCEEDED) from error
+            except _SessionUnsupported:
+                pass  # an older bank: ask it the per-call way below
+            else:
+                return self._session_answer(bank, response)
+        return await self._query_per_call(bank, query_id, resident_id_number, name, call_timeout)
+
+    def _session(self, bank: Bank) -> _QuerySessionLink:
+        key = (bank.code, bank.address)
+        link = self._sessions.get(key)
+        if link is None:
+            link = _QuerySessionLink(self._channel(bank), bank.code, self._max_outstanding)
+            self._sessions[key] = link
+        return link
+
+    def _session_answer(self, bank: Bank, response: pb.QuerySessionResponse) -> list[ReportedCard]:
+        kind = response.WhichOneof("result")
+        if kind == "error":
+            code = _STATUS_BY_NUMBER.get(response.error.code, grpc.StatusCode.UNKNOWN)
+            raise _code_failure(code)
+        if kind != "answer":
+            raise BankCallFailed("bank sent an empty answer", retryable=False)
+        answer = response.answer
+        if len(answer.cards) > self._max_records:
+            raise BankCallFailed("bank sent too many records", retryable=False)
+        if not answer.HasField("summary"):
+            raise BankCallFailed("bank answer has no summary (truncated)", retryable=True)
+        cards = [self._card(card) for card in answer.cards]
+        return self._checked(bank, answer.summary, cards)
+
+    @staticmethod
+    def _checked(bank: Bank, summary: pb.QuerySummary, cards: list[ReportedCard]) -> list[ReportedCard]:
+        if summary.bank_code != bank.code:
+            raise BankCallFailed("summary came from another bank", retryable=False)
+        if summary.record_count != len(cards):
+            raise BankCallFailed(
+                f"summary counts {summary.record_count} records but {len(cards)} arrived (truncated)",
+                retryable=True,
+            )
+        return cards
+
+    async def _query_per_call(
+        self, bank: Bank, query_id: str, resident_id_number: str, name: str, call_timeout: float
+    ) -> list[ReportedCard]:
         stub = pb_grpc.BankQueryServiceStub(self._channel(bank))
         request = pb.QueryCardsRequest(query_id=query_id, resident_id_number=resident_id_number, name=name)
         cards: list[ReportedCard] = []
@@ -122,14 +297,7 @@ class GrpcBankGateway:
         if summary is None:
             # The stream ended without its summary: a truncated answer, maybe a dying bank.
             raise BankCallFailed("bank stream ended without a summary (truncated)", retryable=True)
-        if summary.bank_code != bank.code:
-            raise BankCallFailed("summary came from another bank", retryable=False)
-        if summary.record_count != len(cards):
-            raise BankCallFailed(
-                f"summary counts {summary.record_count} records but {len(cards)} arrived (truncated)",
-                retryable=True,
-            )
-        return cards
+        return self._checked(bank, summary, cards)
 
     async def close_card(
         self,
@@ -191,5 +359,7 @@ class GrpcBankGateway:
         )
 
     async def close(self) -> None:
+        links, self._sessions = list(self._sessions.values()), {}
+        await asyncio.gather(*(link.close() for link in links))
         channels, self._channels = list(self._channels.values()), {}
         await asyncio.gather(*(channel.close(None) for channel in channels))
