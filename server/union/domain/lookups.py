@@ -79,7 +79,7 @@ class LookupService:
         validation.require(violations)
 
         # AIP-155: a retry returns what the first call made, whatever has changed since.
-        existing = await self._store.find_lookup_by_request(caller.person_hash, request_id)
+        existing, running, last_complete = await self._store.lookup_admission(caller.person_hash, request_id)
         if existing is not None:
             return existing
 
@@ -105,7 +105,6 @@ class LookupService:
             raise errors.FailedPrecondition("none of the chosen banks is enabled", reason="NO_ENABLED_BANK")
 
         now = self._clock.now()
-        running, last_complete = await self._store.last_lookup_activity(caller.person_hash)
         if running:
             raise errors.ResourceExhausted(
                 "a lookup is already in progress",
@@ -123,7 +122,7 @@ class LookupService:
         mobile = caller.mobile_number(self._keys)
         lookup_id = "l" + secrets.token_hex(12)
         try:
-            lookup = await self._store.create_lookup(
+            lookup, claims = await self._store.create_lookup(
                 lookup_id=lookup_id,
                 person_hash=caller.person_hash,
                 request_id=request_id,
@@ -137,6 +136,7 @@ class LookupService:
                 banks=chosen,
                 now=now,
                 deadline=now + self._orchestrator.policy.lookup_deadline,
+                claim=self._orchestrator.claim_request(chosen),
             )
         except DuplicateRequest:
             # Two retries of the same request raced; the other one won.
@@ -144,7 +144,9 @@ class LookupService:
             if raced is None:
                 raise
             return raced
-        self._orchestrator.wake()
+        self._orchestrator.dispatch(claims)
+        if len(claims) < len(chosen):
+            self._orchestrator.wake()  # the banks it had no room for go through the queue
         return lookup
 
     async def get_lookup(self, caller: Caller, name: str) -> model.Lookup:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 
@@ -234,6 +234,15 @@ class ReportPlan:
 
     report_id: str
     expire_time: datetime
+
+
+@dataclass(frozen=True)
+class ClaimRequest:
+    """Lease these banks' tasks of a new lookup to `owner` as it is created."""
+
+    owner: str
+    bank_codes: frozenset[str]
+    lease: timedelta
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,11 @@ class OrchestratorPolicy:
     lease_margin: timedelta = timedelta(seconds=5)
     backoff_base: timedelta = timedelta(seconds=1)
     backoff_max: timedelta = timedelta(minutes=10)
+    # Card actions in flight at once (each is one unary call).
     max_concurrent_calls: int = 256
+    # Card queries outstanding per bank. Per bank, so that a hung bank ties up only its own
+    # share: every other bank's answers keep flowing.
+    max_calls_per_bank: int = 512
     poll_interval: timedelta = timedelta(seconds=1)
     purge_interval: timedelta = timedelta(minutes=10)
     timezone: str = "Asia/Shanghai"
@@ -75,7 +79,9 @@ class Orchestrator:
         self.owner = f"union-{uuid.uuid4().hex[:12]}"
         self._wake = asyncio.Event()
         self._calls: set[asyncio.Task[None]] = set()
+        self._bank_calls: dict[str, int] = {}  # bank code → queries in flight
         self._slots = asyncio.Semaphore(policy.max_concurrent_calls)
+        self._actions_in_flight = 0
         self._runner: asyncio.Task[None] | None = None
         self._last_purge = 0.0
         self._next_maintenance = 0.0
@@ -89,6 +95,10 @@ class Orchestrator:
     def start(self) -> None:
         self._runner = asyncio.create_task(self._run(), name="orchestrator")
 
+    @property
+    def running(self) -> bool:
+        return self._runner is not None and not self._runner.done()
+
     def wake(self) -> None:
         """New work is due now (a lookup was created)."""
         self._wake.set()
@@ -99,6 +109,7 @@ class Orchestrator:
         if self._runner is not None:
             self._runner.cancel()
             await asyncio.gather(self._runner, return_exceptions=True)
+            self._runner = None
         if self._calls:
             _, pending = await asyncio.wait(self._calls, timeout=grace)
             for task in pending:
@@ -110,6 +121,27 @@ class Orchestrator:
     @property
     def calls_in_flight(self) -> int:
         return len(self._calls)
+
+    @property
+    def lease(self) -> timedelta:
+        """How long a claim is held: the call's timeout plus a margin."""
+        return self.policy.call_timeout + self.policy.lease_margin
+
+    def claim_request(self, banks: list[model.Bank]) -> model.ClaimRequest:
+        """Which of a new lookup's banks this replica takes on as the lookup is created: those it
+        has room for (the others wait in the queue for a claim); none once it is stopping."""
+        room = frozenset(
+            bank.code
+            for bank in banks
+            if self.running and self._bank_calls.get(bank.code, 0) < self.policy.max_calls_per_bank
+        )
+        return model.ClaimRequest(self.owner, room, self.lease)
+
+    def dispatch(self, claims: list[model.Claim]) -> None:
+        """Start the calls of claims this replica holds."""
+        for claim in claims:
+            self._bank_calls[claim.bank_code] = self._bank_calls.get(claim.bank_code, 0) + 1
+            self._spawn(self._attempt(claim), f"bank-call-{claim.bank_code}")
 
     async def _run(self) -> None:
         while True:
@@ -136,12 +168,11 @@ class Orchestrator:
             await self._maintain(now)
         elif self._announce:
             await self._send_notifications()
-        lease = self.policy.call_timeout + self.policy.lease_margin
-        free = self.policy.max_concurrent_calls - len(self._calls)
-        if free > 0:
-            for claim in await self._store.claim_due_tasks(self.owner, now, lease, limit=min(free, 500)):
-                self._spawn(self._attempt(claim), f"bank-call-{claim.bank_code}")
-        free = self.policy.max_concurrent_calls - len(self._calls)
+        lease = self.lease
+        full = [code for code, calls in self._bank_calls.items() if calls >= self.policy.max_calls_per_bank]
+        if len(full) < len(self._banks) or not self._banks:
+            self.dispatch(await self._store.claim_due_tasks(self.owner, now, lease, 500, skip_banks=full))
+        free = self.policy.max_concurrent_calls - self._actions_in_flight
         if free > 0:
             for action_claim in await self._store.claim_due_actions(
                 self.owner, now, lease, limit=min(free, 100)
@@ -207,6 +238,7 @@ class Orchestrator:
     # -- one card action ------------------------------------------------------
 
     async def _act(self, claim: model.ActionClaim) -> None:
+        self._actions_in_flight += 1
         async with self._slots:
             try:
                 await self._act_unguarded(claim)
@@ -215,6 +247,7 @@ class Orchestrator:
                     "could not record card action", extra={"bank": claim.bank_code, "error": error.detail}
                 )
             finally:
+                self._actions_in_flight -= 1
                 self._events.notify(claim.action_id)
                 if claim.closure_id is not None:
                     self._events.notify(claim.closure_id)  # CreateCardClosure waits on the whole closure
@@ -298,16 +331,14 @@ class Orchestrator:
     # -- one bank attempt -----------------------------------------------------
 
     async def _attempt(self, claim: model.Claim) -> None:
-        async with self._slots:
-            try:
-                await self._attempt_unguarded(claim)
-            except StoreUnavailable as error:
-                # The lease will lapse and the attempt is made again; nothing was half-written.
-                log.warning(
-                    "could not record bank outcome", extra={"bank": claim.bank_code, "error": str(error)}
-                )
-            finally:
-                self._events.notify(claim.lookup_id)
+        try:
+            await self._attempt_unguarded(claim)
+        except StoreUnavailable as error:
+            # The lease will lapse and the attempt is made again; nothing was half-written.
+            log.warning("could not record bank outcome", extra={"bank": claim.bank_code, "error": str(error)})
+        finally:
+            self._bank_calls[claim.bank_code] -= 1
+            self._events.notify(claim.lookup_id)
 
     async def _attempt_unguarded(self, claim: model.Claim) -> None:
         bank = await self._bank(claim.bank_code)
@@ -316,7 +347,7 @@ class Orchestrator:
             return
         if bank is None or not bank.enabled:
             _, done = await self._store.record_attempt_failed(
-                claim.lookup_id, claim.bank_code, self.owner, "bank was disabled", None, now, self._plan()
+                claim.lookup_id, claim.bank_code, self.owner, "bank was disabled", None, now, self._plan
             )
             self._reported(claim.lookup_id, done)
             return
@@ -351,7 +382,7 @@ class Orchestrator:
             for card in cards
         ]
         recorded, done = await self._store.record_answer(
-            claim.lookup_id, bank.code, self.owner, masked, latency_ms, self._clock.now(), self._plan()
+            claim.lookup_id, bank.code, self.owner, masked, latency_ms, self._clock.now(), self._plan
         )
         log.info(
             "bank answered",
@@ -383,7 +414,7 @@ class Orchestrator:
             },
         )
         _, done = await self._store.record_attempt_failed(
-            claim.lookup_id, claim.bank_code, self.owner, failure.reason, retry_at, now, self._plan()
+            claim.lookup_id, claim.bank_code, self.owner, failure.reason, retry_at, now, self._plan
         )
         self._reported(claim.lookup_id, done)
         if retry_at is not None:
@@ -391,7 +422,7 @@ class Orchestrator:
             self._wake.set()
 
     async def _finalize(self, lookup_id: str, force: bool) -> None:
-        done = await self._store.finalize_lookup(lookup_id, self._plan(), self._clock.now(), force)
+        done = await self._store.finalize_lookup(lookup_id, self._plan, self._clock.now(), force)
         self._reported(lookup_id, done)
 
     def _reported(self, lookup_id: str, done: bool) -> None:

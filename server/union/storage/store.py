@@ -19,16 +19,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, case, create_engine, delete, event, func, insert, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    case,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
@@ -57,6 +71,18 @@ from server.union.storage.models import (
 )
 
 T = TypeVar("T")
+PlanFactory = Callable[[], model.ReportPlan]
+
+# The tables the lookup hot path reads and writes in Core (see the lookups section).
+LOOKUPS = cast(Table, LookupRow.__table__)
+TASKS = cast(Table, BankTaskRow.__table__)
+CARDS = cast(Table, FoundCardRow.__table__)
+REPORTS = cast(Table, ReportRow.__table__)
+NOTIFICATIONS = cast(Table, NotificationRow.__table__)
+
+# How long a replica serves the bank and region catalogue from memory (admin changes made on
+# another replica apply within this; the orchestrator re-reads banks on the same rhythm).
+CATALOGUE_TTL = 1.0
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -119,6 +145,9 @@ class Store:
         self._batch: list[tuple[Callable[[Session], Any], asyncio.Future[Any]]] = []
         self._batch_lock = threading.Lock()
         self._batch_scheduled = False
+        # Banks and regions, cached: (when read, rows). Cleared by this process's own changes; other
+        # replicas' changes are seen within CATALOGUE_TTL.
+        self._catalogue: dict[str, tuple[float, Any]] = {}
         self._executor = ThreadPoolExecutor(
             max_workers=1 if self.is_sqlite else 8, thread_name_prefix="union-db"
         )
@@ -243,6 +272,8 @@ class Store:
             for region in regions
         ]
 
+        self._catalogue.clear()
+
         def work(s: Session) -> None:
             s.execute(self._insert_missing(BankRow), bank_rows)
             s.execute(self._insert_missing(RegionRow), region_rows)
@@ -252,6 +283,8 @@ class Store:
 
     async def set_bank_addresses(self, addresses: dict[str, str]) -> None:
         """Point banks at where they listen in this deployment (the demo's ports change per run)."""
+
+        self._catalogue.clear()
 
         def work(s: Session) -> None:
             for code, address in addresses.items():
@@ -277,10 +310,17 @@ class Store:
         return await self._run(lambda s: s.get(IdentityRow, person_hash))
 
     async def list_banks(self) -> list[model.Bank]:
+        """The bank catalogue, read at most once per CATALOGUE_TTL (every lookup needs it)."""
+        cached = self._catalogue.get("banks")
+        if cached is not None and time.monotonic() - cached[0] < CATALOGUE_TTL:
+            return list(cached[1])
+
         def work(s: Session) -> list[model.Bank]:
             return [_bank(row) for row in s.scalars(select(BankRow).order_by(BankRow.position))]
 
-        return await self._run(work)
+        banks = await self._run(work)
+        self._catalogue["banks"] = (time.monotonic(), banks)
+        return list(banks)
 
     async def update_bank(self, code: str, enabled: bool, address: str | None) -> model.Bank | None:
         def work(s: Session) -> model.Bank | None:
@@ -292,20 +332,25 @@ class Store:
                 row.address = address
             return _bank(row)
 
-        return await self._run(work)
+        try:
+            return await self._run(work)
+        finally:
+            self._catalogue.clear()
 
     async def list_regions(self) -> list[model.Region]:
+        cached = self._catalogue.get("regions")
+        if cached is not None and time.monotonic() - cached[0] < CATALOGUE_TTL:
+            return list(cached[1])
+
         def work(s: Session) -> list[model.Region]:
             return [_region(row) for row in s.scalars(select(RegionRow).order_by(RegionRow.code))]
 
-        return await self._run(work)
+        regions = await self._run(work)
+        self._catalogue["regions"] = (time.monotonic(), regions)
+        return list(regions)
 
     async def get_region(self, code: str) -> model.Region | None:
-        def work(s: Session) -> model.Region | None:
-            row = s.get(RegionRow, code)
-            return None if row is None else _region(row)
-
-        return await self._run(work)
+        return next((region for region in await self.list_regions() if region.code == code), None)
 
     async def update_region(self, code: str, is_open: bool, now: datetime) -> model.Region | None:
         def work(s: Session) -> model.Region | None:
@@ -319,7 +364,10 @@ class Store:
             row.open = is_open
             return _region(row)
 
-        return await self._run(work)
+        try:
+            return await self._run(work)
+        finally:
+            self._catalogue.clear()
 
     # -- verification -------------------------------------------------------
 
@@ -386,33 +434,38 @@ class Store:
         return await self._run(work)
 
     # -- lookups ------------------------------------------------------------
+    #
+    # The lookup hot path (create, record answers, finalise, watch reads) is written in SQLAlchemy
+    # Core against the tables: at hundreds of lookups a second, the ORM's unit of work per row was
+    # most of the union's database time.
+
+    async def lookup_admission(
+        self, person_hash: str, request_id: str
+    ) -> tuple[model.Lookup | None, bool, datetime | None]:
+        """What CreateLookup must know, in one read: (the lookup this request_id already made,
+        whether one of the person's lookups is running, when the latest one completed)."""
+
+        def work(s: Session) -> tuple[model.Lookup | None, bool, datetime | None]:
+            c = s.connection()
+            existing = c.execute(
+                select(LOOKUPS).where(
+                    LOOKUPS.c.person_hash == person_hash, LOOKUPS.c.request_id == request_id
+                )
+            ).first()
+            if existing is not None:
+                return _lookup(c, existing), False, None
+            running, last = c.execute(
+                select(
+                    func.count(case((LOOKUPS.c.state == model.LookupState.RUNNING, 1))),
+                    func.max(LOOKUPS.c.complete_time),
+                ).where(LOOKUPS.c.person_hash == person_hash)
+            ).one()
+            return None, bool(running), _utc(last)
+
+        return await self._run(work)
 
     async def find_lookup_by_request(self, person_hash: str, request_id: str) -> model.Lookup | None:
-        def work(s: Session) -> model.Lookup | None:
-            row = s.scalar(
-                select(LookupRow).where(
-                    LookupRow.person_hash == person_hash, LookupRow.request_id == request_id
-                )
-            )
-            return None if row is None else _lookup(s, row)
-
-        return await self._run(work)
-
-    async def last_lookup_activity(self, person_hash: str) -> tuple[bool, datetime | None]:
-        """(a lookup is running, when the latest one completed)."""
-
-        def work(s: Session) -> tuple[bool, datetime | None]:
-            running = s.scalar(
-                select(func.count())
-                .select_from(LookupRow)
-                .where(LookupRow.person_hash == person_hash, LookupRow.state == model.LookupState.RUNNING)
-            )
-            last = s.scalar(
-                select(func.max(LookupRow.complete_time)).where(LookupRow.person_hash == person_hash)
-            )
-            return bool(running), last
-
-        return await self._run(work)
+        return (await self.lookup_admission(person_hash, request_id))[0]
 
     async def create_lookup(
         self,
@@ -425,42 +478,87 @@ class Store:
         banks: Sequence[model.Bank],
         now: datetime,
         deadline: datetime,
-    ) -> model.Lookup:
-        """Persist the lookup and one pending task per bank in one transaction."""
+        claim: model.ClaimRequest | None = None,
+    ) -> tuple[model.Lookup, list[model.Claim]]:
+        """Persist the lookup and one pending task per bank in one transaction.
 
-        def work(s: Session) -> model.Lookup:
-            row = LookupRow(
+        With `claim`, the tasks of `claim.bank_codes` are leased to `claim.owner` in the same
+        transaction and returned as claims: the creating replica starts those calls at once,
+        without a round trip through the work queue (any replica still resumes them if it dies)."""
+        claimed = set(claim.bank_codes) if claim is not None else set()
+
+        def work(s: Session) -> tuple[model.Lookup, list[model.Claim]]:
+            c = s.connection()
+            c.execute(
+                insert(LOOKUPS),
+                {
+                    "id": lookup_id,
+                    "person_hash": person_hash,
+                    "request_id": request_id,
+                    "region_code": region_code,
+                    "state": model.LookupState.RUNNING,
+                    "create_time": now,
+                    "deadline_time": deadline,
+                    "complete_time": None,
+                    "sealed_identity": sealed_identity,
+                    "report_id": None,
+                    "sealed_contact": sealed_contact,
+                },
+            )
+            rows = []
+            for bank in banks:
+                mine = claim is not None and bank.code in claimed
+                rows.append(
+                    {
+                        "lookup_id": lookup_id,
+                        "bank_code": bank.code,
+                        "position": bank.position,
+                        "bank_name": bank.name,
+                        "outcome": model.BankOutcome.PENDING,
+                        "attempt_count": 1 if mine else 0,
+                        "next_attempt_time": now,
+                        "lease_owner": claim.owner if mine and claim is not None else None,
+                        "lease_until": now + claim.lease if mine and claim is not None else None,
+                        "card_count": 0,
+                        "debit_count": 0,
+                        "credit_count": 0,
+                        "failure_reason": "",
+                        "latency_ms": None,
+                        "update_time": now,
+                    }
+                )
+            c.execute(insert(TASKS), rows)
+            _bump(s, "lookups_created")
+            lookup = model.Lookup(
                 id=lookup_id,
-                person_hash=person_hash,
                 request_id=request_id,
-                region_code=region_code,
                 state=model.LookupState.RUNNING,
                 create_time=now,
                 deadline_time=deadline,
-                sealed_identity=sealed_identity,
-                sealed_contact=sealed_contact,
-            )
-            s.add(row)
-            s.flush()  # the lookup row first: bank_tasks reference it
-            for bank in banks:
-                s.add(
-                    BankTaskRow(
-                        lookup_id=lookup_id,
+                report_id=None,
+                banks=[
+                    model.BankProgress(
                         bank_code=bank.code,
-                        position=bank.position,
                         bank_name=bank.name,
                         outcome=model.BankOutcome.PENDING,
-                        attempt_count=0,
-                        next_attempt_time=now,
-                        update_time=now,
+                        attempt_count=1 if bank.code in claimed else 0,
+                        card_count=0,
+                        debit_count=0,
+                        credit_count=0,
+                        failure_reason="",
                     )
-                )
-            _bump(s, "lookups_created")
-            s.flush()
-            return _lookup(s, row)
+                    for bank in sorted(banks, key=lambda b: b.position)
+                ],
+            )
+            claims = [
+                model.Claim(lookup_id, bank.code, 1, sealed_identity, deadline)
+                for bank in banks
+                if bank.code in claimed
+            ]
+            return lookup, claims
 
         try:
-            return await self._run(work)
+            return await self._run_batched(work)
         except IntegrityError as error:
             raise DuplicateRequest(request_id) from error
 
@@ -468,17 +566,20 @@ class Store:
         """The lookup if it exists and (when person_hash is given) belongs to that person."""
 
         def work(s: Session) -> model.Lookup | None:
-            row = s.get(LookupRow, lookup_id)
+            c = s.connection()
+            row = c.execute(select(LOOKUPS).where(LOOKUPS.c.id == lookup_id)).first()
             if row is None or (person_hash is not None and row.person_hash != person_hash):
                 return None
-            return _lookup(s, row)
+            return _lookup(c, row)
 
         return await self._run(work)
 
     async def claim_due_tasks(
-        self, owner: str, now: datetime, lease: timedelta, limit: int
+        self, owner: str, now: datetime, lease: timedelta, limit: int, skip_banks: Iterable[str] = ()
     ) -> list[model.Claim]:
-        """Lease up to `limit` due bank tasks to `owner` (SKIP LOCKED on PostgreSQL)."""
+        """Lease up to `limit` due bank tasks to `owner` (SKIP LOCKED on PostgreSQL), none of
+        `skip_banks` (banks this replica has no room for right now)."""
+        skipped = list(skip_banks)
 
         def work(s: Session) -> list[model.Claim]:
             query = (
@@ -493,6 +594,8 @@ class Store:
                 .order_by(BankTaskRow.next_attempt_time)
                 .limit(limit)
             )
+            if skipped:
+                query = query.where(BankTaskRow.bank_code.not_in(skipped))
             if not self.is_sqlite:
                 query = query.with_for_update(skip_locked=True, of=BankTaskRow)
             claims = []
@@ -533,28 +636,44 @@ class Store:
         cards: Sequence[tuple[str, model.MaskedCard]],
         latency_ms: int,
         now: datetime,
-        plan: model.ReportPlan,
+        plan: PlanFactory,
     ) -> tuple[bool, bool]:
         """Store a bank's complete answer, once: only the current lease holder may write it.
-        If it was the last bank, the report (as `plan`) is written in the same transaction.
+        If it was the last bank, the report (as `plan()`) is written in the same transaction.
 
         `cards` pairs the bank's own opaque reference with the card as the report shows it.
         Returns (recorded, report written)."""
+        debit = sum(1 for _, card in cards if card.card_type == model.CardType.DEBIT)
 
         def work(s: Session) -> tuple[bool, bool]:
-            task = _leased_task(s, lookup_id, bank_code, owner, self.is_sqlite)
-            if task is None:
+            c = s.connection()
+            position = _take_leased_task(
+                c,
+                lookup_id,
+                bank_code,
+                owner,
+                self.is_sqlite,
+                outcome=model.BankOutcome.ANSWERED,
+                card_count=len(cards),
+                debit_count=debit,
+                credit_count=len(cards) - debit,
+                latency_ms=latency_ms,
+                failure_reason="",
+                lease_owner=None,
+                lease_until=None,
+                update_time=now,
+            )
+            if position is None:
                 return False, False
             if cards:
-                # One executemany instead of an ORM object per card (a heavy holder has dozens).
-                s.execute(
-                    insert(FoundCardRow),
+                c.execute(
+                    insert(CARDS),
                     [
                         {
                             "lookup_id": lookup_id,
                             "card_ref": card.card_ref,
                             "bank_code": bank_code,
-                            "position": task.position,
+                            "position": position,
                             "bank_card_ref": bank_card_ref,
                             "card_type": card.card_type,
                             "first_four": card.first_four,
@@ -565,17 +684,7 @@ class Store:
                         for bank_card_ref, card in cards
                     ],
                 )
-            task.outcome = model.BankOutcome.ANSWERED
-            task.card_count = len(cards)
-            task.debit_count = sum(1 for _, c in cards if c.card_type == model.CardType.DEBIT)
-            task.credit_count = len(cards) - task.debit_count
-            task.latency_ms = latency_ms
-            task.failure_reason = ""
-            task.lease_owner = None
-            task.lease_until = None
-            task.update_time = now
-            s.flush()
-            return True, _pending_tasks(s, lookup_id) == 0 and _finalize(
+            return True, _pending_tasks(c, lookup_id) == 0 and _finalize(
                 s, lookup_id, plan, now, False, self.is_sqlite
             )
 
@@ -589,33 +698,34 @@ class Store:
         reason: str,
         retry_at: datetime | None,
         now: datetime,
-        plan: model.ReportPlan,
+        plan: PlanFactory,
     ) -> tuple[bool, bool]:
         """A failed attempt: schedule a retry at `retry_at`, or give the bank up as failed (and, if
-        it was the last bank, write the report as `plan`). Returns (recorded, report written)."""
+        it was the last bank, write the report as `plan()`). Returns (recorded, report written)."""
 
         def work(s: Session) -> tuple[bool, bool]:
-            task = _leased_task(s, lookup_id, bank_code, owner, self.is_sqlite)
-            if task is None:
-                return False, False
-            task.failure_reason = reason[:255]
-            task.lease_owner = None
-            task.lease_until = None
-            task.update_time = now
+            c = s.connection()
+            values: dict[str, Any] = {
+                "failure_reason": reason[:255],
+                "lease_owner": None,
+                "lease_until": None,
+                "update_time": now,
+            }
             if retry_at is not None:
-                task.next_attempt_time = retry_at
+                values["next_attempt_time"] = retry_at
+            else:
+                values["outcome"] = model.BankOutcome.FAILED
+            if _take_leased_task(c, lookup_id, bank_code, owner, self.is_sqlite, **values) is None:
+                return False, False
+            if retry_at is not None:
                 return True, False
-            task.outcome = model.BankOutcome.FAILED
-            s.flush()
-            return True, _pending_tasks(s, lookup_id) == 0 and _finalize(
+            return True, _pending_tasks(c, lookup_id) == 0 and _finalize(
                 s, lookup_id, plan, now, False, self.is_sqlite
             )
 
         return await self._run_batched(work)
 
-    async def finalize_lookup(
-        self, lookup_id: str, plan: model.ReportPlan, now: datetime, force: bool
-    ) -> bool:
+    async def finalize_lookup(self, lookup_id: str, plan: PlanFactory, now: datetime, force: bool) -> bool:
         """Produce the lookup's one report once every bank is final (or, with force, mark the
         silent banks NO_RESPONSE first). Erases the sealed identity. False if not (yet) done."""
 
@@ -1004,7 +1114,8 @@ class Store:
                 )
             )
 
-        await self._run(work)
+        # Batched with the other writes of the moment: every lookup and report read is audited.
+        await self._run_batched(work)
 
     async def list_audit_events(
         self,
@@ -1112,76 +1223,160 @@ def _settle(future: asyncio.Future[Any], value: Any, failure: BaseException | No
         future.set_exception(failure)
 
 
-def _pending_tasks(s: Session, lookup_id: str) -> int:
-    """A cheap count, so that only the last bank's answer pays for loading the whole lookup."""
+def _pending_tasks(c: Connection, lookup_id: str) -> int:
+    """A cheap count, so that only the last bank's answer pays for finishing the lookup."""
     return (
-        s.scalar(
+        c.execute(
             select(func.count())
-            .select_from(BankTaskRow)
-            .where(BankTaskRow.lookup_id == lookup_id, BankTaskRow.outcome == model.BankOutcome.PENDING)
-        )
+            .select_from(TASKS)
+            .where(TASKS.c.lookup_id == lookup_id, TASKS.c.outcome == model.BankOutcome.PENDING)
+        ).scalar()
         or 0
     )
 
 
 def _finalize(
-    s: Session, lookup_id: str, plan: model.ReportPlan, now: datetime, force: bool, is_sqlite: bool
+    s: Session, lookup_id: str, plan: PlanFactory, now: datetime, force: bool, is_sqlite: bool
 ) -> bool:
     """Write the lookup's one report if every bank is final (with force: mark the silent ones
     NO_RESPONSE first); erase the sealed identity. False if the lookup is not (yet) done."""
-    lookup = s.get(LookupRow, lookup_id, with_for_update=not is_sqlite)
+    c = s.connection()
+    query = select(LOOKUPS.c.state, LOOKUPS.c.person_hash, LOOKUPS.c.sealed_contact).where(
+        LOOKUPS.c.id == lookup_id
+    )
+    if not is_sqlite:
+        query = query.with_for_update()
+    lookup = c.execute(query).first()
     if lookup is None or lookup.state != model.LookupState.RUNNING:
         return False
-    tasks = list(s.scalars(select(BankTaskRow).where(BankTaskRow.lookup_id == lookup_id)))
-    pending = [t for t in tasks if t.outcome == model.BankOutcome.PENDING]
-    if pending and not force:
-        return False
-    for task in pending:
-        task.outcome = model.BankOutcome.NO_RESPONSE
-        task.failure_reason = task.failure_reason or "no answer before the deadline"
-        task.lease_owner = None
-        task.lease_until = None
-        task.update_time = now
-    lookup.state = model.LookupState.COMPLETED
-    lookup.complete_time = now
-    lookup.sealed_identity = None
-    lookup.report_id = plan.report_id
-    if lookup.sealed_contact is not None:
-        # Written with the report in one transaction: the report is announced exactly once.
-        s.add(
-            NotificationRow(
-                lookup_id=lookup_id,
-                report_id=plan.report_id,
-                sealed_contact=lookup.sealed_contact,
-                create_time=now,
+    silent = TASKS.c.lookup_id == lookup_id, TASKS.c.outcome == model.BankOutcome.PENDING
+    if force:
+        c.execute(
+            update(TASKS)
+            .where(*silent)
+            .values(
+                outcome=model.BankOutcome.NO_RESPONSE,
+                failure_reason=case(
+                    (TASKS.c.failure_reason == "", "no answer before the deadline"),
+                    else_=TASKS.c.failure_reason,
+                ),
+                lease_owner=None,
+                lease_until=None,
+                update_time=now,
             )
         )
-        lookup.sealed_contact = None
-    s.add(
-        ReportRow(
-            id=plan.report_id,
-            lookup_id=lookup_id,
-            person_hash=lookup.person_hash,
-            generate_time=now,
-            expire_time=plan.expire_time,
+    elif _pending_tasks(c, lookup_id):
+        return False
+    report = plan()
+    c.execute(
+        update(LOOKUPS)
+        .where(LOOKUPS.c.id == lookup_id)
+        .values(
+            state=model.LookupState.COMPLETED,
+            complete_time=now,
+            sealed_identity=None,
+            sealed_contact=None,
+            report_id=report.report_id,
         )
+    )
+    if lookup.sealed_contact is not None:
+        # Written with the report in one transaction: the report is announced exactly once.
+        c.execute(
+            insert(NOTIFICATIONS),
+            {
+                "lookup_id": lookup_id,
+                "report_id": report.report_id,
+                "sealed_contact": lookup.sealed_contact,
+                "create_time": now,
+            },
+        )
+    c.execute(
+        insert(REPORTS),
+        {
+            "id": report.report_id,
+            "lookup_id": lookup_id,
+            "person_hash": lookup.person_hash,
+            "generate_time": now,
+            "expire_time": report.expire_time,
+        },
     )
     _bump(s, "reports_generated")
     return True
 
 
-def _leased_task(
-    s: Session, lookup_id: str, bank_code: str, owner: str, is_sqlite: bool
-) -> BankTaskRow | None:
+def _take_leased_task(
+    c: Connection, lookup_id: str, bank_code: str, owner: str, is_sqlite: bool, **values: Any
+) -> int | None:
+    """Apply `values` to the task if `owner` still holds its lease and it is pending; its
+    position in the report, or None if the lease was lost (someone else answers for it)."""
     if not is_sqlite:
         # Lock the lookup first (the same order as _finalize): answers of one lookup recorded by
         # concurrent transactions then queue up, and the last one sees all the others when it
         # counts what is still pending. Without it two "last" answers could each miss the other.
-        s.get(LookupRow, lookup_id, with_for_update=True)
-    task = s.get(BankTaskRow, (lookup_id, bank_code), with_for_update=not is_sqlite)
-    if task is None or task.outcome != model.BankOutcome.PENDING or task.lease_owner != owner:
-        return None
-    return task
+        c.execute(select(LOOKUPS.c.id).where(LOOKUPS.c.id == lookup_id).with_for_update())
+    position = c.execute(
+        update(TASKS)
+        .where(
+            TASKS.c.lookup_id == lookup_id,
+            TASKS.c.bank_code == bank_code,
+            TASKS.c.outcome == model.BankOutcome.PENDING,
+            TASKS.c.lease_owner == owner,
+        )
+        .values(**values)
+        .returning(TASKS.c.position)
+    ).scalar()
+    return None if position is None else int(position)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """Core reads through the typed columns already give aware UTC; this guards aggregates
+    (max() loses the column type on some backends)."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def _progress(c: Connection, lookup_id: str) -> list[model.BankProgress]:
+    rows = c.execute(
+        select(
+            TASKS.c.bank_code,
+            TASKS.c.bank_name,
+            TASKS.c.outcome,
+            TASKS.c.attempt_count,
+            TASKS.c.card_count,
+            TASKS.c.debit_count,
+            TASKS.c.credit_count,
+            TASKS.c.failure_reason,
+        )
+        .where(TASKS.c.lookup_id == lookup_id)
+        .order_by(TASKS.c.position)
+    )
+    return [
+        model.BankProgress(
+            bank_code=code,
+            bank_name=name,
+            outcome=model.BankOutcome(outcome),
+            attempt_count=attempts,
+            card_count=cards,
+            debit_count=debit,
+            credit_count=credit,
+            failure_reason=reason,
+        )
+        for code, name, outcome, attempts, cards, debit, credit, reason in rows
+    ]
+
+
+def _lookup(c: Connection, row: Any) -> model.Lookup:
+    """A lookup from a row of the lookups table (any object with its columns as attributes)."""
+    return model.Lookup(
+        id=row.id,
+        request_id=row.request_id,
+        state=model.LookupState(row.state),
+        create_time=row.create_time,
+        deadline_time=row.deadline_time,
+        report_id=row.report_id,
+        banks=_progress(c, row.id),
+    )
 
 
 def _delete_report_rows(s: Session, row: ReportRow) -> None:
@@ -1195,37 +1390,6 @@ def _bank(row: BankRow) -> model.Bank:
 
 def _region(row: RegionRow) -> model.Region:
     return model.Region(row.code, row.name, row.open, row.open_time)
-
-
-def _progress(s: Session, lookup_id: str) -> list[model.BankProgress]:
-    tasks = s.scalars(
-        select(BankTaskRow).where(BankTaskRow.lookup_id == lookup_id).order_by(BankTaskRow.position)
-    )
-    return [
-        model.BankProgress(
-            bank_code=t.bank_code,
-            bank_name=t.bank_name,
-            outcome=model.BankOutcome(t.outcome),
-            attempt_count=t.attempt_count,
-            card_count=t.card_count,
-            debit_count=t.debit_count,
-            credit_count=t.credit_count,
-            failure_reason=t.failure_reason,
-        )
-        for t in tasks
-    ]
-
-
-def _lookup(s: Session, row: LookupRow) -> model.Lookup:
-    return model.Lookup(
-        id=row.id,
-        request_id=row.request_id,
-        state=model.LookupState(row.state),
-        create_time=row.create_time,
-        deadline_time=row.deadline_time,
-        report_id=row.report_id,
-        banks=_progress(s, row.id),
-    )
 
 
 def _action_row(
@@ -1297,7 +1461,7 @@ def _closure(s: Session, row: CardClosureRow) -> model.CardClosure:
 
 
 def _report(s: Session, row: ReportRow) -> model.Report:
-    banks = _progress(s, row.lookup_id)
+    banks = _progress(s.connection(), row.lookup_id)
     names = {b.bank_code: b.bank_name for b in banks}
     cards = [
         model.MaskedCard(
