@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -33,6 +35,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Table,
+    bindparam,
     case,
     create_engine,
     delete,
@@ -71,6 +74,7 @@ from server.union.storage.models import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 PlanFactory = Callable[[], model.ReportPlan]
 
 # The tables the lookup hot path reads and writes in Core (see the lookups section).
@@ -145,6 +149,9 @@ class Store:
         self._batch: list[tuple[Callable[[Session], Any], asyncio.Future[Any]]] = []
         self._batch_lock = threading.Lock()
         self._batch_scheduled = False
+        self._answers: list[tuple[_Answer, asyncio.Future[tuple[bool, bool]]]] = []
+        self._answers_scheduled = False
+        self._answer_flushes: set[asyncio.Task[None]] = set()
         # Banks and regions, cached: (when read, rows). Cleared by this process's own changes; other
         # replicas' changes are seen within CATALOGUE_TTL.
         self._catalogue: dict[str, tuple[float, Any]] = {}
@@ -212,6 +219,47 @@ class Store:
             results = [(future, None, error) for _, future in items]
         for future, value, failure in results:
             loop.call_soon_threadsafe(_settle, future, value, failure)
+
+    async def _record_answers_together(self, answer: _Answer) -> tuple[bool, bool]:
+        """SQLite: every bank answer waiting for the writer is recorded by one set of statements
+        (one SELECT of the leases, one UPDATE and one INSERT executed for many rows): statements
+        per answer were most of the union's database time."""
+        future: asyncio.Future[tuple[bool, bool]] = asyncio.get_running_loop().create_future()
+        with self._batch_lock:
+            self._answers.append((answer, future))
+            schedule = not self._answers_scheduled
+            self._answers_scheduled = True
+        if schedule:
+            task = asyncio.create_task(self._flush_answers(), name="record-answers")
+            self._answer_flushes.add(task)
+            task.add_done_callback(self._answer_flushes.discard)
+        return await future
+
+    def _take_answers(self) -> list[tuple[_Answer, asyncio.Future[tuple[bool, bool]]]]:
+        with self._batch_lock:
+            taken, self._answers = self._answers, []
+            self._answers_scheduled = False
+        return taken
+
+    async def _flush_answers(self) -> None:
+        taken: list[tuple[_Answer, asyncio.Future[tuple[bool, bool]]]] = []
+
+        def work(s: Session) -> list[tuple[bool, bool]]:
+            # Taken in the writer thread as the write starts: whatever arrived while the writer
+            # was busy joins this batch.
+            taken.extend(self._take_answers())
+            return _record_answers(s, [answer for answer, _ in taken])
+
+        try:
+            results = await self._run_batched(work)
+        except BaseException as error:
+            for _, future in taken or self._take_answers():
+                _settle(future, None, error)
+            if isinstance(error, asyncio.CancelledError):
+                raise
+            return
+        for (_, future), result in zip(taken, results, strict=True):
+            _settle(future, result, None)
 
     def _insert_missing(self, model_class: type[Base]) -> Any:
         """INSERT that skips rows whose key exists: race-free when several replicas start at once."""
@@ -643,6 +691,9 @@ class Store:
 
         `cards` pairs the bank's own opaque reference with the card as the report shows it.
         Returns (recorded, report written)."""
+        if self.is_sqlite:
+            answer = _Answer(lookup_id, bank_code, owner, cards, latency_ms, now, plan)
+            return await self._record_answers_together(answer)
         debit = sum(1 for _, card in cards if card.card_type == model.CardType.DEBIT)
 
         def work(s: Session) -> tuple[bool, bool]:
@@ -1235,11 +1286,139 @@ def _pending_tasks(c: Connection, lookup_id: str) -> int:
     )
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """A bank's complete answer, waiting to be recorded (see Store.record_answer)."""
+
+    lookup_id: str
+    bank_code: str
+    owner: str
+    cards: Sequence[tuple[str, model.MaskedCard]]
+    latency_ms: int
+    now: datetime
+    plan: PlanFactory
+
+
+def _record_answers(s: Session, answers: list[_Answer]) -> list[tuple[bool, bool]]:
+    """(recorded, report written) for each answer. All in one savepoint; should that fail, each
+    answer in its own, so that one bad answer cannot lose the others."""
+    try:
+        with s.begin_nested():
+            return _record_answers_at_once(s, answers)
+    except OperationalError:
+        raise
+    except Exception:
+        if len(answers) == 1:
+            raise
+    results: list[tuple[bool, bool]] = []
+    for answer in answers:
+        try:
+            with s.begin_nested():
+                results.append(_record_answers_at_once(s, [answer])[0])
+        except OperationalError:
+            raise
+        except Exception:
+            log.exception("could not record a bank answer", extra={"bank": answer.bank_code})
+            results.append((False, False))  # its lease lapses and the bank is asked again
+    return results
+
+
+def _record_answers_at_once(s: Session, answers: list[_Answer]) -> list[tuple[bool, bool]]:
+    """SQLite only (one writer, BEGIN IMMEDIATE): the leases read here cannot change before the
+    writes below, so the lease check needs no row locks."""
+    c = s.connection()
+    lookup_ids = sorted({answer.lookup_id for answer in answers})
+    pending: dict[tuple[str, str], tuple[str | None, int]] = {
+        (lookup_id, bank_code): (owner, position)
+        for lookup_id, bank_code, owner, position in c.execute(
+            select(TASKS.c.lookup_id, TASKS.c.bank_code, TASKS.c.lease_owner, TASKS.c.position).where(
+                TASKS.c.lookup_id.in_(lookup_ids), TASKS.c.outcome == model.BankOutcome.PENDING
+            )
+        )
+    }
+    left = Counter(lookup_id for lookup_id, _ in pending)
+    updates: list[dict[str, Any]] = []
+    card_rows: list[dict[str, Any]] = []
+    recorded: list[bool] = []
+    last_recorded: dict[str, int] = {}
+    for index, answer in enumerate(answers):
+        lease = pending.get((answer.lookup_id, answer.bank_code))
+        if lease is None or lease[0] != answer.owner:
+            recorded.append(False)  # the lease was lost: someone else answers for this bank
+            continue
+        del pending[(answer.lookup_id, answer.bank_code)]  # a second answer in the batch is not
+        left[answer.lookup_id] -= 1
+        last_recorded[answer.lookup_id] = index
+        recorded.append(True)
+        debit = sum(1 for _, card in answer.cards if card.card_type == model.CardType.DEBIT)
+        updates.append(
+            {
+                "k_lookup_id": answer.lookup_id,
+                "k_bank_code": answer.bank_code,
+                "v_card_count": len(answer.cards),
+                "v_debit_count": debit,
+                "v_credit_count": len(answer.cards) - debit,
+                "v_latency_ms": answer.latency_ms,
+                "v_update_time": answer.now,
+            }
+        )
+        card_rows.extend(
+            {
+                "lookup_id": answer.lookup_id,
+                "card_ref": card.card_ref,
+                "bank_code": answer.bank_code,
+                "position": lease[1],
+                "bank_card_ref": bank_card_ref,
+                "card_type": card.card_type,
+                "first_four": card.first_four,
+                "last_four": card.last_four,
+                "number_length": card.number_length,
+                "status": card.status,
+            }
+            for bank_card_ref, card in answer.cards
+        )
+    if updates:
+        c.execute(
+            update(TASKS)
+            .where(
+                TASKS.c.lookup_id == bindparam("k_lookup_id"), TASKS.c.bank_code == bindparam("k_bank_code")
+            )
+            .values(
+                outcome=model.BankOutcome.ANSWERED,
+                card_count=bindparam("v_card_count"),
+                debit_count=bindparam("v_debit_count"),
+                credit_count=bindparam("v_credit_count"),
+                latency_ms=bindparam("v_latency_ms"),
+                failure_reason="",
+                lease_owner=None,
+                lease_until=None,
+                update_time=bindparam("v_update_time"),
+            ),
+            updates,
+        )
+    if card_rows:
+        c.execute(insert(CARDS), card_rows)
+    written: set[int] = set()
+    for lookup_id, index in last_recorded.items():
+        if left[lookup_id] == 0:
+            answer = answers[index]
+            if _finalize(s, lookup_id, answer.plan, answer.now, False, True, all_final=True):
+                written.add(index)
+    return [(was_recorded, index in written) for index, was_recorded in enumerate(recorded)]
+
+
 def _finalize(
-    s: Session, lookup_id: str, plan: PlanFactory, now: datetime, force: bool, is_sqlite: bool
+    s: Session,
+    lookup_id: str,
+    plan: PlanFactory,
+    now: datetime,
+    force: bool,
+    is_sqlite: bool,
+    all_final: bool = False,
 ) -> bool:
     """Write the lookup's one report if every bank is final (with force: mark the silent ones
-    NO_RESPONSE first); erase the sealed identity. False if the lookup is not (yet) done."""
+    NO_RESPONSE first); erase the sealed identity. False if the lookup is not (yet) done.
+    `all_final`: the caller has just seen that no bank is pending (in this transaction)."""
     c = s.connection()
     query = select(LOOKUPS.c.state, LOOKUPS.c.person_hash, LOOKUPS.c.sealed_contact).where(
         LOOKUPS.c.id == lookup_id
@@ -1265,7 +1444,7 @@ def _finalize(
                 update_time=now,
             )
         )
-    elif _pending_tasks(c, lookup_id):
+    elif not all_final and _pending_tasks(c, lookup_id):
         return False
     report = plan()
     c.execute(
