@@ -1204,12 +1204,16 @@ class Store:
 
         return await self._run(work)
 
-    async def delete_notification(self, lookup_id: str) -> bool:
-        def work(s: Session) -> bool:
-            result = s.execute(delete(NotificationRow).where(NotificationRow.lookup_id == lookup_id))
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+    async def delete_notifications(self, lookup_ids: Sequence[str]) -> int:
+        """Drop the outbox rows of these lookups (their messages went out)."""
+        if not lookup_ids:
+            return 0
 
-        return await self._run(work)
+        def work(s: Session) -> int:
+            result = s.execute(delete(NotificationRow).where(NotificationRow.lookup_id.in_(lookup_ids)))
+            return int(result.rowcount)  # type: ignore[attr-defined]
+
+        return await self._run_batched(work)
 
     # -- statistics ---------------------------------------------------------
 
