@@ -83,6 +83,7 @@ TASKS = cast(Table, BankTaskRow.__table__)
 CARDS = cast(Table, FoundCardRow.__table__)
 REPORTS = cast(Table, ReportRow.__table__)
 NOTIFICATIONS = cast(Table, NotificationRow.__table__)
+COUNTERS_TABLE = cast(Table, CounterRow.__table__)
 
 # How long a replica serves the bank and region catalogue from memory (admin changes made on
 # another replica apply within this; the orchestrator re-reads banks on the same rhythm).
@@ -146,7 +147,7 @@ class Store:
         self.engine = _make_engine(url)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._batch: list[tuple[Callable[[Session], Any], asyncio.Future[Any]]] = []
+        self._batch: list[tuple[Callable[[Session], Any], asyncio.Future[Any], bool]] = []
         self._batch_lock = threading.Lock()
         self._batch_scheduled = False
         self._answers: list[tuple[_Answer, asyncio.Future[tuple[bool, bool]]]] = []
@@ -176,7 +177,12 @@ class Store:
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, in_thread)
 
-    async def _run_batched(self, work: Callable[[Session], T]) -> T:
+    async def _read_batched(self, work: Callable[[Session], T]) -> T:
+        """A read that shares the writer's next transaction on SQLite (one thread hop and one
+        transaction for many reads, e.g. watches re-reading lookups as their banks answer)."""
+        return await self._run_batched(work, savepoint=False)
+
+    async def _run_batched(self, work: Callable[[Session], T], savepoint: bool = True) -> T:
         """Like _run, but writes that queue up while the database is busy share one transaction
         (each in its own SAVEPOINT, so one failing write does not undo the others).
 
@@ -190,7 +196,7 @@ class Store:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         with self._batch_lock:
-            self._batch.append((work, future))
+            self._batch.append((work, future, savepoint))
             schedule = not self._batch_scheduled
             self._batch_scheduled = True
         if schedule:
@@ -204,8 +210,11 @@ class Store:
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
             with self._session() as session:
-                for work, future in items:
+                for work, future, savepoint in items:
                     try:
+                        if not savepoint:
+                            results.append((future, work(session), None))
+                            continue
                         with session.begin_nested():
                             results.append((future, work(session), None))
                     except OperationalError:
@@ -214,11 +223,10 @@ class Store:
                         results.append((future, None, error))
         except OperationalError as error:
             unavailable = StoreUnavailable(str(error.orig).split("\n")[0])
-            results = [(future, None, unavailable) for _, future in items]
+            results = [(future, None, unavailable) for _, future, _ in items]
         except Exception as error:  # the commit itself failed: nothing of this batch was written
-            results = [(future, None, error) for _, future in items]
-        for future, value, failure in results:
-            loop.call_soon_threadsafe(_settle, future, value, failure)
+            results = [(future, None, error) for _, future, _ in items]
+        loop.call_soon_threadsafe(_settle_all, results)  # one wake-up of the loop for the batch
 
     async def _record_answers_together(self, answer: _Answer) -> tuple[bool, bool]:
         """SQLite: every bank answer waiting for the writer is recorded by one set of statements
@@ -510,7 +518,7 @@ class Store:
             ).one()
             return None, bool(running), _utc(last)
 
-        return await self._run(work)
+        return await self._read_batched(work)
 
     async def find_lookup_by_request(self, person_hash: str, request_id: str) -> model.Lookup | None:
         return (await self.lookup_admission(person_hash, request_id))[0]
@@ -620,7 +628,7 @@ class Store:
                 return None
             return _lookup(c, row)
 
-        return await self._run(work)
+        return await self._read_batched(work)
 
     async def claim_due_tasks(
         self, owner: str, now: datetime, lease: timedelta, limit: int, skip_banks: Iterable[str] = ()
@@ -1263,10 +1271,18 @@ class Store:
 COUNTERS = ("lookups_created", "reports_generated")
 
 
-def _bump(s: Session, name: str) -> None:
+def _bump(s: Session | Connection, name: str, by: int = 1) -> None:
     # One atomic UPDATE: concurrent transactions never race on a read-modify-write.
     # The rows exist from seed_catalogue on.
-    s.execute(update(CounterRow).where(CounterRow.name == name).values(value=CounterRow.value + 1))
+    c = s.connection() if isinstance(s, Session) else s
+    c.execute(
+        update(COUNTERS_TABLE).where(COUNTERS_TABLE.c.name == name).values(value=COUNTERS_TABLE.c.value + by)
+    )
+
+
+def _settle_all(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, value, failure in results:
+        _settle(future, value, failure)
 
 
 def _settle(future: asyncio.Future[Any], value: Any, failure: BaseException | None) -> None:
@@ -1402,13 +1418,67 @@ def _record_answers_at_once(s: Session, answers: list[_Answer]) -> list[tuple[bo
         )
     if card_rows:
         c.execute(insert(CARDS), card_rows)
-    written: set[int] = set()
-    for lookup_id, index in last_recorded.items():
-        if left[lookup_id] == 0:
-            answer = answers[index]
-            if _finalize(s, lookup_id, answer.plan, answer.now, False, True, all_final=True):
-                written.add(index)
-    return [(was_recorded, index in written) for index, was_recorded in enumerate(recorded)]
+    finished = {lookup_id: index for lookup_id, index in last_recorded.items() if left[lookup_id] == 0}
+    written = _write_reports(
+        c, {lookup_id: (answers[index].plan, answers[index].now) for lookup_id, index in finished.items()}
+    )
+    done = {finished[lookup_id] for lookup_id in written}
+    return [(was_recorded, index in done) for index, was_recorded in enumerate(recorded)]
+
+
+def _write_reports(c: Connection, finished: dict[str, tuple[PlanFactory, datetime]]) -> set[str]:
+    """Complete these lookups (every bank is final) if they are still running: erase the sealed
+    identity, write the one report and the report-ready notification. Each write is executed once
+    for all of them. On PostgreSQL the caller has locked the lookup rows. Returns the lookups
+    completed here."""
+    if not finished:
+        return set()
+    query = select(LOOKUPS.c.id, LOOKUPS.c.person_hash, LOOKUPS.c.sealed_contact).where(
+        LOOKUPS.c.id.in_(sorted(finished)), LOOKUPS.c.state == model.LookupState.RUNNING
+    )
+    running = c.execute(query).all()
+    if not running:
+        return set()
+    completions, reports, notifications = [], [], []
+    for lookup_id, person_hash, sealed_contact in running:
+        plan_factory, now = finished[lookup_id]
+        plan = plan_factory()
+        completions.append({"k_id": lookup_id, "v_time": now, "v_report_id": plan.report_id})
+        reports.append(
+            {
+                "id": plan.report_id,
+                "lookup_id": lookup_id,
+                "person_hash": person_hash,
+                "generate_time": now,
+                "expire_time": plan.expire_time,
+            }
+        )
+        if sealed_contact is not None:
+            notifications.append(
+                {
+                    "lookup_id": lookup_id,
+                    "report_id": plan.report_id,
+                    "sealed_contact": sealed_contact,
+                    "create_time": now,
+                }
+            )
+    c.execute(
+        update(LOOKUPS)
+        .where(LOOKUPS.c.id == bindparam("k_id"))
+        .values(
+            state=model.LookupState.COMPLETED,
+            complete_time=bindparam("v_time"),
+            sealed_identity=None,
+            sealed_contact=None,
+            report_id=bindparam("v_report_id"),
+        ),
+        completions,
+    )
+    if notifications:
+        c.execute(insert(NOTIFICATIONS), notifications)
+    c.execute(insert(REPORTS), reports)
+    _bump(c, "reports_generated", len(running))
+    return {lookup_id for lookup_id, _, _ in running}
 
 
 def _finalize(
@@ -1418,25 +1488,24 @@ def _finalize(
     now: datetime,
     force: bool,
     is_sqlite: bool,
-    all_final: bool = False,
 ) -> bool:
     """Write the lookup's one report if every bank is final (with force: mark the silent ones
-    NO_RESPONSE first); erase the sealed identity. False if the lookup is not (yet) done.
-    `all_final`: the caller has just seen that no bank is pending (in this transaction)."""
+    NO_RESPONSE first); erase the sealed identity. False if the lookup is not (yet) done."""
     c = s.connection()
-    query = select(LOOKUPS.c.state, LOOKUPS.c.person_hash, LOOKUPS.c.sealed_contact).where(
-        LOOKUPS.c.id == lookup_id
-    )
     if not is_sqlite:
-        query = query.with_for_update()
-    lookup = c.execute(query).first()
-    if lookup is None or lookup.state != model.LookupState.RUNNING:
-        return False
-    silent = TASKS.c.lookup_id == lookup_id, TASKS.c.outcome == model.BankOutcome.PENDING
+        # Lock the lookup before reading its tasks: the same order as the answers (_take_leased_task).
+        c.execute(select(LOOKUPS.c.id).where(LOOKUPS.c.id == lookup_id).with_for_update())
     if force:
         c.execute(
             update(TASKS)
-            .where(*silent)
+            .where(
+                TASKS.c.lookup_id == lookup_id,
+                TASKS.c.outcome == model.BankOutcome.PENDING,
+                # Only while the lookup runs: a completed one keeps its outcomes as reported.
+                select(LOOKUPS.c.id)
+                .where(LOOKUPS.c.id == lookup_id, LOOKUPS.c.state == model.LookupState.RUNNING)
+                .exists(),
+            )
             .values(
                 outcome=model.BankOutcome.NO_RESPONSE,
                 failure_reason=case(
@@ -1448,43 +1517,9 @@ def _finalize(
                 update_time=now,
             )
         )
-    elif not all_final and _pending_tasks(c, lookup_id):
+    elif _pending_tasks(c, lookup_id):
         return False
-    report = plan()
-    c.execute(
-        update(LOOKUPS)
-        .where(LOOKUPS.c.id == lookup_id)
-        .values(
-            state=model.LookupState.COMPLETED,
-            complete_time=now,
-            sealed_identity=None,
-            sealed_contact=None,
-            report_id=report.report_id,
-        )
-    )
-    if lookup.sealed_contact is not None:
-        # Written with the report in one transaction: the report is announced exactly once.
-        c.execute(
-            insert(NOTIFICATIONS),
-            {
-                "lookup_id": lookup_id,
-                "report_id": report.report_id,
-                "sealed_contact": lookup.sealed_contact,
-                "create_time": now,
-            },
-        )
-    c.execute(
-        insert(REPORTS),
-        {
-            "id": report.report_id,
-            "lookup_id": lookup_id,
-            "person_hash": lookup.person_hash,
-            "generate_time": now,
-            "expire_time": report.expire_time,
-        },
-    )
-    _bump(s, "reports_generated")
-    return True
+    return lookup_id in _write_reports(c, {lookup_id: (plan, now)})
 
 
 def _take_leased_task(
