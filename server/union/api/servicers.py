@@ -115,11 +115,14 @@ class CardLookupServicer(lookup_grpc.CardLookupServiceServicer):
     async def WatchLookup(
         self, request: lookup_pb.WatchLookupRequest, context: Context
     ) -> AsyncIterator[lookup_pb.WatchLookupResponse]:
+        converted: tuple[object, lookup_pb.Lookup] | None = None
         async for event in self._lookups.watch_lookup(self._caller(context), request.name):
+            # The events of one re-read share their lookup (16 banks answering together are 16
+            # events): convert it once, not once per event.
+            if converted is None or converted[0] is not event.lookup:
+                converted = (event.lookup, convert.lookup(event.lookup))
             yield lookup_pb.WatchLookupResponse(
-                lookup=convert.lookup(event.lookup),
-                bank_code=event.bank_code,
-                report_ready=event.report_ready,
+                lookup=converted[1], bank_code=event.bank_code, report_ready=event.report_ready
             )
 
     @grpc_method

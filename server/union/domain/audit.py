@@ -30,6 +30,8 @@ class Outcome:
     value: str = "ok"
     resource: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    # Set when the block wrote its "ok" event itself, in the transaction of what it did.
+    recorded: bool = False
 
 
 def refusal(error: errors.DomainError) -> str:
@@ -56,7 +58,12 @@ class AuditTrail:
             if not isinstance(error, errors.Unavailable):  # nothing can be written while the database is down
                 await self.record(actor, action, refusal(error), outcome.resource)
             raise
-        await self.record(actor, action, outcome.value, outcome.resource)
+        if not outcome.recorded:
+            await self.record(actor, action, outcome.value, outcome.resource)
+
+    def entry(self, actor: str, action: str, resource: str) -> model.AuditEntry:
+        """An "ok" event for a store call to write in its own transaction (see Outcome.recorded)."""
+        return model.AuditEntry(self._clock.now(), actor, action, "ok", resource)
 
     async def list(
         self,

@@ -15,7 +15,7 @@ from datetime import timedelta
 from server.common import errors
 from server.union.clock import Clock
 from server.union.domain import model, validation
-from server.union.domain.audit import AuditTrail
+from server.union.domain.audit import AuditTrail, Outcome
 from server.union.domain.events import LookupEvents
 from server.union.domain.identity import Caller
 from server.union.domain.orchestrator import Orchestrator
@@ -66,11 +66,13 @@ class LookupService:
 
     async def create_lookup(self, caller: Caller, request_id: str, bank_codes: Sequence[str]) -> model.Lookup:
         async with self._audit.action(caller.person_hash, "lookup.create") as audited:
-            lookup = await self._create(caller, request_id, bank_codes)
+            lookup = await self._create(caller, request_id, bank_codes, audited)
             audited.resource = lookup.name
             return lookup
 
-    async def _create(self, caller: Caller, request_id: str, bank_codes: Sequence[str]) -> model.Lookup:
+    async def _create(
+        self, caller: Caller, request_id: str, bank_codes: Sequence[str], audited: Outcome
+    ) -> model.Lookup:
         violations = []
         if not validation.REQUEST_ID.fullmatch(request_id):
             violations.append(errors.FieldViolation("request_id", "must be 1-64 characters of [A-Za-z0-9_-]"))
@@ -137,7 +139,10 @@ class LookupService:
                 now=now,
                 deadline=now + self._orchestrator.policy.lookup_deadline,
                 claim=self._orchestrator.claim_request(chosen),
+                # Audited in the lookup's own transaction: one write, and never one without the other.
+                audit=self._audit.entry(caller.person_hash, "lookup.create", f"lookups/{lookup_id}"),
             )
+            audited.recorded = True
         except DuplicateRequest:
             # Two retries of the same request raced; the other one won.
             raced = await self._store.find_lookup_by_request(caller.person_hash, request_id)
@@ -158,24 +163,25 @@ class LookupService:
 
     async def watch_lookup(self, caller: Caller, name: str) -> AsyncIterator[WatchEvent]:
         """The current state first, then one event per bank change, ending when the report is ready."""
-        lookup = await self.get_lookup(caller, name)
-        yield WatchEvent(lookup, "", lookup.state == model.LookupState.COMPLETED)
-        previous = {bank.bank_code: bank for bank in lookup.banks}
-        while lookup.state != model.LookupState.COMPLETED:
-            await self._events.wait(
-                lookup.id,
-                self.policy.watch_poll_interval.total_seconds(),
-                self.policy.watch_coalesce.total_seconds(),
-            )
-            current = await self._store.get_lookup(lookup.id, caller.person_hash)
-            if current is None:
-                raise errors.NotFound(f"{name} not found")
-            lookup = current
-            for bank in lookup.banks:
-                if previous.get(bank.bank_code) != bank:
-                    yield WatchEvent(lookup, bank.bank_code, False)
+        lookup_id = validation.parse_resource_name(name, "lookups")
+        with self._events.subscribe(lookup_id) as changes:  # before the first read: no change is missed
+            lookup = await self.get_lookup(caller, name)
+            yield WatchEvent(lookup, "", lookup.state == model.LookupState.COMPLETED)
             previous = {bank.bank_code: bank for bank in lookup.banks}
-        yield WatchEvent(lookup, "", True)
+            while lookup.state != model.LookupState.COMPLETED:
+                await changes.wait(
+                    self.policy.watch_poll_interval.total_seconds(),
+                    self.policy.watch_coalesce.total_seconds(),
+                )
+                current = await self._store.get_lookup(lookup.id, caller.person_hash)
+                if current is None:
+                    raise errors.NotFound(f"{name} not found")
+                lookup = current
+                for bank in lookup.banks:
+                    if previous.get(bank.bank_code) != bank:
+                        yield WatchEvent(lookup, bank.bank_code, False)
+                previous = {bank.bank_code: bank for bank in lookup.banks}
+            yield WatchEvent(lookup, "", True)
 
     async def get_report(self, caller: Caller, name: str) -> model.Report:
         async with self._audit.action(caller.person_hash, "report.read", name[:96]):

@@ -237,6 +237,17 @@ class ReportPlan:
 
 
 @dataclass(frozen=True)
+class AuditEntry:
+    """An audit event to write (the store gives it its id)."""
+
+    time: datetime
+    actor: str
+    action: str
+    outcome: str
+    resource: str
+
+
+@dataclass(frozen=True)
 class ClaimRequest:
     """Lease these banks' tasks of a new lookup to `owner` as it is created."""
 

@@ -189,7 +189,13 @@ class Orchestrator:
         if self._announce:
             delay = min(delay, self._next_announce - time.monotonic())
         if self._next_due is not None:
-            delay = min(delay, (self._next_due - self._clock.now()).total_seconds())
+            until_due = (self._next_due - self._clock.now()).total_seconds()
+            if until_due > 0:
+                delay = min(delay, until_due)
+            else:
+                # Due work was claimed above; the next maintenance finds the next due time. (Kept,
+                # this was a 10 ms busy loop whenever a claimed task's next_attempt_time had passed.)
+                self._next_due = None
         return max(delay, 0.01)
 
     async def _maintain(self, now: datetime) -> None:

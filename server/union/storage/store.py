@@ -84,6 +84,7 @@ CARDS = cast(Table, FoundCardRow.__table__)
 REPORTS = cast(Table, ReportRow.__table__)
 NOTIFICATIONS = cast(Table, NotificationRow.__table__)
 COUNTERS_TABLE = cast(Table, CounterRow.__table__)
+AUDIT_EVENTS = cast(Table, AuditEventRow.__table__)
 
 # How long a replica serves the bank and region catalogue from memory (admin changes made on
 # another replica apply within this; the orchestrator re-reads banks on the same rhythm).
@@ -535,6 +536,7 @@ class Store:
         now: datetime,
         deadline: datetime,
         claim: model.ClaimRequest | None = None,
+        audit: model.AuditEntry | None = None,
     ) -> tuple[model.Lookup, list[model.Claim]]:
         """Persist the lookup and one pending task per bank in one transaction.
 
@@ -585,6 +587,8 @@ class Store:
                 )
             c.execute(insert(TASKS), rows)
             _bump(s, "lookups_created")
+            if audit is not None:
+                _insert_audit(c, audit)
             lookup = model.Lookup(
                 id=lookup_id,
                 request_id=request_id,
@@ -828,20 +832,37 @@ class Store:
         """When the earliest pending task, card action or deadline falls due (the scheduler's sleep)."""
 
         def work(s: Session) -> datetime | None:
+            # A task in flight is not due before its lease lapses, whatever its next_attempt_time.
             task = s.scalar(
-                select(func.min(BankTaskRow.next_attempt_time)).where(
-                    BankTaskRow.outcome == model.BankOutcome.PENDING
-                )
+                select(
+                    func.min(
+                        case(
+                            (
+                                BankTaskRow.lease_until > BankTaskRow.next_attempt_time,
+                                BankTaskRow.lease_until,
+                            ),
+                            else_=BankTaskRow.next_attempt_time,
+                        )
+                    )
+                ).where(BankTaskRow.outcome == model.BankOutcome.PENDING)
             )
             deadline = s.scalar(
                 select(func.min(LookupRow.deadline_time)).where(LookupRow.state == model.LookupState.RUNNING)
             )
             action = s.scalar(
-                select(func.min(CardActionRow.next_attempt_time)).where(
-                    CardActionRow.state == model.ActionState.PENDING
-                )
+                select(
+                    func.min(
+                        case(
+                            (
+                                CardActionRow.lease_until > CardActionRow.next_attempt_time,
+                                CardActionRow.lease_until,
+                            ),
+                            else_=CardActionRow.next_attempt_time,
+                        )
+                    )
+                ).where(CardActionRow.state == model.ActionState.PENDING)
             )
-            candidates = [t for t in (task, deadline, action) if t is not None]
+            candidates = [t for t in (_utc(task), _utc(deadline), _utc(action)) if t is not None]
             return min(candidates) if candidates else None
 
         return await self._run(work)
@@ -1167,11 +1188,7 @@ class Store:
         self, time: datetime, actor: str, action: str, outcome: str, resource: str
     ) -> None:
         def work(s: Session) -> None:
-            s.add(
-                AuditEventRow(
-                    time=time, actor=actor, action=action, outcome=outcome[:64], resource=resource[:96]
-                )
-            )
+            _insert_audit(s.connection(), model.AuditEntry(time, actor, action, outcome, resource))
 
         # Batched with the other writes of the moment: every lookup and report read is audited.
         await self._run_batched(work)
@@ -1277,6 +1294,19 @@ def _bump(s: Session | Connection, name: str, by: int = 1) -> None:
     c = s.connection() if isinstance(s, Session) else s
     c.execute(
         update(COUNTERS_TABLE).where(COUNTERS_TABLE.c.name == name).values(value=COUNTERS_TABLE.c.value + by)
+    )
+
+
+def _insert_audit(c: Connection, entry: model.AuditEntry) -> None:
+    c.execute(
+        insert(AUDIT_EVENTS),
+        {
+            "time": entry.time,
+            "actor": entry.actor,
+            "action": entry.action,
+            "outcome": entry.outcome[:64],
+            "resource": entry.resource[:96],
+        },
     )
 
 
