@@ -1,19 +1,29 @@
 """`make bench`: how fast is a lookup, end to end, through the real public API?
 
-Starts the 16 banks (one process) and the union (its own process) on loopback,
-verifies N simulated people once each, then keeps C lookups in flight for D
-seconds (create → watch until the report is ready, person after person) and
-measures completed lookups/s, time-to-report percentiles, errors by status
-code, CPU per lookup of each process and the union's peak RSS. In the same run,
-before the union, it measures two bare baselines: the same banks driven by a
-minimal fan-out with no persistence, auth or masking, first with one QueryCards
-call per bank per lookup ("bare per-call"), then with one long-lived
-QuerySession stream per bank carrying every lookup's query ("bare
-multiplexed"). It prints the ratios between the three. Timings are never
+Starts the 16 banks (one process) on loopback and measures two bare baselines
+against them: a minimal fan-out with no persistence, auth or masking, first
+with one QueryCards call per bank per lookup ("bare per-call"), then with one
+long-lived QuerySession stream per bank carrying every lookup's query ("bare
+multiplexed"). Then, for each count in --replicas (e.g. `1,2`), it starts a
+fresh union stack of that many processes on an emptied database, verifies N
+simulated people once each (spread round-robin over the replicas), keeps C
+lookups in flight for D seconds (create → watch until the report is ready,
+person after person) and measures completed lookups/s, time-to-report
+percentiles, errors by status code, CPU per lookup of each process and the
+union's peak RSS. The banks stay up across counts; the baselines run once.
+
+It prints the results as JSON (also written to --out/latest.json with a
+latency histogram, latency.png) and then as a short table. Timings are never
 asserted: these machines are shared and noisy, so ratios against baselines
 from the same run are what to compare.
 
+PostgreSQL (--database-url postgresql+psycopg://…, needed for more than one
+replica): point it at a scratch database. Before every union stack starts, the
+bench drops the union's own tables there (and Alembic's version table), so the
+stack begins empty; other tables are left alone.
+
     python -m bench.run --concurrency 32 --duration 20 [--bank-latency-ms 50] [--database-url ...]
+    python -m bench.run --database-url postgresql+psycopg://…/scratch --replicas 1,2
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -32,7 +43,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,15 +52,17 @@ import grpc
 from bankquery.v1 import bank_query_service_pb2 as bank_pb
 from bankquery.v1 import bank_query_service_pb2_grpc as bank_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import create_engine, text
 
 from clients.client import CardLookupClient, CardLookupError
 from server.population.catalogue import PILOT_REGIONS
 from server.population.generator import Person, person_at
-from server.union.sms import read_one_time_code
+from server.union.storage.models import Base
 
 SEED = 20211201
 OPEN = {r.code for r in PILOT_REGIONS}
 STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+ONE_TIME_CODE = re.compile(r"(?<!\d)\d{6}(?!\d)")
 
 
 def free_block(size: int) -> int:
@@ -68,11 +81,16 @@ def free_block(size: int) -> int:
     raise SystemExit("no free ports")
 
 
-def peak_rss_mb(pid: int) -> float:
+def _status_mb(pid: int, key: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(key):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The most resident memory the process has had (VmHWM)."""
+    return _status_mb(pid, "VmHWM:")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -86,6 +104,31 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def parse_replicas(value: str) -> list[int]:
+    """`--replicas 1,2` → [1, 2]: each a union stack of its own, in this order."""
+    try:
+        counts = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma list of counts, e.g. 1,2; got {value!r}"
+        ) from None
+    if not counts or any(count < 1 for count in counts):
+        raise argparse.ArgumentTypeError(f"replica counts must be 1 or more, got {value!r}")
+    return counts
+
+
+def open_region_people(population: int, count: int) -> list[Person]:
+    """The first `count` people of the population who live in an open (pilot) region."""
+    found: list[Person] = []
+    for index in range(5, population):
+        person = person_at(SEED, index)
+        if person.region_code in OPEN:
+            found.append(person)
+            if len(found) == count:
+                break
+    return found
 
 
 @dataclass
@@ -110,55 +153,118 @@ class Run:
         }
 
 
-class Stack:
-    """The banks and the union as child processes."""
+def _spawn(
+    processes: list[subprocess.Popen[bytes]], command: list[str], log: Path, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)  # noqa: S603
+    processes.append(process)
+    return process
 
-    def __init__(
-        self,
-        work: Path,
-        population: int,
-        bank_latency_ms: int,
-        database_url: str,
-        replicas: int,
-        profile: bool = False,
-    ) -> None:
+
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+BENCH_ENV = {"CARDLOOKUP_MASTER_KEY": "42" * 32, "CARDLOOKUP_ADMIN_TOKEN": "bench-admin"}
+
+
+class Banks:
+    """The 16 simulated banks, one child process, on 16 consecutive loopback ports.
+
+    Their data lives in a directory per population size: a bank only seeds an empty store, so a
+    directory seeded for another size would silently lack (or have extra) people.
+    """
+
+    def __init__(self, work: Path, population: int, faults: Sequence[str] = (), label: str = "banks") -> None:
         self.work = work
-        self.base = free_block(16 + replicas + 2)
-        self.bank_base = self.base + replicas + 1
-        self.union_addresses = [f"127.0.0.1:{self.base + i}" for i in range(replicas)]
         self.population = population
-        self.bank_latency_ms = bank_latency_ms
-        self.database_url = database_url
-        self.processes: list[subprocess.Popen[bytes]] = []
-        self.union_pids: list[int] = []
-        self.bank_pid = 0
-        self.profile = profile
+        self.faults = list(faults)
+        self.label = label
+        self.base = 0
+        self.pid = 0
+        self._processes: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{self.base + i}" for i in range(16)]
 
     def start(self) -> None:
-        env = {**os.environ, "CARDLOOKUP_MASTER_KEY": "42" * 32, "CARDLOOKUP_ADMIN_TOKEN": "bench-admin"}
-        union_env = dict(env)
-        if self.profile:
-            union_env["CARDLOOKUP_PROFILE"] = str(self.work / "union-profile.txt")
-        logs = self.work / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        bank_cmd = [
+        self.base = free_block(16)
+        command = [
             sys.executable,
             "-m",
             "server.bank.main",
             "serve",
             "--all",
             "--base-port",
-            str(self.bank_base),
+            str(self.base),
             "--data-dir",
-            str(self.work / "banks"),
+            str(self.work / f"banks-p{self.population}"),
+            "--seed",
+            str(SEED),
             "--population",
             str(self.population),
         ]
-        if self.bank_latency_ms:
-            bank_cmd += ["--fault", f"latency_ms={self.bank_latency_ms}"]
-        self.bank_pid = self._spawn(bank_cmd, logs / "banks.log", env).pid
-        for index, address in enumerate(self.union_addresses):
-            union_cmd = [
+        for fault in self.faults:
+            command += ["--fault", fault]
+        env = {**os.environ, **BENCH_ENV}
+        self.pid = _spawn(self._processes, command, self.work / "logs" / f"{self.label}.log", env).pid
+        asyncio.run(wait_serving(self.addresses))
+
+    def stop(self) -> None:
+        _stop(self._processes)
+
+
+class Unions:
+    """`replicas` union processes sharing one database, in front of running banks.
+
+    Each stack starts empty: its data directory (SQLite database, keys, SMS outbox) is removed
+    first, and on PostgreSQL the union's tables are dropped (see `reset_union_tables`).
+    """
+
+    def __init__(
+        self,
+        work: Path,
+        banks: Banks,
+        database_url: str,
+        replicas: int,
+        label: str,
+        profile: bool = False,
+    ) -> None:
+        self.work = work
+        self.data_dir = work / "union"
+        self.banks = banks
+        self.database_url = database_url
+        self.replicas = replicas
+        self.label = label
+        self.profile = profile
+        self.addresses: list[str] = []
+        self.pids: list[int] = []
+        self._processes: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def outbox(self) -> Path:
+        return self.data_dir / "sms-outbox.jsonl"
+
+    def start(self) -> None:
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        if self.database_url.startswith("postgresql"):
+            reset_union_tables(self.database_url)
+        base = free_block(self.replicas)
+        self.addresses = [f"127.0.0.1:{base + i}" for i in range(self.replicas)]
+        env = {**os.environ, **BENCH_ENV}
+        for index, address in enumerate(self.addresses):
+            command = [
                 sys.executable,
                 "-m",
                 "server.union.main",
@@ -166,48 +272,51 @@ class Stack:
                 "--listen",
                 address,
                 "--data-dir",
-                str(self.work / "union"),
+                str(self.data_dir),
                 "--bank-base-port",
-                str(self.bank_base),
+                str(self.banks.base),
+                "--population-seed",
+                str(SEED),
+                # The identity registry must hold everyone the banks know, or verification fails.
                 "--population-size",
-                str(self.population),
+                str(self.banks.population),
                 "--requery-cooldown-hours",
                 "0",
                 "--log-level",
                 "WARNING",
             ]
             if self.database_url:
-                union_cmd += ["--database-url", self.database_url]
-            process = self._spawn(union_cmd, logs / f"union-{index}.log", union_env if index == 0 else env)
-            self.union_pids.append(process.pid)
+                command += ["--database-url", self.database_url]
+            replica_env = dict(env)
+            if self.profile and index == 0:
+                replica_env["CARDLOOKUP_PROFILE"] = str(self.work / f"union-profile-{self.label}.txt")
+            log = self.work / "logs" / f"union-{self.label}-{index}.log"
+            self.pids.append(_spawn(self._processes, command, log, replica_env).pid)
             if index == 0:
                 asyncio.run(wait_serving([address]))  # the first replica migrates; the others follow
-        asyncio.run(
-            wait_serving(self.union_addresses + [f"127.0.0.1:{self.bank_base + i}" for i in range(16)])
-        )
-
-    def _spawn(self, command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        with log.open("ab") as handle:
-            process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)  # noqa: S603
-        self.processes.append(process)
-        return process
+        asyncio.run(wait_serving(self.addresses))
 
     def stop(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        _stop(self._processes)
+
+
+def reset_union_tables(database_url: str) -> None:
+    """Drop the union's own tables and Alembic's version table, so the next union migrates an empty
+    schema. Only those: the bench never drops a whole schema or anyone else's tables."""
+    engine = create_engine(database_url)
+    try:
+        Base.metadata.drop_all(engine)
+        with engine.begin() as connection:
+            connection.execute(text("DROP TABLE IF EXISTS alembic_version"))
+    finally:
+        engine.dispose()
 
 
 async def wait_serving(addresses: list[str]) -> None:
     async def one(address: str) -> None:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            for _ in range(600):
+            for _ in range(3000):
                 try:
                     response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
                     if response.status == health_pb2.HealthCheckResponse.SERVING:
@@ -220,34 +329,83 @@ async def wait_serving(addresses: list[str]) -> None:
     await asyncio.gather(*(one(a) for a in addresses))
 
 
-async def verify_all(stack: Stack, people: list[Person]) -> list[str]:
-    gate = asyncio.Semaphore(32)
-    outbox = stack.work / "union" / "sms-outbox.jsonl"
+class OutboxReader:
+    """Reads the union's development SMS outbox incrementally.
 
-    async def one(index: int, person: Person) -> str:
-        async with (
-            gate,
-            CardLookupClient(stack.union_addresses[index % len(stack.union_addresses)]) as client,
-        ):
+    The outbox is one JSON line per message, {"time", "to", "text"}, the code being the 6-digit
+    number in the text. Each read starts where the last one stopped, so verifying N people reads
+    the file once overall instead of once per person.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self._codes: dict[str, str] = {}
+
+    def _read_new(self) -> None:
+        try:
+            with self.path.open("rb") as handle:
+                handle.seek(self._offset)
+                chunk = handle.read()
+        except FileNotFoundError:
+            return
+        end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next read
+        for line in chunk[:end].splitlines():
+            if not line.strip():
+                continue
+            entry = json.loads(line)
+            if match := ONE_TIME_CODE.search(entry["text"]):
+                self._codes[entry["to"]] = match.group(0)
+        self._offset += end
+
+    def take(self, mobile_number: str) -> str | None:
+        """The newest code sent to this number, if one has arrived since the last `take` of it."""
+        self._read_new()
+        return self._codes.pop(mobile_number, None)
+
+    async def wait_for(self, mobile_number: str) -> str:
+        """The code for this number, polling until it arrives (at most 30 s)."""
+        for _ in range(3000):  # the file is written by another process: poll it
+            if (code := self.take(mobile_number)) is not None:
+                return code
+            await asyncio.sleep(0.01)
+        raise RuntimeError(f"no one-time code for {mobile_number[:3]}… in {self.path}")
+
+
+async def verify_all(
+    addresses: list[str], outbox: Path, people: list[Person], concurrency: int = 32
+) -> list[str]:
+    """Verify every person once, person i on replica i mod R; their session tokens, in order."""
+    reader = OutboxReader(outbox)
+    clients = [CardLookupClient(address, retries=0, timeout=60) for address in addresses]
+    tokens = [""] * len(people)
+    todo: Iterator[int] = iter(range(len(people)))
+
+    async def worker() -> None:
+        # Verification calls carry no session credential, so the replicas' clients are shared.
+        for index in todo:
+            person = people[index]
+            client = clients[index % len(clients)]
             started = await client.start_verification(
                 person.name, person.resident_id_number, person.mobile_number
             )
-            code = read_one_time_code(outbox, person.mobile_number)
-            assert code is not None
-            await client.complete_verification(started.verification_id, code)
-            assert client.session_token is not None
-            return client.session_token
+            code = await reader.wait_for(person.mobile_number)
+            completed = await client.complete_verification(started.verification_id, code)
+            tokens[index] = completed.session_token
 
-    return await asyncio.gather(*(one(i, p) for i, p in enumerate(people)))
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+    return tokens
 
 
-async def drive_union(stack: Stack, tokens: list[str], concurrency: int, duration: float) -> Run:
-    run = Run("union")
+async def drive_union(
+    addresses: list[str], tokens: list[str], concurrency: int, duration: float, name: str
+) -> Run:
+    run = Run(name)
     deadline = time.monotonic() + duration
-    clients = [
-        CardLookupClient(stack.union_addresses[i % len(stack.union_addresses)], retries=0)
-        for i in range(concurrency)
-    ]
+    clients = [CardLookupClient(addresses[i % len(addresses)], retries=0) for i in range(concurrency)]
 
     async def worker(index: int) -> None:
         client = clients[index]
@@ -276,11 +434,11 @@ async def drive_union(stack: Stack, tokens: list[str], concurrency: int, duratio
     return run
 
 
-async def drive_bare(stack: Stack, people: list[Person], concurrency: int, duration: float) -> Run:
+async def drive_bare(banks: Banks, people: list[Person], concurrency: int, duration: float) -> Run:
     """The per-call floor: one QueryCards call to each of the 16 banks per lookup, waiting for
     every stream; nothing else."""
     run = Run("bare per-call fan-out")
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{stack.bank_base + i}") for i in range(16)]
+    channels = [grpc.aio.insecure_channel(address) for address in banks.addresses]
     stubs = [bank_grpc.BankQueryServiceStub(c) for c in channels]
     deadline = time.monotonic() + duration
 
@@ -365,12 +523,12 @@ class SessionStream:
 
 
 async def drive_bare_multiplexed(
-    stack: Stack, people: list[Person], concurrency: int, duration: float
+    banks: Banks, people: list[Person], concurrency: int, duration: float
 ) -> Run:
     """The floor with per-RPC cost taken out: one QuerySession stream per bank carries every
     lookup's query; a lookup sends its query to all 16 streams and waits for the 16 answers."""
     run = Run("bare multiplexed fan-out")
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{stack.bank_base + i}") for i in range(16)]
+    channels = [grpc.aio.insecure_channel(address) for address in banks.addresses]
     streams = [SessionStream(bank_grpc.BankQueryServiceStub(c)) for c in channels]
     deadline = time.monotonic() + duration
 
@@ -416,11 +574,11 @@ def ratio(numerator: Run, denominator: Run) -> float | None:
     return round(rate(numerator) / rate(denominator), 3) if rate(denominator) else None
 
 
-def measured(stack: Stack, run_phase: Any) -> Run:
+def measured(pids: dict[str, list[int]], run_phase: Coroutine[Any, Any, Run]) -> Run:
     """Run one phase and attribute the CPU each process spent to the lookups it completed."""
-    pids = {"union": stack.union_pids, "banks": [stack.bank_pid], "load": [os.getpid()]}
+    pids = {**pids, "load": [os.getpid()]}
     before = {name: sum(cpu_seconds(p) for p in group) for name, group in pids.items()}
-    run: Run = asyncio.run(run_phase)
+    run = asyncio.run(run_phase)
     after = {name: sum(cpu_seconds(p) for p in group) for name, group in pids.items()}
     if run.completed:
         run.cpu_ms_per_lookup = {
@@ -447,42 +605,60 @@ def plot(runs: list[Run], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def table(runs: list[Run]) -> str:
+    """The figures for people: one line per phase."""
+    lines = [f"{'phase':26} {'lookups/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}  cpu ms/lookup"]
+    for run in runs:
+        s = run.summary()
+        cpu = " ".join(f"{name} {ms:g}" for name, ms in run.cpu_ms_per_lookup.items())
+        lines.append(
+            f"{run.name:26} {s['lookups_per_second']:>10.1f} {s['p50_ms']:>9.1f} {s['p99_ms']:>9.1f}"
+            f" {sum(run.errors.values()):>7}  {cpu}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0] if __doc__ else None,
+        epilog="--database-url should name a scratch database: the bench drops the union's tables in it "
+        "before every union stack it starts.",
+    )
     parser.add_argument("--concurrency", type=int, default=32, help="lookups in flight")
     parser.add_argument("--duration", type=float, default=20, help="seconds of load per measurement")
     parser.add_argument("--people", type=int, default=512, help="distinct verified people")
-    parser.add_argument("--population", type=int, default=5000)
+    parser.add_argument(
+        "--population", type=int, default=5000, help="synthetic people the banks and the union know"
+    )
     parser.add_argument("--bank-latency-ms", type=int, default=0)
-    parser.add_argument("--database-url", default="", help="default: SQLite in the work directory")
-    parser.add_argument("--replicas", type=int, default=1, help="union processes sharing the database")
+    parser.add_argument(
+        "--database-url",
+        default="",
+        help="the union's database; default: SQLite in the work directory. Give a SCRATCH PostgreSQL "
+        "database: the bench empties the union's tables there (drops them and alembic_version) before "
+        "each union stack starts",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=parse_replicas,
+        default=[1],
+        help="union processes sharing the database; a comma list (e.g. 1,2) measures each count on a "
+        "fresh stack. More than one needs PostgreSQL (default: 1)",
+    )
     parser.add_argument("--work-dir", type=Path, default=Path("data/bench"))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument(
-        "--profile", action="store_true", help="profile the union (pyinstrument) into the work dir"
+        "--profile",
+        action="store_true",
+        help="profile each union stack's first replica (pyinstrument) into the work dir",
     )
     args = parser.parse_args(argv)
-    if args.replicas > 1 and not args.database_url.startswith("postgresql"):
+    postgres = args.database_url.startswith("postgresql")
+    if max(args.replicas) > 1 and not postgres:
         raise SystemExit("several replicas need a shared PostgreSQL: --database-url postgresql+psycopg://…")
 
-    shutil.rmtree(args.work_dir / "union", ignore_errors=True)
-    stack = Stack(
-        args.work_dir, args.population, args.bank_latency_ms, args.database_url, args.replicas, args.profile
-    )
-    people = [p for p in (person_at(SEED, i) for i in range(5, args.population)) if p.region_code in OPEN]
-    people = people[: args.people]
-    print(f"starting 16 banks and {args.replicas} union replica(s); {len(people)} people …", flush=True)
-    stack.start()
-    try:
-        tokens = asyncio.run(verify_all(stack, people))
-        per_call = measured(stack, drive_bare(stack, people, args.concurrency, args.duration))
-        multiplexed = measured(stack, drive_bare_multiplexed(stack, people, args.concurrency, args.duration))
-        union = measured(stack, drive_union(stack, tokens, args.concurrency, args.duration))
-        rss = max(peak_rss_mb(pid) for pid in stack.union_pids)
-    finally:
-        stack.stop()
-
-    result = {
+    began = time.monotonic()
+    result: dict[str, Any] = {
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
@@ -491,29 +667,80 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "concurrency": args.concurrency,
             "duration_s": args.duration,
-            "people": len(people),
+            "people": args.people,
+            "population": args.population,
             "bank_latency_ms": args.bank_latency_ms,
-            "database": "postgresql" if args.database_url.startswith("postgresql") else "sqlite",
+            "database": "postgresql" if postgres else "sqlite",
             "replicas": args.replicas,
         },
-        "bare_per_call": per_call.summary(),
-        "bare_multiplexed": multiplexed.summary(),
-        "union": union.summary(),
-        "union_peak_rss_mb": round(rss, 1),
-        "ratio_union_to_bare_multiplexed": ratio(union, multiplexed),
-        "ratio_union_to_bare_per_call": ratio(union, per_call),
-        "ratio_multiplexed_to_per_call": ratio(multiplexed, per_call),
     }
-    if args.bank_latency_ms:
-        result["fanout_overhead_p50_ms"] = round(union.summary()["p50_ms"] - args.bank_latency_ms, 1)
+    runs = speed(args, result)
+    result["wall_seconds"] = round(time.monotonic() - began, 1)
+
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    plot([per_call, multiplexed, union], args.out / "latency.png")
+    plot(runs, args.out / "latency.png")
     print(json.dumps(result, indent=2, ensure_ascii=False))
-    for run in (per_call, multiplexed, union):
-        print(f"{run.name:28} {rate(run):8.1f} lookups/s  cpu ms/lookup {run.cpu_ms_per_lookup}")
+    print()
+    print(table(runs))
     print(f"wrote {args.out / 'latest.json'} and {args.out / 'latency.png'}")
     return 0
+
+
+def speed(args: argparse.Namespace, result: dict[str, Any]) -> list[Run]:
+    """The baselines once, then the union once per replica count; fills `result`, returns the runs."""
+    people = open_region_people(args.population, args.people)
+    counts = ", ".join(str(n) for n in args.replicas)
+    print(f"starting 16 banks; union replicas {counts} in turn; {len(people)} people …", flush=True)
+    result["settings"]["people"] = len(people)
+    banks = Banks(
+        args.work_dir, args.population, [f"latency_ms={args.bank_latency_ms}"] if args.bank_latency_ms else []
+    )
+    by_replicas: dict[int, tuple[Run, list[float]]] = {}
+    banks.start()
+    try:
+        bank_pids = {"banks": [banks.pid]}
+        per_call = measured(bank_pids, drive_bare(banks, people, args.concurrency, args.duration))
+        multiplexed = measured(
+            bank_pids, drive_bare_multiplexed(banks, people, args.concurrency, args.duration)
+        )
+        for count in args.replicas:
+            unions = Unions(args.work_dir, banks, args.database_url, count, f"r{count}", args.profile)
+            try:
+                unions.start()
+                tokens = asyncio.run(verify_all(unions.addresses, unions.outbox, people))
+                name = f"union ({count} replica{'s' if count > 1 else ''})"
+                run = measured(
+                    {"union": unions.pids, **bank_pids},
+                    drive_union(unions.addresses, tokens, args.concurrency, args.duration, name),
+                )
+                by_replicas[count] = (run, [peak_rss_mb(pid) for pid in unions.pids])
+            finally:
+                unions.stop()
+    finally:
+        banks.stop()
+
+    first, first_rss = by_replicas[args.replicas[0]]
+    result["bare_per_call"] = per_call.summary()
+    result["bare_multiplexed"] = multiplexed.summary()
+    result["union"] = first.summary()  # the first count, as before --replicas took a list
+    result["union_peak_rss_mb"] = round(max(first_rss), 1)
+    result["union_by_replicas"] = {
+        str(count): {
+            **run.summary(),
+            "peak_rss_mb": round(max(rss), 1),
+            "peak_rss_mb_each": [round(mb, 1) for mb in rss],
+        }
+        for count, (run, rss) in by_replicas.items()
+    }
+    result["ratio_union_to_bare_multiplexed"] = ratio(first, multiplexed)
+    result["ratio_union_to_bare_per_call"] = ratio(first, per_call)
+    result["ratio_multiplexed_to_per_call"] = ratio(multiplexed, per_call)
+    if 1 in by_replicas and 2 in by_replicas:
+        result["ratio_2_to_1_replicas"] = ratio(by_replicas[2][0], by_replicas[1][0])
+    if args.bank_latency_ms:
+        result["fanout_overhead_p50_ms"] = round(first.summary()["p50_ms"] - args.bank_latency_ms, 1)
+    return [per_call, multiplexed, *(run for run, _ in by_replicas.values())]
 
 
 if __name__ == "__main__":
