@@ -12,6 +12,12 @@ person after person) and measures completed lookups/s, time-to-report
 percentiles, errors by status code, CPU per lookup of each process and the
 union's peak RSS. The banks stay up across counts; the baselines run once.
 
+--hold N measures memory instead of speed: a fresh union in front of banks
+that answer nothing for ten minutes, N people verified, one lookup created per
+person (refusals such as RESOURCE_EXHAUSTED or UNAVAILABLE are counted, not
+failures), then the union's current and peak RSS sampled while they are all in
+flight. --hold-only skips the speed phases.
+
 It prints the results as JSON (also written to --out/latest.json with a
 latency histogram, latency.png) and then as a short table. Timings are never
 asserted: these machines are shared and noisy, so ratios against baselines
@@ -24,6 +30,7 @@ stack begins empty; other tables are left alone.
 
     python -m bench.run --concurrency 32 --duration 20 [--bank-latency-ms 50] [--database-url ...]
     python -m bench.run --database-url postgresql+psycopg://…/scratch --replicas 1,2
+    python -m bench.run --hold 10000 --hold-only
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from typing import Any
 import grpc
 from bankquery.v1 import bank_query_service_pb2 as bank_pb
 from bankquery.v1 import bank_query_service_pb2_grpc as bank_grpc
+from cardlookup.v1 import card_lookup_service_pb2 as lookup_pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import create_engine, text
 
@@ -62,6 +70,8 @@ from server.union.storage.models import Base
 SEED = 20211201
 OPEN = {r.code for r in PILOT_REGIONS}
 STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+# Banks in the --hold stack: the first answer would come after ten minutes.
+HOLD_BANK_LATENCY_MS = 600_000
 ONE_TIME_CODE = re.compile(r"(?<!\d)\d{6}(?!\d)")
 
 
@@ -91,6 +101,11 @@ def _status_mb(pid: int, key: str) -> float:
 def peak_rss_mb(pid: int) -> float:
     """The most resident memory the process has had (VmHWM)."""
     return _status_mb(pid, "VmHWM:")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory now (VmRSS)."""
+    return _status_mb(pid, "VmRSS:")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -587,6 +602,119 @@ def measured(pids: dict[str, list[int]], run_phase: Coroutine[Any, Any, Run]) ->
     return run
 
 
+@dataclass
+class Hold:
+    created: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    seconds_to_create: float = 0.0
+    names: list[tuple[str, str]] = field(default_factory=list)  # (lookup name, owner's token)
+
+
+async def create_lookups(addresses: list[str], tokens: list[str], concurrency: int = 64) -> Hold:
+    """One lookup per person, `concurrency` creates at a time, none retried: a refusal is an outcome."""
+    hold = Hold()
+    clients = [
+        CardLookupClient(addresses[i % len(addresses)], retries=0, timeout=60) for i in range(concurrency)
+    ]
+    todo: Iterator[str] = iter(tokens)
+
+    async def worker(client: CardLookupClient) -> None:
+        for token in todo:
+            client.session_token = token
+            try:
+                lookup = await client.create_lookup(request_id=uuid.uuid4().hex)
+            except CardLookupError as error:
+                hold.errors[error.code.name] += 1
+                continue
+            hold.created += 1
+            hold.names.append((lookup.name, token))
+
+    began = time.monotonic()
+    try:
+        await asyncio.gather(*(worker(c) for c in clients))
+    finally:
+        hold.seconds_to_create = time.monotonic() - began
+        await asyncio.gather(*(c.close() for c in clients))
+    return hold
+
+
+async def sample_states(address: str, names: list[tuple[str, str]], count: int = 200) -> dict[str, int]:
+    """The states of up to `count` of the held lookups, spread over all of them (a check that they
+    are still running, i.e. really in flight)."""
+    states: Counter[str] = Counter()
+    step = max(1, len(names) // count)
+    async with CardLookupClient(address, retries=0) as client:
+        for name, token in names[::step][:count]:
+            client.session_token = token
+            try:
+                lookup = await client.get_lookup(name)
+            except CardLookupError as error:
+                states[error.code.name] += 1
+                continue
+            states[lookup_pb.LookupState.Name(lookup.state)] += 1
+    return dict(states)
+
+
+def hold_in_flight(args: argparse.Namespace) -> dict[str, Any]:
+    """The memory phase: N lookups in flight against banks that do not answer, union RSS sampled."""
+    began = time.monotonic()
+
+    def say(message: str) -> None:
+        print(f"hold [{time.monotonic() - began:6.1f} s] {message}", flush=True)
+
+    population = max(args.population, 3 * args.hold)
+    people = open_region_people(population, args.hold)
+    if len(people) < args.hold:
+        raise SystemExit(f"only {len(people)} people in open regions among {population}: raise --population")
+    say(f"starting banks that answer after {HOLD_BANK_LATENCY_MS // 1000} s, population {population} …")
+    banks = Banks(args.work_dir, population, [f"latency_ms={HOLD_BANK_LATENCY_MS}"], label="banks-hold")
+    banks.start()
+    unions = Unions(args.work_dir, banks, args.database_url, 1, "hold", args.profile)
+    try:
+        say("starting the union …")
+        unions.start()
+        pid = unions.pids[0]
+        say(f"verifying {len(people)} people …")
+        verify_began, verify_cpu = time.monotonic(), cpu_seconds(pid)
+        tokens = asyncio.run(verify_all(unions.addresses, unions.outbox, people))
+        seconds_to_verify = time.monotonic() - verify_began
+        verify_cpu = cpu_seconds(pid) - verify_cpu
+        idle_rss = rss_mb(pid)
+        say(f"creating {len(tokens)} lookups, 64 at a time …")
+        create_cpu = cpu_seconds(pid)
+        hold = asyncio.run(create_lookups(unions.addresses, tokens))
+        create_cpu = cpu_seconds(pid) - create_cpu
+        say(f"{hold.created} created; sampling the union's RSS for {args.hold_seconds:g} s …")
+        samples: list[float] = []
+        for _ in range(max(1, int(args.hold_seconds / 0.5))):
+            samples.append(rss_mb(pid))
+            time.sleep(0.5)
+        current = rss_mb(pid)
+        peak = peak_rss_mb(pid)
+        states = asyncio.run(sample_states(unions.addresses[0], hold.names))
+    finally:
+        say("stopping …")
+        unions.stop()
+        banks.stop()
+    say("done")
+    return {
+        "lookups_in_flight": hold.created,
+        "union_rss_mb": round(current, 1),
+        "union_rss_mb_max_sampled": round(max(samples), 1),
+        "union_peak_rss_mb": round(peak, 1),
+        "union_rss_mb_before_creates": round(idle_rss, 1),
+        "errors": dict(hold.errors),
+        "seconds_to_create": round(hold.seconds_to_create, 1),
+        "seconds_to_verify": round(seconds_to_verify, 1),
+        # Where the time goes: the union's CPU per verified person and per created lookup.
+        "union_cpu_ms_per_verification": round(verify_cpu * 1000 / len(people), 2),
+        "union_cpu_ms_per_create": round(create_cpu * 1000 / max(1, hold.created), 2),
+        "sampled_lookup_states": states,
+        "population": population,
+        "wall_seconds": round(time.monotonic() - began, 1),
+    }
+
+
 def plot(runs: list[Run], path: Path) -> None:
     import matplotlib
 
@@ -605,15 +733,25 @@ def plot(runs: list[Run], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-def table(runs: list[Run]) -> str:
+def table(runs: list[Run], hold: dict[str, Any] | None) -> str:
     """The figures for people: one line per phase."""
-    lines = [f"{'phase':26} {'lookups/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}  cpu ms/lookup"]
+    lines = []
+    if runs:
+        lines.append(
+            f"{'phase':26} {'lookups/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}  cpu ms/lookup"
+        )
     for run in runs:
         s = run.summary()
         cpu = " ".join(f"{name} {ms:g}" for name, ms in run.cpu_ms_per_lookup.items())
         lines.append(
             f"{run.name:26} {s['lookups_per_second']:>10.1f} {s['p50_ms']:>9.1f} {s['p99_ms']:>9.1f}"
             f" {sum(run.errors.values()):>7}  {cpu}"
+        )
+    if hold is not None:
+        lines.append(
+            f"hold: {hold['lookups_in_flight']} lookups in flight, union RSS {hold['union_rss_mb']} MB"
+            f" (peak {hold['union_peak_rss_mb']} MB), refused {sum(hold['errors'].values())}"
+            f" {hold['errors'] or ''}, created in {hold['seconds_to_create']} s"
         )
     return "\n".join(lines)
 
@@ -645,6 +783,20 @@ def main(argv: list[str] | None = None) -> int:
         help="union processes sharing the database; a comma list (e.g. 1,2) measures each count on a "
         "fresh stack. More than one needs PostgreSQL (default: 1)",
     )
+    parser.add_argument(
+        "--hold",
+        type=int,
+        default=0,
+        help="then create this many lookups against banks that never answer in time and report the "
+        "union's RSS while they are in flight (default 0: off)",
+    )
+    parser.add_argument("--hold-only", action="store_true", help="run only the --hold phase")
+    parser.add_argument(
+        "--hold-seconds",
+        type=float,
+        default=10,
+        help="how long to sample RSS with the held lookups in flight",
+    )
     parser.add_argument("--work-dir", type=Path, default=Path("data/bench"))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument(
@@ -656,6 +808,8 @@ def main(argv: list[str] | None = None) -> int:
     postgres = args.database_url.startswith("postgresql")
     if max(args.replicas) > 1 and not postgres:
         raise SystemExit("several replicas need a shared PostgreSQL: --database-url postgresql+psycopg://…")
+    if args.hold_only and args.hold <= 0:
+        raise SystemExit("--hold-only needs --hold N")
 
     began = time.monotonic()
     result: dict[str, Any] = {
@@ -664,26 +818,34 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
-        "settings": {
+        "settings": {"database": "postgresql" if postgres else "sqlite", "hold": args.hold},
+    }
+    runs: list[Run] = []
+    if not args.hold_only:
+        result["settings"] |= {
             "concurrency": args.concurrency,
             "duration_s": args.duration,
             "people": args.people,
             "population": args.population,
             "bank_latency_ms": args.bank_latency_ms,
-            "database": "postgresql" if postgres else "sqlite",
             "replicas": args.replicas,
-        },
-    }
-    runs = speed(args, result)
+        }
+        runs = speed(args, result)
+    hold = None
+    if args.hold > 0:
+        hold = result["hold"] = hold_in_flight(args)
     result["wall_seconds"] = round(time.monotonic() - began, 1)
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    plot(runs, args.out / "latency.png")
+    wrote = [args.out / "latest.json"]
+    if runs:
+        plot(runs, args.out / "latency.png")
+        wrote.append(args.out / "latency.png")
     print(json.dumps(result, indent=2, ensure_ascii=False))
     print()
-    print(table(runs))
-    print(f"wrote {args.out / 'latest.json'} and {args.out / 'latency.png'}")
+    print(table(runs, hold))
+    print(f"wrote {' and '.join(str(path) for path in wrote)}")
     return 0
 
 

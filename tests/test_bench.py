@@ -90,3 +90,8 @@ def test_reset_drops_the_unions_tables_and_nothing_else(database_url: str, tmp_p
         )
     finally:
         engine.dispose()
+
+
+def test_hold_only_needs_a_hold_count() -> None:
+    with pytest.raises(SystemExit, match="--hold N"):
+        main(["--hold-only"])
