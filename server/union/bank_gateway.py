@@ -233,6 +233,11 @@ class GrpcBankGateway:
                 return self._session_answer(bank, response)
         return await self._query_per_call(bank, query_id, resident_id_number, name, call_timeout)
 
+    def uses_session(self, bank: Bank) -> bool:
+        """Whether queries to `bank` currently go over its QuerySession stream (for operators and
+        tests: False for a bank that answered UNIMPLEMENTED, until it is offered a session again)."""
+        return self._session(bank).supported
+
     def _session(self, bank: Bank) -> _QuerySessionLink:
         key = (bank.code, bank.address)
         link = self._sessions.get(key)

@@ -1,0 +1,108 @@
+"""The union's bank links: one QuerySession stream per bank, QueryCards where a bank has none.
+
+The per-bank fault tests (test_durability.py) run over sessions already; these pin what is particular
+to them: negotiation per bank, a stream that breaks or turns UNIMPLEMENTED while queries are in flight,
+and many lookups sharing the streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from cardlookup.v1 import card_lookup_service_pb2 as pb
+
+from server.bank.app import RunningBank
+from server.bank.faults import FaultSettings
+from server.union.app import UnionServer
+from server.union.bank_gateway import GrpcBankGateway
+from server.union.domain.model import Bank
+from tests.conftest import LI, LIU, ZHANG, UnionFactory, run_lookup, verified_client
+
+
+def outcomes(report: pb.Report) -> dict[str, int]:
+    return {s.bank_code: s.outcome for s in report.bank_summaries}
+
+
+async def _bank(union: UnionServer, code: str) -> Bank:
+    return next(bank for bank in await union.store.list_banks() if bank.code == code)
+
+
+def _gateway(union: UnionServer) -> GrpcBankGateway:
+    assert isinstance(union.gateway, GrpcBankGateway)
+    return union.gateway
+
+
+async def test_a_bank_without_sessions_is_asked_per_call(
+    make_union: UnionFactory, banks: dict[str, RunningBank]
+) -> None:
+    banks["ICBC"].servicer.faults = FaultSettings(query_session=False)  # an older bank
+    union = await make_union()
+    client = await verified_client(union, ZHANG)
+    async with client:
+        _, report = await run_lookup(client)
+    assert set(outcomes(report).values()) == {pb.BANK_OUTCOME_ANSWERED}
+    assert {c.bank_code for c in report.cards} == {"ICBC", "CMB", "CCB"}
+    assert report.total_card_count == 5
+    gateway = _gateway(union)
+    assert not gateway.uses_session(await _bank(union, "ICBC"))
+    assert gateway.uses_session(await _bank(union, "CMB"))
+
+
+async def test_a_broken_stream_is_reopened_and_its_queries_retried(
+    make_union: UnionFactory, banks: dict[str, RunningBank]
+) -> None:
+    # The stream dies at the first answer; the attempt fails as retryable and is retried (on a new
+    # stream) once the bank is healthy again.
+    banks["ICBC"].servicer.faults = FaultSettings(die_after_records=0, die_mode="abort")
+    union = await make_union()
+    client = await verified_client(union, ZHANG)
+    async with client:
+        lookup = await client.create_lookup()
+        for _ in range(400):
+            current = await client.get_lookup(lookup.name)
+            icbc = next(b for b in current.bank_progress if b.bank_code == "ICBC")
+            if icbc.attempt_count >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert icbc.outcome == pb.BANK_OUTCOME_PENDING
+        assert "session lost: UNAVAILABLE" in icbc.failure_reason
+        banks["ICBC"].servicer.faults = FaultSettings()
+        events = [e async for e in client.watch_lookup(lookup.name)]
+        report = await client.get_report(events[-1].lookup.report)
+    assert outcomes(report)["ICBC"] == pb.BANK_OUTCOME_ANSWERED
+    assert sum(1 for c in report.cards if c.bank_code == "ICBC") == 2
+
+
+async def test_a_bank_that_drops_sessions_while_running_is_asked_per_call(
+    make_union: UnionFactory, banks: dict[str, RunningBank]
+) -> None:
+    union = await make_union()
+    zhang = await verified_client(union, ZHANG)
+    async with zhang:
+        await run_lookup(zhang)  # ICBC's stream is open now
+    icbc = await _bank(union, "ICBC")
+    assert _gateway(union).uses_session(icbc)
+    banks["ICBC"].servicer.faults = FaultSettings(query_session=False)  # "restarted as an older version"
+    liu = await verified_client(union, LIU)
+    async with liu:
+        _, report = await run_lookup(liu)
+    assert set(outcomes(report).values()) == {pb.BANK_OUTCOME_ANSWERED}
+    assert sum(1 for c in report.cards if c.bank_code == "ICBC") == 55
+    assert not _gateway(union).uses_session(icbc)
+
+
+async def test_concurrent_lookups_share_the_streams(
+    make_union: UnionFactory, banks: dict[str, RunningBank]
+) -> None:
+    union = await make_union()
+    people = [ZHANG, LI, LIU]
+    clients = [await verified_client(union, person) for person in people]
+    try:
+        results = await asyncio.gather(*(run_lookup(client) for client in clients))
+    finally:
+        await asyncio.gather(*(client.close() for client in clients))
+    for _, report in results:
+        assert set(outcomes(report).values()) == {pb.BANK_OUTCOME_ANSWERED}
+    assert [report.total_card_count for _, report in results] == [5, 4, 56]
+    gateway = _gateway(union)
+    assert all(gateway.uses_session(bank) for bank in await union.store.list_banks())
