@@ -339,7 +339,10 @@ class Store:
             results = await self._run_batched(work)
         except BaseException as error:
             for _, future in taken or self._take_answers():
-                _settle(future, None, error)
+                if isinstance(error, asyncio.CancelledError):
+                    future.cancel()  # shutting down: the answer's lease lapses and it is asked again
+                else:
+                    _settle(future, None, error)
             if isinstance(error, asyncio.CancelledError):
                 raise
             return
