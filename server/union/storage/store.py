@@ -119,6 +119,12 @@ class _Hot:
         TASKS.c.lookup_id.in_(bindparam("lookup_ids", expanding=True)),
         TASKS.c.outcome == model.BankOutcome.PENDING,
     )
+    lock_lookups = (
+        select(LOOKUPS.c.id)
+        .where(LOOKUPS.c.id.in_(bindparam("lookup_ids", expanding=True)))
+        .order_by(LOOKUPS.c.id)
+        .with_for_update()
+    )
     record_answer = (
         update(TASKS)
         .where(TASKS.c.lookup_id == bindparam("k_lookup_id"), TASKS.c.bank_code == bindparam("k_bank_code"))
@@ -306,9 +312,9 @@ class Store:
         loop.call_soon_threadsafe(_settle_all, results)  # one wake-up of the loop for the batch
 
     async def _record_answers_together(self, answer: _Answer) -> tuple[bool, bool]:
-        """SQLite: every bank answer waiting for the writer is recorded by one set of statements
-        (one SELECT of the leases, one UPDATE and one INSERT executed for many rows): statements
-        per answer were most of the union's database time."""
+        """Every bank answer waiting while the previous ones are written is recorded with them,
+        by one set of statements (one SELECT of the leases, one UPDATE and one INSERT executed
+        for many rows): statements per answer were most of the union's database time."""
         future: asyncio.Future[tuple[bool, bool]] = asyncio.get_running_loop().create_future()
         with self._batch_lock:
             self._answers.append((answer, future))
@@ -333,7 +339,7 @@ class Store:
             # Taken in the writer thread as the write starts: whatever arrived while the writer
             # was busy joins this batch.
             taken.extend(self._take_answers())
-            return _record_answers(s, [answer for answer, _ in taken])
+            return _record_answers(s, [answer for answer, _ in taken], lock=not self.is_sqlite)
 
         try:
             results = await self._run_batched(work)
@@ -775,55 +781,8 @@ class Store:
 
         `cards` pairs the bank's own opaque reference with the card as the report shows it.
         Returns (recorded, report written)."""
-        if self.is_sqlite:
-            answer = _Answer(lookup_id, bank_code, owner, cards, latency_ms, now, plan)
-            return await self._record_answers_together(answer)
-        debit = sum(1 for _, card in cards if card.card_type == model.CardType.DEBIT)
-
-        def work(s: Session) -> tuple[bool, bool]:
-            c = s.connection()
-            position = _take_leased_task(
-                c,
-                lookup_id,
-                bank_code,
-                owner,
-                self.is_sqlite,
-                outcome=model.BankOutcome.ANSWERED,
-                card_count=len(cards),
-                debit_count=debit,
-                credit_count=len(cards) - debit,
-                latency_ms=latency_ms,
-                failure_reason="",
-                lease_owner=None,
-                lease_until=None,
-                update_time=now,
-            )
-            if position is None:
-                return False, False
-            if cards:
-                c.execute(
-                    insert(CARDS),
-                    [
-                        {
-                            "lookup_id": lookup_id,
-                            "card_ref": card.card_ref,
-                            "bank_code": bank_code,
-                            "position": position,
-                            "bank_card_ref": bank_card_ref,
-                            "card_type": card.card_type,
-                            "first_four": card.first_four,
-                            "last_four": card.last_four,
-                            "number_length": card.number_length,
-                            "status": card.status,
-                        }
-                        for bank_card_ref, card in cards
-                    ],
-                )
-            return True, _pending_tasks(c, lookup_id) == 0 and _finalize(
-                s, lookup_id, plan, now, False, self.is_sqlite
-            )
-
-        return await self._run_batched(work)
+        answer = _Answer(lookup_id, bank_code, owner, cards, latency_ms, now, plan)
+        return await self._record_answers_together(answer)
 
     async def record_attempt_failed(
         self,
@@ -1419,12 +1378,12 @@ class _Answer:
     plan: PlanFactory
 
 
-def _record_answers(s: Session, answers: list[_Answer]) -> list[tuple[bool, bool]]:
+def _record_answers(s: Session, answers: list[_Answer], lock: bool) -> list[tuple[bool, bool]]:
     """(recorded, report written) for each answer. All in one savepoint; should that fail, each
     answer in its own, so that one bad answer cannot lose the others."""
     try:
         with s.begin_nested():
-            return _record_answers_at_once(s, answers)
+            return _record_answers_at_once(s, answers, lock)
     except OperationalError:
         raise
     except Exception:
@@ -1434,7 +1393,7 @@ def _record_answers(s: Session, answers: list[_Answer]) -> list[tuple[bool, bool
     for answer in answers:
         try:
             with s.begin_nested():
-                results.append(_record_answers_at_once(s, [answer])[0])
+                results.append(_record_answers_at_once(s, [answer], lock)[0])
         except OperationalError:
             raise
         except Exception:
@@ -1443,11 +1402,17 @@ def _record_answers(s: Session, answers: list[_Answer]) -> list[tuple[bool, bool
     return results
 
 
-def _record_answers_at_once(s: Session, answers: list[_Answer]) -> list[tuple[bool, bool]]:
-    """SQLite only (one writer, BEGIN IMMEDIATE): the leases read here cannot change before the
-    writes below, so the lease check needs no row locks."""
+def _record_answers_at_once(s: Session, answers: list[_Answer], lock: bool) -> list[tuple[bool, bool]]:
+    """Which tasks are still pending must not change before the writes below. SQLite (one
+    writer, BEGIN IMMEDIATE) guarantees that by itself. With `lock` (PostgreSQL) the lookups are
+    locked first, in id order: every change of a task's outcome happens under its lookup's lock
+    (answers, failures, deadlines), so the pending set is stable, and batches of several replicas
+    cannot deadlock. (A claim may still move a lapsed lease meanwhile; then this answer, which
+    is as good as the next one, is recorded and the other replica's finds the task answered.)"""
     c = s.connection()
     lookup_ids = sorted({answer.lookup_id for answer in answers})
+    if lock:
+        c.execute(_Hot.lock_lookups, {"lookup_ids": lookup_ids})
     pending: dict[tuple[str, str], tuple[str | None, int]] = {
         (lookup_id, bank_code): (owner, position)
         for lookup_id, bank_code, owner, position in c.execute(
