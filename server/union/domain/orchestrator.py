@@ -85,6 +85,10 @@ class Orchestrator:
         self._wake = asyncio.Event()
         self._calls: set[asyncio.Task[None]] = set()
         self._bank_calls: dict[str, int] = {}  # bank code → queries in flight
+        self._lookup_calls: dict[str, int] = {}  # lookup id → its queries in flight
+        # The opened identity of a lookup while its queries are in flight (opened once, not once
+        # per bank; dropped with the lookup's last query, so it lives no longer than before).
+        self._identities: dict[str, dict[str, str]] = {}
         self._slots = asyncio.Semaphore(policy.max_concurrent_calls)
         self._actions_in_flight = 0
         self._runner: asyncio.Task[None] | None = None
@@ -148,6 +152,7 @@ class Orchestrator:
         """Start the calls of claims this replica holds."""
         for claim in claims:
             self._bank_calls[claim.bank_code] = self._bank_calls.get(claim.bank_code, 0) + 1
+            self._lookup_calls[claim.lookup_id] = self._lookup_calls.get(claim.lookup_id, 0) + 1
             self._spawn(self._attempt(claim), f"bank-call-{claim.bank_code}")
 
     async def _run(self) -> None:
@@ -373,6 +378,10 @@ class Orchestrator:
             log.warning("could not record bank outcome", extra={"bank": claim.bank_code, "error": str(error)})
         finally:
             self._bank_calls[claim.bank_code] -= 1
+            self._lookup_calls[claim.lookup_id] -= 1
+            if not self._lookup_calls[claim.lookup_id]:
+                del self._lookup_calls[claim.lookup_id]
+                self._identities.pop(claim.lookup_id, None)
             self._events.notify(claim.lookup_id)
 
     async def _attempt_unguarded(self, claim: model.Claim) -> None:
@@ -386,7 +395,10 @@ class Orchestrator:
             )
             self._reported(claim.lookup_id, done)
             return
-        opened = self._keys.unseal(claim.sealed_identity, context=f"lookup:{claim.lookup_id}")
+        opened = self._identities.get(claim.lookup_id)
+        if opened is None:
+            opened = self._keys.unseal(claim.sealed_identity, context=f"lookup:{claim.lookup_id}")
+            self._identities[claim.lookup_id] = opened
         remaining = (claim.deadline_time - now).total_seconds()
         timeout = max(0.05, min(self.policy.call_timeout.total_seconds(), remaining))
         started = time.monotonic()

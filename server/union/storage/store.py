@@ -239,6 +239,8 @@ class Store:
         # Banks and regions, cached: (when read, rows). Cleared by this process's own changes; other
         # replicas' changes are seen within CATALOGUE_TTL.
         self._catalogue: dict[str, tuple[float, Any]] = {}
+        self._catalogue_reads: dict[str, asyncio.Future[Any]] = {}
+        self._catalogue_generation = 0
         self._executor = ThreadPoolExecutor(
             max_workers=1 if self.is_sqlite else 8, thread_name_prefix="union-db"
         )
@@ -414,7 +416,7 @@ class Store:
             for region in regions
         ]
 
-        self._catalogue.clear()
+        self._invalidate_catalogue()
 
         def work(s: Session) -> None:
             s.execute(self._insert_missing(BankRow), bank_rows)
@@ -426,7 +428,7 @@ class Store:
     async def set_bank_addresses(self, addresses: dict[str, str]) -> None:
         """Point banks at where they listen in this deployment (the demo's ports change per run)."""
 
-        self._catalogue.clear()
+        self._invalidate_catalogue()
 
         def work(s: Session) -> None:
             for code, address in addresses.items():
@@ -451,18 +453,42 @@ class Store:
     async def find_identity(self, person_hash: str) -> IdentityRow | None:
         return await self._run(lambda s: s.get(IdentityRow, person_hash))
 
-    async def list_banks(self) -> list[model.Bank]:
-        """The bank catalogue, read at most once per CATALOGUE_TTL (every lookup needs it)."""
-        cached = self._catalogue.get("banks")
+    async def _cached(self, name: str, work: Callable[[Session], list[T]]) -> list[T]:
+        """The catalogue read `name`, at most once per CATALOGUE_TTL: one read in flight at a
+        time, which every caller that finds the copy stale waits for (not one read each)."""
+        cached = self._catalogue.get(name)
         if cached is not None and time.monotonic() - cached[0] < CATALOGUE_TTL:
             return list(cached[1])
+        reading = self._catalogue_reads.get(name)
+        if reading is None:
+            reading = asyncio.ensure_future(self._run(work))
+            self._catalogue_reads[name] = reading
+            generation = self._catalogue_generation
+
+            def done(_: asyncio.Future[Any]) -> None:
+                if self._catalogue_reads.get(name) is reading:
+                    del self._catalogue_reads[name]
+                unchanged = generation == self._catalogue_generation  # no change was made meanwhile
+                if unchanged and not reading.cancelled() and reading.exception() is None:
+                    self._catalogue[name] = (time.monotonic(), reading.result())
+
+            reading.add_done_callback(done)
+        rows: list[T] = await asyncio.shield(reading)
+        return list(rows)
+
+    def _invalidate_catalogue(self) -> None:
+        """This process changed a bank or region: its next read goes to the database."""
+        self._catalogue_generation += 1
+        self._catalogue.clear()
+        self._catalogue_reads.clear()
+
+    async def list_banks(self) -> list[model.Bank]:
+        """The bank catalogue, read at most once per CATALOGUE_TTL (every lookup needs it)."""
 
         def work(s: Session) -> list[model.Bank]:
             return [_bank(row) for row in s.scalars(select(BankRow).order_by(BankRow.position))]
 
-        banks = await self._run(work)
-        self._catalogue["banks"] = (time.monotonic(), banks)
-        return list(banks)
+        return await self._cached("banks", work)
 
     async def update_bank(self, code: str, enabled: bool, address: str | None) -> model.Bank | None:
         def work(s: Session) -> model.Bank | None:
@@ -477,19 +503,13 @@ class Store:
         try:
             return await self._run(work)
         finally:
-            self._catalogue.clear()
+            self._invalidate_catalogue()
 
     async def list_regions(self) -> list[model.Region]:
-        cached = self._catalogue.get("regions")
-        if cached is not None and time.monotonic() - cached[0] < CATALOGUE_TTL:
-            return list(cached[1])
-
         def work(s: Session) -> list[model.Region]:
             return [_region(row) for row in s.scalars(select(RegionRow).order_by(RegionRow.code))]
 
-        regions = await self._run(work)
-        self._catalogue["regions"] = (time.monotonic(), regions)
-        return list(regions)
+        return await self._cached("regions", work)
 
     async def get_region(self, code: str) -> model.Region | None:
         return next((region for region in await self.list_regions() if region.code == code), None)
@@ -509,7 +529,7 @@ class Store:
         try:
             return await self._run(work)
         finally:
-            self._catalogue.clear()
+            self._invalidate_catalogue()
 
     # -- verification -------------------------------------------------------
 
