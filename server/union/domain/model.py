@@ -139,13 +139,21 @@ class CardClosure:
 
 
 @dataclass(frozen=True)
-class AuditEvent:
-    id: int
+class AuditEntry:
+    """An audit event to write (the store gives it its id)."""
+
     time: datetime
     actor: str
     action: str
     outcome: str
     resource: str
+
+
+@dataclass(frozen=True)
+class AuditEvent(AuditEntry):
+    """An audit event as stored."""
+
+    id: int = 0
 
 
 @dataclass(frozen=True)
@@ -234,17 +242,6 @@ class ReportPlan:
 
     report_id: str
     expire_time: datetime
-
-
-@dataclass(frozen=True)
-class AuditEntry:
-    """An audit event to write (the store gives it its id)."""
-
-    time: datetime
-    actor: str
-    action: str
-    outcome: str
-    resource: str
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,12 @@
 """Runs every lookup's bank work to the end, durably.
 
-The work queue is the `bank_tasks` table. This loop claims due tasks with a
-lease, calls the banks concurrently (bounded), and records each outcome in its
-own transaction. A failed attempt is retried with exponential backoff and full
+The work queue is the `bank_tasks` table. The replica that creates a lookup
+leases its tasks in the creating transaction and starts the calls at once
+(`claim_request` / `dispatch`); this loop claims everything else that falls due
+(retries, banks that had no room, leases a dead replica left) the same way.
+Calls are bounded per bank, so a hung bank holds only its own share. Outcomes
+are recorded as they come (the store writes answers that arrive together in
+one transaction). A failed attempt is retried with exponential backoff and full
 jitter while the lookup's deadline allows; at the deadline the report is
 finalised and every silent bank is marked NO_RESPONSE. Because claims are
 leases in the database, a restarted union (or another replica) picks up
@@ -198,8 +202,8 @@ class Orchestrator:
             if until_due > 0:
                 delay = min(delay, until_due)
             else:
-                # Due work was claimed above; the next maintenance finds the next due time. (Kept,
-                # this was a 10 ms busy loop whenever a claimed task's next_attempt_time had passed.)
+                # Due work was claimed above and the next maintenance finds the next due time.
+                # Keeping a past due time here would wake the scheduler every 10 ms until then.
                 self._next_due = None
         return max(delay, 0.01)
 

@@ -12,6 +12,12 @@ differs is how writers are kept from tripping over each other:
 
 Every public method is a coroutine; the SQL runs in the store's executor so the
 event loop never blocks on the database.
+
+Throughput: writes (and the watch reads) that queue up while the database is
+busy share one transaction (`_run_batched`, SQLite), bank answers that arrive
+together are recorded by one set of statements on both backends
+(`_record_answers_together`), and the lookup hot path is SQLAlchemy Core with
+its statements built once (`_Hot`). The rest stays ORM, where clarity wins.
 """
 
 from __future__ import annotations
@@ -883,35 +889,14 @@ class Store:
         """When the earliest pending task, card action or deadline falls due (the scheduler's sleep)."""
 
         def work(s: Session) -> datetime | None:
-            # A task in flight is not due before its lease lapses, whatever its next_attempt_time.
             task = s.scalar(
-                select(
-                    func.min(
-                        case(
-                            (
-                                BankTaskRow.lease_until > BankTaskRow.next_attempt_time,
-                                BankTaskRow.lease_until,
-                            ),
-                            else_=BankTaskRow.next_attempt_time,
-                        )
-                    )
-                ).where(BankTaskRow.outcome == model.BankOutcome.PENDING)
+                select(_earliest_due(BankTaskRow)).where(BankTaskRow.outcome == model.BankOutcome.PENDING)
             )
             deadline = s.scalar(
                 select(func.min(LookupRow.deadline_time)).where(LookupRow.state == model.LookupState.RUNNING)
             )
             action = s.scalar(
-                select(
-                    func.min(
-                        case(
-                            (
-                                CardActionRow.lease_until > CardActionRow.next_attempt_time,
-                                CardActionRow.lease_until,
-                            ),
-                            else_=CardActionRow.next_attempt_time,
-                        )
-                    )
-                ).where(CardActionRow.state == model.ActionState.PENDING)
+                select(_earliest_due(CardActionRow)).where(CardActionRow.state == model.ActionState.PENDING)
             )
             candidates = [t for t in (_utc(task), _utc(deadline), _utc(action)) if t is not None]
             return min(candidates) if candidates else None
@@ -1267,7 +1252,7 @@ class Store:
                     | ((AuditEventRow.time == time) & (AuditEventRow.id < last_id))
                 )
             rows = s.scalars(query.order_by(AuditEventRow.time.desc(), AuditEventRow.id.desc()).limit(limit))
-            return [model.AuditEvent(r.id, r.time, r.actor, r.action, r.outcome, r.resource) for r in rows]
+            return [model.AuditEvent(r.time, r.actor, r.action, r.outcome, r.resource, r.id) for r in rows]
 
         return await self._run(work)
 
@@ -1344,6 +1329,14 @@ def _bump(s: Session | Connection, name: str, by: int = 1) -> None:
     # The rows exist from seed_catalogue on.
     c = s.connection() if isinstance(s, Session) else s
     c.execute(_Hot.bump, {"k_name": name, "v_by": by})
+
+
+def _earliest_due(row: type[BankTaskRow] | type[CardActionRow]) -> Any:
+    """When the first of these rows falls due. One in flight is not due before its lease lapses,
+    whatever its next_attempt_time says."""
+    return func.min(
+        case((row.lease_until > row.next_attempt_time, row.lease_until), else_=row.next_attempt_time)
+    )
 
 
 def _insert_audit(c: Connection, entry: model.AuditEntry) -> None:
