@@ -97,16 +97,22 @@ class _Hot:
     """The hot path's statements, built once: building a statement and its cache key on every
     call was a tenth of the SQLite thread's time (py-spy). Values go in as bound parameters."""
 
-    lookup_by_request = select(LOOKUPS).where(
-        LOOKUPS.c.person_hash == bindparam("person_hash"), LOOKUPS.c.request_id == bindparam("request_id")
-    )
+    # Everything CreateLookup checks, in one statement: the lookup this request_id made (if any),
+    # whether one is running, when the latest completed.
     person_activity = select(
+        func.max(case((LOOKUPS.c.request_id == bindparam("request_id"), LOOKUPS.c.id))),
         func.count(case((LOOKUPS.c.state == model.LookupState.RUNNING, 1))),
         func.max(LOOKUPS.c.complete_time),
     ).where(LOOKUPS.c.person_hash == bindparam("person_hash"))
-    lookup_by_id = select(LOOKUPS).where(LOOKUPS.c.id == bindparam("lookup_id"))
-    progress = (
+    # A lookup with its banks' progress in one statement (one row per bank).
+    lookup_with_progress = (
         select(
+            LOOKUPS.c.person_hash,
+            LOOKUPS.c.request_id,
+            LOOKUPS.c.state,
+            LOOKUPS.c.create_time,
+            LOOKUPS.c.deadline_time,
+            LOOKUPS.c.report_id,
             TASKS.c.bank_code,
             TASKS.c.bank_name,
             TASKS.c.outcome,
@@ -116,7 +122,8 @@ class _Hot:
             TASKS.c.credit_count,
             TASKS.c.failure_reason,
         )
-        .where(TASKS.c.lookup_id == bindparam("lookup_id"))
+        .select_from(LOOKUPS.outerjoin(TASKS, TASKS.c.lookup_id == LOOKUPS.c.id))
+        .where(LOOKUPS.c.id == bindparam("lookup_id"))
         .order_by(TASKS.c.position)
     )
     pending_of_lookups = select(
@@ -615,12 +622,12 @@ class Store:
 
         def work(s: Session) -> tuple[model.Lookup | None, bool, datetime | None]:
             c = s.connection()
-            existing = c.execute(
-                _Hot.lookup_by_request, {"person_hash": person_hash, "request_id": request_id}
-            ).first()
-            if existing is not None:
-                return _lookup(c, existing), False, None
-            running, last = c.execute(_Hot.person_activity, {"person_hash": person_hash}).one()
+            existing_id, running, last = c.execute(
+                _Hot.person_activity, {"person_hash": person_hash, "request_id": request_id}
+            ).one()
+            if existing_id is not None:
+                found = _read_lookup(c, existing_id)
+                return (found[1] if found else None), False, None
             return None, bool(running), _utc(last)
 
         return await self._read_batched(work)
@@ -730,11 +737,10 @@ class Store:
         """The lookup if it exists and (when person_hash is given) belongs to that person."""
 
         def work(s: Session) -> model.Lookup | None:
-            c = s.connection()
-            row = c.execute(_Hot.lookup_by_id, {"lookup_id": lookup_id}).first()
-            if row is None or (person_hash is not None and row.person_hash != person_hash):
+            found = _read_lookup(s.connection(), lookup_id)
+            if found is None or (person_hash is not None and found[0] != person_hash):
                 return None
-            return _lookup(c, row)
+            return found[1]
 
         return await self._read_batched(work)
 
@@ -1599,34 +1605,35 @@ def _utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC)
 
 
-def _progress(c: Connection, lookup_id: str) -> list[model.BankProgress]:
-    rows = c.execute(_Hot.progress, {"lookup_id": lookup_id})
-    return [
-        model.BankProgress(
-            bank_code=code,
-            bank_name=name,
-            outcome=model.BankOutcome(outcome),
-            attempt_count=attempts,
-            card_count=cards,
-            debit_count=debit,
-            credit_count=credit,
-            failure_reason=reason,
-        )
-        for code, name, outcome, attempts, cards, debit, credit, reason in rows
-    ]
-
-
-def _lookup(c: Connection, row: Any) -> model.Lookup:
-    """A lookup from a row of the lookups table (any object with its columns as attributes)."""
-    return model.Lookup(
-        id=row.id,
-        request_id=row.request_id,
-        state=model.LookupState(row.state),
-        create_time=row.create_time,
-        deadline_time=row.deadline_time,
-        report_id=row.report_id,
-        banks=_progress(c, row.id),
+def _read_lookup(c: Connection, lookup_id: str) -> tuple[str, model.Lookup] | None:
+    """(owner's person_hash, the lookup with its banks' progress), or None if there is none."""
+    rows = c.execute(_Hot.lookup_with_progress, {"lookup_id": lookup_id}).all()
+    if not rows:
+        return None
+    first = rows[0]
+    lookup = model.Lookup(
+        id=lookup_id,
+        request_id=first.request_id,
+        state=model.LookupState(first.state),
+        create_time=first.create_time,
+        deadline_time=first.deadline_time,
+        report_id=first.report_id,
+        banks=[
+            model.BankProgress(
+                bank_code=row.bank_code,
+                bank_name=row.bank_name,
+                outcome=model.BankOutcome(row.outcome),
+                attempt_count=row.attempt_count,
+                card_count=row.card_count,
+                debit_count=row.debit_count,
+                credit_count=row.credit_count,
+                failure_reason=row.failure_reason,
+            )
+            for row in rows
+            if row.bank_code is not None
+        ],
     )
+    return first.person_hash, lookup
 
 
 def _delete_report_rows(s: Session, row: ReportRow) -> None:
@@ -1711,7 +1718,8 @@ def _closure(s: Session, row: CardClosureRow) -> model.CardClosure:
 
 
 def _report(s: Session, row: ReportRow) -> model.Report:
-    banks = _progress(s.connection(), row.lookup_id)
+    found = _read_lookup(s.connection(), row.lookup_id)
+    banks = found[1].banks if found else []
     names = {b.bank_code: b.bank_name for b in banks}
     cards = [
         model.MaskedCard(
