@@ -168,11 +168,15 @@ class _QuerySessionLink:
         except asyncio.CancelledError:
             call.cancel()
             raise
+        except Exception as error:  # e.g. an answer that does not parse: this stream is done for
+            call.cancel()
+            log.warning("bank session failed", extra={"bank": self._bank_code, "error": type(error).__name__})
+            failure = BankCallFailed("bank session failed", retryable=True)
         finally:
             if self._outbox is outbox:
                 self._outbox = None
-            # Only queries sent on this stream fail; a query already waiting for the next one is
-            # not in the outbox of this stream, so it is not affected.
+            # A query registers and sends in one step, so every pending query was sent on this
+            # stream: all of them fail with it (retryable), and the next query opens a new one.
             for future in list(self._pending.values()):
                 if not future.done():
                     future.set_exception(failure)
