@@ -38,8 +38,12 @@ def read_last_message(path: Path, mobile_number: str) -> str | None:
     if not path.exists():
         return None
     last = None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        entry = json.loads(line)
+    # Another process may be appending right now, and a reader can see the first part of its line
+    # (an append that crosses a page boundary becomes visible page by page): only lines that end
+    # with their newline are complete.
+    *complete, _being_written = path.read_bytes().split(b"\n")
+    for line in complete:
+        entry = json.loads(line.decode("utf-8"))
         if entry["to"] == mobile_number:
             last = entry["text"]
     return last

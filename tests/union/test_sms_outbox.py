@@ -1,0 +1,22 @@
+"""The development SMS outbox is read while union processes append to it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from server.union.sms import FileSmsSink, read_last_message, read_one_time_code
+
+
+def test_a_line_still_being_written_is_not_read(tmp_path: Path) -> None:
+    outbox = tmp_path / "sms-outbox.jsonl"
+    sink = FileSmsSink(outbox)
+    sink.send("13800000000", "您的验证码 123456")
+    sink.send("13900000000", "您的验证码 654321")
+    # What a reader can see while another process's append crosses a page boundary: half a line,
+    # cut inside a multi-byte character.
+    partial = '{"time": "2026-11-27T09:01:15+00:00", "to": "13800000000", "text": "您的验证码 99'
+    with outbox.open("ab") as handle:
+        handle.write(partial.encode()[:-4])
+    assert read_one_time_code(outbox, "13800000000") == "123456"
+    assert read_one_time_code(outbox, "13900000000") == "654321"
+    assert read_last_message(outbox, "13700000000") is None
