@@ -184,6 +184,8 @@ class _Hot:
 # How long a replica serves the bank and region catalogue from memory (admin changes made on
 # another replica apply within this; the orchestrator re-reads banks on the same rhythm).
 CATALOGUE_TTL = 1.0
+# How long the first of a burst of bank answers waits for the others before they are written.
+ANSWER_GATHER_SECONDS = 0.002
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -357,6 +359,10 @@ class Store:
             return _record_answers(s, [answer for answer, _ in taken], lock=not self.is_sqlite)
 
         try:
+            # The other banks of a lookup answer within a few milliseconds of the first: waiting
+            # that long lets one transaction record them, where an idle writer would otherwise
+            # commit each answer on its own.
+            await asyncio.sleep(ANSWER_GATHER_SECONDS)
             results = await self._run_batched(work)
         except BaseException as error:
             for _, future in taken or self._take_answers():
