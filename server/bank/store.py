@@ -220,7 +220,8 @@ def _card_row(card: generator.Card, customer_id: str) -> dict[str, Any]:
     }
 
 
-def _stored(row: BankCard) -> StoredCard:
+def _stored(row: Any) -> StoredCard:
+    """A card from its ORM object (BankCard) or from a Core row with the bank_cards columns."""
     return StoredCard(
         card_ref=row.card_ref,
         number=row.number,
@@ -339,18 +340,7 @@ class BankStore:
                 chunk = wanted[start : start + _LOOKUP_CHUNK]
                 for row in connection.execute(_CARDS_OF_MANY, {"ids": chunk}):
                     names[row.customer_id] = row.name
-                    cards.setdefault(row.customer_id, []).append(
-                        StoredCard(
-                            card_ref=row.card_ref,
-                            number=row.number,
-                            card_type=row.card_type,
-                            status=row.status,
-                            open_date=row.open_date,
-                            last_activity_date=row.last_activity_date,
-                            balance_cents=row.balance_cents,
-                            closure_scheduled_on=row.closure_scheduled_on,
-                        )
-                    )
+                    cards.setdefault(row.customer_id, []).append(_stored(row))
         # A name that does not match answers like an unknown person, as in find_cards. The lists
         # are shared between repeated pairs; StoredCard is frozen and callers only read them.
         return [
