@@ -190,6 +190,23 @@ _CARDS_OF_MANY = (
 )
 
 
+# The same read in SQLite's own SQL, run on the pooled connection's sqlite3 handle: SQLAlchemy's
+# per-execution work (expanding IN, result processing) was 0.3 ms of a 0.34 ms read of one person,
+# and a bank process answering 16 banks' queries spent half its time there.
+_SQLITE_CARDS_OF_MANY = (
+    "SELECT c.customer_id, p.name, c.card_ref, c.number, c.card_type, c.status, c.open_date,"
+    " c.last_activity_date, c.balance_cents, c.closure_scheduled_on"
+    " FROM bank_cards AS c JOIN customers AS p ON c.customer_id = p.resident_id_number"
+    " WHERE c.customer_id IN ({ids}) AND c.status != 'closed'"
+    " ORDER BY c.open_date, c.card_ref"
+)
+
+
+def _sqlite_date(value: str | None) -> date | None:
+    """SQLAlchemy stores a Date in SQLite as ISO text ("2024-05-01")."""
+    return None if value is None else date.fromisoformat(value)
+
+
 def new_card_ref() -> str:
     return "cr_" + secrets.token_hex(12)
 
@@ -261,6 +278,7 @@ class BankStore:
         )
         if is_sqlite:
             event.listen(self._engine, "connect", _sqlite_pragmas)
+        self._is_sqlite = is_sqlite
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         # Card actions in this process one at a time: SQLite cannot upgrade two concurrent
         # read transactions to writes, and a retry racing its original must see its answer.
@@ -338,6 +356,9 @@ class BankStore:
         with self._engine.connect() as connection:
             for start in range(0, len(wanted), _LOOKUP_CHUNK):
                 chunk = wanted[start : start + _LOOKUP_CHUNK]
+                if self._is_sqlite:
+                    self._read_sqlite(connection, chunk, names, cards)
+                    continue
                 for row in connection.execute(_CARDS_OF_MANY, {"ids": chunk}):
                     names[row.customer_id] = row.name
                     cards.setdefault(row.customer_id, []).append(_stored(row))
@@ -347,6 +368,28 @@ class BankStore:
             cards.get(resident_id, []) if names.get(resident_id) == name else []
             for resident_id, name in people
         ]
+
+    @staticmethod
+    def _read_sqlite(
+        connection: Any, ids: list[str], names: dict[str, str], cards: dict[str, list[StoredCard]]
+    ) -> None:
+        """_CARDS_OF_MANY through the sqlite3 driver itself (same rows, same order)."""
+        sql = _SQLITE_CARDS_OF_MANY.format(ids=",".join("?" * len(ids)))
+        for customer_id, name, *card in connection.connection.driver_connection.execute(sql, ids):
+            names[customer_id] = name
+            ref, number, card_type, status, opened, active, balance, closes = card
+            cards.setdefault(customer_id, []).append(
+                StoredCard(
+                    card_ref=ref,
+                    number=number,
+                    card_type=card_type,
+                    status=status,
+                    open_date=date.fromisoformat(opened),
+                    last_activity_date=date.fromisoformat(active),
+                    balance_cents=balance,
+                    closure_scheduled_on=_sqlite_date(closes),
+                )
+            )
 
     def cards_for_id(self, resident_id_number: str, include_closed: bool = True) -> list[StoredCard]:
         """Operator view by ID number alone (the bank's own tools, not the union contract)."""

@@ -12,12 +12,14 @@ import shutil
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from datetime import date
 from pathlib import Path
 
 import grpc
 import pytest
 from bankquery.v1 import bank_query_service_pb2 as pb
 from bankquery.v1 import bank_query_service_pb2_grpc as pb_grpc
+from sqlalchemy import text
 
 from server.bank.app import RunningBank, start_bank
 from server.bank.faults import FaultSettings, control_file, write_control_file
@@ -166,6 +168,27 @@ async def test_find_cards_many_answers_like_find_cards(bank: RunningBank) -> Non
     assert many == one_by_one
     assert sum(len(cards) for cards in many) > 55
     assert bank.store.find_cards_many([]) == []
+
+
+async def test_find_cards_many_reads_scheduled_closures_and_skips_closed_cards(bank: RunningBank) -> None:
+    """The SQLite read bypasses SQLAlchemy's types: dates, NULLs and the closed filter must agree."""
+    cards = bank.store.find_cards(LIU.resident_id_number, LIU.name)
+    assert len(cards) >= 2
+    scheduled, closed = cards[0].card_ref, cards[1].card_ref
+    with bank.store._engine.begin() as connection:
+        connection.execute(
+            text("UPDATE bank_cards SET closure_scheduled_on = '2026-12-31' WHERE card_ref = :ref"),
+            {"ref": scheduled},
+        )
+        connection.execute(
+            text("UPDATE bank_cards SET status = 'closed' WHERE card_ref = :ref"), {"ref": closed}
+        )
+    [many] = bank.store.find_cards_many([(LIU.resident_id_number, LIU.name)])
+    assert many == bank.store.find_cards(LIU.resident_id_number, LIU.name)
+    by_ref = {card.card_ref: card for card in many}
+    assert closed not in by_ref
+    assert by_ref[scheduled].closure_scheduled_on == date(2026, 12, 31)
+    assert isinstance(by_ref[scheduled].open_date, date)
 
 
 async def test_many_pipelined_queries_each_answered_once(
