@@ -437,6 +437,7 @@ async def test_the_bank_stops_reading_at_its_limit_of_unanswered_queries(
     bank: RunningBank, stub: pb_grpc.BankQueryServiceAsyncStub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bank.servicer.max_outstanding = 4
+    bank.servicer.inline_read_limit = 0  # every read in a worker thread, where the test holds it
     released = threading.Event()
     real = bank.store.find_cards_many
 
