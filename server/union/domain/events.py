@@ -20,18 +20,21 @@ class Subscription:
 
     def __init__(self) -> None:
         self._changed = asyncio.Event()
+        self._final = False
 
-    def set(self) -> None:
+    def set(self, final: bool = False) -> None:
+        self._final = self._final or final
         self._changed.set()
 
     async def wait(self, max_wait: float, coalesce: float = 0.0) -> None:
         """Return when the lookup changed (or had changed since the last wait) or `max_wait`
         seconds pass. With `coalesce`, linger that long after the first change so that a burst
-        (16 banks answering together) costs the watcher one re-read instead of one each."""
+        (16 banks answering together) costs the watcher one re-read instead of one each; not
+        after a final change (the report is written: nothing more is coming)."""
         try:
             async with asyncio.timeout(max_wait):
                 await self._changed.wait()
-            if coalesce:
+            if coalesce and not self._final:
                 await asyncio.sleep(coalesce)
         except TimeoutError:
             pass
@@ -43,9 +46,10 @@ class LookupEvents:
     def __init__(self) -> None:
         self._waiters: dict[str, set[Subscription]] = defaultdict(set)
 
-    def notify(self, lookup_id: str) -> None:
+    def notify(self, lookup_id: str, final: bool = False) -> None:
+        """`lookup_id` changed; `final`: it will not change again (its report is written)."""
         for subscription in self._waiters.get(lookup_id, ()):
-            subscription.set()
+            subscription.set(final)
 
     @contextmanager
     def subscribe(self, lookup_id: str) -> Iterator[Subscription]:
