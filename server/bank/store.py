@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -285,6 +286,23 @@ class BankStore:
         # Card actions in this process one at a time: SQLite cannot upgrade two concurrent
         # read transactions to writes, and a retry racing its original must see its answer.
         self._action_lock = threading.Lock()
+        # SQLite card reads: each thread keeps one connection (a pool checkout and the rollback on
+        # its return cost more than the read itself). No transaction is held between reads, so
+        # every read sees what is committed.
+        self._readers = threading.local()
+        self._reader_connections: list[Any] = []
+        self._readers_lock = threading.Lock()
+
+    def _reader(self) -> sqlite3.Connection:
+        proxy = getattr(self._readers, "connection", None)
+        if proxy is None:
+            proxy = self._engine.raw_connection()
+            self._readers.connection = proxy
+            with self._readers_lock:
+                self._reader_connections.append(proxy)
+        driver = proxy.driver_connection
+        assert isinstance(driver, sqlite3.Connection)
+        return driver
 
     def create_schema(self) -> None:
         """Create missing tables, and add the columns a store from an older version lacks."""
@@ -306,6 +324,11 @@ class BankStore:
         )
 
     def close(self) -> None:
+        with self._readers_lock:
+            readers, self._reader_connections = self._reader_connections, []
+        for proxy in readers:
+            proxy.close()
+        self._readers = threading.local()
         self._engine.dispose()
 
     def customer_count(self) -> int:
@@ -355,15 +378,17 @@ class BankStore:
         wanted = list(dict.fromkeys(resident_id for resident_id, _ in people))
         names: dict[str, str] = {}
         cards: dict[str, list[StoredCard]] = {}
-        with self._engine.connect() as connection:
+        if self._is_sqlite:
+            reader = self._reader()
             for start in range(0, len(wanted), _LOOKUP_CHUNK):
-                chunk = wanted[start : start + _LOOKUP_CHUNK]
-                if self._is_sqlite:
-                    self._read_sqlite(connection, chunk, names, cards)
-                    continue
-                for row in connection.execute(_CARDS_OF_MANY, {"ids": chunk}):
-                    names[row.customer_id] = row.name
-                    cards.setdefault(row.customer_id, []).append(_stored(row))
+                self._read_sqlite(reader, wanted[start : start + _LOOKUP_CHUNK], names, cards)
+        else:
+            with self._engine.connect() as connection:
+                for start in range(0, len(wanted), _LOOKUP_CHUNK):
+                    chunk = wanted[start : start + _LOOKUP_CHUNK]
+                    for row in connection.execute(_CARDS_OF_MANY, {"ids": chunk}):
+                        names[row.customer_id] = row.name
+                        cards.setdefault(row.customer_id, []).append(_stored(row))
         # A name that does not match answers like an unknown person, as in find_cards. The lists
         # are shared between repeated pairs; StoredCard is frozen and callers only read them.
         return [
@@ -373,11 +398,11 @@ class BankStore:
 
     @staticmethod
     def _read_sqlite(
-        connection: Any, ids: list[str], names: dict[str, str], cards: dict[str, list[StoredCard]]
+        reader: sqlite3.Connection, ids: list[str], names: dict[str, str], cards: dict[str, list[StoredCard]]
     ) -> None:
         """_CARDS_OF_MANY through the sqlite3 driver itself (same rows, same order)."""
         sql = _SQLITE_CARDS_OF_MANY.format(ids=",".join("?" * len(ids)))
-        for customer_id, name, *card in connection.connection.driver_connection.execute(sql, ids):
+        for customer_id, name, *card in reader.execute(sql, ids):
             names[customer_id] = name
             ref, number, card_type, status, opened, active, balance, closes = card
             cards.setdefault(customer_id, []).append(
