@@ -4,6 +4,7 @@ same Python values back, the same exceptions."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -15,7 +16,7 @@ from sqlalchemy import Connection, Engine, create_engine, exc
 from sqlalchemy.pool import NullPool
 
 from server.union.domain import model
-from server.union.storage.store import _Hot, open_store
+from server.union.storage.store import _BatchItem, _Hot, open_store
 
 NOW = datetime(2026, 11, 27, 9, 45, 49, 123456, tzinfo=UTC)
 # Not UTC, and on a whole second: both must be stored as SQLAlchemy stores them.
@@ -221,3 +222,42 @@ def test_an_insert_must_name_every_column(engines: tuple[Engine, Engine]) -> Non
     entry = {"time": NOW, "actor": "a" * 64, "action": "lookup.create", "outcome": "OK"}  # no resource
     with pytest.raises(ValueError, match="resource"), fast.begin() as c:
         _Hot.insert_audit.run(c, entry)
+
+
+async def test_a_core_batch_keeps_one_failed_write_in_its_savepoint(tmp_path: Path) -> None:
+    """_drain_core's own transaction: the failed write is undone, the others are committed."""
+    store = open_store(f"sqlite:///{tmp_path / 'union.db'}")
+    store.migrate()
+
+    def insert(lookup_id: str, fail: bool = False) -> Any:
+        def work(c: Connection) -> str:
+            _Hot.insert_lookup.run(c, _lookup(lookup_id))
+            if fail:
+                raise ValueError("this write fails after its insert")
+            return lookup_id
+
+        return work
+
+    def read(c: Connection) -> list[str]:
+        return [row.id for row in _Hot.running_of_lookups.run(c, {"lookup_ids": ["l1", "l2", "l3"]})]
+
+    try:
+        items = [
+            _BatchItem(insert("l1"), savepoint=True, core=True),
+            _BatchItem(insert("l2", fail=True), savepoint=True, core=True),
+            _BatchItem(insert("l3"), savepoint=True, core=True),
+            _BatchItem(read, savepoint=False, core=True),
+        ]
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(store._executor, store._drain_core, items)
+        assert [value for _, value, _ in results] == ["l1", None, "l3", ["l1", "l3"]]
+        assert isinstance(results[1][2], ValueError)
+        with sqlite3.connect(tmp_path / "union.db") as raw:
+            assert sorted(row[0] for row in raw.execute("SELECT id FROM lookups")) == ["l1", "l3"]
+        # The next batch runs on the same connection, in a new transaction.
+        again = await loop.run_in_executor(
+            store._executor, store._drain_core, [_BatchItem(read, False, True)]
+        )
+        assert again[0][1] == ["l1", "l3"]
+    finally:
+        await store.close()

@@ -387,8 +387,13 @@ class Store:
                     results.append((item.future, None, error))
             raw.execute("COMMIT")
         except BaseException:
-            if raw.in_transaction:
-                raw.execute("ROLLBACK")
+            # Start the next batch on a fresh connection, whatever state this one was left in.
+            self._core_connection = None
+            try:
+                if raw.in_transaction:
+                    raw.execute("ROLLBACK")
+            finally:
+                c.close()
             raise
         return results
 
