@@ -9,11 +9,12 @@ meaning, each in one message. It is built for throughput, since per-RPC cost
 is what limits a Python gRPC bank: a reader task takes queries off the stream
 (and stops while MAX_OUTSTANDING_QUERIES are unanswered: the contract's
 backpressure), queries that arrive while a read is in progress are looked up
-together in one SQL statement (read on the event loop when the batch is small
-and the store a local SQLite file, in a worker thread otherwise), injected delays are timers
-rather than tasks, and the handler itself is the stream's only writer. Faults
-apply per query (one snapshot each); a failed query is answered with a
-QueryError and the stream goes on, except the die knobs, which end the stream.
+together in one SQL statement (on the event loop when the batch is small and
+the store a local SQLite file, in a worker thread otherwise), injected delays
+are timers rather than tasks, and the handler itself is the stream's only
+writer. Faults apply per query (one snapshot each); a failed query is answered
+with a QueryError and the stream goes on, except the die knobs, which end the
+stream.
 
 CloseCard and ReportCardNotMine (unary) go through the same fault gate as
 QueryCards (outage, latency, injected errors; the stream-only knobs do not

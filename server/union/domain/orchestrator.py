@@ -301,6 +301,10 @@ class Orchestrator:
                     "could not record card action", extra={"bank": claim.bank_code, "error": error.detail}
                 )
             finally:
+                if self._actions_in_flight >= self.policy.max_concurrent_calls:
+                    # Card actions had no room: the waiting ones can be claimed now.
+                    self._claim_due = True
+                    self._wake.set()
                 self._actions_in_flight -= 1
                 self._events.notify(claim.action_id)
                 if claim.closure_id is not None:
@@ -497,7 +501,7 @@ class Orchestrator:
             self._events.notify(lookup_id, final=True)
             self._announce = True  # the notification outbox has a new row
             if not self._announce_due:
-                # One wake-up per announcement batch, not per report (each wake-up also claims).
+                # One wake-up per announcement batch, not per report.
                 self._announce_due = True
                 self._wake.set()
 

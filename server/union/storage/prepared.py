@@ -2,8 +2,9 @@
 
 A `Prepared` wraps one Core statement. On PostgreSQL it is simply executed by
 SQLAlchemy. On SQLite it is compiled once (per set of inserted columns) and
-run on the pooled connection's own sqlite3 handle, inside the transaction
-SQLAlchemy began: the values still go through every column type's own bind
+run on the connection's own sqlite3 handle, inside whatever transaction is open
+there (SQLAlchemy's, or the raw one of `Store._drain_core`): the values still
+go through every column type's own bind
 processor, and rows through the result processors, so what is stored and read
 is exactly what SQLAlchemy would store and read (tests/union/test_prepared.py
 compares the two). What is skipped is the execution context, cache-key and
@@ -147,7 +148,7 @@ class Prepared:
 
 
 def driver_connection(c: Connection) -> sqlite3.Connection:
-    """The sqlite3 connection under SQLAlchemy's, in the transaction SQLAlchemy began."""
+    """The sqlite3 connection under SQLAlchemy's (statements on it join its open transaction)."""
     driver = c.connection.driver_connection
     assert isinstance(driver, sqlite3.Connection)
     return driver
