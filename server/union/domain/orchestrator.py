@@ -236,6 +236,12 @@ class Orchestrator:
                 log.info("purged expired reports", extra={"count": purged})
         self._next_due = await self._store.next_due_time()
 
+    def _room_made(self) -> None:
+        """A call finished where there was no room: what waits for it is claimed now, not at the
+        next poll."""
+        self._claim_due = True
+        self._wake.set()
+
     def _due_at(self, when: datetime) -> None:
         """Something this replica scheduled falls due at `when`: sleep no longer than that."""
         if self._next_due is None or when < self._next_due:
@@ -302,9 +308,7 @@ class Orchestrator:
                 )
             finally:
                 if self._actions_in_flight >= self.policy.max_concurrent_calls:
-                    # Card actions had no room: the waiting ones can be claimed now.
-                    self._claim_due = True
-                    self._wake.set()
+                    self._room_made()  # card actions had none
                 self._actions_in_flight -= 1
                 self._events.notify(claim.action_id)
                 if claim.closure_id is not None:
@@ -397,9 +401,7 @@ class Orchestrator:
             log.warning("could not record bank outcome", extra={"bank": claim.bank_code, "error": str(error)})
         finally:
             if self._bank_calls[claim.bank_code] >= self.policy.max_calls_per_bank:
-                # The bank had no room: its waiting tasks can be claimed now, not at the next poll.
-                self._claim_due = True
-                self._wake.set()
+                self._room_made()  # the bank had none
             self._bank_calls[claim.bank_code] -= 1
             self._lookup_calls[claim.lookup_id] -= 1
             if not self._lookup_calls[claim.lookup_id]:

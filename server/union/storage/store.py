@@ -14,7 +14,7 @@ Every public method is a coroutine; the SQL runs in the store's executor so the
 event loop never blocks on the database.
 
 Throughput: writes (and the watch reads) that queue up while the database is
-busy share one transaction (`_run_batched`, SQLite), bank answers that arrive
+busy share one transaction (`_run_batched`, `_core_batched`, SQLite), bank answers that arrive
 together are recorded by one set of statements on both backends
 (`_record_answers_together`), and the lookup hot path is SQLAlchemy Core with
 its statements built once (`_Hot`). On SQLite those statements run on the
@@ -292,19 +292,16 @@ class Store:
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, in_thread)
 
-    async def _read_batched(self, work: Callable[[Session], T]) -> T:
-        """A read that shares the writer's next transaction on SQLite (one thread hop and one
-        transaction for many reads, e.g. watches re-reading lookups as their banks answer)."""
-        return await self._run_batched(work, savepoint=False)
-
     async def _core_batched(self, work: Callable[[Connection], T], savepoint: bool = True) -> T:
         """_run_batched for work that only runs Core statements on a Connection (the lookup hot
-        path): on SQLite a batch of nothing but such work needs no ORM Session (_drain_core)."""
+        path): on SQLite a batch of nothing but such work needs no ORM Session (_drain_core).
+        Reads pass savepoint=False: they share the writer's next transaction (one thread hop and
+        one transaction for many reads, e.g. watches re-reading lookups as their banks answer)."""
         if not self.is_sqlite:
             return await self._run(lambda s: work(s.connection()))
         return cast(T, await self._enqueue(_BatchItem(work, savepoint, core=True)))
 
-    async def _run_batched(self, work: Callable[[Session], T], savepoint: bool = True) -> T:
+    async def _run_batched(self, work: Callable[[Session], T]) -> T:
         """Like _run, but writes that queue up while the database is busy share one transaction
         (each in its own SAVEPOINT, so one failing write does not undo the others).
 
@@ -315,7 +312,7 @@ class Store:
             # PostgreSQL has many writers already; a batch would hold row locks of many lookups at
             # once, in arbitrary order, and deadlock with another batch.
             return await self._run(work)
-        return cast(T, await self._enqueue(_BatchItem(work, savepoint, core=False)))
+        return cast(T, await self._enqueue(_BatchItem(work, savepoint=True, core=False)))
 
     async def _enqueue(self, item: _BatchItem) -> Any:
         loop = asyncio.get_running_loop()
