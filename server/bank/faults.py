@@ -37,7 +37,7 @@ Lie = Literal["none", "wrong_bank", "long_last_four", "unknown_enum"]
 # A value no CardType/CardStatus has; proto3 enums are open, so it goes on the wire as-is.
 UNKNOWN_ENUM_VALUE = 99
 
-_BOOLEAN_KNOBS = ("outage", "query_session")
+_BOOLEAN_KNOBS = ("outage", "query_session", "query_batches")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -67,8 +67,11 @@ class FaultSettings:
     die_mode: DieMode = "abort"  # ...with UNAVAILABLE ("abort") or a clean end without summary ("end")
     truncate: Truncate = "none"  # omit the summary, or send a wrong record_count
     lie: Lie = "none"  # wrong bank code, 5-digit last_four, or unknown enum values
-    # False: an older bank that only has QueryCards; QuerySession answers UNIMPLEMENTED.
+    # False: an older bank that only has QueryCards; QuerySession and QueryBatchSession answer
+    # UNIMPLEMENTED.
     query_session: bool = True
+    # False: a bank with QuerySession but without QueryBatchSession (UNIMPLEMENTED).
+    query_batches: bool = True
 
     def __post_init__(self) -> None:
         for name in ("latency_ms", "latency_jitter_ms", "tail_latency_ms", "record_delay_ms"):

@@ -5,14 +5,17 @@ event loop, masks every card at the source and streams the records followed by
 a summary. Fault settings (server.bank.faults) bend that behaviour on purpose.
 
 QuerySession answers many queries on one long-lived stream with the same
-meaning, each in one message. It is built for throughput, since per-RPC cost
-is what limits a Python gRPC bank: a reader task takes queries off the stream
-(and stops while MAX_OUTSTANDING_QUERIES are unanswered: the contract's
-backpressure), queries that arrive while a read is in progress are looked up
-together in one SQL statement (on the event loop when the batch is small and
+meaning, each in one message; QueryBatchSession is the same stream with
+several queries (and answers) to a message. Both are built for throughput,
+since per-RPC and per-message costs are what limit a Python gRPC bank: a
+reader task takes queries off the stream (and stops while
+MAX_OUTSTANDING_QUERIES are unanswered: the contract's backpressure),
+queries that arrive while a read is in progress are looked up together in one
+SQL statement (on the event loop when the batch is small and
 the store a local SQLite file, in a worker thread otherwise), injected delays
 are timers rather than tasks, and the handler itself is the stream's only
-writer. Faults apply per query (one snapshot each); a failed query is answered
+writer (on a batched stream it sends every answer that is ready in one
+message). Faults apply per query (one snapshot each); a failed query is answered
 with a QueryError and the stream goes on, except the die knobs, which end the
 stream.
 
@@ -59,6 +62,8 @@ MAX_OUTSTANDING_QUERIES = 512
 # contending for the GIL made one bank process spend most of its time waiting for it. (A WAL
 # reader is never blocked by the bank's writers.) Larger batches still go to a thread.
 INLINE_READ_LIMIT = 16
+# Queries (and answers) one QueryBatchSession message may carry, as the contract says.
+MAX_BATCH = 256
 
 CardActionRequest = pb.CloseCardRequest | pb.ReportCardNotMineRequest
 CardQuery = pb.QueryCardsRequest | pb.QuerySessionRequest
@@ -146,10 +151,11 @@ class _ReadDone:
 _READ_DONE = _ReadDone()
 
 _Outgoing = pb.QuerySessionResponse | _StreamEnd | _ReadDone | Exception
+SessionRequest = pb.QuerySessionRequest | pb.QueryBatchSessionRequest
 
 
 class _QuerySession:
-    """The state of one QuerySession stream (see the module docstring for the shape).
+    """The state of one QuerySession or QueryBatchSession stream (see the module docstring).
 
     Everything runs on the event loop except the store reads; callbacks only append to
     `outgoing`, which the servicer's handler drains as the stream's single writer.
@@ -158,8 +164,9 @@ class _QuerySession:
     def __init__(
         self,
         servicer: BankQueryServicer,
-        requests: AsyncIterator[pb.QuerySessionRequest],
+        requests: AsyncIterator[SessionRequest],
         max_outstanding: int,
+        batched: bool,
     ) -> None:
         self._servicer = servicer
         self._bank = servicer.bank_code
@@ -167,15 +174,18 @@ class _QuerySession:
         self._rng = servicer._rng
         self._loop = asyncio.get_running_loop()
         self._debug = log.isEnabledFor(logging.DEBUG)
-        self.outgoing: asyncio.Queue[_Outgoing] = asyncio.Queue()  # bounded by _slots
-        self._slots = asyncio.Semaphore(max_outstanding)
+        self.batched = batched
+        self.outgoing: asyncio.Queue[_Outgoing] = asyncio.Queue()  # bounded by max_outstanding
+        self._max_outstanding = max_outstanding
+        self._room = asyncio.Event()
         self._pending: list[_Query] = []  # waiting for the next store read
         self._lookup_wanted = asyncio.Event()
         self._timers: set[asyncio.TimerHandle] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._ending = False
         self.started = time.monotonic()
-        self.received = 0
+        self.received = 0  # queries
+        self.messages = 0  # request messages (fewer than queries on a batched stream)
         self.answered = 0
         self.failed = 0
         self.outstanding = 0  # read and not yet written
@@ -187,10 +197,11 @@ class _QuerySession:
             asyncio.create_task(self._look_up(), name=f"query-session-lookup-{self._bank}"),
         ]
 
-    def written(self) -> None:
-        """One response is on the wire: its slot may take a new query."""
-        self.outstanding -= 1
-        self._slots.release()
+    def written(self, answers: int = 1) -> None:
+        """Answers are on the wire: their queries no longer count against the limit."""
+        self.outstanding -= answers
+        if self.outstanding < self._max_outstanding:
+            self._room.set()
 
     async def close(self) -> None:
         """Stop reading, looking up and waiting; nothing of this stream outlives the call."""
@@ -208,14 +219,30 @@ class _QuerySession:
         try:
             requests = aiter(self._requests)
             while not self._ending:
-                # A slot before every read: at the limit the bank stops reading (backpressure).
-                await self._slots.acquire()
+                # Room before every read: at the limit the bank stops reading (backpressure). A
+                # batch may take it past the limit, by at most that batch.
+                while self.outstanding >= self._max_outstanding:
+                    self._room.clear()
+                    await self._room.wait()
                 try:
                     request = await anext(requests)
                 except StopAsyncIteration:
                     self.outgoing.put_nowait(_READ_DONE)
                     return
-                self._receive(request)
+                self.messages += 1
+                if isinstance(request, pb.QueryBatchSessionRequest):
+                    if not 1 <= len(request.queries) <= MAX_BATCH:
+                        self.outgoing.put_nowait(
+                            errors.InvalidArgument(
+                                [errors.FieldViolation("queries", f"must hold 1 to {MAX_BATCH} queries")]
+                            )
+                        )
+                        return
+                    for query in request.queries:
+                        if not self._ending:
+                            self._receive(query)
+                else:
+                    self._receive(request)
         except (DecodeError, UnicodeDecodeError):
             # Bytes without a readable query_id cannot be answered in-stream: the caller's bug
             # ends the stream INVALID_ARGUMENT (as server.common.request_guard does for QueryCards).
@@ -230,8 +257,8 @@ class _QuerySession:
         self.received += 1
         self.outstanding += 1
         faults = self._servicer.faults  # one snapshot per query
-        if not faults.query_session:
-            # Switched off at run time: the bank restarts as a version without QuerySession.
+        if not faults.query_session or (self.batched and not faults.query_batches):
+            # Switched off at run time: the bank restarts as a version without this RPC.
             # This stream goes away; the union's next one gets UNIMPLEMENTED.
             self._end(abort=True, reason=f"{self._bank} is going away")
             return
@@ -374,6 +401,10 @@ class BankQueryServicer(pb_grpc.BankQueryServiceServicer):
         """Queries read so far on each open QuerySession stream (tests observe backpressure)."""
         return [session.received for session in self._sessions]
 
+    def session_messages(self) -> list[int]:
+        """Request messages read so far on each open session stream (tests observe batching)."""
+        return [session.messages for session in self._sessions]
+
     async def _fault_gate(
         self, faults: FaultSettings, context: grpc.aio.ServicerContext[Any, Any], validate: Callable[[], None]
     ) -> None:
@@ -432,21 +463,56 @@ class BankQueryServicer(pb_grpc.BankQueryServiceServicer):
         request_iterator: AsyncIterator[pb.QuerySessionRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.QuerySessionResponse]:
-        """Answer every query read, in whatever order the answers are ready; this handler is the
-        stream's only writer. OK once the union half-closes and all is answered."""
+        """Answer every query read, in whatever order the answers are ready, one per message.
+        OK once the union half-closes and all is answered."""
         if not self.faults.query_session:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{self.bank_code} answers only QueryCards")
-        session = _QuerySession(self, request_iterator, self.max_outstanding)
+        async for answers in self._serve_session(request_iterator, context, batched=False):
+            for answer in answers:  # never more than one here
+                yield answer
+
+    @grpc_method
+    async def QueryBatchSession(
+        self,
+        request_iterator: AsyncIterator[pb.QueryBatchSessionRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.QueryBatchSessionResponse]:
+        """QuerySession with every answer that is ready sent in one message."""
+        if not (self.faults.query_session and self.faults.query_batches):
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{self.bank_code} has no batched session")
+        async for answers in self._serve_session(request_iterator, context, batched=True):
+            yield pb.QueryBatchSessionResponse(answers=answers)
+
+    async def _serve_session(
+        self,
+        request_iterator: AsyncIterator[Any],
+        context: grpc.aio.ServicerContext[Any, Any],
+        batched: bool,
+    ) -> AsyncIterator[list[pb.QuerySessionResponse]]:
+        """The answers to write next (one, or on a batched stream all that are ready); this
+        handler is the stream's only writer, and a batch counts as written once the caller asks
+        for the next."""
+        session = _QuerySession(self, request_iterator, self.max_outstanding, batched)
         self._sessions.add(session)
         outcome = "cancelled"
+        limit = MAX_BATCH if batched else 1
         try:
             session.start()
             outgoing = session.outgoing
+            held: _Outgoing | None = None  # an item taken while gathering a batch, handled next
             while not (session.reading_done and session.outstanding == 0):
-                item = await outgoing.get()
+                item = held if held is not None else await outgoing.get()
+                held = None
                 if isinstance(item, pb.QuerySessionResponse):
-                    yield item
-                    session.written()
+                    answers = [item]
+                    while len(answers) < limit and not outgoing.empty():
+                        more = outgoing.get_nowait()
+                        if not isinstance(more, pb.QuerySessionResponse):
+                            held = more
+                            break
+                        answers.append(more)
+                    yield answers
+                    session.written(len(answers))
                 elif isinstance(item, _ReadDone):
                     session.reading_done = True
                 elif isinstance(item, _StreamEnd):
@@ -466,8 +532,10 @@ class BankQueryServicer(pb_grpc.BankQueryServiceServicer):
                 "query session ended",
                 extra={
                     "bank": self.bank_code,
+                    "batched": batched,
                     "outcome": outcome,
                     "queries": session.received,
+                    "messages": session.messages,
                     "answered": session.answered,
                     "failed": session.failed,
                     "seconds": round(time.monotonic() - session.started, 3),

@@ -8,10 +8,9 @@ ceiling on how long anything took.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import date
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from bankquery.v1 import bank_query_service_pb2 as pb
 from bankquery.v1 import bank_query_service_pb2_grpc as pb_grpc
 from sqlalchemy import text
 
-from server.bank.app import RunningBank, start_bank
+from server.bank.app import RunningBank
 from server.bank.faults import FaultSettings, control_file, write_control_file
 from server.bank.store import StoredCard
 from server.population.generator import DEMO_PEOPLE, Person, people
@@ -33,27 +32,6 @@ LIU = DEMO_PEOPLE[3].person  # 55 ICBC cards
 CHEN = DEMO_PEOPLE[4].person  # no cards anywhere
 UNKNOWN_ID = "11010519491231002X"  # valid, unknown to every bank
 AN_HOUR_MS = 3_600_000
-
-
-@pytest.fixture
-def bank_dir(seeded_banks_template: Path, tmp_path: Path) -> Path:
-    """ICBC's store from the session's seeded ones (a copy, so writes stay in this test)."""
-    for path in seeded_banks_template.glob("icbc.sqlite3*"):
-        shutil.copy(path, tmp_path / path.name)
-    return tmp_path
-
-
-@pytest.fixture
-async def bank(bank_dir: Path) -> AsyncIterator[RunningBank]:
-    running = await start_bank("ICBC", data_dir=bank_dir, seed=SEED, size=SIZE)
-    yield running
-    await running.stop(0)
-
-
-@pytest.fixture
-async def stub(bank: RunningBank) -> AsyncIterator[pb_grpc.BankQueryServiceAsyncStub]:
-    async with grpc.aio.insecure_channel(bank.address) as channel:
-        yield pb_grpc.BankQueryServiceStub(channel)
 
 
 def query(query_id: str, resident_id: str, name: str) -> pb.QuerySessionRequest:

@@ -68,8 +68,8 @@ SHARES = {
     "lookup": 1050,  # x3 (a person's valid session, another person's, a bad credential)
     "card_actions": 650,  # x3 (as for lookup, plus a retry of some successful actions)
     "admin": 1050,  # x3 (the admin token, a bad one, none)
-    "bank": 450,  # x2-3 (the same request to two banks, a query also on a QuerySession stream, plus a
-    # retry or a QueryCards after some card actions)
+    "bank": 450,  # x2-4 (the same request to two banks, a query also on a QuerySession and a
+    # QueryBatchSession stream, plus a retry or a QueryCards after some card actions)
     "oversized": 25,  # x1 (each refusal costs the transport ~0.2 s)
     "raw_bytes": 450,  # x1
 }
@@ -241,6 +241,14 @@ RPCS = {
         bank_pb.QuerySessionRequest,
         bank_pb.QuerySessionResponse,
         [C.UNAVAILABLE],
+        bidi=True,
+    ),
+    # As QuerySession; a message with no query (or more than 256) ends the stream INVALID_ARGUMENT.
+    "QueryBatchSession": _rpc(
+        BANK + "QueryBatchSession",
+        bank_pb.QueryBatchSessionRequest,
+        bank_pb.QueryBatchSessionResponse,
+        [C.INVALID_ARGUMENT, C.UNAVAILABLE],
         bidi=True,
     ),
     "CloseCard": _rpc(
@@ -1132,13 +1140,17 @@ def _check_session_agrees(
     per_call: Outcome,
 ) -> None:
     """The same query on a QuerySession stream gets the same answer as QueryCards, in one message
-    carrying its query_id; a query QueryCards refuses is refused in the stream, which goes on (OK)."""
+    carrying its query_id; a query QueryCards refuses is refused in the stream, which goes on (OK).
+    Sent alone on a QueryBatchSession stream, it gets that same answer in a batch of one."""
     request = bank_pb.QuerySessionRequest(
         query_id=query.query_id, resident_id_number=query.resident_id_number, name=query.name
     )
     outcome = caller.call("QuerySession", request, metadata, bank=bank, expect={C.OK})
     assert len(outcome.responses) == 1, outcome.responses
     answer = outcome.responses[0]
+    batch = bank_pb.QueryBatchSessionRequest(queries=[request])
+    batched = caller.call("QueryBatchSession", batch, metadata, bank=bank, expect={C.OK})
+    assert [list(message.answers) for message in batched.responses] == [[answer]], batched.responses
     assert answer.query_id == query.query_id
     if per_call.code == C.OK:
         assert answer.WhichOneof("result") == "answer", answer
@@ -1336,16 +1348,30 @@ def test_fuzz_bank(fuzz_stack: FuzzStack, world: World) -> None:
 
 
 def _padded(name: str, size: int) -> Message:
-    """A near-valid request of the RPC with its first string field blown up to `size` characters."""
+    """A near-valid request of the RPC with its first string field blown up to `size` characters
+    (in its first message field, e.g. a batch's one query, when it has no string of its own)."""
     request = RPCS[name].request()
-    for descriptor in request.DESCRIPTOR.fields:
+    _pad(request, size)
+    return request
+
+
+def _pad(message: Message, size: int) -> bool:
+    fields = message.DESCRIPTOR.fields
+    for descriptor in fields:
         if descriptor.type == descriptor.TYPE_STRING:
             if descriptor.is_repeated:
-                getattr(request, descriptor.name).append("A" * size)
+                getattr(message, descriptor.name).append("A" * size)
             else:
-                setattr(request, descriptor.name, "A" * size)
-            return request
-    return request
+                setattr(message, descriptor.name, "A" * size)
+            return True
+    for descriptor in fields:
+        if descriptor.type == descriptor.TYPE_MESSAGE and descriptor.message_type.fields:
+            inner = getattr(message, descriptor.name)
+            if _pad(inner.add() if descriptor.is_repeated else inner, size):
+                return True
+            if descriptor.is_repeated:
+                del inner[:]
+    return False
 
 
 def test_fuzz_oversized(fuzz_stack: FuzzStack, world: World) -> None:

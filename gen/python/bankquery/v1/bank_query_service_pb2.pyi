@@ -380,6 +380,56 @@ class QuerySessionResponse(_message.Message):
 Global___QuerySessionResponse: _TypeAlias = QuerySessionResponse  # noqa: Y015
 
 @_typing.final
+class QueryBatchSessionRequest(_message.Message):
+    """Queries on a QueryBatchSession stream, sent together."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def queries(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuerySessionRequest]:
+        """1 to 256 queries, each as on a QuerySession stream."""
+
+    def __init__(
+        self,
+        *,
+        queries: _abc.Iterable[Global___QuerySessionRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queries", b"queries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryBatchSessionRequest: _TypeAlias = QueryBatchSessionRequest  # noqa: Y015
+
+@_typing.final
+class QueryBatchSessionResponse(_message.Message):
+    """Answers on a QueryBatchSession stream, sent together."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANSWERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def answers(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuerySessionResponse]:
+        """At least one answer, each as on a QuerySession stream; at most one per
+        query, under the query's query_id.
+        """
+
+    def __init__(
+        self,
+        *,
+        answers: _abc.Iterable[Global___QuerySessionResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryBatchSessionResponse: _TypeAlias = QueryBatchSessionResponse  # noqa: Y015
+
+@_typing.final
 class QueryAnswer(_message.Message):
     """A complete answer to one query: the same records and summary a QueryCards
     stream carries, in one message.

@@ -19,7 +19,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file bankquery/v1/bank_query_service.proto.
  */
 export const file_bankquery_v1_bank_query_service: GenFile = /*@__PURE__*/
-  fileDesc("CiViYW5rcXVlcnkvdjEvYmFua19xdWVyeV9zZXJ2aWNlLnByb3RvEgxiYW5rcXVlcnkudjEiYgoQQ2xvc2VDYXJkUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhAKCGNhcmRfcmVmGAIgASgJEhoKEnJlc2lkZW50X2lkX251bWJlchgDIAEoCRIMCgRuYW1lGAQgASgJImUKEUNsb3NlQ2FyZFJlc3BvbnNlEhEKCXRpY2tldF9pZBgBIAEoCRItCgdvdXRjb21lGAIgASgOMhwuYmFua3F1ZXJ5LnYxLkNsb3N1cmVPdXRjb21lEg4KBnJlYXNvbhgDIAEoCSJqChhSZXBvcnRDYXJkTm90TWluZVJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIQCghjYXJkX3JlZhgCIAEoCRIaChJyZXNpZGVudF9pZF9udW1iZXIYAyABKAkSDAoEbmFtZRgEIAEoCSJaChlSZXBvcnRDYXJkTm90TWluZVJlc3BvbnNlEhMKC2Nhc2VfbnVtYmVyGAEgASgJEigKBnN0YXR1cxgCIAEoDjIYLmJhbmtxdWVyeS52MS5DYXJkU3RhdHVzIk8KEVF1ZXJ5Q2FyZHNSZXF1ZXN0EhAKCHF1ZXJ5X2lkGAEgASgJEhoKEnJlc2lkZW50X2lkX251bWJlchgCIAEoCRIMCgRuYW1lGAMgASgJIncKElF1ZXJ5Q2FyZHNSZXNwb25zZRIoCgRjYXJkGAEgASgLMhguYmFua3F1ZXJ5LnYxLkNhcmRSZWNvcmRIABItCgdzdW1tYXJ5GAIgASgLMhouYmFua3F1ZXJ5LnYxLlF1ZXJ5U3VtbWFyeUgAQggKBnJlc3VsdCJRChNRdWVyeVNlc3Npb25SZXF1ZXN0EhAKCHF1ZXJ5X2lkGAEgASgJEhoKEnJlc2lkZW50X2lkX251bWJlchgCIAEoCRIMCgRuYW1lGAMgASgJIooBChRRdWVyeVNlc3Npb25SZXNwb25zZRIQCghxdWVyeV9pZBgBIAEoCRIrCgZhbnN3ZXIYAiABKAsyGS5iYW5rcXVlcnkudjEuUXVlcnlBbnN3ZXJIABIpCgVlcnJvchgDIAEoCzIYLmJhbmtxdWVyeS52MS5RdWVyeUVycm9ySABCCAoGcmVzdWx0ImMKC1F1ZXJ5QW5zd2VyEicKBWNhcmRzGAEgAygLMhguYmFua3F1ZXJ5LnYxLkNhcmRSZWNvcmQSKwoHc3VtbWFyeRgCIAEoCzIaLmJhbmtxdWVyeS52MS5RdWVyeVN1bW1hcnkiKwoKUXVlcnlFcnJvchIMCgRjb2RlGAEgASgFEg8KB21lc3NhZ2UYAiABKAki8wEKCkNhcmRSZWNvcmQSEQoJYmFua19jb2RlGAEgASgJEhAKCGNhcmRfcmVmGAIgASgJEikKCWNhcmRfdHlwZRgDIAEoDjIWLmJhbmtxdWVyeS52MS5DYXJkVHlwZRISCgpmaXJzdF9mb3VyGAQgASgJEhEKCWxhc3RfZm91chgFIAEoCRIVCg1udW1iZXJfbGVuZ3RoGAYgASgFEigKBnN0YXR1cxgHIAEoDjIYLmJhbmtxdWVyeS52MS5DYXJkU3RhdHVzEi0KCW9wZW5fdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiNwoMUXVlcnlTdW1tYXJ5EhEKCWJhbmtfY29kZRgBIAEoCRIUCgxyZWNvcmRfY291bnQYAiABKAUqtQEKDkNsb3N1cmVPdXRjb21lEh8KG0NMT1NVUkVfT1VUQ09NRV9VTlNQRUNJRklFRBAAEhoKFkNMT1NVUkVfT1VUQ09NRV9DTE9TRUQQARIdChlDTE9TVVJFX09VVENPTUVfU0NIRURVTEVEEAISKQolQ0xPU1VSRV9PVVRDT01FX0JSQU5DSF9WSVNJVF9SRVFVSVJFRBADEhwKGENMT1NVUkVfT1VUQ09NRV9SRUpFQ1RFRBAEKlAKCENhcmRUeXBlEhkKFUNBUkRfVFlQRV9VTlNQRUNJRklFRBAAEhMKD0NBUkRfVFlQRV9ERUJJVBABEhQKEENBUkRfVFlQRV9DUkVESVQQAipyCgpDYXJkU3RhdHVzEhsKF0NBUkRfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFgoSQ0FSRF9TVEFUVVNfQUNUSVZFEAESFwoTQ0FSRF9TVEFUVVNfRE9STUFOVBACEhYKEkNBUkRfU1RBVFVTX0ZST1pFThADMvQCChBCYW5rUXVlcnlTZXJ2aWNlElEKClF1ZXJ5Q2FyZHMSHy5iYW5rcXVlcnkudjEuUXVlcnlDYXJkc1JlcXVlc3QaIC5iYW5rcXVlcnkudjEuUXVlcnlDYXJkc1Jlc3BvbnNlMAESWQoMUXVlcnlTZXNzaW9uEiEuYmFua3F1ZXJ5LnYxLlF1ZXJ5U2Vzc2lvblJlcXVlc3QaIi5iYW5rcXVlcnkudjEuUXVlcnlTZXNzaW9uUmVzcG9uc2UoATABEkwKCUNsb3NlQ2FyZBIeLmJhbmtxdWVyeS52MS5DbG9zZUNhcmRSZXF1ZXN0Gh8uYmFua3F1ZXJ5LnYxLkNsb3NlQ2FyZFJlc3BvbnNlEmQKEVJlcG9ydENhcmROb3RNaW5lEiYuYmFua3F1ZXJ5LnYxLlJlcG9ydENhcmROb3RNaW5lUmVxdWVzdBonLmJhbmtxdWVyeS52MS5SZXBvcnRDYXJkTm90TWluZVJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp]);
+  fileDesc("CiViYW5rcXVlcnkvdjEvYmFua19xdWVyeV9zZXJ2aWNlLnByb3RvEgxiYW5rcXVlcnkudjEiYgoQQ2xvc2VDYXJkUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhAKCGNhcmRfcmVmGAIgASgJEhoKEnJlc2lkZW50X2lkX251bWJlchgDIAEoCRIMCgRuYW1lGAQgASgJImUKEUNsb3NlQ2FyZFJlc3BvbnNlEhEKCXRpY2tldF9pZBgBIAEoCRItCgdvdXRjb21lGAIgASgOMhwuYmFua3F1ZXJ5LnYxLkNsb3N1cmVPdXRjb21lEg4KBnJlYXNvbhgDIAEoCSJqChhSZXBvcnRDYXJkTm90TWluZVJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIQCghjYXJkX3JlZhgCIAEoCRIaChJyZXNpZGVudF9pZF9udW1iZXIYAyABKAkSDAoEbmFtZRgEIAEoCSJaChlSZXBvcnRDYXJkTm90TWluZVJlc3BvbnNlEhMKC2Nhc2VfbnVtYmVyGAEgASgJEigKBnN0YXR1cxgCIAEoDjIYLmJhbmtxdWVyeS52MS5DYXJkU3RhdHVzIk8KEVF1ZXJ5Q2FyZHNSZXF1ZXN0EhAKCHF1ZXJ5X2lkGAEgASgJEhoKEnJlc2lkZW50X2lkX251bWJlchgCIAEoCRIMCgRuYW1lGAMgASgJIncKElF1ZXJ5Q2FyZHNSZXNwb25zZRIoCgRjYXJkGAEgASgLMhguYmFua3F1ZXJ5LnYxLkNhcmRSZWNvcmRIABItCgdzdW1tYXJ5GAIgASgLMhouYmFua3F1ZXJ5LnYxLlF1ZXJ5U3VtbWFyeUgAQggKBnJlc3VsdCJRChNRdWVyeVNlc3Npb25SZXF1ZXN0EhAKCHF1ZXJ5X2lkGAEgASgJEhoKEnJlc2lkZW50X2lkX251bWJlchgCIAEoCRIMCgRuYW1lGAMgASgJIooBChRRdWVyeVNlc3Npb25SZXNwb25zZRIQCghxdWVyeV9pZBgBIAEoCRIrCgZhbnN3ZXIYAiABKAsyGS5iYW5rcXVlcnkudjEuUXVlcnlBbnN3ZXJIABIpCgVlcnJvchgDIAEoCzIYLmJhbmtxdWVyeS52MS5RdWVyeUVycm9ySABCCAoGcmVzdWx0Ik4KGFF1ZXJ5QmF0Y2hTZXNzaW9uUmVxdWVzdBIyCgdxdWVyaWVzGAEgAygLMiEuYmFua3F1ZXJ5LnYxLlF1ZXJ5U2Vzc2lvblJlcXVlc3QiUAoZUXVlcnlCYXRjaFNlc3Npb25SZXNwb25zZRIzCgdhbnN3ZXJzGAEgAygLMiIuYmFua3F1ZXJ5LnYxLlF1ZXJ5U2Vzc2lvblJlc3BvbnNlImMKC1F1ZXJ5QW5zd2VyEicKBWNhcmRzGAEgAygLMhguYmFua3F1ZXJ5LnYxLkNhcmRSZWNvcmQSKwoHc3VtbWFyeRgCIAEoCzIaLmJhbmtxdWVyeS52MS5RdWVyeVN1bW1hcnkiKwoKUXVlcnlFcnJvchIMCgRjb2RlGAEgASgFEg8KB21lc3NhZ2UYAiABKAki8wEKCkNhcmRSZWNvcmQSEQoJYmFua19jb2RlGAEgASgJEhAKCGNhcmRfcmVmGAIgASgJEikKCWNhcmRfdHlwZRgDIAEoDjIWLmJhbmtxdWVyeS52MS5DYXJkVHlwZRISCgpmaXJzdF9mb3VyGAQgASgJEhEKCWxhc3RfZm91chgFIAEoCRIVCg1udW1iZXJfbGVuZ3RoGAYgASgFEigKBnN0YXR1cxgHIAEoDjIYLmJhbmtxdWVyeS52MS5DYXJkU3RhdHVzEi0KCW9wZW5fdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiNwoMUXVlcnlTdW1tYXJ5EhEKCWJhbmtfY29kZRgBIAEoCRIUCgxyZWNvcmRfY291bnQYAiABKAUqtQEKDkNsb3N1cmVPdXRjb21lEh8KG0NMT1NVUkVfT1VUQ09NRV9VTlNQRUNJRklFRBAAEhoKFkNMT1NVUkVfT1VUQ09NRV9DTE9TRUQQARIdChlDTE9TVVJFX09VVENPTUVfU0NIRURVTEVEEAISKQolQ0xPU1VSRV9PVVRDT01FX0JSQU5DSF9WSVNJVF9SRVFVSVJFRBADEhwKGENMT1NVUkVfT1VUQ09NRV9SRUpFQ1RFRBAEKlAKCENhcmRUeXBlEhkKFUNBUkRfVFlQRV9VTlNQRUNJRklFRBAAEhMKD0NBUkRfVFlQRV9ERUJJVBABEhQKEENBUkRfVFlQRV9DUkVESVQQAipyCgpDYXJkU3RhdHVzEhsKF0NBUkRfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFgoSQ0FSRF9TVEFUVVNfQUNUSVZFEAESFwoTQ0FSRF9TVEFUVVNfRE9STUFOVBACEhYKEkNBUkRfU1RBVFVTX0ZST1pFThADMt4DChBCYW5rUXVlcnlTZXJ2aWNlElEKClF1ZXJ5Q2FyZHMSHy5iYW5rcXVlcnkudjEuUXVlcnlDYXJkc1JlcXVlc3QaIC5iYW5rcXVlcnkudjEuUXVlcnlDYXJkc1Jlc3BvbnNlMAESWQoMUXVlcnlTZXNzaW9uEiEuYmFua3F1ZXJ5LnYxLlF1ZXJ5U2Vzc2lvblJlcXVlc3QaIi5iYW5rcXVlcnkudjEuUXVlcnlTZXNzaW9uUmVzcG9uc2UoATABEmgKEVF1ZXJ5QmF0Y2hTZXNzaW9uEiYuYmFua3F1ZXJ5LnYxLlF1ZXJ5QmF0Y2hTZXNzaW9uUmVxdWVzdBonLmJhbmtxdWVyeS52MS5RdWVyeUJhdGNoU2Vzc2lvblJlc3BvbnNlKAEwARJMCglDbG9zZUNhcmQSHi5iYW5rcXVlcnkudjEuQ2xvc2VDYXJkUmVxdWVzdBofLmJhbmtxdWVyeS52MS5DbG9zZUNhcmRSZXNwb25zZRJkChFSZXBvcnRDYXJkTm90TWluZRImLmJhbmtxdWVyeS52MS5SZXBvcnRDYXJkTm90TWluZVJlcXVlc3QaJy5iYW5rcXVlcnkudjEuUmVwb3J0Q2FyZE5vdE1pbmVSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp]);
 
 /**
  * Request for CloseCard.
@@ -327,6 +327,49 @@ export const QuerySessionResponseSchema: GenMessage<QuerySessionResponse> = /*@_
   messageDesc(file_bankquery_v1_bank_query_service, 7);
 
 /**
+ * Queries on a QueryBatchSession stream, sent together.
+ *
+ * @generated from message bankquery.v1.QueryBatchSessionRequest
+ */
+export type QueryBatchSessionRequest = Message<"bankquery.v1.QueryBatchSessionRequest"> & {
+  /**
+   * 1 to 256 queries, each as on a QuerySession stream.
+   *
+   * @generated from field: repeated bankquery.v1.QuerySessionRequest queries = 1;
+   */
+  queries: QuerySessionRequest[];
+};
+
+/**
+ * Describes the message bankquery.v1.QueryBatchSessionRequest.
+ * Use `create(QueryBatchSessionRequestSchema)` to create a new message.
+ */
+export const QueryBatchSessionRequestSchema: GenMessage<QueryBatchSessionRequest> = /*@__PURE__*/
+  messageDesc(file_bankquery_v1_bank_query_service, 8);
+
+/**
+ * Answers on a QueryBatchSession stream, sent together.
+ *
+ * @generated from message bankquery.v1.QueryBatchSessionResponse
+ */
+export type QueryBatchSessionResponse = Message<"bankquery.v1.QueryBatchSessionResponse"> & {
+  /**
+   * At least one answer, each as on a QuerySession stream; at most one per
+   * query, under the query's query_id.
+   *
+   * @generated from field: repeated bankquery.v1.QuerySessionResponse answers = 1;
+   */
+  answers: QuerySessionResponse[];
+};
+
+/**
+ * Describes the message bankquery.v1.QueryBatchSessionResponse.
+ * Use `create(QueryBatchSessionResponseSchema)` to create a new message.
+ */
+export const QueryBatchSessionResponseSchema: GenMessage<QueryBatchSessionResponse> = /*@__PURE__*/
+  messageDesc(file_bankquery_v1_bank_query_service, 9);
+
+/**
  * A complete answer to one query: the same records and summary a QueryCards
  * stream carries, in one message.
  *
@@ -354,7 +397,7 @@ export type QueryAnswer = Message<"bankquery.v1.QueryAnswer"> & {
  * Use `create(QueryAnswerSchema)` to create a new message.
  */
 export const QueryAnswerSchema: GenMessage<QueryAnswer> = /*@__PURE__*/
-  messageDesc(file_bankquery_v1_bank_query_service, 8);
+  messageDesc(file_bankquery_v1_bank_query_service, 10);
 
 /**
  * A failed query on a QuerySession stream.
@@ -383,7 +426,7 @@ export type QueryError = Message<"bankquery.v1.QueryError"> & {
  * Use `create(QueryErrorSchema)` to create a new message.
  */
 export const QueryErrorSchema: GenMessage<QueryError> = /*@__PURE__*/
-  messageDesc(file_bankquery_v1_bank_query_service, 9);
+  messageDesc(file_bankquery_v1_bank_query_service, 11);
 
 /**
  * A card as the bank reports it, already masked.
@@ -453,7 +496,7 @@ export type CardRecord = Message<"bankquery.v1.CardRecord"> & {
  * Use `create(CardRecordSchema)` to create a new message.
  */
 export const CardRecordSchema: GenMessage<CardRecord> = /*@__PURE__*/
-  messageDesc(file_bankquery_v1_bank_query_service, 10);
+  messageDesc(file_bankquery_v1_bank_query_service, 12);
 
 /**
  * The last message of a complete QueryCards stream.
@@ -481,7 +524,7 @@ export type QuerySummary = Message<"bankquery.v1.QuerySummary"> & {
  * Use `create(QuerySummarySchema)` to create a new message.
  */
 export const QuerySummarySchema: GenMessage<QuerySummary> = /*@__PURE__*/
-  messageDesc(file_bankquery_v1_bank_query_service, 11);
+  messageDesc(file_bankquery_v1_bank_query_service, 13);
 
 /**
  * What a bank decided about a closure request.
@@ -673,6 +716,40 @@ export const BankQueryService: GenService<{
     methodKind: "bidi_streaming";
     input: typeof QuerySessionRequestSchema;
     output: typeof QuerySessionResponseSchema;
+  },
+  /**
+   * QuerySession with batches: each request message carries the queries the
+   * union had ready when it wrote (one or many), each response message the
+   * answers the bank had ready. A batch is never waited for: at low load it
+   * is one query, under load it is whatever queued up behind the previous
+   * write.
+   *
+   * Batches because a message costs far more than the bytes in it: in Python
+   * gRPC each message on a stream costs about 0.3 ms of CPU on each side, so
+   * sixteen banks' answers one message each were most of what a lookup cost
+   * the union and the banks.
+   *
+   * Everything else is QuerySession's: each query answered exactly once with
+   * the same meaning, in whatever message and order the answer is ready; one
+   * query failing fails only that query; flow control counts queries, not
+   * messages (a bank stops reading while it has its limit of unanswered
+   * queries, so one batch takes it past the limit by at most that batch).
+   * Optional: a bank that answers UNIMPLEMENTED is asked through
+   * QuerySession, and failing that through QueryCards.
+   *
+   * Status codes of the stream as a whole:
+   * - OK: the union closed its side and every query was answered.
+   * - INVALID_ARGUMENT: a request message carried no query, or more than 256.
+   * - UNIMPLEMENTED: this bank has no batched session.
+   * - UNAVAILABLE: the bank is going away or lost its connection; queries
+   *   without an answer may be retried on a new stream.
+   *
+   * @generated from rpc bankquery.v1.BankQueryService.QueryBatchSession
+   */
+  queryBatchSession: {
+    methodKind: "bidi_streaming";
+    input: typeof QueryBatchSessionRequestSchema;
+    output: typeof QueryBatchSessionResponseSchema;
   },
   /**
    * Asks the bank to close one of the person's cards. The bank decides: close

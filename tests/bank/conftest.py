@@ -1,0 +1,40 @@
+"""Fixtures of the session-stream tests: one seeded bank (ICBC) on a loopback port, and a stub for it.
+
+(test_bank_server.py has its own `bank` and `stub`, over an unseeded store.)
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from bankquery.v1 import bank_query_service_pb2_grpc as pb_grpc
+
+from server.bank.app import RunningBank, start_bank
+
+SEED = 20211201
+SIZE = 300  # the population of tests/conftest.py's seeded_banks_template
+
+
+@pytest.fixture
+def bank_dir(seeded_banks_template: Path, tmp_path: Path) -> Path:
+    """ICBC's store from the session's seeded ones (a copy, so writes stay in this test)."""
+    for path in seeded_banks_template.glob("icbc.sqlite3*"):
+        shutil.copy(path, tmp_path / path.name)
+    return tmp_path
+
+
+@pytest.fixture
+async def bank(bank_dir: Path) -> AsyncIterator[RunningBank]:
+    running = await start_bank("ICBC", data_dir=bank_dir, seed=SEED, size=SIZE)
+    yield running
+    await running.stop(0)
+
+
+@pytest.fixture
+async def stub(bank: RunningBank) -> AsyncIterator[pb_grpc.BankQueryServiceAsyncStub]:
+    async with grpc.aio.insecure_channel(bank.address) as channel:
+        yield pb_grpc.BankQueryServiceStub(channel)
