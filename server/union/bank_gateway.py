@@ -5,12 +5,15 @@ It rejects an answer without a summary whose count matches (truncation),
 records with unknown enum values, and a summary from another bank; the
 domain's `check_answer` does the rest.
 
-Card queries go over one long-lived QuerySession stream per bank, carrying
-every lookup's query: in Python gRPC an RPC costs far more than a message, so
-this is what lets the union fan out near the transport's limit. A bank that
-answers UNIMPLEMENTED (it only has QueryCards) is asked with one QueryCards
-call per query instead, and asked again for a session after a while, so the
-choice is negotiated per bank and follows the bank's upgrades.
+Card queries go over one long-lived QueryBatchSession stream per bank,
+carrying every lookup's query, and every query that is waiting when the
+stream is free to write goes in one message: in Python gRPC an RPC costs far
+more than a message, and a message far more than the bytes in it, so this is
+what lets the union fan out near the transport's limit. A bank that answers
+UNIMPLEMENTED is asked over a QuerySession stream (one query per message),
+and one that has neither with one QueryCards call per query; each is asked
+again for the better way after a while, so the choice is negotiated per bank
+and follows the bank's upgrades.
 
 With mutual TLS, the union presents its own certificate and checks that the
 bank's certificate names the bank it called (the expected name is the bank
@@ -63,8 +66,11 @@ _CARD_STATUSES = {
 
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
-# How long a bank that answered UNIMPLEMENTED is asked per call before it is offered a session again.
+# How long a bank that answered UNIMPLEMENTED is asked the older way before it is offered the
+# newer one again.
 SESSION_RETRY_SECONDS = 60.0
+# Queries one QueryBatchSession message carries at most (the contract allows 256).
+MAX_BATCH = 64
 
 
 def _failure(error: grpc.aio.AioRpcError) -> BankCallFailed:
@@ -93,11 +99,21 @@ class _SessionUnsupported(Exception):
     """The bank answered QuerySession with UNIMPLEMENTED: ask it through QueryCards."""
 
 
+class _BatchesUnsupported(Exception):
+    """The bank answered QueryBatchSession with UNIMPLEMENTED: ask it over a QuerySession."""
+
+
+_Outbox = asyncio.Queue[pb.QuerySessionRequest | None]
+
+
 class _QuerySessionLink:
-    """One QuerySession stream to one bank, shared by every query to that bank.
+    """One session stream to one bank (QueryBatchSession, or QuerySession where the bank has no
+    batches), shared by every query to that bank.
 
     A query registers a future under its query_id, puts its request on the
-    stream and waits for the answer with that id. `max_outstanding` bounds the
+    stream and waits for the answer with that id. On a batched stream, the
+    requests waiting when the previous message is written go in the next one:
+    nothing waits for a batch to fill. `max_outstanding` bounds the
     unanswered queries (and so everything this link holds); a query that finds
     the link full waits, within its own deadline, for a place. When the stream
     ends, every unanswered query fails as retryable and the next query opens a
@@ -109,9 +125,14 @@ class _QuerySessionLink:
         self._bank_code = bank_code
         self._places = asyncio.Semaphore(max_outstanding)
         self._pending: dict[str, asyncio.Future[pb.QuerySessionResponse]] = {}
-        self._outbox: asyncio.Queue[pb.QuerySessionRequest | None] | None = None
+        self._outbox: _Outbox | None = None
         self._reader: asyncio.Task[None] | None = None
-        self.unsupported_until = 0.0
+        self.unsupported_until = 0.0  # no session of either kind until then
+        self.batches_unsupported_until = 0.0  # QuerySession until then
+
+    @property
+    def batched(self) -> bool:
+        return time.monotonic() >= self.batches_unsupported_until
 
     @property
     def supported(self) -> bool:
@@ -119,7 +140,14 @@ class _QuerySessionLink:
 
     async def query(self, request: pb.QuerySessionRequest) -> pb.QuerySessionResponse:
         """The bank's answer to one query (caller applies the deadline), or an exception:
-        BankCallFailed, or _SessionUnsupported if the bank has no QuerySession."""
+        BankCallFailed, or _SessionUnsupported if the bank has no session of either kind."""
+        while True:
+            try:
+                return await self._query_once(request)
+            except _BatchesUnsupported:
+                continue  # the link now opens a QuerySession: ask there
+
+    async def _query_once(self, request: pb.QuerySessionRequest) -> pb.QuerySessionResponse:
         async with self._places:
             if request.query_id in self._pending:
                 raise BankCallFailed("query id already in flight", retryable=True)
@@ -132,34 +160,56 @@ class _QuerySessionLink:
                 if self._pending.get(request.query_id) is future:
                     del self._pending[request.query_id]
 
-    def _open(self) -> asyncio.Queue[pb.QuerySessionRequest | None]:
+    def _open(self) -> _Outbox:
         if self._outbox is None or self._reader is None or self._reader.done():
-            outbox: asyncio.Queue[pb.QuerySessionRequest | None] = asyncio.Queue()
-            call = self._stub.QuerySession(self._requests(outbox))
+            outbox: _Outbox = asyncio.Queue()
+            batched = self.batched
+            call: grpc.aio.StreamStreamCall[Any, Any] = (
+                self._stub.QueryBatchSession(self._batches(outbox))
+                if batched
+                else self._stub.QuerySession(self._requests(outbox))
+            )
             self._outbox = outbox
-            self._reader = asyncio.create_task(self._read(call, outbox), name=f"session-{self._bank_code}")
+            self._reader = asyncio.create_task(
+                self._read(call, outbox, batched), name=f"session-{self._bank_code}"
+            )
         return self._outbox
 
     @staticmethod
-    async def _requests(
-        outbox: asyncio.Queue[pb.QuerySessionRequest | None],
-    ) -> AsyncIterator[pb.QuerySessionRequest]:
+    async def _requests(outbox: _Outbox) -> AsyncIterator[pb.QuerySessionRequest]:
         while (request := await outbox.get()) is not None:
             yield request
 
-    async def _read(
-        self,
-        call: grpc.aio.StreamStreamCall[pb.QuerySessionRequest, pb.QuerySessionResponse],
-        outbox: asyncio.Queue[pb.QuerySessionRequest | None],
-    ) -> None:
+    @staticmethod
+    async def _batches(outbox: _Outbox) -> AsyncIterator[pb.QueryBatchSessionRequest]:
+        """gRPC asks for the next message once the previous one is written: it carries every
+        query that queued up meanwhile (one, at low load)."""
+        while (request := await outbox.get()) is not None:
+            queries = [request]
+            while len(queries) < MAX_BATCH and not outbox.empty():
+                more = outbox.get_nowait()
+                if more is None:  # closing: what was taken still goes, then the stream ends
+                    yield pb.QueryBatchSessionRequest(queries=queries)
+                    return
+                queries.append(more)
+            yield pb.QueryBatchSessionRequest(queries=queries)
+
+    async def _read(self, call: grpc.aio.StreamStreamCall[Any, Any], outbox: _Outbox, batched: bool) -> None:
         failure: Exception = BankCallFailed("bank session ended", retryable=True)
         try:
-            async for response in call:
-                future = self._pending.get(response.query_id)
-                if future is not None and not future.done():
-                    future.set_result(response)
+            async for message in call:
+                for response in message.answers if batched else (message,):
+                    future = self._pending.get(response.query_id)
+                    if future is not None and not future.done():
+                        future.set_result(response)
         except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED and batched:
+                self.batches_unsupported_until = time.monotonic() + SESSION_RETRY_SECONDS
+                failure = _BatchesUnsupported()
+                log.info(
+                    "bank has no batched session; asking one query a message", extra={"bank": self._bank_code}
+                )
+            elif error.code() == grpc.StatusCode.UNIMPLEMENTED:
                 self.unsupported_until = time.monotonic() + SESSION_RETRY_SECONDS
                 failure = _SessionUnsupported()
                 log.info("bank has no query session; asking per call", extra={"bank": self._bank_code})
@@ -238,9 +288,15 @@ class GrpcBankGateway:
         return await self._query_per_call(bank, query_id, resident_id_number, name, call_timeout)
 
     def uses_session(self, bank: Bank) -> bool:
-        """Whether queries to `bank` currently go over its QuerySession stream (for operators and
+        """Whether queries to `bank` currently go over a session stream (for operators and
         tests: False for a bank that answered UNIMPLEMENTED, until it is offered a session again)."""
         return self._session(bank).supported
+
+    def uses_batches(self, bank: Bank) -> bool:
+        """Whether that stream is a QueryBatchSession (False for a bank that answered it
+        UNIMPLEMENTED, until it is offered one again)."""
+        link = self._session(bank)
+        return link.supported and link.batched
 
     def _session(self, bank: Bank) -> _QuerySessionLink:
         key = (bank.code, bank.address)

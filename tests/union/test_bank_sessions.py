@@ -1,22 +1,25 @@
-"""The union's bank links: one QuerySession stream per bank, QueryCards where a bank has none.
+"""The union's bank links: one QueryBatchSession stream per bank, a QuerySession where a bank has no
+batches, QueryCards where it has neither.
 
 The per-bank fault tests (test_durability.py) run over sessions already; these pin what is particular
 to them: negotiation per bank, a stream that breaks or turns UNIMPLEMENTED while queries are in flight,
-and many lookups sharing the streams.
+many lookups sharing the streams, and queries that wait together going in one message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 from cardlookup.v1 import card_lookup_service_pb2 as pb
 
 from server.bank.app import RunningBank
 from server.bank.faults import FaultSettings
+from server.population.generator import people
 from server.union.app import UnionServer
 from server.union.bank_gateway import GrpcBankGateway
 from server.union.domain.model import Bank
-from tests.conftest import LI, LIU, ZHANG, UnionFactory, run_lookup, verified_client
+from tests.conftest import LI, LIU, SEED, SIZE, ZHANG, UnionFactory, run_lookup, verified_client
 
 
 def outcomes(report: pb.Report) -> dict[str, int]:
@@ -45,7 +48,26 @@ async def test_a_bank_without_sessions_is_asked_per_call(
     assert report.total_card_count == 5
     gateway = _gateway(union)
     assert not gateway.uses_session(await _bank(union, "ICBC"))
+    assert not gateway.uses_batches(await _bank(union, "ICBC"))
     assert gateway.uses_session(await _bank(union, "CMB"))
+    assert gateway.uses_batches(await _bank(union, "CMB"))
+
+
+async def test_a_bank_without_batches_is_asked_one_query_a_message(
+    make_union: UnionFactory, banks: dict[str, RunningBank]
+) -> None:
+    banks["ICBC"].servicer.faults = FaultSettings(query_batches=False)  # QuerySession only
+    union = await make_union()
+    client = await verified_client(union, ZHANG)
+    async with client:
+        _, report = await run_lookup(client)
+    assert set(outcomes(report).values()) == {pb.BANK_OUTCOME_ANSWERED}
+    assert sum(1 for c in report.cards if c.bank_code == "ICBC") == 2
+    gateway = _gateway(union)
+    icbc = await _bank(union, "ICBC")
+    assert gateway.uses_session(icbc)
+    assert not gateway.uses_batches(icbc)
+    assert banks["ICBC"].servicer.session_messages() == [1]  # its QuerySession stream, still open
 
 
 async def test_a_broken_stream_is_reopened_and_its_queries_retried(
@@ -91,6 +113,49 @@ async def test_a_bank_that_drops_sessions_while_running_is_asked_per_call(
     assert not _gateway(union).uses_session(icbc)
 
 
+async def test_a_bank_that_drops_batches_while_running_is_asked_over_query_session(
+    make_union: UnionFactory, banks: dict[str, RunningBank]
+) -> None:
+    union = await make_union()
+    zhang = await verified_client(union, ZHANG)
+    async with zhang:
+        await run_lookup(zhang)  # ICBC's batched stream is open now
+    icbc = await _bank(union, "ICBC")
+    assert _gateway(union).uses_batches(icbc)
+    banks["ICBC"].servicer.faults = FaultSettings(query_batches=False)  # "restarted without batches"
+    liu = await verified_client(union, LIU)
+    async with liu:
+        _, report = await run_lookup(liu)
+    assert set(outcomes(report).values()) == {pb.BANK_OUTCOME_ANSWERED}
+    assert sum(1 for c in report.cards if c.bank_code == "ICBC") == 55
+    assert _gateway(union).uses_session(icbc)
+    assert not _gateway(union).uses_batches(icbc)
+
+
+async def test_queries_waiting_together_go_in_one_message(
+    make_union: UnionFactory, banks: dict[str, RunningBank]
+) -> None:
+    """Twenty queries asked at once: each answered as QueryCards would, in fewer messages than
+    queries (how many depends on when the stream is free to write; never one each)."""
+    union = await make_union()
+    gateway = _gateway(union)
+    icbc = await _bank(union, "ICBC")
+    crowd = list(people(SEED, SIZE))[:20]
+    answers = await asyncio.gather(
+        *(
+            gateway.query_cards(icbc, uuid.uuid4().hex, person.resident_id_number, person.name, 10.0)
+            for person in crowd
+        )
+    )
+    for person, cards in zip(crowd, answers, strict=True):
+        expected = banks["ICBC"].store.find_cards(person.resident_id_number, person.name)
+        assert sorted(card.bank_card_ref for card in cards) == sorted(card.card_ref for card in expected)
+    assert sum(len(cards) for cards in answers) > 0
+    assert banks["ICBC"].servicer.session_received() == [20]
+    [messages] = banks["ICBC"].servicer.session_messages()
+    assert messages < 20
+
+
 async def test_concurrent_lookups_share_the_streams(
     make_union: UnionFactory, banks: dict[str, RunningBank]
 ) -> None:
@@ -105,4 +170,4 @@ async def test_concurrent_lookups_share_the_streams(
         assert set(outcomes(report).values()) == {pb.BANK_OUTCOME_ANSWERED}
     assert [report.total_card_count for _, report in results] == [5, 4, 56]
     gateway = _gateway(union)
-    assert all(gateway.uses_session(bank) for bank in await union.store.list_banks())
+    assert all(gateway.uses_batches(bank) for bank in await union.store.list_banks())
