@@ -1,10 +1,13 @@
 """`make bench`: how fast is a lookup, end to end, through the real public API?
 
-Starts the 16 banks (one process) on loopback and measures two bare baselines
-against them: a minimal fan-out with no persistence, auth or masking, first
-with one QueryCards call per bank per lookup ("bare per-call"), then with one
-long-lived QuerySession stream per bank carrying every lookup's query ("bare
-multiplexed"). Then, for each count in --replicas (e.g. `1,2`), it starts a
+Starts the 16 banks (one process) on loopback and measures three bare
+baselines against them: a minimal fan-out with no persistence, auth or
+masking, first with one QueryCards call per bank per lookup ("bare per-call"),
+then with one long-lived QuerySession stream per bank carrying every lookup's
+query one to a message ("bare multiplexed"), then the same over
+QueryBatchSession, where whatever queued up while the previous message was
+written goes in one message ("bare batched", what the union itself does).
+Then, for each count in --replicas (e.g. `1,2`), it starts a
 fresh union stack of that many processes on an emptied database, verifies N
 simulated people once each (spread round-robin over the replicas), keeps C
 lookups in flight for D seconds (create → watch until the report is ready,
@@ -486,16 +489,21 @@ async def drive_bare(banks: Banks, people: list[Person], concurrency: int, durat
 
 
 class SessionStream:
-    """One QuerySession stream to one bank: `ask` sends a query, a reader task resolves its answer.
+    """One QuerySession (or QueryBatchSession) stream to one bank: `ask` sends a query, a reader
+    task resolves its answer.
 
     The requests go through a queue into the call's request iterator, so the stream has exactly
-    one writer however many lookups are asking at once.
+    one writer however many lookups are asking at once; batched, each message carries every
+    query in the queue when it is written.
     """
 
-    def __init__(self, stub: bank_grpc.BankQueryServiceAsyncStub) -> None:
+    def __init__(self, stub: bank_grpc.BankQueryServiceAsyncStub, batched: bool = False) -> None:
         self._outbox: asyncio.Queue[bank_pb.QuerySessionRequest | None] = asyncio.Queue()
         self._waiting: dict[str, asyncio.Future[bank_pb.QuerySessionResponse]] = {}
-        self._call = stub.QuerySession(self._requests())
+        self._batched = batched
+        self._call: grpc.aio.StreamStreamCall[Any, Any] = (
+            stub.QueryBatchSession(self._batches()) if batched else stub.QuerySession(self._requests())
+        )
         self._failure: grpc.aio.AioRpcError | None = None
         self._reader = asyncio.create_task(self._read())
 
@@ -503,12 +511,24 @@ class SessionStream:
         while (request := await self._outbox.get()) is not None:
             yield request
 
+    async def _batches(self) -> AsyncIterator[bank_pb.QueryBatchSessionRequest]:
+        while (request := await self._outbox.get()) is not None:
+            queries = [request]
+            while len(queries) < 64 and not self._outbox.empty():
+                more = self._outbox.get_nowait()
+                if more is None:
+                    yield bank_pb.QueryBatchSessionRequest(queries=queries)
+                    return
+                queries.append(more)
+            yield bank_pb.QueryBatchSessionRequest(queries=queries)
+
     async def _read(self) -> None:
         try:
-            async for response in self._call:
-                waiter = self._waiting.pop(response.query_id, None)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(response)
+            async for message in self._call:
+                for response in message.answers if self._batched else (message,):
+                    waiter = self._waiting.pop(response.query_id, None)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(response)
         except grpc.aio.AioRpcError as error:
             self._failure = error
         # The stream is over: nothing still waiting will be answered on it.
@@ -538,13 +558,14 @@ class SessionStream:
 
 
 async def drive_bare_multiplexed(
-    banks: Banks, people: list[Person], concurrency: int, duration: float
+    banks: Banks, people: list[Person], concurrency: int, duration: float, batched: bool = False
 ) -> Run:
-    """The floor with per-RPC cost taken out: one QuerySession stream per bank carries every
-    lookup's query; a lookup sends its query to all 16 streams and waits for the 16 answers."""
-    run = Run("bare multiplexed fan-out")
+    """The floor with per-RPC cost taken out: one session stream per bank carries every
+    lookup's query; a lookup sends its query to all 16 streams and waits for the 16 answers.
+    Batched, per-message cost is mostly taken out too."""
+    run = Run("bare batched fan-out" if batched else "bare multiplexed fan-out")
     channels = [grpc.aio.insecure_channel(address) for address in banks.addresses]
-    streams = [SessionStream(bank_grpc.BankQueryServiceStub(c)) for c in channels]
+    streams = [SessionStream(bank_grpc.BankQueryServiceStub(c), batched) for c in channels]
     deadline = time.monotonic() + duration
 
     async def worker(index: int) -> None:
@@ -866,6 +887,9 @@ def speed(args: argparse.Namespace, result: dict[str, Any]) -> list[Run]:
         multiplexed = measured(
             bank_pids, drive_bare_multiplexed(banks, people, args.concurrency, args.duration)
         )
+        batched = measured(
+            bank_pids, drive_bare_multiplexed(banks, people, args.concurrency, args.duration, batched=True)
+        )
         for count in args.replicas:
             unions = Unions(args.work_dir, banks, args.database_url, count, f"r{count}", args.profile)
             try:
@@ -885,6 +909,7 @@ def speed(args: argparse.Namespace, result: dict[str, Any]) -> list[Run]:
     first, first_rss = by_replicas[args.replicas[0]]
     result["bare_per_call"] = per_call.summary()
     result["bare_multiplexed"] = multiplexed.summary()
+    result["bare_batched"] = batched.summary()
     result["union"] = first.summary()  # the first count, as before --replicas took a list
     result["union_peak_rss_mb"] = round(max(first_rss), 1)
     result["union_by_replicas"] = {
@@ -896,13 +921,15 @@ def speed(args: argparse.Namespace, result: dict[str, Any]) -> list[Run]:
         for count, (run, rss) in by_replicas.items()
     }
     result["ratio_union_to_bare_multiplexed"] = ratio(first, multiplexed)
+    result["ratio_union_to_bare_batched"] = ratio(first, batched)
     result["ratio_union_to_bare_per_call"] = ratio(first, per_call)
     result["ratio_multiplexed_to_per_call"] = ratio(multiplexed, per_call)
+    result["ratio_batched_to_multiplexed"] = ratio(batched, multiplexed)
     if 1 in by_replicas and 2 in by_replicas:
         result["ratio_2_to_1_replicas"] = ratio(by_replicas[2][0], by_replicas[1][0])
     if args.bank_latency_ms:
         result["fanout_overhead_p50_ms"] = round(first.summary()["p50_ms"] - args.bank_latency_ms, 1)
-    return [per_call, multiplexed, *(run for run, _ in by_replicas.values())]
+    return [per_call, multiplexed, batched, *(run for run, _ in by_replicas.values())]
 
 
 if __name__ == "__main__":
