@@ -435,7 +435,9 @@ async def drive_union(
             started = time.monotonic()
             try:
                 lookup = await client.create_lookup(request_id=uuid.uuid4().hex)
-                async for event in client.watch_lookup(lookup.name, stream_timeout=60):
+                async for event in client.watch_lookup(
+                    lookup.name, stream_timeout=60, group_bank_changes=True
+                ):
                     if event.report_ready:
                         break
             except CardLookupError as error:

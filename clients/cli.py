@@ -283,12 +283,12 @@ def lookup(
         async with _client(target, tls, ca, session=_load_session(session_file)) as client:
             created = await client.create_lookup(bank, request_id)
             if as_json:
-                async for event in client.watch_lookup(created.name):
+                async for event in client.watch_lookup(created.name, group_bank_changes=True):
                     if event.report_ready:
                         return await client.get_report(event.lookup.report)
             else:
                 with Live(progress_table(created), console=out, transient=False) as live:
-                    async for event in client.watch_lookup(created.name):
+                    async for event in client.watch_lookup(created.name, group_bank_changes=True):
                         live.update(progress_table(event.lookup))
                         if event.report_ready:
                             return await client.get_report(event.lookup.report)

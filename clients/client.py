@@ -178,10 +178,14 @@ class CardLookupClient:
         return response.lookup
 
     async def watch_lookup(
-        self, name: str, stream_timeout: float = 3600.0
+        self, name: str, stream_timeout: float = 3600.0, group_bank_changes: bool = False
     ) -> AsyncIterator[lookup_pb.WatchLookupResponse]:
+        """Progress events until the report is ready; `group_bank_changes` asks for the changes
+        seen together in one event (`bank_codes`) instead of one event per bank."""
         call = self._lookups.WatchLookup(
-            lookup_pb.WatchLookupRequest(name=name), metadata=self._metadata(), timeout=stream_timeout
+            lookup_pb.WatchLookupRequest(name=name, group_bank_changes=group_bank_changes),
+            metadata=self._metadata(),
+            timeout=stream_timeout,
         )
         try:
             async for event in call:

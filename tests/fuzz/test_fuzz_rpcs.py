@@ -677,7 +677,10 @@ def _lookup_requests(world: World) -> st.SearchStrategy[tuple[str, Message]]:
             ),
         ),
         st.tuples(st.just("GetLookup"), st.builds(lookup_pb.GetLookupRequest, name=lookups)),
-        st.tuples(st.just("WatchLookup"), st.builds(lookup_pb.WatchLookupRequest, name=lookups)),
+        st.tuples(
+            st.just("WatchLookup"),
+            st.builds(lookup_pb.WatchLookupRequest, name=lookups, group_bank_changes=st.booleans()),
+        ),
         st.tuples(st.just("GetReport"), st.builds(lookup_pb.GetReportRequest, name=reports)),
         st.tuples(
             st.just("ListReports"),

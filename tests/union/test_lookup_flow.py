@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+import threading
 import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 
 import grpc
@@ -11,6 +14,8 @@ import pytest
 from cardlookup.v1 import card_lookup_service_pb2 as pb
 
 from clients.client import CardLookupError
+from server.bank.app import RunningBank
+from server.bank.store import StoredCard
 from server.union.app import UnionServer
 from tests.conftest import LI, LIU, ZHANG, UnionFactory, run_lookup, verified_client
 
@@ -48,6 +53,65 @@ async def test_report_for_seeded_person(union: UnionServer) -> None:
     # The report expires at the end of the 7th natural day (Asia/Shanghai midnight = 16:00 UTC).
     assert report.expire_time.ToDatetime().hour == 16
     assert (report.expire_time.ToDatetime() - report.generate_time.ToDatetime()).days in (7, 8)
+
+
+@contextmanager
+def banks_held(banks: dict[str, RunningBank]) -> Iterator[threading.Event]:
+    """Every bank's card reads wait (in a worker thread) until the event is set: a lookup stays
+    RUNNING, with no bank answered, for as long as the test needs."""
+    released = threading.Event()
+    restore = []
+    for bank in banks.values():
+        real = bank.store.find_cards_many
+
+        def held(asked: Sequence[tuple[str, str]], real: object = real) -> list[list[StoredCard]]:
+            released.wait(timeout=30)
+            return real(asked)  # type: ignore[operator]
+
+        restore.append((bank, real, bank.servicer.inline_read_limit))
+        bank.servicer.inline_read_limit = 0
+        bank.store.find_cards_many = held  # type: ignore[method-assign]
+    try:
+        yield released
+    finally:
+        released.set()
+        for bank, real, limit in restore:
+            bank.store.find_cards_many = real  # type: ignore[method-assign]
+            bank.servicer.inline_read_limit = limit
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+async def test_watch_reports_every_bank_change_one_by_one_or_grouped(
+    union: UnionServer, banks: dict[str, RunningBank], grouped: bool
+) -> None:
+    client = await verified_client(union, ZHANG)
+    async with client:
+        with banks_held(banks) as released:
+            lookup = await client.create_lookup(request_id=uuid.uuid4().hex)
+            watch = aiter(client.watch_lookup(lookup.name, stream_timeout=60, group_bank_changes=grouped))
+            first = await anext(watch)
+            released.set()  # only now can any bank answer: every answer is a change this watch sees
+            events = [first, *[event async for event in watch]]
+    assert first.lookup.state == pb.LOOKUP_STATE_RUNNING
+    assert (first.bank_code, list(first.bank_codes), first.report_ready) == ("", [], False)
+    last = events[-1]
+    assert last.report_ready
+    assert (last.bank_code, list(last.bank_codes)) == ("", [])
+    changes = events[1:-1]
+    assert changes
+    order = [progress.bank_code for progress in last.lookup.bank_progress]
+    for event in changes:
+        assert event.bank_codes
+        assert event.bank_code == event.bank_codes[0]
+        assert sorted(event.bank_codes, key=order.index) == list(event.bank_codes)  # the lookup's order
+        assert len(set(event.bank_codes)) == len(event.bank_codes)
+        if not grouped:
+            assert list(event.bank_codes) == [event.bank_code]
+    # Every bank answered after the watch began, so every bank's change was reported.
+    assert {code for event in changes for code in event.bank_codes} == set(order)
+    assert len(order) == 16
+    # (How many messages a grouped watch saves depends on how close together the answers land: a
+    # matter for the benchmark, not for a test.)
 
 
 async def test_heavy_holder_gets_every_card(union: UnionServer) -> None:

@@ -116,13 +116,18 @@ class CardLookupServicer(lookup_grpc.CardLookupServiceServicer):
         self, request: lookup_pb.WatchLookupRequest, context: Context
     ) -> AsyncIterator[lookup_pb.WatchLookupResponse]:
         converted: tuple[object, lookup_pb.Lookup] | None = None
-        async for event in self._lookups.watch_lookup(self._caller(context), request.name):
+        async for event in self._lookups.watch_lookup(
+            self._caller(context), request.name, request.group_bank_changes
+        ):
             # The events of one re-read share their lookup (16 banks answering together are 16
             # events): convert it once, not once per event.
             if converted is None or converted[0] is not event.lookup:
                 converted = (event.lookup, convert.lookup(event.lookup))
             yield lookup_pb.WatchLookupResponse(
-                lookup=converted[1], bank_code=event.bank_code, report_ready=event.report_ready
+                lookup=converted[1],
+                bank_code=event.bank_codes[0] if event.bank_codes else "",
+                bank_codes=event.bank_codes,
+                report_ready=event.report_ready,
             )
 
     @grpc_method

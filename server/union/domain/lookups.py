@@ -40,7 +40,7 @@ class LookupPolicy:
 @dataclass(frozen=True)
 class WatchEvent:
     lookup: model.Lookup
-    bank_code: str
+    bank_codes: tuple[str, ...]  # the banks whose progress changed; none for the first and last events
     report_ready: bool
 
 
@@ -161,12 +161,15 @@ class LookupService:
             raise errors.NotFound(f"{name} not found")
         return lookup
 
-    async def watch_lookup(self, caller: Caller, name: str) -> AsyncIterator[WatchEvent]:
-        """The current state first, then one event per bank change, ending when the report is ready."""
+    async def watch_lookup(
+        self, caller: Caller, name: str, group_bank_changes: bool = False
+    ) -> AsyncIterator[WatchEvent]:
+        """The current state first, then one event per bank change (or, grouped, one per re-read
+        that found changes), ending when the report is ready."""
         lookup_id = validation.parse_resource_name(name, "lookups")
         with self._events.subscribe(lookup_id) as changes:  # before the first read: no change is missed
             lookup = await self.get_lookup(caller, name)
-            yield WatchEvent(lookup, "", lookup.state == model.LookupState.COMPLETED)
+            yield WatchEvent(lookup, (), lookup.state == model.LookupState.COMPLETED)
             previous = {bank.bank_code: bank for bank in lookup.banks}
             while lookup.state != model.LookupState.COMPLETED:
                 await changes.wait(
@@ -177,11 +180,16 @@ class LookupService:
                 if current is None:
                     raise errors.NotFound(f"{name} not found")
                 lookup = current
-                for bank in lookup.banks:
-                    if previous.get(bank.bank_code) != bank:
-                        yield WatchEvent(lookup, bank.bank_code, False)
+                changed = tuple(
+                    bank.bank_code for bank in lookup.banks if previous.get(bank.bank_code) != bank
+                )
+                if group_bank_changes and changed:
+                    yield WatchEvent(lookup, changed, False)
+                elif changed:
+                    for bank_code in changed:
+                        yield WatchEvent(lookup, (bank_code,), False)
                 previous = {bank.bank_code: bank for bank in lookup.banks}
-            yield WatchEvent(lookup, "", True)
+            yield WatchEvent(lookup, (), True)
 
     async def get_report(self, caller: Caller, name: str) -> model.Report:
         async with self._audit.action(caller.person_hash, "report.read", name[:96]):

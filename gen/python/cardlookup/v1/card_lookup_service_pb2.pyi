@@ -499,16 +499,22 @@ class WatchLookupRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    GROUP_BANK_CHANGES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"lookups/{lookup_id}"."""
+    group_bank_changes: _builtins.bool
+    """When true, banks whose progress changed together are reported in one
+    message, listed in bank_codes; when false, one message per bank.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        group_bank_changes: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group_bank_changes", b"group_bank_changes", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -523,6 +529,7 @@ class WatchLookupResponse(_message.Message):
     LOOKUP_FIELD_NUMBER: _builtins.int
     BANK_CODE_FIELD_NUMBER: _builtins.int
     REPORT_READY_FIELD_NUMBER: _builtins.int
+    BANK_CODES_FIELD_NUMBER: _builtins.int
     bank_code: _builtins.str
     """The bank whose progress changed; empty for the first message and the
     report-ready event.
@@ -533,16 +540,25 @@ class WatchLookupResponse(_message.Message):
     def lookup(self) -> Global___Lookup:
         """The lookup as it stands after this event."""
 
+    @_builtins.property
+    def bank_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every bank whose progress changed with this event, in the lookup's bank
+        order; bank_code is the first of them. One bank unless the request set
+        group_bank_changes; empty for the first message and the report-ready
+        event.
+        """
+
     def __init__(
         self,
         *,
         lookup: Global___Lookup | None = ...,
         bank_code: _builtins.str = ...,
         report_ready: _builtins.bool = ...,
+        bank_codes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lookup", b"lookup"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank_code", b"bank_code", "lookup", b"lookup", "report_ready", b"report_ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank_code", b"bank_code", "bank_codes", b"bank_codes", "lookup", b"lookup", "report_ready", b"report_ready"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -122,6 +122,9 @@ class CardLookupServiceServicer:
         to 24 hours (a bank answered, a bank failed, the report is ready). The
         first message is always the current state, so a client that connects late
         misses nothing; the stream ends after the event that carries the report.
+        By default each bank's change is its own message; with group_bank_changes
+        the changes seen together share one (16 banks answering at once are one
+        message instead of 16, which is most of this stream's cost).
 
         Status codes:
         - OK: the stream ended with the report-ready event.

@@ -72,6 +72,9 @@ class CardLookupServiceStub:
     to 24 hours (a bank answered, a bank failed, the report is ready). The
     first message is always the current state, so a client that connects late
     misses nothing; the stream ends after the event that carries the report.
+    By default each bank's change is its own message; with group_bank_changes
+    the changes seen together share one (16 banks answering at once are one
+    message instead of 16, which is most of this stream's cost).
 
     Status codes:
     - OK: the stream ended with the report-ready event.
@@ -152,6 +155,9 @@ class CardLookupServiceAsyncStub(CardLookupServiceStub):
     to 24 hours (a bank answered, a bank failed, the report is ready). The
     first message is always the current state, so a client that connects late
     misses nothing; the stream ends after the event that carries the report.
+    By default each bank's change is its own message; with group_bank_changes
+    the changes seen together share one (16 banks answering at once are one
+    message instead of 16, which is most of this stream's cost).
 
     Status codes:
     - OK: the stream ended with the report-ready event.
@@ -247,6 +253,9 @@ class CardLookupServiceServicer(metaclass=_abc_1.ABCMeta):
         to 24 hours (a bank answered, a bank failed, the report is ready). The
         first message is always the current state, so a client that connects late
         misses nothing; the stream ends after the event that carries the report.
+        By default each bank's change is its own message; with group_bank_changes
+        the changes seen together share one (16 banks answering at once are one
+        message instead of 16, which is most of this stream's cost).
 
         Status codes:
         - OK: the stream ended with the report-ready event.
