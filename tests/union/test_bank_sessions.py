@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import pytest
 from cardlookup.v1 import card_lookup_service_pb2 as pb
 
 from server.bank.app import RunningBank
@@ -18,6 +19,7 @@ from server.bank.faults import FaultSettings
 from server.population.generator import people
 from server.union.app import UnionServer
 from server.union.bank_gateway import GrpcBankGateway
+from server.union.domain.banks import BankCallFailed
 from server.union.domain.model import Bank
 from tests.conftest import LI, LIU, SEED, SIZE, ZHANG, UnionFactory, run_lookup, verified_client
 
@@ -171,3 +173,77 @@ async def test_concurrent_lookups_share_the_streams(
     assert [report.total_card_count for _, report in results] == [5, 4, 56]
     gateway = _gateway(union)
     assert all(gateway.uses_batches(bank) for bank in await union.store.list_banks())
+
+
+# --- the link's deadlines and places, against one bank directly (no union) ---------------------------
+
+AN_HOUR_MS = 3_600_000
+
+
+def _icbc(banks: dict[str, RunningBank]) -> Bank:
+    return Bank("ICBC", "中国工商银行", "ICBC", banks["ICBC"].address, True, 0)
+
+
+async def test_a_query_past_its_deadline_fails_and_the_others_are_answered(
+    banks: dict[str, RunningBank],
+) -> None:
+    gateway = GrpcBankGateway()
+    icbc = _icbc(banks)
+    try:
+        # Deadlines in decreasing order: each query needs the link's timer sooner than the last.
+        await gateway.query_cards(icbc, "warm-up", ZHANG.resident_id_number, ZHANG.name, 120.0)
+        banks["ICBC"].servicer.faults = FaultSettings(latency_ms=AN_HOUR_MS)
+        patient = asyncio.create_task(
+            gateway.query_cards(icbc, "q0", ZHANG.resident_id_number, ZHANG.name, 60)
+        )
+        hung = asyncio.create_task(gateway.query_cards(icbc, "q1", LIU.resident_id_number, LIU.name, 0.2))
+        with pytest.raises(BankCallFailed, match="DEADLINE_EXCEEDED") as caught:
+            await hung
+        assert caught.value.retryable
+        # At its own deadline, not with a later one: the minute-long query is still waiting.
+        assert not patient.done()
+        patient.cancel()
+        # The same query id again (a retry), now answered: the first attempt's deadline, long
+        # passed, must not fail it, and neither may the hung query that is still at the bank.
+        banks["ICBC"].servicer.faults = FaultSettings()
+        retried = await gateway.query_cards(icbc, "q1", LIU.resident_id_number, LIU.name, 10.0)
+        assert len(retried) == 55
+    finally:
+        await gateway.close()
+
+
+async def test_a_full_link_makes_a_query_wait_within_its_deadline(banks: dict[str, RunningBank]) -> None:
+    gateway = GrpcBankGateway(max_outstanding_per_bank=1)
+    icbc = _icbc(banks)
+    try:
+        banks["ICBC"].servicer.faults = FaultSettings(latency_ms=AN_HOUR_MS)
+        holder = asyncio.create_task(
+            gateway.query_cards(icbc, "holder", ZHANG.resident_id_number, ZHANG.name, 0.5)
+        )
+        await asyncio.sleep(0)  # the holder takes the one place
+        with pytest.raises(BankCallFailed, match="DEADLINE_EXCEEDED"):
+            await gateway.query_cards(icbc, "waiter", LIU.resident_id_number, LIU.name, 0.1)
+        with pytest.raises(BankCallFailed, match="DEADLINE_EXCEEDED"):
+            await holder
+        # The place is free again: the next query goes through once the bank answers.
+        banks["ICBC"].servicer.faults = FaultSettings()
+        assert len(await gateway.query_cards(icbc, "after", LIU.resident_id_number, LIU.name, 10.0)) == 55
+    finally:
+        await gateway.close()
+
+
+async def test_a_waiting_query_takes_the_place_a_finished_one_left(banks: dict[str, RunningBank]) -> None:
+    gateway = GrpcBankGateway(max_outstanding_per_bank=2)
+    icbc = _icbc(banks)
+    try:
+        crowd = list(people(SEED, SIZE))[:12]
+        answers = await asyncio.gather(
+            *(
+                gateway.query_cards(icbc, f"q{i}", person.resident_id_number, person.name, 10.0)
+                for i, person in enumerate(crowd)
+            )
+        )
+        for person, cards in zip(crowd, answers, strict=True):
+            assert len(cards) == len(banks["ICBC"].store.find_cards(person.resident_id_number, person.name))
+    finally:
+        await gateway.close()
