@@ -13,9 +13,12 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Connection, Engine, create_engine, exc
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.pool import NullPool
 
 from server.union.domain import model
+from server.union.storage.models import UtcDateTime
+from server.union.storage.prepared import _utc_text
 from server.union.storage.store import _BatchItem, _Hot, open_store
 
 NOW = datetime(2026, 11, 27, 9, 45, 49, 123456, tzinfo=UTC)
@@ -261,3 +264,24 @@ async def test_a_core_batch_keeps_one_failed_write_in_its_savepoint(tmp_path: Pa
         assert again[0][1] == ["l1", "l3"]
     finally:
         await store.close()
+
+
+def test_utc_datetimes_bind_to_sqlalchemys_text() -> None:
+    """The one-step UtcDateTime conversion against SQLAlchemy's two processors, across the cases
+    that tell formats apart: zero microseconds, other time zones, day and year boundaries."""
+    dialect = sqlite_dialect.dialect()
+    column_type = UtcDateTime()
+    processor = column_type.dialect_impl(dialect).bind_processor(dialect)  # both of them, chained
+    assert processor is not None
+    for value in [
+        NOW,
+        ELSEWHERE,
+        datetime(2026, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2027, 1, 1, 7, 30, tzinfo=timezone(timedelta(hours=8))),  # the year before, in UTC
+        datetime(1999, 3, 1, 0, 0, 0, 1, tzinfo=timezone(timedelta(hours=-5, minutes=-30))),
+        datetime(2026, 11, 27, tzinfo=UTC),
+    ]:
+        assert _utc_text(value) == processor(value)
+    assert _utc_text(None) is None
+    with pytest.raises(ValueError, match="naive"):
+        _utc_text(datetime(2026, 11, 27, 12, 0))  # as the column type refuses it
