@@ -113,16 +113,26 @@ class _Compiled:
             # The labels SQLAlchemy's rows are keyed by ("max_1" for an unnamed max(), ...).
             labels = [column[0] for column in cursor.description]
             self.row = namedtuple("Row", labels, rename=True)  # type: ignore[misc]
-        make, processors = self.row._make, self.results
-        if not any(processors):
-            return [make(raw) for raw in cursor.fetchall()]
-        return [
-            make(
-                processor(value) if processor else value
-                for processor, value in zip(processors, raw, strict=True)
-            )
-            for raw in cursor.fetchall()
+        make = self.row._make
+        # Only the columns that have a processor are touched, and each distinct value once: a
+        # lookup read joins its sixteen banks to the lookup's row, whose two datetimes were parsed
+        # on every row (a generator over every cell was most of the rest).
+        converting: list[tuple[int, Callable[[Any], Any], dict[Any, Any]]] = [
+            (index, processor, {}) for index, processor in enumerate(self.results) if processor
         ]
+        if not converting:
+            return [make(raw) for raw in cursor.fetchall()]
+        rows = []
+        for raw in cursor.fetchall():
+            values = list(raw)
+            for index, processor, seen in converting:
+                value = values[index]
+                if value in seen:
+                    values[index] = seen[value]
+                else:
+                    values[index] = seen[value] = processor(value)
+            rows.append(make(values))
+        return rows
 
 
 class Prepared:
