@@ -108,6 +108,34 @@ class _Compiled:
             values.append(processor(value) if processor else value)
         return sql, values
 
+    def positional_many(self, rows: Sequence[Params]) -> list[list[Any]]:
+        """Every row's values, each distinct value converted once per column (a lookup's sixteen
+        task rows share their timestamps, which were a sixth of creating it)."""
+        if self.expanding is not None:
+            raise ValueError("executemany with an expanding parameter")
+        columns: list[tuple[str, _Processor, dict[Any, Any] | None]] = [
+            (name, processor, {} if processor else None)
+            for name, processor in zip(self.names, self.processors, strict=True)
+        ]
+        fixed = self.fixed
+        converted: list[list[Any]] = []
+        for params in rows:
+            values: list[Any] = []
+            for name, processor, seen in columns:
+                value = params[name] if name in params else fixed[name]
+                if processor is None or seen is None:
+                    values.append(value)
+                    continue
+                try:
+                    values.append(seen[value])
+                except (KeyError, TypeError):  # new, or unhashable (then converted every time)
+                    result = processor(value)
+                    with contextlib.suppress(TypeError):
+                        seen[value] = result
+                    values.append(result)
+            converted.append(values)
+        return converted
+
     def rows(self, cursor: sqlite3.Cursor) -> list[Any]:
         if self.row is None:
             # The labels SQLAlchemy's rows are keyed by ("max_1" for an unnamed max(), ...).
@@ -169,10 +197,9 @@ class Prepared:
             c.execute(self.statement, [dict(row) for row in rows])
             return
         compiled = self._for(c, rows[0])
-        if compiled.expanding is not None:
-            raise ValueError("executemany with an expanding parameter")
+        values = compiled.positional_many(rows)
         with _as_sqlalchemy_errors(compiled.sql, rows):
-            driver_connection(c).executemany(compiled.sql, [compiled.positional(row)[1] for row in rows])
+            driver_connection(c).executemany(compiled.sql, values)
 
 
 def driver_connection(c: Connection) -> sqlite3.Connection:
