@@ -117,16 +117,16 @@ class _QuerySessionLink:
     A query registers a future under its query_id, puts its request on the
     stream and waits for the answer with that id. On a batched stream, the
     requests waiting when the previous message is written go in the next one:
-    nothing waits for a batch to fill.
+    nothing waits for a batch to fill. `max_outstanding` bounds the unanswered
+    queries (and so everything this link holds); a query that finds the link
+    full waits, within its own deadline, for a place. When the stream ends,
+    every unanswered query fails as retryable and the next query opens a new
+    stream.
 
     Deadlines are one heap and one timer per link rather than a timer per
     query: with ten-second timeouts at a thousand queries a second, the event
     loop's own timer heap held ten thousand cancelled timers, compared in
-    Python, and a third of each query's cost was its timeout. `max_outstanding` bounds the
-    unanswered queries (and so everything this link holds); a query that finds
-    the link full waits, within its own deadline, for a place. When the stream
-    ends, every unanswered query fails as retryable and the next query opens a
-    new stream.
+    Python, and a third of each query's cost was its timeout.
     """
 
     def __init__(self, channel: grpc.aio.Channel, bank_code: str, max_outstanding: int) -> None:
@@ -194,11 +194,15 @@ class _QuerySessionLink:
             entry = self._pending.get(query_id)
             if entry is not None and entry[1] == number:
                 del self._pending[query_id]
-            while self._place_waiters:
-                waiter = self._place_waiters.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
-                    break
+            self._hand_on_place()
+
+    def _hand_on_place(self) -> None:
+        """A place came free: wake the first query still waiting for one."""
+        while self._place_waiters:
+            waiter = self._place_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     async def _wait_for_place(self, deadline: float) -> None:
         """The link is full: wait, within the query's own deadline, for a query to finish."""
@@ -207,7 +211,14 @@ class _QuerySessionLink:
             while self._in_flight >= self._max_outstanding:
                 waiter: asyncio.Future[None] = loop.create_future()
                 self._place_waiters.append(waiter)
-                await waiter
+                try:
+                    await waiter
+                except BaseException:
+                    # Woken, but timed out (or cancelled) before taking the place: the next
+                    # waiter gets it, or it would wait out its deadline beside a free place.
+                    if waiter.done() and not waiter.cancelled():
+                        self._hand_on_place()
+                    raise
 
     def _expire(self) -> None:
         """Fail every query whose deadline has passed; come back for the next one, but not sooner

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import grpc
 import pytest
 from cardlookup.v1 import card_lookup_service_pb2 as pb
 
@@ -18,7 +19,7 @@ from server.bank.app import RunningBank
 from server.bank.faults import FaultSettings
 from server.population.generator import people
 from server.union.app import UnionServer
-from server.union.bank_gateway import GrpcBankGateway
+from server.union.bank_gateway import GrpcBankGateway, _QuerySessionLink
 from server.union.domain.banks import BankCallFailed
 from server.union.domain.model import Bank
 from tests.conftest import LI, LIU, SEED, SIZE, ZHANG, UnionFactory, run_lookup, verified_client
@@ -247,3 +248,23 @@ async def test_a_waiting_query_takes_the_place_a_finished_one_left(banks: dict[s
             assert len(cards) == len(banks["ICBC"].store.find_cards(person.resident_id_number, person.name))
     finally:
         await gateway.close()
+
+
+async def test_a_place_handed_to_a_query_that_gave_up_goes_to_the_next() -> None:
+    """A query woken for a free place but cancelled (its deadline) before it ran passes the place
+    on; otherwise the next one would wait out its own deadline beside a free place."""
+    async with grpc.aio.insecure_channel("127.0.0.1:9") as channel:  # never called
+        link = _QuerySessionLink(channel, "ICBC", max_outstanding=1)
+        link._in_flight = 1  # the one place is taken
+        far = asyncio.get_running_loop().time() + 60
+        first = asyncio.create_task(link._wait_for_place(far))
+        second = asyncio.create_task(link._wait_for_place(far))
+        await asyncio.sleep(0)
+        assert not first.done()
+        assert not second.done()
+        link._in_flight = 0
+        link._hand_on_place()  # wakes the first...
+        first.cancel()  # ...which gives up before it runs
+        await asyncio.gather(first, return_exceptions=True)
+        await asyncio.wait_for(second, timeout=10)  # the second has the place (bounded, not timed)
+        await link.close()
