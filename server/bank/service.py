@@ -175,7 +175,8 @@ class _QuerySession:
         self._loop = asyncio.get_running_loop()
         self._debug = log.isEnabledFor(logging.DEBUG)
         self.batched = batched
-        self.outgoing: asyncio.Queue[_Outgoing] = asyncio.Queue()  # bounded by max_outstanding
+        # Bounded by max_outstanding (plus one batch: see _read).
+        self.outgoing: asyncio.Queue[_Outgoing] = asyncio.Queue()
         self._max_outstanding = max_outstanding
         self._room = asyncio.Event()
         self._pending: list[_Query] = []  # waiting for the next store read
