@@ -1,6 +1,6 @@
 """Fixtures of the session-stream tests: one seeded bank (ICBC) on a loopback port, and a stub for it.
 
-(test_bank_server.py has its own `bank` and `stub`, over an unseeded store.)
+(test_bank_server.py has its own `bank`, over an unseeded store; `stub` then talks to that one.)
 """
 
 from __future__ import annotations

@@ -37,10 +37,7 @@ async def bank(tmp_path: Path) -> AsyncIterator[RunningBank]:
     await running.stop(0)
 
 
-@pytest.fixture
-async def stub(bank: RunningBank) -> AsyncIterator[pb_grpc.BankQueryServiceAsyncStub]:
-    async with grpc.aio.insecure_channel(bank.address) as channel:
-        yield pb_grpc.BankQueryServiceStub(channel)
+# `stub` (tests/bank/conftest.py) talks to this module's own `bank`.
 
 
 async def _query(

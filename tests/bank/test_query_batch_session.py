@@ -32,6 +32,7 @@ from tests.bank.test_query_session import (
     ZHANG,
     eventually,
     exchange,
+    exchange_on,
     of,
     query,
     query_cards,
@@ -45,24 +46,8 @@ async def exchange_batches(
     stub: pb_grpc.BankQueryServiceAsyncStub, batches: Iterable[Batch]
 ) -> tuple[list[pb.QueryBatchSessionResponse], grpc.StatusCode, str]:
     """Send every batch and half-close while reading; every response message and the stream's end."""
-    call = stub.QueryBatchSession(timeout=30)
-
-    async def send() -> None:
-        for batch in batches:
-            await call.write(pb.QueryBatchSessionRequest(queries=batch))
-        await call.done_writing()
-
-    sender = asyncio.create_task(send())
-    messages: list[pb.QueryBatchSessionResponse] = []
-    try:
-        async for message in call:
-            messages.append(message)
-    except grpc.aio.AioRpcError as error:
-        sender.cancel()
-        await asyncio.gather(sender, return_exceptions=True)
-        return messages, error.code(), error.details() or ""
-    await sender
-    return messages, await call.code(), await call.details()
+    requests = (pb.QueryBatchSessionRequest(queries=batch) for batch in batches)
+    return await exchange_on(stub.QueryBatchSession(timeout=30), requests)
 
 
 def answers_of(messages: Iterable[pb.QueryBatchSessionResponse]) -> list[pb.QuerySessionResponse]:

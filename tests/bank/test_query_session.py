@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -46,24 +47,30 @@ async def exchange(
     stub: pb_grpc.BankQueryServiceAsyncStub, requests: Iterable[pb.QuerySessionRequest]
 ) -> tuple[list[pb.QuerySessionResponse], grpc.StatusCode, str]:
     """Send every request and half-close while reading; all answers and how the stream ended."""
-    call = stub.QuerySession(timeout=30)
+    return await exchange_on(stub.QuerySession(timeout=30), requests)
+
+
+async def exchange_on(
+    call: grpc.aio.StreamStreamCall[Any, Any], messages: Iterable[Any]
+) -> tuple[list[Any], grpc.StatusCode, str]:
+    """`exchange` on any session stream (QueryBatchSession's tests use it too)."""
 
     async def send() -> None:
-        for request in requests:
-            await call.write(request)
+        for message in messages:
+            await call.write(message)
         await call.done_writing()
 
     sender = asyncio.create_task(send())
-    answers: list[pb.QuerySessionResponse] = []
+    received: list[Any] = []
     try:
         async for response in call:
-            answers.append(response)
+            received.append(response)
     except grpc.aio.AioRpcError as error:
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)
-        return answers, error.code(), error.details() or ""
+        return received, error.code(), error.details() or ""
     await sender
-    return answers, await call.code(), await call.details()
+    return received, await call.code(), await call.details()
 
 
 async def query_cards(
