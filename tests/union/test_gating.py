@@ -42,12 +42,16 @@ async def test_closed_region_refused_until_opened(union: UnionServer) -> None:
         opened = await operator.admin("UpdateRegion", admin_pb.UpdateRegionRequest(code="440000", open=True))
         assert opened.region.open
         assert opened.region.HasField("open_time")
-        _, report = await run_lookup(person)
+        events, report = await run_lookup(person)
+        first = events[-1].lookup
         assert report.total_card_count == 2
 
         await operator.admin("UpdateRegion", admin_pb.UpdateRegionRequest(code="440000", open=False))
-        with pytest.raises(CardLookupError):
+        with pytest.raises(CardLookupError) as closed:
             await person.create_lookup()
+        assert closed.value.reason == "REGION_NOT_OPEN"
+        # AIP-155: a retry of the request that made a lookup still gets that lookup, region closed or not.
+        assert (await person.create_lookup(request_id=first.request_id)).name == first.name
 
 
 async def test_disabled_bank_is_not_queried(union: UnionServer) -> None:

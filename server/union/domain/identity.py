@@ -63,9 +63,11 @@ class Caller:
         opened = keys.unseal(self.sealed_identity, context=f"session:{self.token_id}")
         return opened["name"], opened["id"]
 
-    def mobile_number(self, keys: Keys) -> str | None:
-        """Where to send the report-ready SMS (sessions from before it was sealed have none)."""
-        return keys.unseal(self.sealed_identity, context=f"session:{self.token_id}").get("mobile")
+    def contact(self, keys: Keys) -> tuple[str, str, str | None]:
+        """(name, resident ID number, mobile number), in one unsealing; the mobile number is where
+        the report-ready SMS goes (sessions from before it was sealed have none)."""
+        opened = keys.unseal(self.sealed_identity, context=f"session:{self.token_id}")
+        return opened["name"], opened["id"], opened.get("mobile")
 
 
 def mask_mobile(mobile: str) -> str:

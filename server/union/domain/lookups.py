@@ -80,51 +80,38 @@ class LookupService:
             violations.append(errors.FieldViolation("bank_codes", "at most 64 bank codes"))
         validation.require(violations)
 
-        # AIP-155: a retry returns what the first call made, whatever has changed since.
-        existing, running, last_complete = await self._store.lookup_admission(caller.person_hash, request_id)
-        if existing is not None:
-            return existing
-
-        region = await self._store.get_region(caller.region_code)
-        if region is None or not region.open:
-            raise errors.FailedPrecondition(
-                "the service is not open in your region yet",
-                reason="REGION_NOT_OPEN",
-                metadata={"region_code": caller.region_code},
-            )
-
-        all_banks = await self._store.list_banks()
-        known = {bank.code: bank for bank in all_banks}
-        unknown = [code for code in bank_codes if code not in known]
-        validation.require(
-            [
-                errors.FieldViolation(f"bank_codes[{list(bank_codes).index(c)}]", "unknown bank code")
-                for c in unknown
-            ]
-        )
-        chosen = [bank for bank in all_banks if bank.enabled and (not bank_codes or bank.code in bank_codes)]
-        if not chosen:
-            raise errors.FailedPrecondition("none of the chosen banks is enabled", reason="NO_ENABLED_BANK")
+        try:
+            chosen = await self._chosen_banks(caller, bank_codes)
+        except (errors.FailedPrecondition, errors.InvalidArgument):
+            # AIP-155: a retry returns what the first call made, whatever has changed since (the
+            # region closed, a bank left). Only a new request is refused.
+            existing = await self._store.find_lookup_by_request(caller.person_hash, request_id)
+            if existing is not None:
+                return existing
+            raise
 
         now = self._clock.now()
-        if running:
-            raise errors.ResourceExhausted(
-                "a lookup is already in progress",
-                reason="LOOKUP_IN_PROGRESS",
-                retry_after=timedelta(minutes=1),
-            )
-        if last_complete is not None and last_complete + self.policy.requery_cooldown > now:
-            raise errors.ResourceExhausted(
-                "a new lookup is possible only after the re-query cooldown",
-                reason="REQUERY_COOLDOWN",
-                retry_after=last_complete + self.policy.requery_cooldown - now,
-            )
 
-        name, resident_id = caller.identity(self._keys)
-        mobile = caller.mobile_number(self._keys)
+        def admit(activity: model.PersonActivity) -> None:
+            # Runs in the creating transaction (see Store.create_lookup): raising writes nothing.
+            if activity.running:
+                raise errors.ResourceExhausted(
+                    "a lookup is already in progress",
+                    reason="LOOKUP_IN_PROGRESS",
+                    retry_after=timedelta(minutes=1),
+                )
+            last_complete = activity.last_complete_time
+            if last_complete is not None and last_complete + self.policy.requery_cooldown > now:
+                raise errors.ResourceExhausted(
+                    "a new lookup is possible only after the re-query cooldown",
+                    reason="REQUERY_COOLDOWN",
+                    retry_after=last_complete + self.policy.requery_cooldown - now,
+                )
+
+        name, resident_id, mobile = caller.contact(self._keys)
         lookup_id = "l" + secrets.token_hex(12)
         try:
-            lookup, claims = await self._store.create_lookup(
+            lookup, claims, created = await self._store.create_lookup(
                 lookup_id=lookup_id,
                 person_hash=caller.person_hash,
                 request_id=request_id,
@@ -141,18 +128,45 @@ class LookupService:
                 claim=self._orchestrator.claim_request(chosen),
                 # Audited in the lookup's own transaction: one write, and never one without the other.
                 audit=self._audit.entry(caller.person_hash, "lookup.create", f"lookups/{lookup_id}"),
+                admit=admit,
             )
-            audited.recorded = True
         except DuplicateRequest:
             # Two retries of the same request raced; the other one won.
             raced = await self._store.find_lookup_by_request(caller.person_hash, request_id)
             if raced is None:
                 raise
             return raced
+        if not created:
+            return lookup  # this request_id's lookup, made by an earlier call
+        audited.recorded = True
         self._orchestrator.dispatch(claims)
         if len(claims) < len(chosen):
             self._orchestrator.wake()  # the banks it had no room for go through the queue
         return lookup
+
+    async def _chosen_banks(self, caller: Caller, bank_codes: Sequence[str]) -> list[model.Bank]:
+        """The enabled banks a new lookup asks (all of them, or those named), if the caller's
+        region is open; FAILED_PRECONDITION or INVALID_ARGUMENT otherwise."""
+        region = await self._store.get_region(caller.region_code)
+        if region is None or not region.open:
+            raise errors.FailedPrecondition(
+                "the service is not open in your region yet",
+                reason="REGION_NOT_OPEN",
+                metadata={"region_code": caller.region_code},
+            )
+        all_banks = await self._store.list_banks()
+        known = {bank.code: bank for bank in all_banks}
+        unknown = [code for code in bank_codes if code not in known]
+        validation.require(
+            [
+                errors.FieldViolation(f"bank_codes[{list(bank_codes).index(c)}]", "unknown bank code")
+                for c in unknown
+            ]
+        )
+        chosen = [bank for bank in all_banks if bank.enabled and (not bank_codes or bank.code in bank_codes)]
+        if not chosen:
+            raise errors.FailedPrecondition("none of the chosen banks is enabled", reason="NO_ENABLED_BANK")
+        return chosen
 
     async def get_lookup(self, caller: Caller, name: str) -> model.Lookup:
         lookup_id = validation.parse_resource_name(name, "lookups")

@@ -245,6 +245,14 @@ class ReportPlan:
 
 
 @dataclass(frozen=True)
+class PersonActivity:
+    """What admitting a person's new lookup depends on, read in the transaction that creates it."""
+
+    running: bool  # one of the person's lookups is running
+    last_complete_time: datetime | None  # when the latest one completed
+
+
+@dataclass(frozen=True)
 class ClaimRequest:
     """Lease these banks' tasks of a new lookup to `owner` as it is created."""
 

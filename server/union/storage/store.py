@@ -723,15 +723,31 @@ class Store:
         deadline: datetime,
         claim: model.ClaimRequest | None = None,
         audit: model.AuditEntry | None = None,
-    ) -> tuple[model.Lookup, list[model.Claim]]:
-        """Persist the lookup and one pending task per bank in one transaction.
+        admit: Callable[[model.PersonActivity], None] | None = None,
+    ) -> tuple[model.Lookup, list[model.Claim], bool]:
+        """Persist the lookup and one pending task per bank in one transaction; returns the
+        lookup, its claims, and whether it was created.
+
+        If this person's `request_id` already made a lookup, that one is returned and nothing is
+        written (AIP-155). Otherwise `admit` is given the person's activity, read in the same
+        transaction, and may refuse by raising (nothing is written then either): one round trip
+        to the writer instead of a read and then a write.
 
         With `claim`, the tasks of `claim.bank_codes` are leased to `claim.owner` in the same
         transaction and returned as claims: the creating replica starts those calls at once,
         without a round trip through the work queue (any replica still resumes them if it dies)."""
         claimed = set(claim.bank_codes) if claim is not None else set()
 
-        def work(c: Connection) -> tuple[model.Lookup, list[model.Claim]]:
+        def work(c: Connection) -> tuple[model.Lookup, list[model.Claim], bool]:
+            [(existing_id, running, last)] = _Hot.person_activity.run(
+                c, {"person_hash": person_hash, "request_id": request_id}
+            )
+            if existing_id is not None:
+                found = _read_lookup(c, existing_id)
+                if found is not None:
+                    return found[1], [], False
+            if admit is not None:
+                admit(model.PersonActivity(bool(running), _utc(last)))
             _Hot.insert_lookup.run(
                 c,
                 {
@@ -800,7 +816,7 @@ class Store:
                 for bank in banks
                 if bank.code in claimed
             ]
-            return lookup, claims
+            return lookup, claims, True
 
         try:
             return await self._core_batched(work)
