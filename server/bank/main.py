@@ -29,7 +29,7 @@ from server.bank.masking import mask_number
 from server.bank.store import BankStore, default_database_url
 from server.common.checks import is_luhn_valid, is_valid_resident_id, luhn_check_digit
 from server.common.dev_ca import bank_tls_files
-from server.common.grpc_runtime import TlsFiles, wait_for_shutdown_signal
+from server.common.grpc_runtime import TlsFiles, tune_garbage_collection, wait_for_shutdown_signal
 from server.population.catalogue import BANKS, BANKS_BY_CODE
 
 app = typer.Typer(
@@ -138,6 +138,7 @@ def serve(
         for running in banks:
             console.print(f"{running.bank_code:6} listening on {running.address}")
         try:
+            tune_garbage_collection()
             await wait_for_shutdown_signal()
         finally:
             await asyncio.gather(*(running.stop() for running in banks))

@@ -9,6 +9,7 @@ calls drain.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable, Iterable, Sequence
@@ -109,6 +110,25 @@ class GrpcServer:
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
+
+
+# Allocations between young-generation collections (CPython's default is 700), then how many of
+# those per middle-generation one, and middle per full one. See tune_garbage_collection.
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_garbage_collection() -> None:
+    """Call once a server has started. Its startup objects (modules, descriptors, the catalogue:
+    ~108,000 in the union) are frozen out of the collector's sight, and the young generation is
+    collected every 50,000 allocations instead of 700.
+
+    Why: a union at 32 lookups in flight spent ~9% of its CPU in the cycle collector (gc.callbacks:
+    1,427 young collections at ~0.5 ms, 12 full ones at ~94 ms, each a 94 ms pause for every call in
+    flight). Almost all of its garbage is freed by reference counting; the collector only finds the
+    few cycles (tracebacks, finished tasks), and finds them as well at this rhythm. The same run
+    with these settings: 0.5% of CPU in the collector, union CPU per lookup 8.4 -> 7.3 ms."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def wait_for_shutdown_signal() -> None:

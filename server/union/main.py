@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from server.common.dev_ca import union_client_tls, union_server_tls
-from server.common.grpc_runtime import TlsFiles, wait_for_shutdown_signal
+from server.common.grpc_runtime import TlsFiles, tune_garbage_collection, wait_for_shutdown_signal
 from server.common.logs import configure_logging
 from server.union.app import (
     DEFAULT_POPULATION_SEED,
@@ -113,6 +113,7 @@ def serve(
         server = UnionServer(config)
         await server.start()
         try:
+            tune_garbage_collection()
             await wait_for_shutdown_signal()
         finally:
             await server.stop()
