@@ -20,22 +20,25 @@ class Subscription:
 
     def __init__(self) -> None:
         self._changed = asyncio.Event()
-        self._final = False
+        self._final = asyncio.Event()
 
     def set(self, final: bool = False) -> None:
-        self._final = self._final or final
+        if final:
+            self._final.set()
         self._changed.set()
 
     async def wait(self, max_wait: float, coalesce: float = 0.0) -> None:
         """Return when the lookup changed (or had changed since the last wait) or `max_wait`
         seconds pass. With `coalesce`, linger that long after the first change so that a burst
         (16 banks answering together) costs the watcher one re-read instead of one each; not
-        after a final change (the report is written: nothing more is coming)."""
+        after a final change (the report is written: nothing more is coming), and not a moment
+        longer once one arrives while lingering (the report would wait out the linger)."""
         try:
             async with asyncio.timeout(max_wait):
                 await self._changed.wait()
-            if coalesce and not self._final:
-                await asyncio.sleep(coalesce)
+            if coalesce and not self._final.is_set():
+                async with asyncio.timeout(coalesce):
+                    await self._final.wait()
         except TimeoutError:
             pass
         # Cleared before the caller re-reads: a change during that read sets it again.
