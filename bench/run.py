@@ -118,6 +118,41 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def postgres_server_pid(database_url: str) -> int | None:
+    """The PostgreSQL server (its postmaster) behind `database_url` when it runs on this machine,
+    so that its CPU can be attributed like every other process's; None when it runs elsewhere."""
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            backend = int(connection.execute(text("SELECT pg_backend_pid()")).scalar_one())
+    finally:
+        engine.dispose()
+    try:
+        if not Path(f"/proc/{backend}/comm").read_text().startswith("postgres"):
+            return None
+        fields = Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # not a process here: the server is on another machine
+        return None
+    return int(fields[1])  # the backend's parent
+
+
+def postgres_cpu_seconds(postmaster: int) -> float:
+    """User + system CPU of a PostgreSQL server so far: the postmaster, its live children (one
+    backend per connection, the WAL writer, ...) and the children that have exited (added to the
+    postmaster's own children's time once reaped)."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited while we looked
+            continue
+        if int(stat.parent.name) == postmaster:
+            ticks += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+        elif int(fields[1]) == postmaster:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -613,15 +648,25 @@ def ratio(numerator: Run, denominator: Run) -> float | None:
     return round(rate(numerator) / rate(denominator), 3) if rate(denominator) else None
 
 
-def measured(pids: dict[str, list[int]], run_phase: Coroutine[Any, Any, Run]) -> Run:
-    """Run one phase and attribute the CPU each process spent to the lookups it completed."""
-    pids = {**pids, "load": [os.getpid()]}
-    before = {name: sum(cpu_seconds(p) for p in group) for name, group in pids.items()}
+def measured(
+    pids: dict[str, list[int]], run_phase: Coroutine[Any, Any, Run], postgres: int | None = None
+) -> Run:
+    """Run one phase and attribute the CPU each process spent to the lookups it completed; with
+    `postgres` (a local server's postmaster), the database server's CPU too."""
+    groups = {**pids, "load": [os.getpid()]}
+
+    def cpu() -> dict[str, float]:
+        spent = {name: sum(cpu_seconds(p) for p in group) for name, group in groups.items()}
+        if postgres is not None:
+            spent["postgres"] = postgres_cpu_seconds(postgres)
+        return spent
+
+    before = cpu()
     run = asyncio.run(run_phase)
-    after = {name: sum(cpu_seconds(p) for p in group) for name, group in pids.items()}
+    after = cpu()
     if run.completed:
         run.cpu_ms_per_lookup = {
-            name: round((after[name] - before[name]) * 1000 / run.completed, 2) for name in pids
+            name: round((after[name] - before[name]) * 1000 / run.completed, 2) for name in after
         }
     return run
 
@@ -886,6 +931,10 @@ def speed(args: argparse.Namespace, result: dict[str, Any]) -> list[Run]:
         args.work_dir, args.population, [f"latency_ms={args.bank_latency_ms}"] if args.bank_latency_ms else []
     )
     by_replicas: dict[int, tuple[Run, list[float]]] = {}
+    # PostgreSQL's own CPU is part of what a lookup costs the machine (it shares the cores here).
+    postmaster = (
+        postgres_server_pid(args.database_url) if args.database_url.startswith("postgresql") else None
+    )
     banks.start()
     try:
         bank_pids = {"banks": [banks.pid]}
@@ -905,6 +954,7 @@ def speed(args: argparse.Namespace, result: dict[str, Any]) -> list[Run]:
                 run = measured(
                     {"union": unions.pids, **bank_pids},
                     drive_union(unions.addresses, tokens, args.concurrency, args.duration, name),
+                    postgres=postmaster,
                 )
                 by_replicas[count] = (run, [peak_rss_mb(pid) for pid in unions.pids])
             finally:

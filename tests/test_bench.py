@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
-from bench.run import OPEN, OutboxReader, main, open_region_people, parse_replicas, reset_union_tables
+from bench.run import (
+    OPEN,
+    OutboxReader,
+    main,
+    open_region_people,
+    parse_replicas,
+    postgres_cpu_seconds,
+    postgres_server_pid,
+    reset_union_tables,
+)
 from server.union.sms import FileSmsSink, read_one_time_code
 from server.union.storage.models import Base
 from server.union.storage.store import open_store
@@ -90,6 +99,22 @@ def test_reset_drops_the_unions_tables_and_nothing_else(database_url: str, tmp_p
         )
     finally:
         engine.dispose()
+
+
+def test_a_local_postgresql_servers_cpu_is_attributed(database_url: str) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("about a PostgreSQL server")
+    postmaster = postgres_server_pid(database_url)
+    assert postmaster is not None  # CI's server runs on this machine
+    assert Path(f"/proc/{postmaster}/comm").read_text().startswith("postgres")
+    before = postgres_cpu_seconds(postmaster)
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:  # work done by a backend that exits afterwards
+            connection.execute(text("SELECT count(*) FROM generate_series(1, 3000000)")).scalar_one()
+    finally:
+        engine.dispose()
+    assert postgres_cpu_seconds(postmaster) > before
 
 
 def test_hold_only_needs_a_hold_count() -> None:
