@@ -101,9 +101,8 @@ def test_reset_drops_the_unions_tables_and_nothing_else(database_url: str, tmp_p
         engine.dispose()
 
 
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_a_local_postgresql_servers_cpu_is_attributed(database_url: str) -> None:
-    if not database_url.startswith("postgresql"):
-        pytest.skip("about a PostgreSQL server")
     postmaster = postgres_server_pid(database_url)
     assert postmaster is not None  # CI's server runs on this machine
     assert Path(f"/proc/{postmaster}/comm").read_text().startswith("postgres")
