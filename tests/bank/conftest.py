@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -14,6 +15,7 @@ import pytest
 from bankquery.v1 import bank_query_service_pb2_grpc as pb_grpc
 
 from server.bank.app import RunningBank, start_bank
+from server.bank.store import StoredCard
 
 SEED = 20211201
 SIZE = 300  # the population of tests/conftest.py's seeded_banks_template
@@ -38,3 +40,20 @@ async def bank(bank_dir: Path) -> AsyncIterator[RunningBank]:
 async def stub(bank: RunningBank) -> AsyncIterator[pb_grpc.BankQueryServiceAsyncStub]:
     async with grpc.aio.insecure_channel(bank.address) as channel:
         yield pb_grpc.BankQueryServiceStub(channel)
+
+
+@pytest.fixture
+def held_reads(bank: RunningBank, monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """The bank's card reads, all in a worker thread, wait until the test sets the event (so its
+    queries stay unanswered for as long as the test needs); set at the end in any case."""
+    bank.servicer.inline_read_limit = 0  # every read in a worker thread, where it can be held
+    released = threading.Event()
+    real = bank.store.find_cards_many
+
+    def held_until_released(asked: Sequence[tuple[str, str]]) -> list[list[StoredCard]]:
+        released.wait(timeout=30)
+        return real(asked)
+
+    monkeypatch.setattr(bank.store, "find_cards_many", held_until_released)
+    yield released
+    released.set()

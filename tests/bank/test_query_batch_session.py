@@ -22,7 +22,6 @@ from bankquery.v1 import bank_query_service_pb2_grpc as pb_grpc
 from server.bank.app import RunningBank
 from server.bank.faults import FaultSettings, control_file, write_control_file
 from server.bank.service import MAX_BATCH
-from server.bank.store import StoredCard
 from server.population.generator import people
 from tests.bank.test_query_session import (
     CHEN,
@@ -143,20 +142,11 @@ async def test_a_full_batch_is_accepted(stub: pb_grpc.BankQueryServiceAsyncStub)
 async def test_flow_control_counts_queries_not_messages(
     bank: RunningBank,
     stub: pb_grpc.BankQueryServiceAsyncStub,
-    monkeypatch: pytest.MonkeyPatch,
+    held_reads: threading.Event,
 ) -> None:
     """At a limit of 4: the first batch of 3 leaves room, so the second is read (6 unanswered, one
     batch past the limit); then the bank reads no further until answers go out."""
     bank.servicer.max_outstanding = 4
-    bank.servicer.inline_read_limit = 0  # every read in a worker thread, where the test holds it
-    released = threading.Event()
-    real = bank.store.find_cards_many
-
-    def held_until_released(asked: Sequence[tuple[str, str]]) -> list[list[StoredCard]]:
-        released.wait(timeout=30)
-        return real(asked)
-
-    monkeypatch.setattr(bank.store, "find_cards_many", held_until_released)
     try:
         call = stub.QueryBatchSession(timeout=30)
         for batch in range(5):
@@ -169,7 +159,7 @@ async def test_flow_control_counts_queries_not_messages(
             await asyncio.sleep(0.01)
             assert bank.servicer.session_received() == [6]
     finally:
-        released.set()
+        held_reads.set()
     answers = answers_of([m async for m in call])
     assert sorted(a.query_id for a in answers) == sorted(f"q{b}-{i}" for b in range(5) for i in range(3))
     assert await call.code() == grpc.StatusCode.OK

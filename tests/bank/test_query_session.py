@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -419,18 +419,9 @@ def test_query_session_knob_parses_strictly() -> None:
 
 
 async def test_the_bank_stops_reading_at_its_limit_of_unanswered_queries(
-    bank: RunningBank, stub: pb_grpc.BankQueryServiceAsyncStub, monkeypatch: pytest.MonkeyPatch
+    bank: RunningBank, stub: pb_grpc.BankQueryServiceAsyncStub, held_reads: threading.Event
 ) -> None:
     bank.servicer.max_outstanding = 4
-    bank.servicer.inline_read_limit = 0  # every read in a worker thread, where the test holds it
-    released = threading.Event()
-    real = bank.store.find_cards_many
-
-    def held_until_released(asked: Sequence[tuple[str, str]]) -> list[list[StoredCard]]:
-        released.wait(timeout=30)
-        return real(asked)
-
-    monkeypatch.setattr(bank.store, "find_cards_many", held_until_released)
     try:
         call = stub.QuerySession(timeout=30)
         for i in range(10):
@@ -441,7 +432,7 @@ async def test_the_bank_stops_reading_at_its_limit_of_unanswered_queries(
             await asyncio.sleep(0.01)
             assert bank.servicer.session_received() == [4]
     finally:
-        released.set()
+        held_reads.set()
     answers = [a async for a in call]
     assert sorted(a.query_id for a in answers) == sorted(f"q{i}" for i in range(10))
     assert await call.code() == grpc.StatusCode.OK
