@@ -690,25 +690,11 @@ class Store:
     # Core against the tables: at hundreds of lookups a second, the ORM's unit of work per row was
     # most of the union's database time.
 
-    async def lookup_admission(
-        self, person_hash: str, request_id: str
-    ) -> tuple[model.Lookup | None, bool, datetime | None]:
-        """What CreateLookup must know, in one read: (the lookup this request_id already made,
-        whether one of the person's lookups is running, when the latest one completed)."""
-
-        def work(c: Connection) -> tuple[model.Lookup | None, bool, datetime | None]:
-            [(existing_id, running, last)] = _Hot.person_activity.run(
-                c, {"person_hash": person_hash, "request_id": request_id}
-            )
-            if existing_id is not None:
-                found = _read_lookup(c, existing_id)
-                return (found[1] if found else None), False, None
-            return None, bool(running), _utc(last)
-
-        return await self._core_batched(work, savepoint=False)
-
     async def find_lookup_by_request(self, person_hash: str, request_id: str) -> model.Lookup | None:
-        return (await self.lookup_admission(person_hash, request_id))[0]
+        """The lookup this person's `request_id` made, if any (AIP-155 retries)."""
+        return await self._core_batched(
+            lambda c: _person_activity(c, person_hash, request_id)[0], savepoint=False
+        )
 
     async def create_lookup(
         self,
@@ -739,15 +725,11 @@ class Store:
         claimed = set(claim.bank_codes) if claim is not None else set()
 
         def work(c: Connection) -> tuple[model.Lookup, list[model.Claim], bool]:
-            [(existing_id, running, last)] = _Hot.person_activity.run(
-                c, {"person_hash": person_hash, "request_id": request_id}
-            )
-            if existing_id is not None:
-                found = _read_lookup(c, existing_id)
-                if found is not None:
-                    return found[1], [], False
+            existing, activity = _person_activity(c, person_hash, request_id)
+            if existing is not None:
+                return existing, [], False
             if admit is not None:
-                admit(model.PersonActivity(bool(running), _utc(last)))
+                admit(activity)
             _Hot.insert_lookup.run(
                 c,
                 {
@@ -1543,6 +1525,18 @@ def _record_answers(c: Connection, answers: list[_Answer], lock: bool) -> list[t
             log.exception("could not record a bank answer", extra={"bank": answer.bank_code})
             results.append((False, False))  # its lease lapses and the bank is asked again
     return results
+
+
+def _person_activity(
+    c: Connection, person_hash: str, request_id: str
+) -> tuple[model.Lookup | None, model.PersonActivity]:
+    """In one statement: the lookup this person's `request_id` made (if any), and what admitting a
+    new one depends on."""
+    [(existing_id, running, last)] = _Hot.person_activity.run(
+        c, {"person_hash": person_hash, "request_id": request_id}
+    )
+    found = _read_lookup(c, existing_id) if existing_id is not None else None
+    return (found[1] if found else None), model.PersonActivity(bool(running), _utc(last))
 
 
 def _record_answers_at_once(c: Connection, answers: list[_Answer], lock: bool) -> list[tuple[bool, bool]]:
