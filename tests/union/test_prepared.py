@@ -1,6 +1,6 @@
-"""The SQLite fast path for hot statements (server/union/storage/prepared.py) stores and reads
-exactly what SQLAlchemy's own execution stores and reads: the same bytes in every column, the
-same Python values back, the same exceptions."""
+"""The fast path for hot statements (server/union/storage/prepared.py) stores and reads exactly
+what SQLAlchemy's own execution stores and reads, on SQLite and on PostgreSQL: the same values in
+every column as the driver reads them back, the same Python values back, the same exceptions."""
 
 from __future__ import annotations
 
@@ -12,33 +12,29 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, create_engine, exc
+from sqlalchemy import Connection, Engine, create_engine, exc, func, select
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.pool import NullPool
 
 from server.union.domain import model
-from server.union.storage.models import UtcDateTime
+from server.union.storage.models import Base, UtcDateTime
 from server.union.storage.prepared import _utc_text
-from server.union.storage.store import _BatchItem, _Hot, open_store
+from server.union.storage.store import CARDS, _BatchItem, _Hot, open_store
 
 NOW = datetime(2026, 11, 27, 9, 45, 49, 123456, tzinfo=UTC)
 # Not UTC, and on a whole second: both must be stored as SQLAlchemy stores them.
 ELSEWHERE = datetime(2026, 11, 28, 1, 0, 0, tzinfo=timezone(timedelta(hours=8)))
 
 
-def _migrated(path: Path) -> Engine:
-    store = open_store(f"sqlite:///{path}")
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    """A migrated union database on each backend."""
+    store = open_store(database_url)
     store.migrate()
     store.engine.dispose()
-    return create_engine(f"sqlite:///{path}", poolclass=NullPool)
-
-
-@pytest.fixture
-def engines(tmp_path: Path) -> Iterator[tuple[Engine, Engine]]:
-    fast, core = _migrated(tmp_path / "fast.db"), _migrated(tmp_path / "core.db")
-    yield fast, core
-    fast.dispose()
-    core.dispose()
+    migrated = create_engine(database_url, poolclass=NullPool)
+    yield migrated
+    migrated.dispose()
 
 
 def _lookup(lookup_id: str, **changes: Any) -> dict[str, Any]:
@@ -158,32 +154,72 @@ def _write(c: Connection, fast: bool) -> None:
     )
 
 
-def _dump(path: Path) -> dict[str, list[tuple[Any, ...]]]:
-    with sqlite3.connect(path) as raw:
-        tables = [name for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        return {
-            # Table names from sqlite_master, not input.
-            table: sorted(raw.execute(f'SELECT * FROM "{table}"').fetchall(), key=repr)  # noqa: S608
-            for table in tables
-        }
-
-
-def test_fast_writes_store_what_sqlalchemy_stores(engines: tuple[Engine, Engine], tmp_path: Path) -> None:
-    fast, core = engines
-    for engine, is_fast in ((fast, True), (core, False)):
-        with engine.begin() as c:
-            _write(c, is_fast)
-    assert _dump(tmp_path / "fast.db") == _dump(tmp_path / "core.db")
-    # And the stored datetimes are SQLAlchemy's naive-UTC text, microseconds included.
-    with sqlite3.connect(tmp_path / "fast.db") as raw:
-        assert raw.execute("SELECT create_time, deadline_time FROM lookups WHERE id = 'l1'").fetchone() == (
-            "2026-11-27 09:45:49.123456",
-            "2026-11-27 17:00:00.000000",
+def _dump(c: Connection) -> dict[str, list[tuple[Any, ...]]]:
+    """Every table's rows as the driver itself reads them (SQLite's stored text, PostgreSQL's
+    values), bypassing the column types. Not the numbers the database assigns itself: a
+    PostgreSQL sequence is not rolled back with the transaction that used it."""
+    dump = {}
+    for table in Base.metadata.sorted_tables:
+        columns = ", ".join(
+            f'"{column.name}"' for column in table.columns if column is not table.autoincrement_column
         )
+        # Names from the models, not input.
+        rows = c.exec_driver_sql(f'SELECT {columns} FROM "{table.name}"').fetchall()  # noqa: S608
+        dump[table.name] = sorted((tuple(row) for row in rows), key=repr)
+    return dump
 
 
-def test_fast_reads_return_what_sqlalchemy_returns(engines: tuple[Engine, Engine]) -> None:
-    fast, _ = engines
+def _written(engine: Engine, fast: bool) -> dict[str, list[tuple[Any, ...]]]:
+    """What one lookup's hot writes leave in the database (rolled back after reading)."""
+    with engine.connect() as c, c.begin() as transaction:
+        _write(c, fast)
+        written = _dump(c)
+        transaction.rollback()
+    return written
+
+
+def test_fast_writes_store_what_sqlalchemy_stores(engine: Engine) -> None:
+    fast = _written(engine, fast=True)
+    assert fast == _written(engine, fast=False)
+    [lookup] = [row for row in fast["lookups"] if row[0] == "l1"]
+    if engine.dialect.name == "sqlite":
+        # SQLAlchemy's naive-UTC text, microseconds included.
+        assert "2026-11-27 09:45:49.123456" in lookup
+        assert "2026-11-27 17:00:00.000000" in lookup
+    else:
+        assert NOW in lookup  # timestamptz: the same instant
+        assert ELSEWHERE in lookup
+
+
+def test_many_rows_arrive_once_each(engine: Engine) -> None:
+    """On PostgreSQL many rows go as one array per column: more values than one statement may
+    carry as parameters (65,535) still arrive, each row once."""
+    cards = [
+        {
+            "lookup_id": "l1",
+            "card_ref": f"c{i}",
+            "bank_code": "ICBC",
+            "position": 0,
+            "bank_card_ref": f"cr_{i}",
+            "card_type": model.CardType.CREDIT,
+            "first_four": "6222",
+            "last_four": f"{i % 10000:04d}",
+            "number_length": 16,
+            "status": model.CardStatus.ACTIVE,
+        }
+        for i in range(7000)  # 70,000 parameters at 10 columns a row
+    ]
+    with engine.connect() as c, c.begin() as transaction:
+        _Hot.insert_lookup.run(c, _lookup("l1"))
+        _Hot.insert_cards.run_many(c, cards)
+        refs = c.execute(select(CARDS.c.card_ref)).scalars().all()
+        assert sorted(refs) == sorted(str(card["card_ref"]) for card in cards)
+        assert c.execute(select(func.count()).select_from(CARDS)).scalar() == 7000
+        transaction.rollback()
+
+
+def test_fast_reads_return_what_sqlalchemy_returns(engine: Engine) -> None:
+    fast = engine
     with fast.begin() as c:
         _write(c, True)
     reads: list[tuple[Any, dict[str, Any]]] = [
@@ -210,8 +246,8 @@ def test_fast_reads_return_what_sqlalchemy_returns(engines: tuple[Engine, Engine
         assert first.state == model.LookupState.COMPLETED
 
 
-def test_fast_path_raises_sqlalchemy_errors(engines: tuple[Engine, Engine]) -> None:
-    fast, _ = engines
+def test_fast_path_raises_sqlalchemy_errors(engine: Engine) -> None:
+    fast = engine
     with fast.begin() as c:
         _Hot.insert_lookup.run(c, _lookup("l1"))
     with pytest.raises(exc.IntegrityError), fast.begin() as c:
@@ -220,8 +256,8 @@ def test_fast_path_raises_sqlalchemy_errors(engines: tuple[Engine, Engine]) -> N
         _Hot.insert_lookup.run(c, _lookup("l9", request_id="req-l1"))  # person + request_id is unique
 
 
-def test_an_insert_must_name_every_column(engines: tuple[Engine, Engine]) -> None:
-    fast, _ = engines
+def test_an_insert_must_name_every_column(engine: Engine) -> None:
+    fast = engine
     entry = {"time": NOW, "actor": "a" * 64, "action": "lookup.create", "outcome": "OK"}  # no resource
     with pytest.raises(ValueError, match="resource"), fast.begin() as c:
         _Hot.insert_audit.run(c, entry)

@@ -1,15 +1,23 @@
-"""Hot statements that skip SQLAlchemy's per-execution work on SQLite.
+"""Hot statements that skip SQLAlchemy's per-execution work, on SQLite and PostgreSQL.
 
-A `Prepared` wraps one Core statement. On PostgreSQL it is simply executed by
-SQLAlchemy. On SQLite it is compiled once (per set of inserted columns) and
-run on the connection's own sqlite3 handle, inside whatever transaction is open
-there (SQLAlchemy's, or the raw one of `Store._drain_core`): the values still
-go through every column type's own bind
-processor, and rows through the result processors, so what is stored and read
-is exactly what SQLAlchemy would store and read (tests/union/test_prepared.py
-compares the two). What is skipped is the execution context, cache-key and
-result machinery: py-spy put it at about half of the union's database thread
-(0.5 ms per statement on the 2-core VM, against 0.03 ms in sqlite3 itself).
+A `Prepared` wraps one Core statement. It is compiled once (per set of
+inserted columns) and run on the driver's own connection (sqlite3 or psycopg),
+inside whatever transaction is open there (SQLAlchemy's, or on SQLite the raw
+one of `Store._drain_core`): the values still go through every column type's
+own bind processor, and rows through the result processors, so what is stored
+and read is exactly what SQLAlchemy would store and read
+(tests/union/test_prepared.py compares the two on both backends). What is
+skipped is the execution context, cache-key and result machinery: py-spy put
+it at about half of the union's database thread on SQLite (0.5 ms per
+statement on the 2-core VM, against 0.03 ms in sqlite3 itself), and at a
+third of the database threads' time on PostgreSQL.
+
+On PostgreSQL the statement is compiled in psycopg's positional paramstyle
+(`%s`), so both drivers fill placeholders from one list, and an INSERT of many
+rows is one `INSERT ... SELECT * FROM unnest(<one array per column>)`: psycopg's
+executemany opens a pipeline per call, which cost more than the rows, and a
+multi-row VALUES is new SQL text for every row count (parsed again by psycopg,
+never prepared by the server); this is one text, prepared once.
 
 Failures are raised as SQLAlchemy's own exceptions (IntegrityError,
 OperationalError, ...), so callers handle both backends alike.
@@ -18,12 +26,14 @@ OperationalError, ...), so callers handle both backends alike.
 from __future__ import annotations
 
 import contextlib
+import copy
 import sqlite3
 from collections import namedtuple
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import psycopg
 from sqlalchemy import Connection, Insert, Select, exc
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import ClauseElement, Executable
@@ -35,11 +45,15 @@ from server.union.storage.models import UtcDateTime
 Params = Mapping[str, Any]
 _Processor = Callable[[Any], Any] | None
 
-_ERRORS: tuple[tuple[type[sqlite3.Error], type[exc.DBAPIError]], ...] = (
+_ERRORS: tuple[tuple[type[Exception], type[exc.DBAPIError]], ...] = (
     (sqlite3.IntegrityError, exc.IntegrityError),
     (sqlite3.OperationalError, exc.OperationalError),
     (sqlite3.DatabaseError, exc.DatabaseError),
+    (psycopg.IntegrityError, exc.IntegrityError),
+    (psycopg.OperationalError, exc.OperationalError),
+    (psycopg.DatabaseError, exc.DatabaseError),
 )
+_DRIVER_ERRORS = (sqlite3.Error, psycopg.Error)
 
 
 def _utc_text(value: datetime | None) -> str | None:
@@ -54,21 +68,53 @@ def _utc_text(value: datetime | None) -> str | None:
 
 
 def _bind_processor(bind: BindParameter[Any], dialect: Dialect) -> _Processor:
-    if isinstance(bind.type, UtcDateTime):
+    if dialect.name == "sqlite" and isinstance(bind.type, UtcDateTime):
         return _utc_text
     return bind.type.dialect_impl(dialect).bind_processor(dialect)
 
 
+def _positional(dialect: Dialect) -> Dialect:
+    """The dialect to compile with: SQLite's qmark is positional already; psycopg's pyformat
+    (`%(name)s`) becomes its format paramstyle (`%s`), which the same driver takes."""
+    if dialect.positional:
+        return dialect
+    positional = copy.copy(dialect)
+    positional.paramstyle = "format"
+    positional.positional = True
+    return positional
+
+
+def _insert_arrays(statement: Executable, sql: str, parameters: int) -> str:
+    """`INSERT INTO t (a, b) VALUES (%s::VARCHAR, %s::INTEGER)` as
+    `INSERT INTO t (a, b) SELECT * FROM unnest(%s::VARCHAR[], %s::INTEGER[])`, or "" if the
+    statement is not rendered so (every value cast, as SQLAlchemy's psycopg dialect renders it)."""
+    if not isinstance(statement, Insert):
+        return ""
+    head, marker, row = sql.rpartition(" VALUES (")
+    casts = row.removesuffix(")").split(", ")
+    if not marker or not row.endswith(")") or len(casts) != parameters:
+        return ""
+    if not all(cast.startswith("%s::") and "%" not in cast[2:] for cast in casts):
+        return ""
+    arrays = ", ".join(cast + "[]" for cast in casts)
+    return f"{head} SELECT * FROM unnest({arrays})"  # noqa: S608 (SQLAlchemy's own rendering, no values)
+
+
 class _Compiled:
-    """One SQLite rendering: SQL text, its positional parameters and how to convert them."""
+    """One rendering: SQL text, its positional parameters and how to convert them."""
 
     def __init__(self, statement: Executable, dialect: Dialect, keys: Sequence[str] | None) -> None:
         compiled = cast(ClauseElement, statement).compile(
-            dialect=dialect, column_keys=list(keys) if keys is not None else None
+            dialect=_positional(dialect), column_keys=list(keys) if keys is not None else None
         )
         assert isinstance(compiled, SQLCompiler)
         names = list(compiled.positiontup or [])
         self.sql = compiled.string
+        self.placeholder = "?" if dialect.paramstyle == "qmark" else "%s"
+        # PostgreSQL: the INSERT of many rows, one array per column ("" where not rendered so).
+        self.insert_arrays = ""
+        if self.placeholder == "%s":
+            self.insert_arrays = _insert_arrays(statement, self.sql, len(names))
         # A parameter with expanding=True (IN lists) renders as a placeholder to fill per call.
         self.expanding: str | None = None
         binds: dict[str, BindParameter[Any]] = compiled.binds
@@ -102,7 +148,7 @@ class _Compiled:
                 items = list(value or ())
                 if not items:
                     raise ValueError(f"empty IN list for {name}")
-                sql = sql.replace(f"__[POSTCOMPILE_{name}]", ",".join("?" * len(items)))
+                sql = sql.replace(f"__[POSTCOMPILE_{name}]", ",".join([self.placeholder] * len(items)))
                 values.extend(processor(item) if processor else item for item in items)
                 continue
             values.append(processor(value) if processor else value)
@@ -136,7 +182,7 @@ class _Compiled:
             converted.append(values)
         return converted
 
-    def rows(self, cursor: sqlite3.Cursor) -> list[Any]:
+    def rows(self, cursor: Any) -> list[Any]:
         if self.row is None:
             # The labels SQLAlchemy's rows are keyed by ("max_1" for an unnamed max(), ...).
             labels = [column[0] for column in cursor.description]
@@ -170,41 +216,50 @@ class Prepared:
 
     def __init__(self, statement: Executable) -> None:
         self.statement = statement
-        self._compiled: dict[tuple[str, ...] | None, _Compiled] = {}
+        self._compiled: dict[tuple[type[Dialect], tuple[str, ...] | None], _Compiled] = {}
 
     def _for(self, c: Connection, params: Params) -> _Compiled:
-        # An INSERT renders the columns it is given; every other statement renders once.
-        keys = tuple(params) if isinstance(self.statement, Insert) else None
-        compiled = self._compiled.get(keys)
+        # Once per dialect (statements are shared by every store in the process); an INSERT
+        # renders the columns it is given, every other statement renders once.
+        key = (type(c.dialect), tuple(params) if isinstance(self.statement, Insert) else None)
+        compiled = self._compiled.get(key)
         if compiled is None:
-            compiled = self._compiled[keys] = _Compiled(self.statement, c.dialect, keys)
+            compiled = self._compiled[key] = _Compiled(self.statement, c.dialect, key[1])
         return compiled
 
     def run(self, c: Connection, params: Params) -> list[Any]:
-        if c.dialect.name != "sqlite":
-            result = c.execute(self.statement, dict(params))
-            return list(result.all()) if result.returns_rows else []
         compiled = self._for(c, params)
         sql, values = compiled.positional(params)
         with _as_sqlalchemy_errors(sql, params):
-            executed = driver_connection(c).execute(sql, values)
+            executed = _driver(c).execute(sql, values)
             return compiled.rows(executed) if compiled.returns_rows else []
 
     def run_many(self, c: Connection, rows: Sequence[Params]) -> None:
         if not rows:
             return
-        if c.dialect.name != "sqlite":
-            c.execute(self.statement, [dict(row) for row in rows])
-            return
         compiled = self._for(c, rows[0])
         values = compiled.positional_many(rows)
+        driver = _driver(c)
         with _as_sqlalchemy_errors(compiled.sql, rows):
-            driver_connection(c).executemany(compiled.sql, values)
+            if isinstance(driver, sqlite3.Connection):
+                driver.executemany(compiled.sql, values)
+            elif compiled.insert_arrays:
+                driver.execute(compiled.insert_arrays, [list(column) for column in zip(*values, strict=True)])
+            else:
+                with driver.cursor() as cursor:
+                    cursor.executemany(compiled.sql, values)
+
+
+def _driver(c: Connection) -> sqlite3.Connection | psycopg.Connection[Any]:
+    """The driver's connection under SQLAlchemy's (statements on it join its open transaction)."""
+    driver = c.connection.driver_connection
+    assert isinstance(driver, sqlite3.Connection | psycopg.Connection)
+    return driver
 
 
 def driver_connection(c: Connection) -> sqlite3.Connection:
-    """The sqlite3 connection under SQLAlchemy's (statements on it join its open transaction)."""
-    driver = c.connection.driver_connection
+    """The sqlite3 connection under SQLAlchemy's, for the SQLite writer's raw transactions."""
+    driver = _driver(c)
     assert isinstance(driver, sqlite3.Connection)
     return driver
 
@@ -213,7 +268,7 @@ def driver_connection(c: Connection) -> sqlite3.Connection:
 def _as_sqlalchemy_errors(sql: str, params: Any) -> Iterator[None]:
     try:
         yield
-    except sqlite3.Error as error:
+    except _DRIVER_ERRORS as error:
         for driver_error, wrapped in _ERRORS:
             if isinstance(error, driver_error):
                 raise wrapped(sql, params, error) from error
