@@ -321,3 +321,35 @@ def test_utc_datetimes_bind_to_sqlalchemys_text() -> None:
     assert _utc_text(None) is None
     with pytest.raises(ValueError, match="naive"):
         _utc_text(datetime(2026, 11, 27, 12, 0))  # as the column type refuses it
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_queued_postgresql_reads_share_a_transaction(database_url: str) -> None:
+    """_drain_reads: reads that queued up run in one transaction; one that fails is answered with
+    its error, and the reads after it run in a new transaction."""
+    store = open_store(database_url)
+    store.migrate()
+
+    def transaction_id(c: Connection) -> int:
+        return int(c.exec_driver_sql("SELECT txid_current()").scalar_one())
+
+    def failing(c: Connection) -> None:
+        c.exec_driver_sql("SELECT * FROM no_such_table")
+
+    try:
+        items = [_BatchItem(work, savepoint=False, core=True) for work in (transaction_id,) * 2]
+        items.append(_BatchItem(failing, savepoint=False, core=True))
+        items += [_BatchItem(transaction_id, savepoint=False, core=True) for _ in range(2)]
+        store._reads, store._reads_draining = list(items), True
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(store._executor, store._drain_reads, loop)
+        await asyncio.sleep(0)  # the results are settled by a callback on this loop
+        first, second, _, third, fourth = (item.future for item in items)
+        assert first.result() == second.result()
+        with pytest.raises(exc.ProgrammingError):
+            items[2].future.result()
+        assert third.result() == fourth.result() != first.result()
+        assert not store._reads_draining  # the next read starts a drain of its own
+        assert await store.find_lookup_by_request("p" * 64, "req-none") is None
+    finally:
+        await store.close()

@@ -261,6 +261,9 @@ class Store:
         self._batch: list[_BatchItem] = []
         self._batch_lock = threading.Lock()
         self._batch_scheduled = False
+        # PostgreSQL: hot-path reads waiting for the one read batch in flight (see _core_read).
+        self._reads: list[_BatchItem] = []
+        self._reads_draining = False
         self._answers: list[tuple[_Answer, asyncio.Future[tuple[bool, bool]]]] = []
         self._answers_scheduled = False
         self._answer_flushes: set[asyncio.Task[None]] = set()
@@ -303,11 +306,61 @@ class Store:
         path), which needs no ORM Session: on SQLite a batch of nothing but such work is one raw
         transaction (_drain_core); on PostgreSQL it is a Core transaction of its own (a Session's
         begin and commit were a tenth of the database threads' time there).
-        Reads pass savepoint=False: they share the writer's next transaction (one thread hop and
-        one transaction for many reads, e.g. watches re-reading lookups as their banks answer)."""
+        Work that needs no savepoint of its own passes savepoint=False: reads (_core_read), which
+        share the writer's next transaction on SQLite, and the answer batch, which sets its own."""
         if not self.is_sqlite:
             return await self._in_transaction(self.engine.begin, work)
         return cast(T, await self._enqueue(_BatchItem(work, savepoint, core=True)))
+
+    async def _core_read(self, work: Callable[[Connection], T]) -> T:
+        """A hot-path read (watches re-reading lookups as their banks answer, retried creates).
+        Reads that queue up share one thread hop and one transaction: on SQLite the writer's next
+        one (_core_batched); on PostgreSQL one read batch at a time, on one of the pool's
+        connections (_drain_reads). There a transaction of its own per read was three round
+        trips (pool ping, SELECT, COMMIT) and a thread wake-up each way, for one SELECT."""
+        if self.is_sqlite:
+            return await self._core_batched(work, savepoint=False)
+        item = _BatchItem(work, savepoint=False, core=True)
+        with self._batch_lock:
+            self._reads.append(item)
+            drain = not self._reads_draining
+            self._reads_draining = True
+        if drain:
+            asyncio.get_running_loop().run_in_executor(
+                self._executor, self._drain_reads, asyncio.get_running_loop()
+            )
+        return cast(T, await item.future)
+
+    def _drain_reads(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Every queued read, in one transaction, until none is left (reads arriving meanwhile
+        wait for the next round rather than take another thread: that is what batches them)."""
+        while True:
+            with self._batch_lock:
+                items, self._reads = self._reads, []
+                if not items:
+                    self._reads_draining = False
+                    return
+            results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+            try:
+                with self.engine.connect() as c:
+                    transaction = c.begin()
+                    for item in items:
+                        try:
+                            results.append((item.future, item.work(c), None))
+                        except OperationalError:
+                            raise
+                        except Exception as error:  # this read alone failed
+                            results.append((item.future, None, error))
+                            if transaction.is_active:  # a failed statement ends the transaction
+                                transaction.rollback()
+                            transaction = c.begin()
+                    transaction.commit()
+            except OperationalError as error:
+                unavailable = StoreUnavailable(str(error.orig).split("\n")[0])
+                results = [(item.future, None, unavailable) for item in items]
+            except Exception as error:
+                results = [(item.future, None, error) for item in items]
+            loop.call_soon_threadsafe(_settle_all, results)
 
     async def _run_batched(self, work: Callable[[Session], T]) -> T:
         """Like _run, but writes that queue up while the database is busy share one transaction
@@ -700,9 +753,7 @@ class Store:
 
     async def find_lookup_by_request(self, person_hash: str, request_id: str) -> model.Lookup | None:
         """The lookup this person's `request_id` made, if any (AIP-155 retries)."""
-        return await self._core_batched(
-            lambda c: _person_activity(c, person_hash, request_id)[0], savepoint=False
-        )
+        return await self._core_read(lambda c: _person_activity(c, person_hash, request_id)[0])
 
     async def create_lookup(
         self,
@@ -822,7 +873,7 @@ class Store:
                 return None
             return found[1]
 
-        return await self._core_batched(work, savepoint=False)
+        return await self._core_read(work)
 
     async def claim_due_tasks(
         self, owner: str, now: datetime, lease: timedelta, limit: int, skip_banks: Iterable[str] = ()
