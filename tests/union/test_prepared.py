@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, create_engine, exc, func, select
+from sqlalchemy import Connection, Engine, create_engine, exc, func, insert, select
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.pool import NullPool
 
 from server.union.domain import model
 from server.union.storage.models import Base, UtcDateTime
 from server.union.storage.prepared import _utc_text
-from server.union.storage.store import CARDS, _BatchItem, _Hot, open_store
+from server.union.storage.store import CARDS, COUNTERS, COUNTERS_TABLE, _BatchItem, _Hot, open_store
 
 NOW = datetime(2026, 11, 27, 9, 45, 49, 123456, tzinfo=UTC)
 # Not UTC, and on a whole second: both must be stored as SQLAlchemy stores them.
@@ -89,6 +89,7 @@ def _write(c: Connection, fast: bool) -> None:
         else:
             c.execute(prepared.statement, rows)
 
+    c.execute(insert(COUNTERS_TABLE), [{"name": name, "value": 0} for name in COUNTERS])
     one(_Hot.insert_lookup, _lookup("l1"))
     one(_Hot.insert_lookup, _lookup("l2", state=model.LookupState.COMPLETED, complete_time=ELSEWHERE))
     many(_Hot.insert_tasks, [_task("l1", "ICBC", 0), _task("l1", "ABC", 1), _task("l2", "BOC", 0)])
@@ -97,13 +98,14 @@ def _write(c: Connection, fast: bool) -> None:
         [
             {
                 "k_lookup_id": "l1",
-                "k_bank_code": "ICBC",
-                "v_card_count": 2,
+                "k_bank_code": bank_code,
+                "v_card_count": cards,
                 "v_debit_count": 1,
-                "v_credit_count": 1,
-                "v_latency_ms": 12,
+                "v_credit_count": cards - 1,
+                "v_latency_ms": latency_ms,
                 "v_update_time": ELSEWHERE,
             }
+            for bank_code, cards, latency_ms in (("ICBC", 2, 12), ("ABC", 1, None))
         ],
     )
     many(
@@ -142,6 +144,16 @@ def _write(c: Connection, fast: bool) -> None:
         [{"lookup_id": "l1", "report_id": "r1", "sealed_contact": "contact", "create_time": NOW}],
     )
     one(_Hot.bump, {"k_name": "reports_generated", "v_by": 3})
+    # The same row twice: each change applies, as executemany applies them (on PostgreSQL the
+    # one-statement UPDATE of many rows would apply one, so it is not used for these).
+    many(
+        _Hot.bump,
+        [
+            {"k_name": "lookups_created", "v_by": 1},
+            {"k_name": "lookups_created", "v_by": 2},
+            {"k_name": "reports_generated", "v_by": 5},
+        ],
+    )
     one(
         _Hot.insert_audit,
         {
@@ -181,6 +193,9 @@ def _written(engine: Engine, fast: bool) -> dict[str, list[tuple[Any, ...]]]:
 def test_fast_writes_store_what_sqlalchemy_stores(engine: Engine) -> None:
     fast = _written(engine, fast=True)
     assert fast == _written(engine, fast=False)
+    assert sorted(fast["counters"]) == [("lookups_created", 3), ("reports_generated", 8)]
+    answered = {row[1]: row for row in fast["bank_tasks"] if row[0] == "l1"}
+    assert answered["ICBC"][4] == answered["ABC"][4] == "answered"
     [lookup] = [row for row in fast["lookups"] if row[0] == "l1"]
     if engine.dialect.name == "sqlite":
         # SQLAlchemy's naive-UTC text, microseconds included.

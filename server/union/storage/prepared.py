@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 import sqlite3
 from collections import namedtuple
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -34,7 +35,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import psycopg
-from sqlalchemy import Connection, Insert, Select, exc
+from sqlalchemy import Connection, Insert, Select, Update, exc
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import ClauseElement, Executable
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -86,7 +87,7 @@ def _positional(dialect: Dialect) -> Dialect:
 
 def _insert_arrays(statement: Executable, sql: str, parameters: int) -> str:
     """`INSERT INTO t (a, b) VALUES (%s::VARCHAR, %s::INTEGER)` as
-    `INSERT INTO t (a, b) SELECT * FROM unnest(%s::VARCHAR[], %s::INTEGER[])`, or "" if the
+    `INSERT INTO t (a, b) SELECT * FROM unnest(%b::VARCHAR[], %b::INTEGER[])`, or "" if the
     statement is not rendered so (every value cast, as SQLAlchemy's psycopg dialect renders it)."""
     if not isinstance(statement, Insert):
         return ""
@@ -96,8 +97,41 @@ def _insert_arrays(statement: Executable, sql: str, parameters: int) -> str:
         return ""
     if not all(cast.startswith("%s::") and "%" not in cast[2:] for cast in casts):
         return ""
-    arrays = ", ".join(cast + "[]" for cast in casts)
+    # %b: arrays go in psycopg's binary format; in text, every element of every array was
+    # quoted by regular expressions (1.0 against 0.4 ms of CPU for a lookup's 16 task rows).
+    arrays = ", ".join("%b" + cast[2:] + "[]" for cast in casts)
     return f"{head} SELECT * FROM unnest({arrays})"  # noqa: S608 (SQLAlchemy's own rendering, no values)
+
+
+# A cast placeholder as SQLAlchemy's psycopg dialect renders it: `%s::TIMESTAMP WITH TIME ZONE`,
+# ending where the SET list, the WHERE clause or an expression goes on.
+_CAST_PLACEHOLDER = re.compile(r"%s::([A-Z][A-Z ]*?)(?=, | WHERE | AND |\)|$)")
+# A WHERE clause that picks rows by equalities only: then rows of the arrays with different values
+# there can never pick the same row.
+_EQUALITIES = re.compile(r"[\w.]+ = v\.p\d+( AND [\w.]+ = v\.p\d+)*")
+
+
+def _update_arrays(statement: Executable, sql: str, parameters: int) -> tuple[str, list[int]]:
+    """`UPDATE t SET a=%s::INTEGER WHERE t.k = %s::VARCHAR` as `UPDATE t SET a=v.p0 FROM
+    unnest(%b::INTEGER[], %b::VARCHAR[]) AS v(p0, p1) WHERE t.k = v.p1`, and the positions of
+    the WHERE clause's parameters; ("", []) if the statement is not rendered so or its WHERE is
+    not equalities alone. It is executemany's equal only where no two rows share the WHERE's
+    values (see Prepared.run_many)."""
+    if not isinstance(statement, Update) or sql.count(" WHERE ") != 1 or " FROM " in sql:
+        return "", []
+    casts = _CAST_PLACEHOLDER.findall(sql)
+    if len(casts) != parameters or sql.count("%") != parameters:
+        return "", []
+    numbered = iter(range(parameters))
+    body = _CAST_PLACEHOLDER.sub(lambda _: f"v.p{next(numbered)}", sql)
+    head, marker, where = body.partition(" WHERE ")
+    if not _EQUALITIES.fullmatch(where):
+        return "", []
+    arrays = ", ".join(f"%b::{cast}[]" for cast in casts)
+    columns = ", ".join(f"p{index}" for index in range(parameters))
+    keys = [int(number) for number in re.findall(r"v\.p(\d+)", where)]
+    update = f"{head} FROM unnest({arrays}) AS v({columns}){marker}{where}"
+    return update, keys
 
 
 class _Compiled:
@@ -113,8 +147,11 @@ class _Compiled:
         self.placeholder = "?" if dialect.paramstyle == "qmark" else "%s"
         # PostgreSQL: the INSERT of many rows, one array per column ("" where not rendered so).
         self.insert_arrays = ""
+        # PostgreSQL: the UPDATE of many rows, likewise, and which parameters pick the row.
+        self.update_arrays, self.update_keys = "", list[int]()
         if self.placeholder == "%s":
             self.insert_arrays = _insert_arrays(statement, self.sql, len(names))
+            self.update_arrays, self.update_keys = _update_arrays(statement, self.sql, len(names))
         # A parameter with expanding=True (IN lists) renders as a placeholder to fill per call.
         self.expanding: str | None = None
         binds: dict[str, BindParameter[Any]] = compiled.binds
@@ -245,9 +282,19 @@ class Prepared:
                 driver.executemany(compiled.sql, values)
             elif compiled.insert_arrays:
                 driver.execute(compiled.insert_arrays, [list(column) for column in zip(*values, strict=True)])
+            elif compiled.update_arrays and _distinct(values, compiled.update_keys):
+                driver.execute(compiled.update_arrays, [list(column) for column in zip(*values, strict=True)])
             else:
                 with driver.cursor() as cursor:
                     cursor.executemany(compiled.sql, values)
+
+
+def _distinct(rows: list[list[Any]], keys: list[int]) -> bool:
+    """Whether no two rows have the same values at `keys`: then one UPDATE ... FROM their arrays
+    changes each row once, as executemany would (with duplicates, PostgreSQL would apply only one
+    of them, where executemany applies each in turn)."""
+    seen = {tuple(row[index] for index in keys) for row in rows}
+    return bool(keys) and len(seen) == len(rows)
 
 
 def _driver(c: Connection) -> sqlite3.Connection | psycopg.Connection[Any]:
