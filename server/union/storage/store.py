@@ -14,14 +14,16 @@ Every public method is a coroutine; the SQL runs in the store's executor so the
 event loop never blocks on the database.
 
 Throughput: writes (and the watch reads) that queue up while the database is
-busy share one transaction (`_run_batched`, `_core_batched`, SQLite), bank answers that arrive
-together are recorded by one set of statements on both backends
+busy share one transaction (`_run_batched`, `_core_batched`, SQLite), watch
+reads that queue up share one on PostgreSQL too (`_core_read`), bank answers
+that arrive together are recorded by one set of statements on both backends
 (`_record_answers_together`), and the lookup hot path is SQLAlchemy Core with
-its statements built once (`_Hot`). On SQLite those statements run on the
-sqlite3 connection itself (`prepared.Prepared`, values still converted by the
-column types), and a batch of nothing but such work is one raw transaction on
-the writer thread's own connection (`_core_batched`, `_drain_core`) instead of
-an ORM Session. The rest stays ORM, where clarity wins.
+its statements built once (`_Hot`). Those statements run on the driver's own
+connection, sqlite3's or psycopg's (`prepared.Prepared`, values still converted
+by the column types); on SQLite a batch of nothing but such work is one raw
+transaction on the writer thread's own connection (`_core_batched`,
+`_drain_core`), on PostgreSQL a Core transaction, instead of an ORM Session.
+The rest stays ORM, where clarity wins.
 """
 
 from __future__ import annotations
