@@ -13,11 +13,13 @@ statement on the 2-core VM, against 0.03 ms in sqlite3 itself), and at a
 third of the database threads' time on PostgreSQL.
 
 On PostgreSQL the statement is compiled in psycopg's positional paramstyle
-(`%s`), so both drivers fill placeholders from one list, and an INSERT of many
-rows is one `INSERT ... SELECT * FROM unnest(<one array per column>)`: psycopg's
-executemany opens a pipeline per call, which cost more than the rows, and a
-multi-row VALUES is new SQL text for every row count (parsed again by psycopg,
-never prepared by the server); this is one text, prepared once.
+(`%s`), so both drivers fill placeholders from one list. Many rows go in one
+statement over one binary array per parameter: an INSERT as
+`INSERT ... SELECT * FROM unnest(...)`, an UPDATE whose WHERE is equalities as
+`UPDATE ... FROM unnest(...)` (where no two rows pick the same row). psycopg's
+executemany is one execution per row in a pipeline, and a multi-row VALUES is
+new SQL text for every row count (parsed again by psycopg, never prepared by
+the server); these are one text each, prepared once.
 
 Failures are raised as SQLAlchemy's own exceptions (IntegrityError,
 OperationalError, ...), so callers handle both backends alike.

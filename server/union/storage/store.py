@@ -63,7 +63,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.common import errors
@@ -214,6 +214,12 @@ class StoreUnavailable(errors.Unavailable):
         )
         self.detail = detail
 
+    @classmethod
+    def of(cls, error: BaseException) -> StoreUnavailable:
+        """From a database error: the first line of the driver's message (the rest may quote SQL)."""
+        cause = error.orig if isinstance(error, DBAPIError) and error.orig is not None else error
+        return cls(str(cause).split("\n")[0])
+
 
 class DuplicateRequest(Exception):
     """A resource with this (person, request_id) already exists (a racing retry)."""
@@ -299,7 +305,7 @@ class Store:
                 with begin() as target:
                     return work(target)
             except OperationalError as error:
-                raise StoreUnavailable(str(error.orig).split("\n")[0]) from error
+                raise StoreUnavailable.of(error) from error
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, in_thread)
 
@@ -328,9 +334,8 @@ class Store:
             drain = not self._reads_draining
             self._reads_draining = True
         if drain:
-            asyncio.get_running_loop().run_in_executor(
-                self._executor, self._drain_reads, asyncio.get_running_loop()
-            )
+            loop = asyncio.get_running_loop()
+            loop.run_in_executor(self._executor, self._drain_reads, loop)
         return cast(T, await item.future)
 
     def _drain_reads(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -358,7 +363,7 @@ class Store:
                             transaction = c.begin()
                     transaction.commit()
             except OperationalError as error:
-                unavailable = StoreUnavailable(str(error.orig).split("\n")[0])
+                unavailable = StoreUnavailable.of(error)
                 results = [(item.future, None, unavailable) for item in items]
             except Exception as error:
                 results = [(item.future, None, error) for item in items]
@@ -410,10 +415,10 @@ class Store:
                         except Exception as error:  # this write alone failed; its savepoint is rolled back
                             results.append((item.future, None, error))
         except OperationalError as error:
-            unavailable = StoreUnavailable(str(error.orig).split("\n")[0])
+            unavailable = StoreUnavailable.of(error)
             results = [(item.future, None, unavailable) for item in items]
         except sqlite3.OperationalError as error:  # BEGIN or COMMIT of _drain_core
-            unavailable = StoreUnavailable(str(error).split("\n")[0])
+            unavailable = StoreUnavailable.of(error)
             results = [(item.future, None, unavailable) for item in items]
         except Exception as error:  # the commit itself failed: nothing of this batch was written
             results = [(item.future, None, error) for item in items]
