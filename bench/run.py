@@ -194,6 +194,14 @@ class Run:
     errors: Counter[str] = field(default_factory=Counter)
     cpu_ms_per_lookup: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def cores_busy(self) -> float:
+        """How many cores the processes measured kept busy: lookups/s × their CPU per lookup. On
+        a machine with N cores this cannot pass N, which is what bounds the figure there."""
+        if not self.seconds:
+            return 0.0
+        return round(self.completed / self.seconds * sum(self.cpu_ms_per_lookup.values()) / 1000, 2)
+
     def summary(self) -> dict[str, Any]:
         return {
             "lookups_per_second": round(self.completed / self.seconds, 1) if self.seconds else 0.0,
@@ -204,6 +212,7 @@ class Run:
             "mean_ms": round(statistics.fmean(self.latencies_ms), 1) if self.latencies_ms else None,
             "errors": dict(self.errors),
             "cpu_ms_per_lookup": self.cpu_ms_per_lookup,
+            "cores_busy": self.cores_busy,
         }
 
 
@@ -807,14 +816,15 @@ def table(runs: list[Run], hold: dict[str, Any] | None) -> str:
     lines = []
     if runs:
         lines.append(
-            f"{'phase':26} {'lookups/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}  cpu ms/lookup"
+            f"{'phase':26} {'lookups/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7} {'cores':>6}"
+            "  cpu ms/lookup"
         )
     for run in runs:
         s = run.summary()
         cpu = " ".join(f"{name} {ms:g}" for name, ms in run.cpu_ms_per_lookup.items())
         lines.append(
             f"{run.name:26} {s['lookups_per_second']:>10.1f} {s['p50_ms']:>9.1f} {s['p99_ms']:>9.1f}"
-            f" {sum(run.errors.values()):>7}  {cpu}"
+            f" {sum(run.errors.values()):>7} {run.cores_busy:>6.2f}  {cpu}"
         )
     if hold is not None:
         lines.append(

@@ -12,12 +12,14 @@ from sqlalchemy import create_engine, inspect, text
 from bench.run import (
     OPEN,
     OutboxReader,
+    Run,
     main,
     open_region_people,
     parse_replicas,
     postgres_cpu_seconds,
     postgres_server_pid,
     reset_union_tables,
+    table,
 )
 from server.union.sms import FileSmsSink, read_one_time_code
 from server.union.storage.models import Base
@@ -119,3 +121,14 @@ def test_a_local_postgresql_servers_cpu_is_attributed(database_url: str) -> None
 def test_hold_only_needs_a_hold_count() -> None:
     with pytest.raises(SystemExit, match="--hold N"):
         main(["--hold-only"])
+
+
+def test_cores_busy_is_the_rate_times_the_cpu_per_lookup() -> None:
+    """50 lookups/s at 10 ms of CPU each (all processes) keep half a core busy."""
+    run = Run("union (1 replica)", completed=100, seconds=2.0, cpu_ms_per_lookup={"union": 8.0, "banks": 2.0})
+    assert run.cores_busy == 0.5
+    assert run.summary()["cores_busy"] == 0.5
+    header, line = table([run], None).splitlines()
+    assert header.split()[7] == "cores"
+    assert line.split()[7] == "0.50"
+    assert Run("nothing measured").cores_busy == 0.0
