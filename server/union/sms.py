@@ -33,23 +33,29 @@ class FileSmsSink:
             handle.write(line + "\n")
 
 
-def read_last_message(path: Path, mobile_number: str) -> str | None:
-    """The newest message sent to `mobile_number` in a sink file (used by the demo and tests)."""
+def _messages_to(path: Path, mobile_number: str) -> list[str]:
+    """The texts sent to `mobile_number` in a sink file, oldest first."""
     if not path.exists():
-        return None
-    last = None
+        return []
     # Another process may be appending right now, and a reader can see the first part of its line
     # (an append that crosses a page boundary becomes visible page by page): only lines that end
     # with their newline are complete.
     *complete, _being_written = path.read_bytes().split(b"\n")
-    for line in complete:
-        entry = json.loads(line.decode("utf-8"))
-        if entry["to"] == mobile_number:
-            last = entry["text"]
-    return last
+    entries = (json.loads(line.decode("utf-8")) for line in complete)
+    return [entry["text"] for entry in entries if entry["to"] == mobile_number]
+
+
+def read_last_message(path: Path, mobile_number: str) -> str | None:
+    """The newest message sent to `mobile_number` in a sink file (used by the demo and tests)."""
+    messages = _messages_to(path, mobile_number)
+    return messages[-1] if messages else None
 
 
 def read_one_time_code(path: Path, mobile_number: str) -> str | None:
-    """The 6-digit code in the newest message to `mobile_number` (development outbox only)."""
-    match = re.search(r"(?<!\d)\d{6}(?!\d)", read_last_message(path, mobile_number) or "")
-    return match.group(0) if match else None
+    """The 6-digit code in the newest message to `mobile_number` that carries one (development
+    outbox only). Not simply the newest message: a report-ready notice, which carries no code, may
+    be sent to the same phone at any moment, e.g. by a union catching up after a restart."""
+    for text in reversed(_messages_to(path, mobile_number)):
+        if match := re.search(r"(?<!\d)\d{6}(?!\d)", text):
+            return match.group(0)
+    return None

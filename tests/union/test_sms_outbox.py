@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from server.union.notify import REPORT_READY_TEXT
 from server.union.sms import FileSmsSink, read_last_message, read_one_time_code
 
 
@@ -20,3 +21,16 @@ def test_a_line_still_being_written_is_not_read(tmp_path: Path) -> None:
     assert read_one_time_code(outbox, "13800000000") == "123456"
     assert read_one_time_code(outbox, "13900000000") == "654321"
     assert read_last_message(outbox, "13700000000") is None
+
+
+def test_the_code_is_found_past_a_notice_sent_after_it(tmp_path: Path) -> None:
+    """A report-ready notice can reach the same phone right after the code (a union sending what it
+    owed before a restart): the code is still the newest one, though not the newest message."""
+    outbox = tmp_path / "sms-outbox.jsonl"
+    sink = FileSmsSink(outbox)
+    sink.send("13800000000", "【一键查卡】验证码 111111，5分钟内有效。")
+    sink.send("13800000000", "【一键查卡】验证码 222222，5分钟内有效。")
+    sink.send("13800000000", REPORT_READY_TEXT)
+    assert read_last_message(outbox, "13800000000") == REPORT_READY_TEXT
+    assert read_one_time_code(outbox, "13800000000") == "222222"
+    assert read_one_time_code(outbox, "13900000000") is None
