@@ -43,7 +43,6 @@ import asyncio
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import socket
@@ -69,6 +68,7 @@ from clients.client import CardLookupClient, CardLookupError
 from server.common.grpc_runtime import tune_garbage_collection
 from server.population.catalogue import PILOT_REGIONS
 from server.population.generator import Person, person_at
+from server.union.sms import ONE_TIME_CODE
 from server.union.storage.models import Base
 
 SEED = 20211201
@@ -76,7 +76,6 @@ OPEN = {r.code for r in PILOT_REGIONS}
 STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 # Banks in the --hold stack: the first answer would come after ten minutes.
 HOLD_BANK_LATENCY_MS = 600_000
-ONE_TIME_CODE = re.compile(r"(?<!\d)\d{6}(?!\d)")
 
 
 def free_block(size: int) -> int:

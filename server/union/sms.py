@@ -12,6 +12,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
+# A one-time code in a message: six digits standing alone.
+ONE_TIME_CODE = re.compile(r"(?<!\d)\d{6}(?!\d)")
+
 
 class SmsSender(Protocol):
     def send(self, mobile_number: str, text: str) -> None: ...
@@ -56,6 +59,6 @@ def read_one_time_code(path: Path, mobile_number: str) -> str | None:
     outbox only). Not simply the newest message: a report-ready notice, which carries no code, may
     be sent to the same phone at any moment, e.g. by a union catching up after a restart."""
     for text in reversed(_messages_to(path, mobile_number)):
-        if match := re.search(r"(?<!\d)\d{6}(?!\d)", text):
+        if match := ONE_TIME_CODE.search(text):
             return match.group(0)
     return None
