@@ -111,9 +111,16 @@ def rss_mb(pid: int) -> float:
     return _status_mb(pid, "VmRSS:")
 
 
+def _stat_fields(stat: Path) -> list[str]:
+    """A /proc/<pid>/stat's fields after the command name (which may hold spaces and
+    parentheses): [0] is the state, [1] the parent's pid, [11] and [12] user and system ticks,
+    [13] and [14] those of the reaped children."""
+    return stat.read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -129,7 +136,7 @@ def postgres_server_pid(database_url: str) -> int | None:
     try:
         if not Path(f"/proc/{backend}/comm").read_text().startswith("postgres"):
             return None
-        fields = Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = _stat_fields(Path(f"/proc/{backend}/stat"))
     except OSError:  # not a process here: the server is on another machine
         return None
     return int(fields[1])  # the backend's parent
@@ -142,7 +149,7 @@ def postgres_cpu_seconds(postmaster: int) -> float:
     ticks = 0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            fields = _stat_fields(stat)
         except OSError:  # exited while we looked
             continue
         if int(stat.parent.name) == postmaster:
