@@ -35,6 +35,7 @@ from server.union.domain.events import LookupEvents
 from server.union.domain.identity import IdentityPolicy, IdentityService
 from server.union.domain.lookups import LookupPolicy, LookupService
 from server.union.domain.orchestrator import Orchestrator, OrchestratorPolicy
+from server.union.metrics import MetricsEndpoint, PrometheusMetrics
 from server.union.notify import SmsNotifier
 from server.union.secrets import Keys
 from server.union.sms import FileSmsSink, SmsSender
@@ -72,6 +73,8 @@ class UnionConfig:
     # Admission control: calls and watch streams in progress before RESOURCE_EXHAUSTED.
     max_concurrent_calls: int = 512
     max_concurrent_watches: int = 2048
+    # host:port for Prometheus to scrape over HTTP ("": no endpoint; port 0: any free port).
+    metrics_listen: str = ""
 
     @property
     def effective_database_url(self) -> str:
@@ -139,6 +142,7 @@ class UnionServer:
         self.gateway = gateway or GrpcBankGateway(config.bank_tls)
         self.sms = sms or FileSmsSink(config.sms_sink_path)
         self.events = LookupEvents()
+        self.metrics = PrometheusMetrics()
         self.audit = AuditTrail(self.store, self.clock, self.keys)
         self.orchestrator = Orchestrator(
             self.store,
@@ -149,12 +153,25 @@ class UnionServer:
             config.orchestration,
             notifier=SmsNotifier(self.sms),
             audit=self.audit,
+            metrics=self.metrics,
+        )
+        self.metrics.watch_live_state(
+            self.orchestrator.bank_calls_in_flight,
+            self.orchestrator.lookups_in_flight,
+            self.events.watched_count,
         )
         self.identity = IdentityService(
             self.store, self.keys, self.sms, self.clock, config.identity, self.audit
         )
         self.lookups = LookupService(
-            self.store, self.keys, self.clock, self.events, self.orchestrator, config.lookups, self.audit
+            self.store,
+            self.keys,
+            self.clock,
+            self.events,
+            self.orchestrator,
+            config.lookups,
+            self.audit,
+            self.metrics,
         )
         self.card_actions = CardActionService(
             self.store, self.keys, self.clock, self.events, self.orchestrator, self.audit, config.card_actions
@@ -165,6 +182,7 @@ class UnionServer:
             config.listen, SERVICE_NAMES, self._register, tls=config.tls, interceptors=[self.admission]
         )
         self._health_task: asyncio.Task[None] | None = None
+        self._metrics_endpoint: MetricsEndpoint | None = None
         self._stopped = False
 
     def _register(self, server: grpc.aio.Server) -> None:
@@ -181,6 +199,11 @@ class UnionServer:
     def address(self) -> str:
         return self.grpc.address
 
+    @property
+    def metrics_address(self) -> str | None:
+        """Where Prometheus scrapes this union (host:port of `GET /metrics`), if it serves metrics."""
+        return self._metrics_endpoint.address if self._metrics_endpoint is not None else None
+
     async def start(self) -> None:
         await asyncio.to_thread(self.store.migrate)
         await self.store.seed_catalogue(BANKS, self.config.bank_addresses, REGIONS, self.clock.now())
@@ -190,9 +213,18 @@ class UnionServer:
             self.store, self.keys, self.config.population_seed, self.config.population_size
         )
         await self.grpc.start()
+        if self.config.metrics_listen:
+            self._metrics_endpoint = MetricsEndpoint(self.metrics.registry, self.config.metrics_listen)
         self.orchestrator.start()
         self._health_task = asyncio.create_task(self._watch_health(), name="union-health")
-        log.info("union started", extra={"address": self.address, "database": self.store.engine.dialect.name})
+        log.info(
+            "union started",
+            extra={
+                "address": self.address,
+                "database": self.store.engine.dialect.name,
+                "metrics": self.metrics_address or "off",
+            },
+        )
 
     async def _watch_health(self) -> None:
         """Health follows the database: NOT_SERVING while it cannot be reached."""
@@ -218,4 +250,6 @@ class UnionServer:
         await self.grpc.stop(grace)
         await self.orchestrator.stop(grace)
         await self.gateway.close()
+        if self._metrics_endpoint is not None:
+            await self._metrics_endpoint.close()
         await self.store.close()

@@ -77,6 +77,13 @@ def serve(
             help="Development PKI directory (ca.crt, union-client.crt/.key): mutual TLS towards the banks."
         ),
     ] = None,
+    metrics_listen: Annotated[
+        str,
+        typer.Option(
+            envvar="CARDLOOKUP_METRICS_LISTEN",
+            help="host:port to serve Prometheus metrics on (GET /metrics); off when empty.",
+        ),
+    ] = "",
 ) -> None:
     """Run the union server until SIGINT/SIGTERM, then shut down gracefully."""
     bank_tls: ClientTls | None = None
@@ -107,6 +114,7 @@ def serve(
         ),
         bank_tls=bank_tls,
         tls=server_tls,
+        metrics_listen=metrics_listen,
     )
 
     async def run() -> None:

@@ -74,5 +74,10 @@ class LookupEvents:
         with self.subscribe(lookup_id) as subscription:
             await subscription.wait(max_wait, coalesce)
 
+    def watched_count(self) -> int:
+        """How many lookups (or card actions) somebody is waiting on (one step: metrics read it
+        from another thread)."""
+        return len(self._waiters)
+
     def watcher_count(self) -> int:
         return sum(len(w) for w in self._waiters.values())

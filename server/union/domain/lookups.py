@@ -18,6 +18,7 @@ from server.union.domain import model, validation
 from server.union.domain.audit import AuditTrail, Outcome
 from server.union.domain.events import LookupEvents
 from server.union.domain.identity import Caller
+from server.union.domain.metrics import Metrics, NoMetrics
 from server.union.domain.orchestrator import Orchestrator
 from server.union.domain.paging import Pager
 from server.union.secrets import Keys
@@ -54,8 +55,10 @@ class LookupService:
         orchestrator: Orchestrator,
         policy: LookupPolicy,
         audit: AuditTrail,
+        metrics: Metrics | None = None,
     ) -> None:
         self._audit = audit
+        self._metrics = metrics or NoMetrics()
         self._pager = Pager(keys, "reports", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         self._store = store
         self._keys = keys
@@ -139,6 +142,7 @@ class LookupService:
         if not created:
             return lookup  # this request_id's lookup, made by an earlier call
         audited.recorded = True
+        self._metrics.lookup_created()
         self._orchestrator.dispatch(claims)
         if len(claims) < len(chosen):
             self._orchestrator.wake()  # the banks it had no room for go through the queue

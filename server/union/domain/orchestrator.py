@@ -33,6 +33,7 @@ from server.union.domain import model
 from server.union.domain.audit import AuditTrail
 from server.union.domain.banks import BankCallFailed, BankGateway, check_answer
 from server.union.domain.events import LookupEvents
+from server.union.domain.metrics import Metrics, NoMetrics
 from server.union.domain.retention import report_expire_time
 from server.union.notify import Notifier
 from server.union.secrets import Keys
@@ -78,9 +79,11 @@ class Orchestrator:
         policy: OrchestratorPolicy,
         notifier: Notifier | None = None,
         audit: AuditTrail | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._notifier = notifier
         self._audit = audit
+        self.metrics: Metrics = metrics or NoMetrics()
         self._store = store
         self._gateway = gateway
         self._keys = keys
@@ -119,6 +122,15 @@ class Orchestrator:
     @property
     def running(self) -> bool:
         return self._runner is not None and not self._runner.done()
+
+    def bank_calls_in_flight(self) -> dict[str, int]:
+        """Bank code → calls to it in flight now (a copy, taken in one step: metrics read it from
+        another thread)."""
+        return dict(self._bank_calls)
+
+    def lookups_in_flight(self) -> int:
+        """Lookups with calls in flight now."""
+        return len(self._lookup_calls)
 
     def wake(self) -> None:
         """New work is due now (a lookup was created)."""
@@ -434,9 +446,11 @@ class Orchestrator:
             )
             check_answer(bank, cards)
         except BankCallFailed as failure:
-            await self._record_failure(claim, failure)
+            await self._record_failure(claim, failure, time.monotonic() - started)
             return
-        latency_ms = int((time.monotonic() - started) * 1000)
+        seconds = time.monotonic() - started
+        self.metrics.bank_call(bank.code, "answered", seconds)
+        latency_ms = int(seconds * 1000)
         masked = [
             (
                 card.bank_card_ref,
@@ -472,9 +486,10 @@ class Orchestrator:
         """Report-scoped opaque reference: the bank's own reference never reaches the person."""
         return "c" + self._keys.attribute_hash("card-ref", f"{lookup_id}:{bank_code}:{bank_card_ref}")[:24]
 
-    async def _record_failure(self, claim: model.Claim, failure: BankCallFailed) -> None:
+    async def _record_failure(self, claim: model.Claim, failure: BankCallFailed, seconds: float) -> None:
         now = self._clock.now()
         retry_at = self._retry_time(claim.attempt) if failure.retryable else None
+        self.metrics.bank_call(claim.bank_code, "retried" if retry_at is not None else "failed", seconds)
         log.info(
             "bank attempt failed",
             extra={
@@ -500,6 +515,7 @@ class Orchestrator:
     def _reported(self, lookup_id: str, done: bool) -> None:
         if done:
             log.info("report ready", extra={"lookup": lookup_id})
+            self.metrics.report_generated()
             self._events.notify(lookup_id, final=True)
             self._announce = True  # the notification outbox has a new row
             if not self._announce_due:

@@ -1,0 +1,135 @@
+"""Prometheus metrics of one union replica, served over HTTP on `--metrics-listen` (off by default).
+
+What the design's operations section asks for (lookups, reports, each bank's latency and outcome),
+plus what an operator watches under load: the calls and lookups in flight and the lookups being
+watched. Counters are this replica's own; sum them over replicas in the query.
+
+Each UnionServer has a registry of its own, so several in one process (the tests) do not collide.
+Labels are bank codes and fixed outcome names only: nothing about a person reaches a metric, so the
+endpoint needs no credential, but bind it to loopback or the monitoring network only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from server.union.domain.metrics import BankCallOutcome
+
+# Seconds. A bank answers in milliseconds when healthy; the call deadline defaults to 10 s.
+BANK_CALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class PrometheusMetrics:
+    """`server.union.domain.metrics.Metrics`, kept in a Prometheus registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._lookups = Counter(
+            "cardlookup_lookups_created", "Lookups this replica created.", registry=self.registry
+        )
+        self._reports = Counter(
+            "cardlookup_reports_generated",
+            "Reports this replica wrote (one per lookup, by whichever replica finished it).",
+            registry=self.registry,
+        )
+        self._calls = Counter(
+            "cardlookup_bank_calls",
+            "Calls to banks by how they ended: answered; retried (a failure the bank is asked again "
+            "after); failed (for good: the report says why).",
+            ["bank", "outcome"],
+            registry=self.registry,
+        )
+        self._seconds = Histogram(
+            "cardlookup_bank_call_seconds",
+            "Duration of one call to a bank, however it ended.",
+            ["bank"],
+            buckets=BANK_CALL_BUCKETS,
+            registry=self.registry,
+        )
+        # labels() takes a lock and builds a key on every call; the children are few and fixed.
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def lookup_created(self) -> None:
+        self._lookups.inc()
+
+    def report_generated(self) -> None:
+        self._reports.inc()
+
+    def bank_call(self, bank_code: str, outcome: BankCallOutcome, seconds: float) -> None:
+        children = self._children.get((bank_code, outcome))
+        if children is None:
+            children = (self._calls.labels(bank_code, outcome), self._seconds.labels(bank_code))
+            self._children[(bank_code, outcome)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def watch_live_state(
+        self,
+        bank_calls: Callable[[], Mapping[str, int]],
+        lookups_in_flight: Callable[[], int],
+        watched_lookups: Callable[[], int],
+    ) -> None:
+        """Gauges read from the running union at each scrape (so they cost nothing in between).
+        The callables run on the HTTP server's thread: each must read its state in one step."""
+        self.registry.register(_LiveState(bank_calls, lookups_in_flight, watched_lookups))
+
+
+class _LiveState(Collector):
+    def __init__(
+        self,
+        bank_calls: Callable[[], Mapping[str, int]],
+        lookups_in_flight: Callable[[], int],
+        watched_lookups: Callable[[], int],
+    ) -> None:
+        self._bank_calls = bank_calls
+        self._lookups_in_flight = lookups_in_flight
+        self._watched_lookups = watched_lookups
+
+    def collect(self) -> Iterator[Metric]:
+        calls = GaugeMetricFamily(
+            "cardlookup_bank_calls_in_flight", "Calls to each bank in flight now.", labels=["bank"]
+        )
+        for bank_code, count in sorted(self._bank_calls().items()):
+            calls.add_metric([bank_code], count)
+        yield calls
+        yield GaugeMetricFamily(
+            "cardlookup_lookups_in_flight",
+            "Lookups with bank calls in flight on this replica now.",
+            value=self._lookups_in_flight(),
+        )
+        yield GaugeMetricFamily(
+            "cardlookup_watched_lookups",
+            "Lookups (and card actions) somebody is waiting on through this replica now.",
+            value=self._watched_lookups(),
+        )
+
+
+class MetricsEndpoint:
+    """prometheus_client's HTTP server (a thread of its own) for one registry."""
+
+    def __init__(self, registry: CollectorRegistry, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        self._host = host.strip("[]")
+        self._server: WSGIServer
+        self._thread: threading.Thread
+        self._server, self._thread = start_http_server(int(port), addr=self._host, registry=registry)
+
+    @property
+    def address(self) -> str:
+        """host:port as bound (the port chosen when 0 was asked for)."""
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"{host}:{self._server.server_port}"
+
+    async def close(self) -> None:
+        # shutdown() waits for the serving loop to notice (it polls twice a second).
+        await asyncio.to_thread(self._server.shutdown)
+        self._server.server_close()
+        await asyncio.to_thread(self._thread.join)
