@@ -51,6 +51,7 @@ class DemoFailed(Exception):
 
 UNION_PORT = 50051
 BANK_BASE_PORT = 50061
+METRICS_PORT = 9464  # the union's /metrics under make serve (Prometheus exporters' customary range)
 
 
 def _port_free(port: int) -> bool:
@@ -81,7 +82,12 @@ def choose_ports() -> tuple[int, int]:
 
 @contextlib.contextmanager
 def processes(
-    data_dir: Path, union_port: int, bank_base: int, cooldown_hours: float, pki_dir: Path | None = None
+    data_dir: Path,
+    union_port: int,
+    bank_base: int,
+    cooldown_hours: float,
+    pki_dir: Path | None = None,
+    metrics_port: int | None = None,
 ) -> Iterator[None]:
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -116,6 +122,8 @@ def processes(
     if pki_dir is not None:
         commands["banks"] += ["--tls-dir", str(pki_dir)]
         commands["union"] += ["--bank-tls-dir", str(pki_dir)]
+    if metrics_port is not None:
+        commands["union"] += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
     running: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for name, command in commands.items():
@@ -232,7 +240,16 @@ def main(argv: list[str] | None = None) -> int:
     target = f"127.0.0.1:{union_port}"
     console.print(f"starting 16 banks on 127.0.0.1:{bank_base}-{bank_base + 15} and the union on {target} …")
     cooldown = 0 if not args.serve else 168
-    with processes(args.data_dir, union_port, bank_base, cooldown_hours=cooldown, pki_dir=pki_dir):
+    # make serve also serves the union's Prometheus metrics, on the documented port if it is free.
+    metrics_port = METRICS_PORT if args.serve and _port_free(METRICS_PORT) else None
+    with processes(
+        args.data_dir,
+        union_port,
+        bank_base,
+        cooldown_hours=cooldown,
+        pki_dir=pki_dir,
+        metrics_port=metrics_port,
+    ):
         try:
             asyncio.run(wait_all(union_port, bank_base, bank_tls))
         except DemoFailed as error:
@@ -244,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             console.print(
                 f"admin token: {token}   SMS outbox: {args.data_dir / 'union' / 'sms-outbox.jsonl'}"
             )
+            if metrics_port is not None:
+                console.print(f"metrics: curl -s 127.0.0.1:{metrics_port}/metrics | grep cardlookup_")
             console.print(f"try: grpcurl -plaintext {target} list    (Ctrl-C stops everything)")
             # Block the signals first: sigwait then receives them instead of the default handlers
             # killing this process before it could stop its children.

@@ -103,6 +103,13 @@ class GrpcServer:
         for name in ["", *self._service_names]:
             await self._health.set(name, status)
 
+    async def set_status(self, name: str, serving: bool) -> None:
+        """The health status of one named part (e.g. a dependency the server reports on)."""
+        await self._health.set(
+            name,
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+
     async def stop(self, grace: float = 5.0) -> None:
         """Graceful shutdown: tell health checkers first, then drain in-flight calls."""
         await self.set_serving(False)

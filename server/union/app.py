@@ -39,7 +39,7 @@ from server.union.metrics import MetricsEndpoint, PrometheusMetrics
 from server.union.notify import SmsNotifier
 from server.union.secrets import Keys
 from server.union.sms import FileSmsSink, SmsSender
-from server.union.storage.store import Store, open_store
+from server.union.storage.store import Store, StoreUnavailable, open_store
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ SERVICE_NAMES = (
     "cardlookup.v1.CardActionService",
     "cardlookup.v1.AdminService",
 )
+# Health entry of each bank as the union sees it: "bank/ICBC" (see UnionServer._watch_health).
+BANK_HEALTH_PREFIX = "bank/"
 ADMIN_TOKEN_ENV = "CARDLOOKUP_ADMIN_TOKEN"  # noqa: S105 (a variable name, not a secret)
 DEFAULT_POPULATION_SEED = 20211201
 DEFAULT_POPULATION_SIZE = 20_000
@@ -227,15 +229,38 @@ class UnionServer:
         )
 
     async def _watch_health(self) -> None:
-        """Health follows the database: NOT_SERVING while it cannot be reached."""
+        """Health follows the database: NOT_SERVING while it cannot be reached. Each bank has an
+        entry of its own, `bank/<code>` (SERVING while the bank's own health check answers
+        SERVING), and the `cardlookup_bank_up` gauge: a bank that is down makes reports partial,
+        not the union unavailable, so it does not change the union's own status."""
         serving = True
+        banks_up: dict[str, bool] = {}
+        interval = self.config.health_interval.total_seconds()
         while True:
-            await asyncio.sleep(self.config.health_interval.total_seconds())
+            await self._check_banks(banks_up, call_timeout=min(1.0, interval))
+            await asyncio.sleep(interval)
             healthy = await self.store.ping()
             if healthy != serving:
                 serving = healthy
                 log.warning("database reachability changed", extra={"reachable": healthy})
                 await self.grpc.set_serving(healthy)
+
+    async def _check_banks(self, banks_up: dict[str, bool], call_timeout: float) -> None:
+        try:
+            banks = await self.store.list_banks()
+        except StoreUnavailable:
+            return  # the database check reports that
+        results = await asyncio.gather(
+            *(self.gateway.reachable(bank, call_timeout) for bank in banks), return_exceptions=True
+        )
+        for bank, result in zip(banks, results, strict=True):
+            up = result is True  # a check that could not even be made (a bad address) is down
+            self.metrics.bank_reachable(bank.code, up)
+            if banks_up.get(bank.code) != up:
+                if bank.code in banks_up or not up:
+                    log.warning("bank reachability changed", extra={"bank": bank.code, "reachable": up})
+                banks_up[bank.code] = up
+                await self.grpc.set_status(f"{BANK_HEALTH_PREFIX}{bank.code}", up)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Graceful: health NOT_SERVING, drain RPCs, let bank calls finish (or lapse), close.

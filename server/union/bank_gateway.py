@@ -35,6 +35,7 @@ from typing import Any
 import grpc
 from bankquery.v1 import bank_query_service_pb2 as pb
 from bankquery.v1 import bank_query_service_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.union.domain.banks import BankCallFailed, BankDecision, ReportedCard
 from server.union.domain.model import ActionState, Bank, CardStatus, CardType
@@ -501,6 +502,17 @@ class GrpcBankGateway:
             number_length=card.number_length,
             status=status,
         )
+
+    async def reachable(self, bank: Bank, call_timeout: float) -> bool:
+        if not bank.address:
+            return False
+        try:
+            response = await health_pb2_grpc.HealthStub(self._channel(bank)).Check(
+                health_pb2.HealthCheckRequest(), timeout=call_timeout
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def close(self) -> None:
         links, self._sessions = list(self._sessions.values()), {}

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -54,6 +54,13 @@ class PrometheusMetrics:
             buckets=BANK_CALL_BUCKETS,
             registry=self.registry,
         )
+        self._up = Gauge(
+            "cardlookup_bank_up",
+            "1 while the bank's health check answers SERVING to this replica, else 0 (checked every "
+            "health interval, 2 s by default).",
+            ["bank"],
+            registry=self.registry,
+        )
         # labels() takes a lock and builds a key on every call; the children are few and fixed.
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
@@ -70,6 +77,9 @@ class PrometheusMetrics:
             self._children[(bank_code, outcome)] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def bank_reachable(self, bank_code: str, up: bool) -> None:
+        self._up.labels(bank_code).set(1 if up else 0)
 
     def watch_live_state(
         self,

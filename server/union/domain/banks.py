@@ -76,6 +76,10 @@ class BankGateway(Protocol):
         """The fraud desk's answer: state FROZEN and the case number as ticket."""
         ...
 
+    async def reachable(self, bank: Bank, call_timeout: float) -> bool:
+        """Whether the bank's server answers its health check as SERVING within `call_timeout` seconds."""
+        ...
+
     async def close(self) -> None: ...
 
 
