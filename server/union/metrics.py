@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 from wsgiref.simple_server import WSGIServer
@@ -25,6 +26,27 @@ from server.union.domain.metrics import BankCallOutcome
 
 # Seconds. A bank answers in milliseconds when healthy; the call deadline defaults to 10 s.
 BANK_CALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Seconds from a lookup's creation to its report: ~0.1 s when every bank answers at once, up to the
+# 24-hour deadline when one stays silent.
+TIME_TO_REPORT_BUCKETS = (
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    3600.0,
+    21600.0,
+    86400.0,
+)
+# Lookups whose creation time is kept for the histogram above. One whose report another replica
+# writes is never taken out, so the oldest go first past this many.
+MAX_TIMED_LOOKUPS = 50_000
 
 
 class PrometheusMetrics:
@@ -54,6 +76,14 @@ class PrometheusMetrics:
             buckets=BANK_CALL_BUCKETS,
             registry=self.registry,
         )
+        self._time_to_report = Histogram(
+            "cardlookup_time_to_report_seconds",
+            "From a lookup's creation to its report being written, for lookups this replica both "
+            "created and finished.",
+            buckets=TIME_TO_REPORT_BUCKETS,
+            registry=self.registry,
+        )
+        self._created: dict[str, float] = {}  # lookup id → time.monotonic() at creation
         self._up = Gauge(
             "cardlookup_bank_up",
             "1 while the bank's health check answers SERVING to this replica, else 0 (checked every "
@@ -64,11 +94,17 @@ class PrometheusMetrics:
         # labels() takes a lock and builds a key on every call; the children are few and fixed.
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
-    def lookup_created(self) -> None:
+    def lookup_created(self, lookup_id: str) -> None:
         self._lookups.inc()
+        self._created[lookup_id] = time.monotonic()
+        if len(self._created) > MAX_TIMED_LOOKUPS:
+            del self._created[next(iter(self._created))]  # the oldest (dicts keep insertion order)
 
-    def report_generated(self) -> None:
+    def report_generated(self, lookup_id: str) -> None:
         self._reports.inc()
+        created = self._created.pop(lookup_id, None)
+        if created is not None:
+            self._time_to_report.observe(time.monotonic() - created)
 
     def bank_call(self, bank_code: str, outcome: BankCallOutcome, seconds: float) -> None:
         children = self._children.get((bank_code, outcome))

@@ -8,12 +8,14 @@ import urllib.request
 from datetime import timedelta
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.bank.app import RunningBank
 from server.bank.faults import FaultSettings
 from server.population.generator import cards_of
+from server.union import metrics
 from tests.conftest import SEED, ZHANG, UnionFactory, run_lookup, verified_client
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -54,6 +56,8 @@ async def test_a_lookup_is_counted_per_bank_and_nothing_about_the_person_is_expo
     samples = _samples(text)
     assert samples[("cardlookup_lookups_created_total", ())] == 1
     assert samples[("cardlookup_reports_generated_total", ())] == 1
+    assert samples[("cardlookup_time_to_report_seconds_count", ())] == 1
+    assert 0 < samples[("cardlookup_time_to_report_seconds_sum", ())] < 60
     for code in banks:
         assert _calls(samples, code, "answered") == 1
         assert _calls(samples, code, "retried") == _calls(samples, code, "failed") == 0
@@ -93,6 +97,17 @@ async def test_failed_calls_are_counted_by_outcome(
     assert _calls(samples, "CMB", "failed") == 1
     assert _calls(samples, "CMB", "answered") == _calls(samples, "CMB", "retried") == 0
     assert samples[("cardlookup_reports_generated_total", ())] == 1
+
+
+def test_time_to_report_forgets_the_oldest_lookups_past_its_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "MAX_TIMED_LOOKUPS", 2)
+    recorder = metrics.PrometheusMetrics()
+    for lookup_id in ("l1", "l2", "l3"):  # l1's report will be written by another replica, say
+        recorder.lookup_created(lookup_id)
+    for lookup_id in ("l1", "l2", "l3"):
+        recorder.report_generated(lookup_id)
+    assert recorder.registry.get_sample_value("cardlookup_reports_generated_total") == 3
+    assert recorder.registry.get_sample_value("cardlookup_time_to_report_seconds_count") == 2
 
 
 async def test_no_endpoint_unless_asked(make_union: UnionFactory) -> None:

@@ -142,7 +142,7 @@ class LookupService:
         if not created:
             return lookup  # this request_id's lookup, made by an earlier call
         audited.recorded = True
-        self._metrics.lookup_created()
+        self._metrics.lookup_created(lookup.id)
         self._orchestrator.dispatch(claims)
         if len(claims) < len(chosen):
             self._orchestrator.wake()  # the banks it had no room for go through the queue

@@ -15,9 +15,9 @@ BankCallOutcome = Literal["answered", "retried", "failed"]
 
 
 class Metrics(Protocol):
-    def lookup_created(self) -> None: ...
+    def lookup_created(self, lookup_id: str) -> None: ...
 
-    def report_generated(self) -> None: ...
+    def report_generated(self, lookup_id: str) -> None: ...
 
     def bank_call(self, bank_code: str, outcome: BankCallOutcome, seconds: float) -> None: ...
 
@@ -25,10 +25,10 @@ class Metrics(Protocol):
 class NoMetrics:
     """Metrics that go nowhere."""
 
-    def lookup_created(self) -> None:
+    def lookup_created(self, lookup_id: str) -> None:
         pass
 
-    def report_generated(self) -> None:
+    def report_generated(self, lookup_id: str) -> None:
         pass
 
     def bank_call(self, bank_code: str, outcome: BankCallOutcome, seconds: float) -> None:

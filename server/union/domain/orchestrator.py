@@ -515,7 +515,7 @@ class Orchestrator:
     def _reported(self, lookup_id: str, done: bool) -> None:
         if done:
             log.info("report ready", extra={"lookup": lookup_id})
-            self.metrics.report_generated()
+            self.metrics.report_generated(lookup_id)
             self._events.notify(lookup_id, final=True)
             self._announce = True  # the notification outbox has a new row
             if not self._announce_due:
