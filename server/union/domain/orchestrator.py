@@ -83,7 +83,7 @@ class Orchestrator:
     ) -> None:
         self._notifier = notifier
         self._audit = audit
-        self.metrics: Metrics = metrics or NoMetrics()
+        self._metrics: Metrics = metrics or NoMetrics()
         self._store = store
         self._gateway = gateway
         self._keys = keys
@@ -449,7 +449,7 @@ class Orchestrator:
             await self._record_failure(claim, failure, time.monotonic() - started)
             return
         seconds = time.monotonic() - started
-        self.metrics.bank_call(bank.code, "answered", seconds)
+        self._metrics.bank_call(bank.code, "answered", seconds)
         latency_ms = int(seconds * 1000)
         masked = [
             (
@@ -489,7 +489,7 @@ class Orchestrator:
     async def _record_failure(self, claim: model.Claim, failure: BankCallFailed, seconds: float) -> None:
         now = self._clock.now()
         retry_at = self._retry_time(claim.attempt) if failure.retryable else None
-        self.metrics.bank_call(claim.bank_code, "retried" if retry_at is not None else "failed", seconds)
+        self._metrics.bank_call(claim.bank_code, "retried" if retry_at is not None else "failed", seconds)
         log.info(
             "bank attempt failed",
             extra={
@@ -515,7 +515,7 @@ class Orchestrator:
     def _reported(self, lookup_id: str, done: bool) -> None:
         if done:
             log.info("report ready", extra={"lookup": lookup_id})
-            self.metrics.report_generated(lookup_id)
+            self._metrics.report_generated(lookup_id)
             self._events.notify(lookup_id, final=True)
             self._announce = True  # the notification outbox has a new row
             if not self._announce_due:
