@@ -98,6 +98,9 @@ def serve(
             server_tls = union_server_tls(tls_dir)
         except FileNotFoundError as error:
             raise typer.BadParameter(f"{error.filename} is missing", param_hint="--tls-dir") from error
+    _, _, metrics_port = metrics_listen.rpartition(":")
+    if metrics_listen and not (metrics_port.isdigit() and int(metrics_port) <= 65535):
+        raise typer.BadParameter(f"expected host:port, got {metrics_listen!r}", param_hint="--metrics-listen")
     configure_logging(log_level)
     config = UnionConfig(
         listen=listen,

@@ -6,16 +6,19 @@ from __future__ import annotations
 import asyncio
 import urllib.request
 from datetime import timedelta
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
 
 from server.bank.app import RunningBank
 from server.bank.faults import FaultSettings
 from server.population.generator import cards_of
 from server.union import metrics
+from server.union.main import app as union_app
 from tests.conftest import SEED, ZHANG, UnionFactory, run_lookup, verified_client
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -153,3 +156,11 @@ async def test_each_bank_has_a_health_entry_and_an_up_gauge(
     assert up == {code: 0.0 if code in ("CMB", "CZB") else 1.0 for code in banks}
     await banks["CMB"].server.set_serving(True)
     await _wait_health(union.address, "bank/CMB", SERVING)
+
+
+def test_the_cli_refuses_a_metrics_address_without_a_port(tmp_path: Path) -> None:
+    for wrong in ("abc", "127.0.0.1", "127.0.0.1:http", "127.0.0.1:70000"):
+        arguments = ["serve", "--data-dir", str(tmp_path), "--metrics-listen", wrong]
+        result = CliRunner().invoke(union_app, arguments)
+        assert result.exit_code == 2, wrong
+        assert "--metrics-listen" in result.output
