@@ -7,6 +7,7 @@ databases (.ci/run starts one): each test then gets a database of its own.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import uuid
@@ -16,7 +17,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -142,6 +145,27 @@ async def make_union(
 @pytest.fixture
 async def union(make_union: UnionFactory) -> UnionServer:
     return await make_union()
+
+
+async def health_status(address: str, service: str = "") -> int:
+    """A server's health status for `service` ("" = the whole server); -1 while it has no entry."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        request = health_pb2.HealthCheckRequest(service=service)
+        try:
+            response = await health_pb2_grpc.HealthStub(channel).Check(request, timeout=2)
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            return -1
+        return int(response.status)
+
+
+async def wait_health(address: str, wanted: int, service: str = "") -> None:
+    for _ in range(100):
+        if await health_status(address, service) == wanted:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"health of {service or 'the server'} never became {wanted}")
 
 
 async def verified_client(union: UnionServer, person: Person) -> CardLookupClient:

@@ -96,12 +96,9 @@ class GrpcServer:
         log.info("listening", extra={"address": self.address, "services": self._service_names})
 
     async def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
         # "" is the whole server's status, which is what grpcurl and load balancers ask for.
         for name in ["", *self._service_names]:
-            await self._health.set(name, status)
+            await self.set_status(name, serving)
 
     async def set_status(self, name: str, serving: bool) -> None:
         """The health status of one named part (e.g. a dependency the server reports on)."""

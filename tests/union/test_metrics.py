@@ -8,9 +8,8 @@ import urllib.request
 from datetime import timedelta
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
@@ -19,7 +18,7 @@ from server.bank.faults import FaultSettings
 from server.population.generator import cards_of
 from server.union import metrics
 from server.union.main import app as union_app
-from tests.conftest import SEED, ZHANG, UnionFactory, run_lookup, verified_client
+from tests.conftest import SEED, ZHANG, UnionFactory, health_status, run_lookup, verified_client, wait_health
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -118,44 +117,24 @@ async def test_no_endpoint_unless_asked(make_union: UnionFactory) -> None:
     assert union.metrics_address is None
 
 
-async def _health(address: str, service: str = "") -> int:
-    async with grpc.aio.insecure_channel(address) as channel:
-        request = health_pb2.HealthCheckRequest(service=service)
-        try:
-            response = await health_pb2_grpc.HealthStub(channel).Check(request, timeout=2)
-        except grpc.aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: no entry yet
-                raise
-            return -1
-        return int(response.status)
-
-
-async def _wait_health(address: str, service: str, wanted: int) -> None:
-    for _ in range(100):
-        if await _health(address, service) == wanted:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{service} never became {wanted}")
-
-
 async def test_each_bank_has_a_health_entry_and_an_up_gauge(
     make_union: UnionFactory, banks: dict[str, RunningBank]
 ) -> None:
     union = await make_union(health_interval=timedelta(milliseconds=100), metrics_listen="127.0.0.1:0")
     assert union.metrics_address is not None
     for code in banks:
-        await _wait_health(union.address, f"bank/{code}", SERVING)
+        await wait_health(union.address, SERVING, f"bank/{code}")
     await banks["CMB"].server.set_serving(False)  # draining
     await banks["CZB"].server.stop(0)  # gone
-    await _wait_health(union.address, "bank/CMB", NOT_SERVING)
-    await _wait_health(union.address, "bank/CZB", NOT_SERVING)
-    assert await _health(union.address) == SERVING  # partial reports, not an unavailable union
-    assert await _health(union.address, "bank/ICBC") == SERVING
+    await wait_health(union.address, NOT_SERVING, "bank/CMB")
+    await wait_health(union.address, NOT_SERVING, "bank/CZB")
+    assert await health_status(union.address) == SERVING  # partial reports, not an unavailable union
+    assert await health_status(union.address, "bank/ICBC") == SERVING
     samples = _samples(await _scrape(union.metrics_address))
     up = {code: samples[("cardlookup_bank_up", (("bank", code),))] for code in banks}
     assert up == {code: 0.0 if code in ("CMB", "CZB") else 1.0 for code in banks}
     await banks["CMB"].server.set_serving(True)
-    await _wait_health(union.address, "bank/CMB", SERVING)
+    await wait_health(union.address, SERVING, "bank/CMB")
 
 
 def test_the_cli_refuses_a_metrics_address_without_a_port(tmp_path: Path) -> None:

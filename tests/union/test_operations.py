@@ -9,7 +9,7 @@ from datetime import timedelta
 import grpc
 import pytest
 from cardlookup.v1 import card_lookup_service_pb2 as pb
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
@@ -18,21 +18,7 @@ from server.bank.app import RunningBank
 from server.bank.faults import FaultSettings
 from server.population.generator import person_at
 from server.union.storage.models import ReportRow
-from tests.conftest import POSTGRES_ENV, SEED, UnionFactory, run_lookup, verified_client
-
-
-async def _status(address: str) -> int:
-    async with grpc.aio.insecure_channel(address) as channel:
-        response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-        return int(response.status)
-
-
-async def _wait_status(address: str, wanted: int) -> None:
-    for _ in range(100):
-        if await _status(address) == wanted:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"health never became {wanted}")
+from tests.conftest import POSTGRES_ENV, SEED, UnionFactory, run_lookup, verified_client, wait_health
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
@@ -54,7 +40,7 @@ async def test_health_not_serving_while_database_is_unreachable(
                 text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"),
                 {"name": name},
             )
-        await _wait_status(union.address, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await wait_health(union.address, health_pb2.HealthCheckResponse.NOT_SERVING)
         async with client:
             with pytest.raises(CardLookupError) as down:
                 await client.list_reports()
@@ -64,7 +50,7 @@ async def test_health_not_serving_while_database_is_unreachable(
 
             with admin.connect() as connection:
                 connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
-            await _wait_status(union.address, health_pb2.HealthCheckResponse.SERVING)
+            await wait_health(union.address, health_pb2.HealthCheckResponse.SERVING)
             # Recovered by itself, and nothing was half-written: the lookup finishes with one whole report.
             events = [event async for event in client.watch_lookup(lookup.name, stream_timeout=60)]
             report = await client.get_report(events[-1].lookup.report)
