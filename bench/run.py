@@ -208,6 +208,16 @@ class Run:
             return 0.0
         return round(self.completed / self.seconds * sum(self.cpu_ms_per_lookup.values()) / 1000, 2)
 
+    @property
+    def cores_busy_by_process(self) -> dict[str, float]:
+        """The same, for each process (group) apart. A Python process near 1.0 is the bottleneck
+        whatever the machine has left: its interpreter runs one thread at a time (only gRPC's and
+        the database's C code run beside it), so that group cannot go much past one core."""
+        if not self.seconds:
+            return {}
+        rate = self.completed / self.seconds
+        return {name: round(rate * ms / 1000, 2) for name, ms in self.cpu_ms_per_lookup.items()}
+
     def summary(self) -> dict[str, Any]:
         return {
             "lookups_per_second": round(self.completed / self.seconds, 1) if self.seconds else 0.0,
@@ -219,6 +229,7 @@ class Run:
             "errors": dict(self.errors),
             "cpu_ms_per_lookup": self.cpu_ms_per_lookup,
             "cores_busy": self.cores_busy,
+            "cores_busy_by_process": self.cores_busy_by_process,
         }
 
 
@@ -823,11 +834,12 @@ def table(runs: list[Run], hold: dict[str, Any] | None) -> str:
     if runs:
         lines.append(
             f"{'phase':26} {'lookups/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7} {'cores':>6}"
-            "  cpu ms/lookup"
+            "  cpu ms/lookup (cores busy)"
         )
     for run in runs:
         s = run.summary()
-        cpu = " ".join(f"{name} {ms:g}" for name, ms in run.cpu_ms_per_lookup.items())
+        busy = run.cores_busy_by_process
+        cpu = " ".join(f"{name} {ms:g} ({busy[name]:.2f})" for name, ms in run.cpu_ms_per_lookup.items())
         lines.append(
             f"{run.name:26} {s['lookups_per_second']:>10.1f} {s['p50_ms']:>9.1f} {s['p99_ms']:>9.1f}"
             f" {sum(run.errors.values()):>7} {run.cores_busy:>6.2f}  {cpu}"
