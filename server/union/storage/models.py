@@ -118,12 +118,13 @@ class VerifiedPersonRow(Base):
 class LookupRow(Base):
     __tablename__ = "lookups"
     __table_args__ = (
+        # Also the index for every query by person_hash alone (its first column).
         UniqueConstraint("person_hash", "request_id"),
         Index("ix_lookups_state_deadline", "state", "deadline_time"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    person_hash: Mapped[str] = mapped_column(String(64), index=True)
+    person_hash: Mapped[str] = mapped_column(String(64))
     request_id: Mapped[str] = mapped_column(String(64))
     region_code: Mapped[str] = mapped_column(String(6))
     state: Mapped[str] = mapped_column(String(16))  # "running" | "completed"
@@ -206,10 +207,11 @@ class CardClosureRow(Base):
     """A person's request to close cards of one report (its items are card_actions rows)."""
 
     __tablename__ = "card_closures"
+    # Also the index for listing a person's closures (its first column).
     __table_args__ = (UniqueConstraint("person_hash", "request_id"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    person_hash: Mapped[str] = mapped_column(String(64), index=True)
+    person_hash: Mapped[str] = mapped_column(String(64))
     request_id: Mapped[str] = mapped_column(String(64))
     report_id: Mapped[str] = mapped_column(String(40))
     create_time: Mapped[datetime] = mapped_column(Timestamp)
