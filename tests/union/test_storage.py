@@ -61,18 +61,24 @@ async def test_migrations_go_down_and_up_again(database_url: str) -> None:
     def indexes(table: str) -> set[str]:
         return {str(index["name"]) for index in inspect(store.engine).get_indexes(table)}
 
-    try:
-        store.migrate()
-        assert "ix_lookups_person_hash" not in indexes("lookups")
+    def downgrade(revision: str) -> None:
         with store.engine.begin() as connection:
             config = alembic_config(store.url)
             config.attributes["connection"] = connection
-            command.downgrade(config, "0002")
+            command.downgrade(config, revision)
+
+    try:
+        store.migrate()
+        assert "ix_lookups_person_hash" not in indexes("lookups")
+        downgrade("0002")
         assert "ix_lookups_person_hash" in indexes("lookups")
         assert "ix_card_closures_person_hash" in indexes("card_closures")
         store.migrate()
         assert "ix_lookups_person_hash" not in indexes("lookups")
         assert "ix_card_closures_person_hash" not in indexes("card_closures")
+        downgrade("base")
+        assert set(inspect(store.engine).get_table_names()) <= {"alembic_version"}
+        store.migrate()
         with store.engine.connect() as connection:
             assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     finally:
