@@ -35,6 +35,7 @@ from server.union.domain.events import LookupEvents
 from server.union.domain.identity import IdentityPolicy, IdentityService
 from server.union.domain.lookups import LookupPolicy, LookupService
 from server.union.domain.orchestrator import Orchestrator, OrchestratorPolicy
+from server.union.domain.retention import RetentionPolicy, RetentionSweep
 from server.union.metrics import MetricsEndpoint, PrometheusMetrics
 from server.union.notify import SmsNotifier
 from server.union.secrets import Keys
@@ -69,6 +70,7 @@ class UnionConfig:
     lookups: LookupPolicy = field(default_factory=LookupPolicy)
     orchestration: OrchestratorPolicy = field(default_factory=OrchestratorPolicy)
     card_actions: CardActionPolicy = field(default_factory=CardActionPolicy)
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     tls: TlsFiles | None = None  # for clients of the union
     bank_tls: ClientTls | None = None  # mutual TLS towards the banks
     health_interval: timedelta = timedelta(seconds=2)
@@ -142,10 +144,13 @@ class UnionServer:
         self.keys = Keys.load(config.data_dir)
         self.store = open_store(config.effective_database_url)
         self.gateway = gateway or GrpcBankGateway(config.bank_tls)
-        self.sms = sms or FileSmsSink(config.sms_sink_path)
+        self.sms = sms or FileSmsSink(config.sms_sink_path, self.clock.now)
         self.events = LookupEvents()
         self.metrics = PrometheusMetrics()
         self.audit = AuditTrail(self.store, self.clock, self.keys)
+        self.retention = RetentionSweep(
+            self.store, config.retention, self.sms if isinstance(self.sms, FileSmsSink) else None
+        )
         self.orchestrator = Orchestrator(
             self.store,
             self.gateway,
@@ -153,9 +158,10 @@ class UnionServer:
             self.clock,
             self.events,
             config.orchestration,
-            notifier=SmsNotifier(self.sms),
+            notifier=SmsNotifier(self.sms, config.retention.report_days),
             audit=self.audit,
             metrics=self.metrics,
+            retention=self.retention,
         )
         self.metrics.watch_live_state(
             self.orchestrator.bank_calls_in_flight,

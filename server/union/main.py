@@ -24,6 +24,13 @@ from server.union.bank_gateway import ClientTls
 from server.union.clock import SystemClock
 from server.union.domain.lookups import LookupPolicy
 from server.union.domain.orchestrator import OrchestratorPolicy
+from server.union.domain.retention import (
+    DEFAULT_RETENTION_DAYS,
+    DEFAULT_TIMEZONE,
+    RetentionPolicy,
+    RetentionSweep,
+)
+from server.union.sms import FileSmsSink
 from server.union.storage.store import open_store
 
 app = typer.Typer(help="The 一键查卡 union server.", no_args_is_help=True, add_completion=False)
@@ -62,6 +69,16 @@ def serve(
         float, typer.Option(help="Hours before a person may look up again.")
     ] = 168,
     deadline_hours: Annotated[float, typer.Option(help="Lookup deadline (the SLA) in hours.")] = 24,
+    report_retention_days: Annotated[
+        int,
+        typer.Option(min=1, help="Natural days a report (and its lookup) is kept after the day it was made."),
+    ] = DEFAULT_RETENTION_DAYS,
+    calendar_timezone: Annotated[
+        str, typer.Option(help="Time zone whose calendar days count for report retention.")
+    ] = DEFAULT_TIMEZONE,
+    audit_retention_days: Annotated[
+        int, typer.Option(min=1, help="Days the audit trail (PII-free) is kept.")
+    ] = 180,
     call_timeout_seconds: Annotated[float, typer.Option(help="Deadline of one call to a bank.")] = 10,
     lease_margin_seconds: Annotated[
         float, typer.Option(help="How long past the call deadline a dead replica's claim is held.")
@@ -101,6 +118,14 @@ def serve(
     _, _, metrics_port = metrics_listen.rpartition(":")
     if metrics_listen and not (metrics_port.isdigit() and int(metrics_port) <= 65535):
         raise typer.BadParameter(f"expected host:port, got {metrics_listen!r}", param_hint="--metrics-listen")
+    try:
+        retention = RetentionPolicy(
+            report_days=report_retention_days,
+            timezone=calendar_timezone,
+            audit=timedelta(days=audit_retention_days),
+        )
+    except (ValueError, KeyError) as error:  # ZoneInfoNotFoundError is a KeyError
+        raise typer.BadParameter("not a known IANA time zone", param_hint="--calendar-timezone") from error
     configure_logging(log_level)
     config = UnionConfig(
         listen=listen,
@@ -118,6 +143,7 @@ def serve(
         bank_tls=bank_tls,
         tls=server_tls,
         metrics_listen=metrics_listen,
+        retention=retention,
     )
 
     async def run() -> None:
@@ -143,18 +169,21 @@ def serve(
 
 @app.command()
 def purge(data_dir: DataDir = Path("data"), database_url: DatabaseUrl = "") -> None:
-    """Delete expired reports and their card rows now (the server also does this periodically)."""
+    """Run the retention sweep now: expired reports with their lookups, and every other kind of
+    data past its retention (the server also does this periodically)."""
     config = UnionConfig(data_dir=data_dir, database_url=database_url)
 
-    async def run() -> int:
+    async def run() -> dict[str, int]:
         store = open_store(config.effective_database_url)
         try:
             await asyncio.to_thread(store.migrate)
-            return await store.purge_expired_reports(SystemClock().now(), limit=1_000_000)
+            sweep = RetentionSweep(store, config.retention, FileSmsSink(config.sms_sink_path))
+            return await sweep.sweep(SystemClock().now())
         finally:
             await store.close()
 
-    typer.echo(f"purged {asyncio.run(run())} expired reports")
+    purged = asyncio.run(run())
+    typer.echo(", ".join(f"{kind}: {count}" for kind, count in purged.items()))
 
 
 @app.command("admin-token")

@@ -6,7 +6,10 @@ from typing import Protocol
 
 from server.union.sms import SmsSender
 
-REPORT_READY_TEXT = "【一键查卡】您的查卡报告已生成，请在7个自然日内登录查看，逾期自动删除。"
+
+def report_ready_text(retention_days: int) -> str:
+    """The message follows the configured retention, so it never promises what the union won't keep."""
+    return f"【一键查卡】您的查卡报告已生成，请在{retention_days}个自然日内登录查看，逾期自动删除。"
 
 
 class Notifier(Protocol):
@@ -16,8 +19,9 @@ class Notifier(Protocol):
 class SmsNotifier:
     """Development and production alike go through an SmsSender (the development one is a file)."""
 
-    def __init__(self, sms: SmsSender) -> None:
+    def __init__(self, sms: SmsSender, retention_days: int) -> None:
         self._sms = sms
+        self._text = report_ready_text(retention_days)
 
     def report_ready(self, mobile_number: str) -> None:
-        self._sms.send(mobile_number, REPORT_READY_TEXT)
+        self._sms.send(mobile_number, self._text)

@@ -6,9 +6,11 @@ The one-time code goes only to the SMS channel: never into an RPC answer or a lo
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -23,17 +25,36 @@ class SmsSender(Protocol):
 class FileSmsSink:
     """Appends one JSON line per message to a file: {"time", "to", "text"} (the demo's "phone")."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.path = path
+        self._now = now  # the union's clock, so messages and their purge share one time line
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def send(self, mobile_number: str, text: str) -> None:
         line = json.dumps(
-            {"time": datetime.now(UTC).isoformat(), "to": mobile_number, "text": text}, ensure_ascii=False
+            {"time": self._now().isoformat(), "to": mobile_number, "text": text}, ensure_ascii=False
         )
         with self._lock, self.path.open("a", encoding="utf-8") as handle:
             handle.write(line + "\n")
+
+    def purge(self, before: datetime) -> int:
+        """Drop the messages sent before `before` (one-time codes must not linger); returns how many."""
+        with self._lock:
+            if not self.path.exists():
+                return 0
+            lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+            kept = [
+                line
+                for line in lines
+                if line.endswith("\n") and datetime.fromisoformat(json.loads(line)["time"]) >= before
+            ]
+            if len(kept) == len(lines):
+                return 0
+            replacement = self.path.with_name(self.path.name + ".purging")
+            replacement.write_text("".join(kept), encoding="utf-8")
+            os.replace(replacement, self.path)
+            return len(lines) - len(kept)
 
 
 def _messages_to(path: Path, mobile_number: str) -> list[str]:

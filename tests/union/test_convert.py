@@ -25,7 +25,7 @@ def test_timestamp_is_exactly_what_from_datetime_gives(value: datetime) -> None:
 
 def _lookup(banks: list[model.BankProgress]) -> model.Lookup:
     now = datetime(2026, 11, 27, 8, 30, 15, 123456, tzinfo=UTC)
-    return model.Lookup("l1", "r1", model.LookupState.RUNNING, now, now + timedelta(hours=24), None, banks)
+    return model.Lookup("l1", model.LookupState.RUNNING, now, now + timedelta(hours=24), None, banks)
 
 
 def test_lookup_progress_is_converted_field_by_field_and_never_shared() -> None:

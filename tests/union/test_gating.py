@@ -9,6 +9,7 @@ from cardlookup.v1 import admin_service_pb2 as admin_pb
 from clients.client import CardLookupClient, CardLookupError
 from server.population.catalogue import PILOT_REGIONS
 from server.union.app import UnionServer
+from server.union.sms import read_last_message
 from tests.conftest import WANG, ZHANG, run_lookup, verified_client
 
 
@@ -32,26 +33,33 @@ async def test_seeded_regions_and_banks(union: UnionServer) -> None:
 
 
 async def test_closed_region_refused_until_opened(union: UnionServer) -> None:
-    person = await verified_client(union, WANG)
-    async with person, await admin(union) as operator:
+    async with CardLookupClient(union.address) as stranger_to_the_pilot, await admin(union) as operator:
+        # Refused before a one-time code is sent: a code for a lookup that cannot run is noise.
         with pytest.raises(CardLookupError) as refused:
-            await person.create_lookup()
+            await stranger_to_the_pilot.start_verification(
+                WANG.name, WANG.resident_id_number, WANG.mobile_number
+            )
         assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert refused.value.reason == "REGION_NOT_OPEN"
+        assert read_last_message(union.config.sms_sink_path, WANG.mobile_number) is None
 
         opened = await operator.admin("UpdateRegion", admin_pb.UpdateRegionRequest(code="440000", open=True))
         assert opened.region.open
         assert opened.region.HasField("open_time")
-        events, report = await run_lookup(person)
-        first = events[-1].lookup
-        assert report.total_card_count == 2
+        person = await verified_client(union, WANG)
+        async with person:
+            events, report = await run_lookup(person, request_id="wang-first")
+            first = events[-1].lookup
+            assert report.total_card_count == 2
 
-        await operator.admin("UpdateRegion", admin_pb.UpdateRegionRequest(code="440000", open=False))
-        with pytest.raises(CardLookupError) as closed:
-            await person.create_lookup()
-        assert closed.value.reason == "REGION_NOT_OPEN"
-        # AIP-155: a retry of the request that made a lookup still gets that lookup, region closed or not.
-        assert (await person.create_lookup(request_id=first.request_id)).name == first.name
+            # A session from while the region was open does not outlive its closing.
+            await operator.admin("UpdateRegion", admin_pb.UpdateRegionRequest(code="440000", open=False))
+            with pytest.raises(CardLookupError) as closed:
+                await person.create_lookup()
+            assert closed.value.reason == "REGION_NOT_OPEN"
+            # AIP-155: a retry of the request that made a lookup still gets that lookup, region closed
+            # or not.
+            assert (await person.create_lookup(request_id="wang-first")).name == first.name
 
 
 async def test_disabled_bank_is_not_queried(union: UnionServer) -> None:

@@ -89,7 +89,7 @@ async def test_cancelled_watches_and_creates_leak_nothing(union: UnionServer) ->
     client = await verified_client(union, ZHANG)
     async with client:
         await union.orchestrator.stop(0)
-        lookup = await client.create_lookup()
+        lookup = await client.create_lookup(request_id="resumed")
         baseline_tasks = len(asyncio.all_tasks())
         metadata = (("authorization", f"Bearer {client.session_token}"),)
         async with grpc.aio.insecure_channel(union.address) as channel:
@@ -114,5 +114,5 @@ async def test_cancelled_watches_and_creates_leak_nothing(union: UnionServer) ->
             await asyncio.sleep(0.05)
         assert len(asyncio.all_tasks()) <= baseline_tasks
         union.orchestrator.start()
-        _, report = await run_lookup(client, request_id=lookup.request_id)
+        _, report = await run_lookup(client, request_id="resumed")
         assert report.total_card_count == 5

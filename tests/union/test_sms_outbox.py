@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from server.union.notify import REPORT_READY_TEXT
+from server.union.notify import report_ready_text
 from server.union.sms import FileSmsSink, read_last_message, read_one_time_code
 
 
@@ -30,7 +30,7 @@ def test_the_code_is_found_past_a_notice_sent_after_it(tmp_path: Path) -> None:
     sink = FileSmsSink(outbox)
     sink.send("13800000000", "【一键查卡】验证码 111111，5分钟内有效。")
     sink.send("13800000000", "【一键查卡】验证码 222222，5分钟内有效。")
-    sink.send("13800000000", REPORT_READY_TEXT)
-    assert read_last_message(outbox, "13800000000") == REPORT_READY_TEXT
+    sink.send("13800000000", report_ready_text(7))
+    assert read_last_message(outbox, "13800000000") == report_ready_text(7)
     assert read_one_time_code(outbox, "13800000000") == "222222"
     assert read_one_time_code(outbox, "13900000000") is None

@@ -88,7 +88,6 @@ def _bank_progress(value: model.BankProgress) -> pb.BankProgress:
 def lookup(value: model.Lookup) -> pb.Lookup:
     return pb.Lookup(
         name=value.name,
-        request_id=value.request_id,
         state=_STATES[value.state],
         bank_progress=[_bank_progress(b) for b in value.banks],
         create_time=timestamp(value.create_time),
@@ -150,7 +149,6 @@ def closure_item(value: model.CardAction) -> action_pb.CardClosureItem:
 def closure(value: model.CardClosure) -> action_pb.CardClosure:
     return action_pb.CardClosure(
         name=value.name,
-        request_id=value.request_id,
         report=f"reports/{value.report_id}",
         items=[closure_item(item) for item in value.items],
         create_time=timestamp(value.create_time),

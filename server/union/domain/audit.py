@@ -1,12 +1,15 @@
 """The audit trail: who did what, when, and how it ended — never a name, ID or card number.
 
 Actors are the keyed person hash (the same pseudonym the union uses
-everywhere) or "admin"; resources are resource names like "reports/r…".
+everywhere) or "admin"; resources are resource names like "reports/r…" that the
+audited block set only after it validated them. Nothing a client typed is kept
+as typed: a resource that is not a validated name is recorded as INVALID_RESOURCE.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,6 +22,10 @@ from server.union.secrets import Keys
 from server.union.storage.store import Store
 
 ADMIN_ACTOR = "admin"
+# What is recorded in place of a resource name that is not one of ours (never the text itself).
+INVALID_RESOURCE = "(invalid)"
+# The shape of every resource name the union itself makes: collection/id.
+RESOURCE_NAME = re.compile(r"^[a-z]{1,16}/[A-Za-z0-9_-]{1,40}$")
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 
@@ -34,6 +41,13 @@ class Outcome:
     recorded: bool = False
 
 
+def safe_resource(resource: str) -> str:
+    """The resource as recorded: a validated resource name, nothing, or the INVALID_RESOURCE marker."""
+    if not resource or RESOURCE_NAME.fullmatch(resource):
+        return resource
+    return INVALID_RESOURCE
+
+
 def refusal(error: errors.DomainError) -> str:
     reason = getattr(error, "reason", "") or type(error).__name__.upper()
     return f"refused:{reason}"
@@ -46,12 +60,13 @@ class AuditTrail:
         self._pager = Pager(keys, "audit", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
     async def record(self, actor: str, action: str, outcome: str, resource: str = "") -> None:
-        await self._store.add_audit_event(self._clock.now(), actor, action, outcome, resource)
+        await self._store.add_audit_event(self._clock.now(), actor, action, outcome, safe_resource(resource))
 
     @contextlib.asynccontextmanager
-    async def action(self, actor: str, action: str, resource: str = "") -> AsyncIterator[Outcome]:
-        """Record `action` with the block's outcome: "ok", what the block set, or the refusal."""
-        outcome = Outcome(resource=resource)
+    async def action(self, actor: str, action: str) -> AsyncIterator[Outcome]:
+        """Record `action` with the block's outcome: "ok", what the block set, or the refusal. The
+        block sets `resource` once it has validated it, so a refused request records none."""
+        outcome = Outcome()
         try:
             yield outcome
         except errors.DomainError as error:
@@ -63,7 +78,7 @@ class AuditTrail:
 
     def entry(self, actor: str, action: str, resource: str) -> model.AuditEntry:
         """An "ok" event for a store call to write in its own transaction (see Outcome.recorded)."""
-        return model.AuditEntry(self._clock.now(), actor, action, "ok", resource)
+        return model.AuditEntry(self._clock.now(), actor, action, "ok", safe_resource(resource))
 
     async def list(
         self,

@@ -24,7 +24,7 @@ from server.union.domain.identity import Caller
 from server.union.domain.orchestrator import Orchestrator
 from server.union.domain.paging import Pager
 from server.union.secrets import Keys
-from server.union.storage.store import DuplicateRequest, Store
+from server.union.storage.store import DuplicateRequest, RequestMismatch, Store
 
 MAX_CARDS_PER_CLOSURE = 20
 DEFAULT_PAGE_SIZE = 10
@@ -59,13 +59,10 @@ class CardActionService:
         self._pager = Pager(keys, "closures", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         self.policy = policy
 
-    async def _report_cards(
-        self, caller: Caller, report_name: str, field: str = "report"
-    ) -> dict[str, model.ReportCardSource]:
-        report_id = validation.parse_resource_name(report_name, "reports", field)
+    async def _report_cards(self, caller: Caller, report_id: str) -> dict[str, model.ReportCardSource]:
         cards = await self._store.report_card_sources(report_id, caller.person_hash, self._clock.now())
         if cards is None:
-            raise errors.NotFound(f"{report_name} not found")
+            raise errors.NotFound("report not found")
         return cards
 
     def _seal_for_bank(self, caller: Caller, action_id: str) -> str:
@@ -75,8 +72,9 @@ class CardActionService:
     async def create_closure(
         self, caller: Caller, request_id: str, report_name: str, card_refs: Sequence[str]
     ) -> model.CardClosure:
-        async with self._audit.action(caller.person_hash, "card.close", report_name[:96]) as audited:
-            violations = []
+        async with self._audit.action(caller.person_hash, "card.close") as audited:
+            violations: list[errors.FieldViolation] = []
+            report_id = validation.resource_id(report_name, "reports", "report", violations)
             if not validation.REQUEST_ID.fullmatch(request_id):
                 violations.append(
                     errors.FieldViolation("request_id", "must be 1-64 characters of [A-Za-z0-9_-]")
@@ -91,9 +89,16 @@ class CardActionService:
                 violations.append(errors.FieldViolation("card_refs", "must not repeat a card"))
             validation.require(violations)
 
-            existing = await self._store.find_closure_by_request(caller.person_hash, request_id)
+            request_key = validation.request_key(self._keys, caller.person_hash, request_id)
+            fingerprint = validation.fingerprint("closure", report_id, *sorted(card_refs))
+            try:
+                existing = await self._store.find_closure_by_request(
+                    caller.person_hash, request_key, fingerprint
+                )
+            except RequestMismatch:
+                raise validation.request_id_reused() from None
             if existing is None:
-                cards = await self._report_cards(caller, report_name)
+                cards = await self._report_cards(caller, report_id)
                 validation.require(
                     [
                         errors.FieldViolation(f"card_refs[{index}]", "not a card of this report")
@@ -111,14 +116,20 @@ class CardActionService:
                     existing = await self._store.create_card_closure(
                         closure_id,
                         caller.person_hash,
-                        request_id,
-                        report_name.split("/", 1)[1],
+                        request_key,
+                        fingerprint,
+                        report_id,
                         items,
                         now,
                         now + self.policy.deadline,
                     )
                 except DuplicateRequest:
-                    existing = await self._store.find_closure_by_request(caller.person_hash, request_id)
+                    try:
+                        existing = await self._store.find_closure_by_request(
+                            caller.person_hash, request_key, fingerprint
+                        )
+                    except RequestMismatch:
+                        raise validation.request_id_reused() from None
                     if existing is None:
                         raise
                 self._orchestrator.wake()
@@ -138,43 +149,54 @@ class CardActionService:
         return closure
 
     async def get_closure(self, caller: Caller, name: str) -> model.CardClosure:
-        closure_id = validation.parse_resource_name(name, "closures")
-        closure = await self._store.get_card_closure(closure_id, caller.person_hash)
-        if closure is None:
-            raise errors.NotFound(f"{name} not found")
-        return closure
+        async with self._audit.action(caller.person_hash, "closure.read") as audited:
+            closure_id = validation.parse_resource_name(name, "closures")
+            closure = await self._store.get_card_closure(closure_id, caller.person_hash)
+            if closure is None:
+                raise errors.NotFound("closure not found")
+            audited.resource = closure.name
+            return closure
 
     async def list_closures(
         self, caller: Caller, page_size: int, page_token: str
     ) -> tuple[list[model.CardClosure], str]:
-        size = self._pager.size(page_size)
-        after = self._pager.after(caller.person_hash, page_token)
-        closures = await self._store.list_card_closures(caller.person_hash, after, size + 1)
-        return self._pager.page(closures, size, caller.person_hash, lambda c: (c.create_time, c.id))
+        async with self._audit.action(caller.person_hash, "closure.list"):
+            size = self._pager.size(page_size)
+            after = self._pager.after(caller.person_hash, page_token)
+            closures = await self._store.list_card_closures(caller.person_hash, after, size + 1)
+            return self._pager.page(closures, size, caller.person_hash, lambda c: (c.create_time, c.id))
 
     async def flag_not_mine(
         self, caller: Caller, request_id: str, report_name: str, card_ref: str
     ) -> model.CardAction:
-        async with self._audit.action(caller.person_hash, "card.flag", report_name[:96]) as audited:
+        async with self._audit.action(caller.person_hash, "card.flag") as audited:
+            violations: list[errors.FieldViolation] = []
+            report_id = validation.resource_id(report_name, "reports", "report", violations)
             if not validation.REQUEST_ID.fullmatch(request_id):
-                raise errors.InvalidArgument(
-                    [errors.FieldViolation("request_id", "must be 1-64 characters of [A-Za-z0-9_-]")]
+                violations.append(
+                    errors.FieldViolation("request_id", "must be 1-64 characters of [A-Za-z0-9_-]")
                 )
-            cards = await self._report_cards(caller, report_name)
+            validation.require(violations)
+            cards = await self._report_cards(caller, report_id)
+            audited.resource = f"reports/{report_id}"  # only once it proved to be the caller's
             card = cards.get(card_ref)
             if card is None:
                 raise errors.InvalidArgument([errors.FieldViolation("card_ref", "not a card of this report")])
             now = self._clock.now()
             action_id = "a" + secrets.token_hex(12)
-            flag, created = await self._store.create_flag(
-                action_id,
-                caller.person_hash,
-                request_id,
-                card,
-                self._seal_for_bank(caller, action_id),
-                now,
-                now + self.policy.deadline,
-            )
+            try:
+                flag, created = await self._store.create_flag(
+                    action_id,
+                    caller.person_hash,
+                    validation.request_key(self._keys, caller.person_hash, request_id),
+                    validation.fingerprint("flag", report_id, card_ref),
+                    card,
+                    self._seal_for_bank(caller, action_id),
+                    now,
+                    now + self.policy.deadline,
+                )
+            except RequestMismatch:
+                raise validation.request_id_reused() from None
             if created:
                 self._orchestrator.wake()
             deadline = time.monotonic() + self.policy.answer_wait.total_seconds()

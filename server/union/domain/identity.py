@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 
 from server.common import errors
 from server.union.clock import Clock
-from server.union.domain import validation
+from server.union.domain import model, validation
 from server.union.domain.audit import AuditTrail
 from server.union.secrets import InvalidToken, Keys
 from server.union.sms import SmsSender
@@ -29,8 +29,11 @@ from server.union.storage.store import Store
 class IdentityPolicy:
     code_ttl: timedelta = timedelta(minutes=5)
     max_code_attempts: int = 5
-    # StartVerification per person in a sliding window; beyond it, a lockout.
+    # One-time codes sent to one phone in a sliding window.
     max_starts_per_window: int = 5
+    # StartVerification answers "does not match" this often per identity in the window; after
+    # that, mismatches get an answer that looks like a match (see IdentityService._start).
+    max_mismatches_per_window: int = 5
     start_window: timedelta = timedelta(hours=1)
     session_ttl: timedelta = timedelta(minutes=30)
 
@@ -114,46 +117,51 @@ class IdentityService:
     async def _start(
         self, person_hash: str, name: str, resident_id_number: str, mobile_number: str
     ) -> StartedVerification:
+        """Lock the verification, never the person: what a stranger who knows only someone's ID
+        number can do must not stop that person from verifying. So the limits are keyed apart:
+        codes sent are limited per receiving phone (only the real triple sends one), and answers
+        to triples that do not match are limited per identity; past that limit a mismatch is
+        answered like a match, with a verification that can never complete (no SMS, nothing
+        stored), so the limit cannot be probed either."""
         now = self._clock.now()
-        recent = await self._store.count_recent_verifications(person_hash, now - self.policy.start_window)
-        if recent >= self.policy.max_starts_per_window:
-            raise errors.ResourceExhausted(
-                "too many verification attempts for this identity",
-                reason="VERIFICATION_RATE_LIMITED",
-                retry_after=self.policy.start_window,
-            )
+        policy = self.policy
         identity = await self._store.find_identity(person_hash)
+        mobile_hash = self._keys.attribute_hash("mobile", mobile_number)
         if (
             identity is None
             or not hmac.compare_digest(identity.name_hash, self._keys.attribute_hash("name", name))
-            or not hmac.compare_digest(
-                identity.mobile_hash, self._keys.attribute_hash("mobile", mobile_number)
-            )
+            or not hmac.compare_digest(identity.mobile_hash, mobile_hash)
         ):
-            # Record the attempt too, so guessing against the registry is rate-limited.
-            await self._store.add_verification(
-                VerificationRow(
-                    id="x" + secrets.token_hex(16),
-                    person_hash=person_hash,
-                    region_code="",
-                    sealed_identity=None,
-                    code_hash="",
-                    create_time=now,
-                    expire_time=now,
-                    failed_attempts=self.policy.max_code_attempts,
-                    completed=False,
+            if await self._take_quota("mismatch", person_hash, policy.max_mismatches_per_window) is None:
+                raise errors.FailedPrecondition(
+                    "the name, ID number and mobile number do not match a registered identity",
+                    reason="IDENTITY_MISMATCH",
                 )
+            return StartedVerification(
+                "v" + secrets.token_hex(16), mask_mobile(mobile_number), now + policy.code_ttl
             )
+
+        region = await self._store.get_region(identity.region_code)
+        if region is None or not region.open:
+            # Before any SMS: a code for a lookup that cannot run would only be noise.
             raise errors.FailedPrecondition(
-                "the name, ID number and mobile number do not match a registered identity",
-                reason="IDENTITY_MISMATCH",
+                "the service is not open in your region yet",
+                reason="REGION_NOT_OPEN",
+                metadata={"region_code": identity.region_code},
+            )
+        retry_after = await self._take_quota("sms", mobile_hash, policy.max_starts_per_window)
+        if retry_after is not None:
+            raise errors.ResourceExhausted(
+                "too many codes sent to this mobile number; try again later",
+                reason="VERIFICATION_RATE_LIMITED",
+                retry_after=retry_after,
             )
 
         verification_id = "v" + secrets.token_hex(16)
         code = f"{secrets.randbelow(1_000_000):06d}"
-        expire = now + self.policy.code_ttl
+        expire = now + policy.code_ttl
         await self._store.add_verification(
-            VerificationRow(
+            model.NewVerification(
                 id=verification_id,
                 person_hash=person_hash,
                 region_code=identity.region_code,
@@ -164,13 +172,16 @@ class IdentityService:
                 code_hash=self._code_hash(verification_id, code),
                 create_time=now,
                 expire_time=expire,
-                failed_attempts=0,
-                completed=False,
             )
         )
-        minutes = int(self.policy.code_ttl.total_seconds() // 60)
+        minutes = int(policy.code_ttl.total_seconds() // 60)
         self._sms.send(mobile_number, f"【一键查卡】验证码 {code}，{minutes}分钟内有效。请勿告诉他人。")
         return StartedVerification(verification_id, mask_mobile(mobile_number), expire)
+
+    async def _take_quota(self, kind: str, subject: str, limit: int) -> timedelta | None:
+        """One atomic decision (see Store.take_quota_slot); None when within the limit."""
+        key = self._keys.attribute_hash("quota", f"{kind}:{subject}")
+        return await self._store.take_quota_slot(key, limit, self.policy.start_window, self._clock.now())
 
     async def complete_verification(self, verification_id: str, code: str) -> Session:
         violations = []

@@ -7,6 +7,7 @@ exactly like something that does not exist.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from server.union.domain.metrics import Metrics, NoMetrics
 from server.union.domain.orchestrator import Orchestrator
 from server.union.domain.paging import Pager
 from server.union.secrets import Keys
-from server.union.storage.store import DuplicateRequest, Store
+from server.union.storage.store import DuplicateRequest, RequestMismatch, Store
 
 DEFAULT_PAGE_SIZE = 10
 MAX_PAGE_SIZE = 100
@@ -83,12 +84,19 @@ class LookupService:
             violations.append(errors.FieldViolation("bank_codes", "at most 64 bank codes"))
         validation.require(violations)
 
+        request_key = validation.request_key(self._keys, caller.person_hash, request_id)
+        fingerprint = validation.fingerprint("lookup", *sorted(set(bank_codes)))
         try:
             chosen = await self._chosen_banks(caller, bank_codes)
         except (errors.FailedPrecondition, errors.InvalidArgument):
             # AIP-155: a retry returns what the first call made, whatever has changed since (the
             # region closed, a bank left). Only a new request is refused.
-            existing = await self._store.find_lookup_by_request(caller.person_hash, request_id)
+            try:
+                existing = await self._store.find_lookup_by_request(
+                    caller.person_hash, request_key, fingerprint
+                )
+            except RequestMismatch:
+                raise validation.request_id_reused() from None
             if existing is not None:
                 return existing
             raise
@@ -117,7 +125,8 @@ class LookupService:
             lookup, claims, created = await self._store.create_lookup(
                 lookup_id=lookup_id,
                 person_hash=caller.person_hash,
-                request_id=request_id,
+                request_id=request_key,
+                request_fingerprint=fingerprint,
                 region_code=caller.region_code,
                 sealed_identity=self._keys.seal(
                     {"name": name, "id": resident_id}, context=f"lookup:{lookup_id}"
@@ -133,9 +142,14 @@ class LookupService:
                 audit=self._audit.entry(caller.person_hash, "lookup.create", f"lookups/{lookup_id}"),
                 admit=admit,
             )
+        except RequestMismatch:
+            raise validation.request_id_reused() from None
         except DuplicateRequest:
             # Two retries of the same request raced; the other one won.
-            raced = await self._store.find_lookup_by_request(caller.person_hash, request_id)
+            try:
+                raced = await self._store.find_lookup_by_request(caller.person_hash, request_key, fingerprint)
+            except RequestMismatch:
+                raise validation.request_id_reused() from None
             if raced is None:
                 raise
             return raced
@@ -173,31 +187,46 @@ class LookupService:
         return chosen
 
     async def get_lookup(self, caller: Caller, name: str) -> model.Lookup:
-        lookup_id = validation.parse_resource_name(name, "lookups")
+        async with self._audit.action(caller.person_hash, "lookup.read") as audited:
+            lookup = await self._read_lookup(caller, validation.parse_resource_name(name, "lookups"))
+            # Named in the trail only once it proved to be the caller's: nothing typed is kept.
+            audited.resource = lookup.name
+            return lookup
+
+    async def _read_lookup(self, caller: Caller, lookup_id: str) -> model.Lookup:
+        """The caller's lookup, or NOT_FOUND: also once its report has expired (the purge deletes
+        both; until it runs, neither is served)."""
         lookup = await self._store.get_lookup(lookup_id, caller.person_hash)
-        if lookup is None:
-            raise errors.NotFound(f"{name} not found")
+        if lookup is None or (
+            lookup.report_expire_time is not None and lookup.report_expire_time <= self._clock.now()
+        ):
+            raise errors.NotFound("lookup not found")
         return lookup
 
     async def watch_lookup(
         self, caller: Caller, name: str, group_bank_changes: bool = False
     ) -> AsyncIterator[WatchEvent]:
         """The current state first, then one event per bank change (or, grouped, one per re-read
-        that found changes), ending when the report is ready."""
-        lookup_id = validation.parse_resource_name(name, "lookups")
-        with self._events.subscribe(lookup_id) as changes:  # before the first read: no change is missed
-            lookup = await self.get_lookup(caller, name)
-            yield WatchEvent(lookup, (), lookup.state == model.LookupState.COMPLETED)
+        that found changes), ending with the one event that says the report is ready."""
+        with contextlib.ExitStack() as stack:
+            async with self._audit.action(caller.person_hash, "lookup.watch") as audited:
+                lookup_id = validation.parse_resource_name(name, "lookups")
+                # Subscribed before the first read: no change is missed.
+                changes = stack.enter_context(self._events.subscribe(lookup_id))
+                lookup = await self._read_lookup(caller, lookup_id)
+                audited.resource = lookup.name
+            if lookup.state == model.LookupState.COMPLETED:
+                yield WatchEvent(lookup, (), True)
+                return
+            yield WatchEvent(lookup, (), False)
             previous = {bank.bank_code: bank for bank in lookup.banks}
-            while lookup.state != model.LookupState.COMPLETED:
+            completed = False
+            while not completed:
                 await changes.wait(
                     self.policy.watch_poll_interval.total_seconds(),
                     self.policy.watch_coalesce.total_seconds(),
                 )
-                current = await self._store.get_lookup(lookup.id, caller.person_hash)
-                if current is None:
-                    raise errors.NotFound(f"{name} not found")
-                lookup = current
+                lookup = await self._read_lookup(caller, lookup_id)
                 changed = tuple(
                     bank.bank_code for bank in lookup.banks if previous.get(bank.bank_code) != bank
                 )
@@ -207,26 +236,30 @@ class LookupService:
                     for bank_code in changed:
                         yield WatchEvent(lookup, (bank_code,), False)
                 previous = {bank.bank_code: bank for bank in lookup.banks}
+                completed = lookup.state == model.LookupState.COMPLETED
             yield WatchEvent(lookup, (), True)
 
     async def get_report(self, caller: Caller, name: str) -> model.Report:
-        async with self._audit.action(caller.person_hash, "report.read", name[:96]):
+        async with self._audit.action(caller.person_hash, "report.read") as audited:
             report_id = validation.parse_resource_name(name, "reports")
             report = await self._store.get_report(report_id, caller.person_hash, self._clock.now())
             if report is None:
-                raise errors.NotFound(f"{name} not found")
+                raise errors.NotFound("report not found")
+            audited.resource = report.name
             return report
 
     async def list_reports(
         self, caller: Caller, page_size: int, page_token: str
     ) -> tuple[list[model.Report], str]:
-        size = self._pager.size(page_size)
-        after = self._pager.after(caller.person_hash, page_token)
-        reports = await self._store.list_reports(caller.person_hash, self._clock.now(), after, size + 1)
-        return self._pager.page(reports, size, caller.person_hash, lambda r: (r.generate_time, r.id))
+        async with self._audit.action(caller.person_hash, "report.list"):
+            size = self._pager.size(page_size)
+            after = self._pager.after(caller.person_hash, page_token)
+            reports = await self._store.list_reports(caller.person_hash, self._clock.now(), after, size + 1)
+            return self._pager.page(reports, size, caller.person_hash, lambda r: (r.generate_time, r.id))
 
     async def delete_report(self, caller: Caller, name: str) -> None:
-        async with self._audit.action(caller.person_hash, "report.delete", name[:96]):
+        async with self._audit.action(caller.person_hash, "report.delete") as audited:
             report_id = validation.parse_resource_name(name, "reports")
             if not await self._store.delete_report(report_id, caller.person_hash, self._clock.now()):
-                raise errors.NotFound(f"{name} not found")
+                raise errors.NotFound("report not found")
+            audited.resource = f"reports/{report_id}"

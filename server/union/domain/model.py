@@ -62,13 +62,17 @@ class BankProgress:
 
 @dataclass(frozen=True)
 class Lookup:
+    """A lookup and its banks' progress. The request_id it was made with is kept only as a keyed
+    hash, so it is not part of the lookup: nothing a client typed is stored or echoed."""
+
     id: str
-    request_id: str
     state: LookupState
     create_time: datetime
     deadline_time: datetime
     report_id: str | None
     banks: list[BankProgress]
+    # When the report expires; the lookup (its per-bank counts) is not served past it either.
+    report_expire_time: datetime | None = None
 
     @property
     def name(self) -> str:
@@ -124,7 +128,6 @@ class CardAction:
 @dataclass(frozen=True)
 class CardClosure:
     id: str
-    request_id: str
     report_id: str
     create_time: datetime
     items: list[CardAction]
@@ -270,3 +273,16 @@ class Claim:
     attempt: int
     sealed_identity: str | None
     deadline_time: datetime
+
+
+@dataclass(frozen=True)
+class NewVerification:
+    """A verification about to be stored: keyed hashes and sealed values only."""
+
+    id: str
+    person_hash: str
+    region_code: str
+    sealed_identity: str
+    code_hash: str
+    create_time: datetime
+    expire_time: datetime

@@ -34,7 +34,7 @@ from server.union.domain.audit import AuditTrail
 from server.union.domain.banks import BankCallFailed, BankGateway, check_answer
 from server.union.domain.events import LookupEvents
 from server.union.domain.metrics import Metrics, NoMetrics
-from server.union.domain.retention import report_expire_time
+from server.union.domain.retention import RetentionPolicy, RetentionSweep
 from server.union.notify import Notifier
 from server.union.secrets import Keys
 from server.union.storage.store import Store, StoreUnavailable
@@ -63,9 +63,6 @@ class OrchestratorPolicy:
     # share: every other bank's answers keep flowing.
     max_calls_per_bank: int = 512
     poll_interval: timedelta = timedelta(seconds=1)
-    purge_interval: timedelta = timedelta(minutes=10)
-    timezone: str = "Asia/Shanghai"
-    retention_days: int = 7
 
 
 class Orchestrator:
@@ -80,7 +77,10 @@ class Orchestrator:
         notifier: Notifier | None = None,
         audit: AuditTrail | None = None,
         metrics: Metrics | None = None,
+        retention: RetentionSweep | None = None,
     ) -> None:
+        # Reports' expiry and the purges follow one policy (reports expire at generation + N days).
+        self._retention = retention or RetentionSweep(store, RetentionPolicy())
         self._notifier = notifier
         self._audit = audit
         self._metrics: Metrics = metrics or NoMetrics()
@@ -237,15 +237,12 @@ class Orchestrator:
         for action in await self._store.fail_overdue_actions(now):
             await self._action_final(action)
         await self._send_notifications()
-        if time.monotonic() - self._last_purge >= self.policy.purge_interval.total_seconds():
+        if time.monotonic() - self._last_purge >= self._retention.policy.interval.total_seconds():
             self._last_purge = time.monotonic()
             # A union from before answers and reports were written together may have left these.
             for lookup_id in await self._store.running_lookups_without_pending_tasks(limit=200):
                 await self._finalize(lookup_id, force=False)
-            purged = await self._store.purge_expired_reports(now)
-            await self._store.erase_stale_verifications(now)
-            if purged:
-                log.info("purged expired reports", extra={"count": purged})
+            await self._retention.sweep(now)
         self._next_due = await self._store.next_due_time()
 
     def _room_made(self) -> None:
@@ -263,7 +260,7 @@ class Orchestrator:
         now = self._clock.now()
         return model.ReportPlan(
             "r" + secrets.token_hex(12),
-            report_expire_time(now, self.policy.timezone, self.policy.retention_days),
+            self._retention.policy.report_expire_time(now),
         )
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:

@@ -1,12 +1,23 @@
-"""When reports expire: at the end of the Nth natural day after generation, local calendar."""
+"""How long the union keeps what it holds about a person, and the sweep that enforces it.
+
+Every table that holds something about a person has a retention here (docs/privacy-and-security.md
+lists them with the reasons). Reports expire at the end of the Nth natural day after generation in
+a local calendar; their lookup, per-bank tasks and counts go with them (storage deletes them
+together). Everything else is kept for a fixed time, then purged by `RetentionSweep`.
+"""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
+from typing import Protocol
 from zoneinfo import ZoneInfo
 
 DEFAULT_TIMEZONE = "Asia/Shanghai"
 DEFAULT_RETENTION_DAYS = 7
+
+log = logging.getLogger(__name__)
 
 
 def report_expire_time(
@@ -21,3 +32,75 @@ def report_expire_time(
     local_day = generated.astimezone(zone).date()
     end = datetime.combine(local_day + timedelta(days=days + 1), time(0), tzinfo=zone)
     return end.astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    # Reports, their cards, lookups and per-bank counts: natural days in this calendar.
+    report_days: int = DEFAULT_RETENTION_DAYS
+    timezone: str = DEFAULT_TIMEZONE
+    # Verifications, pending, completed or refused (the hourly limits need the last hour only).
+    verifications: timedelta = timedelta(hours=24)
+    # Card closures and "not mine" flags, from when the bank's answer made them final.
+    card_actions: timedelta = timedelta(days=30)
+    # Report-ready messages that could not be sent.
+    notifications: timedelta = timedelta(hours=24)
+    # The audit trail (keyed hashes and validated identifiers only), and who was ever verified.
+    audit: timedelta = timedelta(days=180)
+    # The development SMS outbox file.
+    sms_outbox: timedelta = timedelta(hours=24)
+    # Quota slots outlive their window by nothing; the longest window any quota uses.
+    quota_window: timedelta = timedelta(hours=1)
+    # How often the sweep runs.
+    interval: timedelta = timedelta(minutes=10)
+
+    def __post_init__(self) -> None:
+        ZoneInfo(self.timezone)  # an unknown zone fails at start, not at the first report
+        if self.report_days < 1:
+            raise ValueError("report_days must be at least 1")
+
+    def report_expire_time(self, generated: datetime) -> datetime:
+        return report_expire_time(generated, self.timezone, self.report_days)
+
+
+class RetentionStore(Protocol):
+    """What the sweep needs from storage."""
+
+    async def purge_expired_reports(self, now: datetime, limit: int = ...) -> int: ...
+    async def erase_stale_verifications(self, now: datetime) -> int: ...
+    async def purge_verifications(self, before: datetime, limit: int = ...) -> int: ...
+    async def purge_card_actions(self, before: datetime, limit: int = ...) -> int: ...
+    async def purge_notifications(self, before: datetime, limit: int = ...) -> int: ...
+    async def purge_audit_events(self, before: datetime, limit: int = ...) -> int: ...
+    async def purge_verified_people(self, before: datetime, limit: int = ...) -> int: ...
+    async def purge_quota_slots(self, before: datetime, limit: int = ...) -> int: ...
+
+
+class Outbox(Protocol):
+    def purge(self, before: datetime) -> int: ...
+
+
+class RetentionSweep:
+    def __init__(self, store: RetentionStore, policy: RetentionPolicy, outbox: Outbox | None = None) -> None:
+        self._store = store
+        self._outbox = outbox
+        self.policy = policy
+
+    async def sweep(self, now: datetime) -> dict[str, int]:
+        """Purge everything whose retention has ended; returns how many of each went."""
+        policy = self.policy
+        purged = {
+            "reports": await self._store.purge_expired_reports(now),
+            "verifications": await self._store.purge_verifications(now - policy.verifications),
+            "card_actions": await self._store.purge_card_actions(now - policy.card_actions),
+            "notifications": await self._store.purge_notifications(now - policy.notifications),
+            "audit_events": await self._store.purge_audit_events(now - policy.audit),
+            "verified_people": await self._store.purge_verified_people(now - policy.audit),
+            "quota_slots": await self._store.purge_quota_slots(now - policy.quota_window),
+        }
+        await self._store.erase_stale_verifications(now)
+        if self._outbox is not None:
+            purged["sms_outbox"] = self._outbox.purge(now - policy.sms_outbox)
+        if any(purged.values()):
+            log.info("retention sweep", extra={"purged": {k: v for k, v in purged.items() if v}})
+        return purged

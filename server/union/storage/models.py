@@ -100,7 +100,7 @@ class VerificationRow(Base):
     # Name + ID number, AES-GCM sealed; erased once the verification completes or dies.
     sealed_identity: Mapped[str | None] = mapped_column(String(1024))
     code_hash: Mapped[str] = mapped_column(String(64))
-    create_time: Mapped[datetime] = mapped_column(Timestamp)
+    create_time: Mapped[datetime] = mapped_column(Timestamp, index=True)
     expire_time: Mapped[datetime] = mapped_column(Timestamp)
     failed_attempts: Mapped[int] = mapped_column(Integer, default=0)
     completed: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -136,6 +136,9 @@ class LookupRow(Base):
     report_id: Mapped[str | None] = mapped_column(String(40))
     # The mobile number for the report-ready SMS, sealed; moved to the notification outbox when final.
     sealed_contact: Mapped[str | None] = mapped_column(String(512))
+    # A digest of what was asked (the banks chosen), so a retry with the same request_id but a
+    # different request is refused (AIP-155). request_id itself holds a keyed hash, never the text.
+    request_fingerprint: Mapped[str | None] = mapped_column(String(64))
 
 
 class BankTaskRow(Base):
@@ -215,6 +218,7 @@ class CardClosureRow(Base):
     request_id: Mapped[str] = mapped_column(String(64))
     report_id: Mapped[str] = mapped_column(String(40))
     create_time: Mapped[datetime] = mapped_column(Timestamp)
+    request_fingerprint: Mapped[str | None] = mapped_column(String(64))
 
 
 class CardActionRow(Base):
@@ -225,13 +229,20 @@ class CardActionRow(Base):
     """
 
     __tablename__ = "card_actions"
-    __table_args__ = (Index("ix_card_actions_due", "state", "next_attempt_time"),)
+    __table_args__ = (
+        Index("ix_card_actions_due", "state", "next_attempt_time"),
+        Index("ix_card_actions_update_time", "update_time"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     kind: Mapped[str] = mapped_column(String(8))  # close | flag
     closure_id: Mapped[str | None] = mapped_column(String(40), index=True)
     # "lookup_id:card_ref" for flags, so a card is flagged at most once; NULL for closures.
     flag_key: Mapped[str | None] = mapped_column(String(96), unique=True)
+    # A flag's (person, request_id) as a keyed hash: unique, so two flags can never share a
+    # request_id (closure items share theirs and leave it NULL).
+    flag_request: Mapped[str | None] = mapped_column(String(64), unique=True)
+    request_fingerprint: Mapped[str | None] = mapped_column(String(64))
     request_id: Mapped[str] = mapped_column(String(64))
     person_hash: Mapped[str] = mapped_column(String(64), index=True)
     lookup_id: Mapped[str] = mapped_column(String(40), index=True)
@@ -286,3 +297,16 @@ class NotificationRow(Base):
     # The mobile number, AES-GCM sealed (context "contact:<lookup_id>").
     sealed_contact: Mapped[str] = mapped_column(String(512))
     create_time: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class QuotaSlotRow(Base):
+    """One use of a rate limit: `key` (a keyed hash of what is limited, e.g. the phone a code goes
+    to) may hold at most `limit` slots taken within the window. Taking one is a single conditional
+    upsert (a free slot, or one whose time fell out of the window), so concurrent callers can never
+    share a slot: exactly `limit` win on every backend. Rows older than the window are purged."""
+
+    __tablename__ = "quota_slots"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time: Mapped[datetime] = mapped_column(Timestamp, index=True)

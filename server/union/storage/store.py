@@ -81,6 +81,7 @@ from server.union.storage.models import (
     IdentityRow,
     LookupRow,
     NotificationRow,
+    QuotaSlotRow,
     RegionRow,
     ReportRow,
     VerificationRow,
@@ -100,6 +101,7 @@ REPORTS = cast(Table, ReportRow.__table__)
 NOTIFICATIONS = cast(Table, NotificationRow.__table__)
 COUNTERS_TABLE = cast(Table, CounterRow.__table__)
 AUDIT_EVENTS = cast(Table, AuditEventRow.__table__)
+IDENTITIES = cast(Table, IdentityRow.__table__)
 
 
 class _Hot:
@@ -115,13 +117,15 @@ class _Hot:
             ),
             func.count(case((LOOKUPS.c.state == model.LookupState.RUNNING, 1))).label("running"),
             func.max(LOOKUPS.c.complete_time).label("last_complete"),
+            func.max(
+                case((LOOKUPS.c.request_id == bindparam("request_id"), LOOKUPS.c.request_fingerprint))
+            ).label("existing_fingerprint"),
         ).where(LOOKUPS.c.person_hash == bindparam("person_hash"))
     )
     # A lookup with its banks' progress in one statement (one row per bank).
     lookup_with_progress = Prepared(
         select(
             LOOKUPS.c.person_hash,
-            LOOKUPS.c.request_id,
             LOOKUPS.c.state,
             LOOKUPS.c.create_time,
             LOOKUPS.c.deadline_time,
@@ -134,8 +138,13 @@ class _Hot:
             TASKS.c.debit_count,
             TASKS.c.credit_count,
             TASKS.c.failure_reason,
+            REPORTS.c.expire_time.label("report_expire_time"),
         )
-        .select_from(LOOKUPS.outerjoin(TASKS, TASKS.c.lookup_id == LOOKUPS.c.id))
+        .select_from(
+            LOOKUPS.outerjoin(TASKS, TASKS.c.lookup_id == LOOKUPS.c.id).outerjoin(
+                REPORTS, REPORTS.c.id == LOOKUPS.c.report_id
+            )
+        )
         .where(LOOKUPS.c.id == bindparam("lookup_id"))
         .order_by(TASKS.c.position)
     )
@@ -149,6 +158,13 @@ class _Hot:
         select(LOOKUPS.c.id)
         .where(LOOKUPS.c.id.in_(bindparam("lookup_ids", expanding=True)))
         .order_by(LOOKUPS.c.id)
+        .with_for_update()
+    )
+    # PostgreSQL: a person's CreateLookups take turns (the row lock is held to commit), so the
+    # in-progress check and the cooldown are one decision. SQLite's single writer does the same.
+    lock_person = Prepared(
+        select(IDENTITIES.c.person_hash)
+        .where(IDENTITIES.c.person_hash == bindparam("person_hash"))
         .with_for_update()
     )
     record_answer = Prepared(
@@ -219,6 +235,10 @@ class StoreUnavailable(errors.Unavailable):
         """From a database error: the first line of the driver's message (the rest may quote SQL)."""
         cause = error.orig if isinstance(error, DBAPIError) and error.orig is not None else error
         return cls(str(cause).split("\n")[0])
+
+
+class RequestMismatch(Exception):
+    """This (person, request_id) already made something, from a different request (AIP-155)."""
 
 
 class DuplicateRequest(Exception):
@@ -690,20 +710,18 @@ class Store:
 
     # -- verification -------------------------------------------------------
 
-    async def count_recent_verifications(self, person_hash: str, since: datetime) -> int:
-        def work(s: Session) -> int:
-            return (
-                s.scalar(
-                    select(func.count())
-                    .select_from(VerificationRow)
-                    .where(VerificationRow.person_hash == person_hash, VerificationRow.create_time >= since)
-                )
-                or 0
-            )
-
-        return await self._run(work)
-
-    async def add_verification(self, row: VerificationRow) -> None:
+    async def add_verification(self, new: model.NewVerification) -> None:
+        row = VerificationRow(
+            id=new.id,
+            person_hash=new.person_hash,
+            region_code=new.region_code,
+            sealed_identity=new.sealed_identity,
+            code_hash=new.code_hash,
+            create_time=new.create_time,
+            expire_time=new.expire_time,
+            failed_attempts=0,
+            completed=False,
+        )
         await self._run(lambda s: s.add(row))
 
     async def get_verification(self, verification_id: str) -> VerificationRow | None:
@@ -735,6 +753,7 @@ class Store:
             row.sealed_identity = None
             if s.get(VerifiedPersonRow, row.person_hash) is None:
                 s.add(VerifiedPersonRow(person_hash=row.person_hash, first_verify_time=now))
+                _bump(s, "people_verified")
             return sealed
 
         return await self._run(work)
@@ -758,15 +777,25 @@ class Store:
     # Core against the tables: at hundreds of lookups a second, the ORM's unit of work per row was
     # most of the union's database time.
 
-    async def find_lookup_by_request(self, person_hash: str, request_id: str) -> model.Lookup | None:
-        """The lookup this person's `request_id` made, if any (AIP-155 retries)."""
-        return await self._core_read(lambda c: _person_activity(c, person_hash, request_id)[0])
+    async def find_lookup_by_request(
+        self, person_hash: str, request_id: str, request_fingerprint: str
+    ) -> model.Lookup | None:
+        """The lookup this person's `request_id` (a keyed hash) made, if any (AIP-155 retries);
+        RequestMismatch if it was made by a different request."""
+
+        def work(c: Connection) -> model.Lookup | None:
+            existing, _, fingerprint = _person_activity(c, person_hash, request_id)
+            _same_request(existing, fingerprint, request_fingerprint)
+            return existing
+
+        return await self._core_read(work)
 
     async def create_lookup(
         self,
         lookup_id: str,
         person_hash: str,
         request_id: str,
+        request_fingerprint: str,
         region_code: str,
         sealed_identity: str,
         sealed_contact: str | None,
@@ -791,8 +820,11 @@ class Store:
         claimed = set(claim.bank_codes) if claim is not None else set()
 
         def work(c: Connection) -> tuple[model.Lookup, list[model.Claim], bool]:
-            existing, activity = _person_activity(c, person_hash, request_id)
+            if not self.is_sqlite:
+                _Hot.lock_person.run(c, {"person_hash": person_hash})
+            existing, activity, fingerprint = _person_activity(c, person_hash, request_id)
             if existing is not None:
+                _same_request(existing, fingerprint, request_fingerprint)
                 return existing, [], False
             if admit is not None:
                 admit(activity)
@@ -802,6 +834,7 @@ class Store:
                     "id": lookup_id,
                     "person_hash": person_hash,
                     "request_id": request_id,
+                    "request_fingerprint": request_fingerprint,
                     "region_code": region_code,
                     "state": model.LookupState.RUNNING,
                     "create_time": now,
@@ -840,7 +873,6 @@ class Store:
                 _insert_audit(c, audit)
             lookup = model.Lookup(
                 id=lookup_id,
-                request_id=request_id,
                 state=model.LookupState.RUNNING,
                 create_time=now,
                 deadline_time=deadline,
@@ -1087,13 +1119,121 @@ class Store:
         return await self._run(work)
 
     async def purge_expired_reports(self, now: datetime, limit: int = 500) -> int:
-        """Delete expired reports and their card rows for good."""
+        """Delete expired reports for good, with their cards and their lookups' tasks and counts."""
 
         def work(s: Session) -> int:
             rows = list(s.scalars(select(ReportRow).where(ReportRow.expire_time <= now).limit(limit)))
             for row in rows:
                 _delete_report_rows(s, row)
             return len(rows)
+
+        return await self._run(work)
+
+    # -- retention: what is not covered by a report's own expiry ---------------
+    #
+    # Each purge deletes rows whose retention ended before `before` (the domain's RetentionPolicy
+    # decides the cut-offs), at most `limit` at a time so one sweep never holds the writer long.
+
+    async def purge_verifications(self, before: datetime, limit: int = 5000) -> int:
+        """Verifications (pending, completed, refused) started before `before`."""
+        return await self._purge(
+            VerificationRow.__table__, VerificationRow.id, VerificationRow.create_time < before, limit
+        )
+
+    async def purge_card_actions(self, before: datetime, limit: int = 5000) -> int:
+        """Closures and flags final since before `before`; a closure goes with its last item."""
+
+        def work(s: Session) -> int:
+            ids = list(
+                s.scalars(
+                    select(CardActionRow.id)
+                    .where(
+                        CardActionRow.state != model.ActionState.PENDING, CardActionRow.update_time < before
+                    )
+                    .limit(limit)
+                )
+            )
+            if not ids:
+                return 0
+            closure_ids = set(
+                s.scalars(select(CardActionRow.closure_id).where(CardActionRow.id.in_(ids)).distinct())
+            )
+            s.execute(delete(CardActionRow).where(CardActionRow.id.in_(ids)))
+            closure_ids.discard(None)
+            if closure_ids:
+                emptied = select(CardActionRow.id).where(CardActionRow.closure_id == CardClosureRow.id)
+                s.execute(delete(CardClosureRow).where(CardClosureRow.id.in_(closure_ids), ~emptied.exists()))
+            return len(ids)
+
+        return await self._run(work)
+
+    async def purge_notifications(self, before: datetime, limit: int = 5000) -> int:
+        """Report-ready messages that could not be sent since before `before`."""
+        return await self._purge(
+            NotificationRow.__table__, NotificationRow.lookup_id, NotificationRow.create_time < before, limit
+        )
+
+    async def purge_audit_events(self, before: datetime, limit: int = 5000) -> int:
+        return await self._purge(
+            AuditEventRow.__table__, AuditEventRow.id, AuditEventRow.time < before, limit
+        )
+
+    async def purge_verified_people(self, before: datetime, limit: int = 5000) -> int:
+        """Who was first verified before `before` (the people_verified counter keeps the count)."""
+        return await self._purge(
+            VerifiedPersonRow.__table__,
+            VerifiedPersonRow.person_hash,
+            VerifiedPersonRow.first_verify_time < before,
+            limit,
+        )
+
+    async def purge_quota_slots(self, before: datetime, limit: int = 5000) -> int:
+        """Quota slots taken before `before` (a window's length ago: they limit nothing any more)."""
+
+        def work(s: Session) -> int:
+            result = s.execute(delete(QuotaSlotRow).where(QuotaSlotRow.time < before))
+            return int(result.rowcount)  # type: ignore[attr-defined]
+
+        return await self._run(work)
+
+    async def _purge(self, table: Any, key: Any, expired: Any, limit: int) -> int:
+        def work(s: Session) -> int:
+            doomed = select(key).where(expired).limit(limit).scalar_subquery()
+            result = s.execute(delete(table).where(key.in_(doomed)))
+            return int(result.rowcount)  # type: ignore[attr-defined]
+
+        return await self._run(work)
+
+    # -- quotas -----------------------------------------------------------------
+
+    async def take_quota_slot(
+        self, key: str, limit: int, window: timedelta, now: datetime
+    ) -> timedelta | None:
+        """Take one of `key`'s `limit` slots for `window`: None if taken, else how long until one
+        frees. One decision, exact under concurrency: each slot is claimed by a conditional upsert
+        (insert it, or take it over if its time fell out of the window), and a slot that another
+        transaction holds is waited for (PostgreSQL row lock; SQLite has one writer), then seen
+        taken."""
+        cutoff = now - window
+        upsert = sqlite_insert if self.is_sqlite else postgresql_insert
+
+        def work(s: Session) -> timedelta | None:
+            for slot in range(limit):
+                statement = (
+                    upsert(QuotaSlotRow)
+                    .values(key=key, slot=slot, time=now)
+                    .on_conflict_do_update(
+                        index_elements=[QuotaSlotRow.key, QuotaSlotRow.slot],
+                        set_={"time": now},
+                        where=QuotaSlotRow.time <= cutoff,
+                    )
+                    .returning(QuotaSlotRow.slot)
+                )
+                if s.execute(statement).scalar() is not None:  # a row comes back only if it was taken
+                    return None
+            oldest = s.scalar(select(func.min(QuotaSlotRow.time)).where(QuotaSlotRow.key == key))
+            oldest = _utc(oldest)
+            return max(oldest + window - now, timedelta(seconds=1)) if oldest is not None else window
 
         return await self._run(work)
 
@@ -1138,6 +1278,7 @@ class Store:
         closure_id: str,
         person_hash: str,
         request_id: str,
+        request_fingerprint: str,
         report_id: str,
         items: Sequence[tuple[str, model.ReportCardSource, str]],
         now: datetime,
@@ -1151,6 +1292,7 @@ class Store:
                     id=closure_id,
                     person_hash=person_hash,
                     request_id=request_id,
+                    request_fingerprint=request_fingerprint,
                     report_id=report_id,
                     create_time=now,
                 )
@@ -1179,14 +1321,22 @@ class Store:
         except IntegrityError as error:
             raise DuplicateRequest(request_id) from error
 
-    async def find_closure_by_request(self, person_hash: str, request_id: str) -> model.CardClosure | None:
+    async def find_closure_by_request(
+        self, person_hash: str, request_id: str, request_fingerprint: str
+    ) -> model.CardClosure | None:
+        """The closure this person's `request_id` (a keyed hash) made, if any; RequestMismatch if
+        a different request made it."""
+
         def work(s: Session) -> model.CardClosure | None:
             row = s.scalar(
                 select(CardClosureRow).where(
                     CardClosureRow.person_hash == person_hash, CardClosureRow.request_id == request_id
                 )
             )
-            return None if row is None else _closure(s, row)
+            if row is None:
+                return None
+            _same_request(row, row.request_fingerprint, request_fingerprint)
+            return _closure(s, row)
 
         return await self._run(work)
 
@@ -1222,15 +1372,23 @@ class Store:
         action_id: str,
         person_hash: str,
         request_id: str,
+        request_fingerprint: str,
         card: model.ReportCardSource,
         sealed_identity: str,
         now: datetime,
         deadline: datetime,
     ) -> tuple[model.CardAction, bool]:
-        """The card's flag: a new one, or the one already raised (a card is flagged once). (flag, created)"""
+        """The card's flag: a new one, or the one already raised (a card is flagged once). (flag, created)
+
+        `request_id` is a keyed hash of the person and their request_id: if it already made a flag,
+        that flag is returned when it was the same request, and RequestMismatch raised otherwise."""
         flag_key = f"{card.lookup_id}:{card.card_ref}"
 
         def existing(s: Session) -> model.CardAction | None:
+            same_request = s.scalar(select(CardActionRow).where(CardActionRow.flag_request == request_id))
+            if same_request is not None:
+                _same_request(same_request, same_request.request_fingerprint, request_fingerprint)
+                return _action(same_request)
             row = s.scalar(select(CardActionRow).where(CardActionRow.flag_key == flag_key))
             return None if row is None else _action(row)
 
@@ -1249,6 +1407,8 @@ class Store:
                 deadline,
                 position=0,
                 flag_key=flag_key,
+                flag_request=request_id,
+                request_fingerprint=request_fingerprint,
             )
             s.add(row)
             s.flush()
@@ -1425,7 +1585,6 @@ class Store:
     async def stats(self) -> model.ServiceStats:
         def work(s: Session) -> model.ServiceStats:
             counters = {row.name: row.value for row in s.scalars(select(CounterRow))}
-            people = s.scalar(select(func.count()).select_from(VerifiedPersonRow)) or 0
             per_bank = s.execute(
                 select(
                     BankTaskRow.bank_code,
@@ -1453,7 +1612,7 @@ class Store:
                 key=lambda b: positions.get(b.bank_code, 999),
             )
             return model.ServiceStats(
-                people_verified=int(people),
+                people_verified=counters.get("people_verified", 0),
                 lookups_created=counters.get("lookups_created", 0),
                 reports_generated=counters.get("reports_generated", 0),
                 banks=banks,
@@ -1465,7 +1624,7 @@ class Store:
 # -- row → domain helpers ----------------------------------------------------
 
 
-COUNTERS = ("lookups_created", "reports_generated")
+COUNTERS = ("lookups_created", "reports_generated", "people_verified")
 
 
 def _bump(s: Session | Connection, name: str, by: int = 1) -> None:
@@ -1595,14 +1754,20 @@ def _record_answers(c: Connection, answers: list[_Answer], lock: bool) -> list[t
 
 def _person_activity(
     c: Connection, person_hash: str, request_id: str
-) -> tuple[model.Lookup | None, model.PersonActivity]:
-    """In one statement: the lookup this person's `request_id` made (if any), and what admitting a
-    new one depends on."""
-    [(existing_id, running, last)] = _Hot.person_activity.run(
+) -> tuple[model.Lookup | None, model.PersonActivity, str | None]:
+    """In one statement: the lookup this person's `request_id` made (if any) with the fingerprint
+    of the request that made it, and what admitting a new one depends on."""
+    [(existing_id, running, last, fingerprint)] = _Hot.person_activity.run(
         c, {"person_hash": person_hash, "request_id": request_id}
     )
     found = _read_lookup(c, existing_id) if existing_id is not None else None
-    return (found[1] if found else None), model.PersonActivity(bool(running), _utc(last))
+    return (found[1] if found else None), model.PersonActivity(bool(running), _utc(last)), fingerprint
+
+
+def _same_request(existing: object | None, stored: str | None, asked: str) -> None:
+    """AIP-155: a request_id names one request. Rows from before fingerprints were kept have none."""
+    if existing is not None and stored is not None and stored != asked:
+        raise RequestMismatch()
 
 
 def _record_answers_at_once(c: Connection, answers: list[_Answer], lock: bool) -> list[tuple[bool, bool]]:
@@ -1796,7 +1961,6 @@ def _read_lookup(c: Connection, lookup_id: str) -> tuple[str, model.Lookup] | No
     first = rows[0]
     lookup = model.Lookup(
         id=lookup_id,
-        request_id=first.request_id,
         state=model.LookupState(first.state),
         create_time=first.create_time,
         deadline_time=first.deadline_time,
@@ -1815,13 +1979,20 @@ def _read_lookup(c: Connection, lookup_id: str) -> tuple[str, model.Lookup] | No
             for row in rows
             if row.bank_code is not None
         ],
+        report_expire_time=_utc(first.report_expire_time),
     )
     return first.person_hash, lookup
 
 
 def _delete_report_rows(s: Session, row: ReportRow) -> None:
-    s.execute(delete(FoundCardRow).where(FoundCardRow.lookup_id == row.lookup_id))
+    """A report goes with everything its lookup kept: cards, per-bank tasks and counts, the lookup
+    itself, and an announcement not yet sent. Card actions keep their own copy (and retention)."""
+    lookup_id = row.lookup_id
+    s.execute(delete(FoundCardRow).where(FoundCardRow.lookup_id == lookup_id))
+    s.execute(delete(NotificationRow).where(NotificationRow.lookup_id == lookup_id))
+    s.execute(delete(BankTaskRow).where(BankTaskRow.lookup_id == lookup_id))
     s.delete(row)
+    s.execute(delete(LookupRow).where(LookupRow.id == lookup_id))
 
 
 def _bank(row: BankRow) -> model.Bank:
@@ -1844,12 +2015,16 @@ def _action_row(
     position: int,
     closure_id: str | None = None,
     flag_key: str | None = None,
+    flag_request: str | None = None,
+    request_fingerprint: str | None = None,
 ) -> CardActionRow:
     return CardActionRow(
         id=action_id,
         kind=kind,
         closure_id=closure_id,
         flag_key=flag_key,
+        flag_request=flag_request,
+        request_fingerprint=request_fingerprint,
         request_id=request_id,
         person_hash=person_hash,
         lookup_id=card.lookup_id,
@@ -1895,9 +2070,7 @@ def _closure(s: Session, row: CardClosureRow) -> model.CardClosure:
     items = s.scalars(
         select(CardActionRow).where(CardActionRow.closure_id == row.id).order_by(CardActionRow.position)
     )
-    return model.CardClosure(
-        row.id, row.request_id, row.report_id, row.create_time, [_action(i) for i in items]
-    )
+    return model.CardClosure(row.id, row.report_id, row.create_time, [_action(i) for i in items])
 
 
 def _report(s: Session, row: ReportRow) -> model.Report:

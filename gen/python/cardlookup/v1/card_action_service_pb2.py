@@ -25,45 +25,47 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'cardlookup/v1/card_action_service.proto\x12\rcardlookup.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9f\x01\n\x0b\x43\x61rdClosure\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06report\x18\x03 \x01(\t\x12-\n\x05items\x18\x04 \x03(\x0b\x32\x1e.cardlookup.v1.CardClosureItem\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe4\x01\n\x0f\x43\x61rdClosureItem\x12\x10\n\x08\x63\x61rd_ref\x18\x01 \x01(\t\x12\x11\n\tbank_code\x18\x02 \x01(\t\x12\x11\n\tbank_name\x18\x03 \x01(\t\x12\x15\n\rmasked_number\x18\x04 \x01(\t\x12.\n\x05state\x18\x05 \x01(\x0e\x32\x1f.cardlookup.v1.CardClosureState\x12\x11\n\tticket_id\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12/\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa2\x01\n\x08\x43\x61rdFlag\x12\x10\n\x08\x63\x61rd_ref\x18\x01 \x01(\t\x12\x11\n\tbank_code\x18\x02 \x01(\t\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.cardlookup.v1.CardFlagState\x12\x13\n\x0b\x63\x61se_number\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"x\n\nAuditEvent\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0f\n\x07outcome\x18\x04 \x01(\t\x12\x10\n\x08resource\x18\x05 \x01(\t\"Q\n\x18\x43reateCardClosureRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06report\x18\x02 \x01(\t\x12\x11\n\tcard_refs\x18\x03 \x03(\t\"H\n\x19\x43reateCardClosureResponse\x12+\n\x07\x63losure\x18\x01 \x01(\x0b\x32\x1a.cardlookup.v1.CardClosure\"%\n\x15GetCardClosureRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"E\n\x16GetCardClosureResponse\x12+\n\x07\x63losure\x18\x01 \x01(\x0b\x32\x1a.cardlookup.v1.CardClosure\"@\n\x17ListCardClosuresRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"a\n\x18ListCardClosuresResponse\x12,\n\x08\x63losures\x18\x01 \x03(\x0b\x32\x1a.cardlookup.v1.CardClosure\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"N\n\x16\x46lagCardNotMineRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06report\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61rd_ref\x18\x03 \x01(\t\"@\n\x17\x46lagCardNotMineResponse\x12%\n\x04\x66lag\x18\x01 \x01(\x0b\x32\x17.cardlookup.v1.CardFlag\"A\n\x18ListMyAuditEventsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"_\n\x19ListMyAuditEventsResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.cardlookup.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x85\x02\n\x10\x43\x61rdClosureState\x12\"\n\x1e\x43\x41RD_CLOSURE_STATE_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x43\x41RD_CLOSURE_STATE_PENDING\x10\x01\x12\x1d\n\x19\x43\x41RD_CLOSURE_STATE_CLOSED\x10\x02\x12 \n\x1c\x43\x41RD_CLOSURE_STATE_SCHEDULED\x10\x03\x12,\n(CARD_CLOSURE_STATE_BRANCH_VISIT_REQUIRED\x10\x04\x12\x1f\n\x1b\x43\x41RD_CLOSURE_STATE_REJECTED\x10\x05\x12\x1d\n\x19\x43\x41RD_CLOSURE_STATE_FAILED\x10\x06*\x85\x01\n\rCardFlagState\x12\x1f\n\x1b\x43\x41RD_FLAG_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43\x41RD_FLAG_STATE_PENDING\x10\x01\x12\x1a\n\x16\x43\x41RD_FLAG_STATE_FROZEN\x10\x02\x12\x1a\n\x16\x43\x41RD_FLAG_STATE_FAILED\x10\x03\x32\x89\x04\n\x11\x43\x61rdActionService\x12\x66\n\x11\x43reateCardClosure\x12\'.cardlookup.v1.CreateCardClosureRequest\x1a(.cardlookup.v1.CreateCardClosureResponse\x12]\n\x0eGetCardClosure\x12$.cardlookup.v1.GetCardClosureRequest\x1a%.cardlookup.v1.GetCardClosureResponse\x12\x63\n\x10ListCardClosures\x12&.cardlookup.v1.ListCardClosuresRequest\x1a\'.cardlookup.v1.ListCardClosuresResponse\x12`\n\x0f\x46lagCardNotMine\x12%.cardlookup.v1.FlagCardNotMineRequest\x1a&.cardlookup.v1.FlagCardNotMineResponse\x12\x66\n\x11ListMyAuditEvents\x12\'.cardlookup.v1.ListMyAuditEventsRequest\x1a(.cardlookup.v1.ListMyAuditEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'cardlookup/v1/card_action_service.proto\x12\rcardlookup.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa3\x01\n\x0b\x43\x61rdClosure\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\nrequest_id\x18\x02 \x01(\tB\x02\x18\x01\x12\x0e\n\x06report\x18\x03 \x01(\t\x12-\n\x05items\x18\x04 \x03(\x0b\x32\x1e.cardlookup.v1.CardClosureItem\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe4\x01\n\x0f\x43\x61rdClosureItem\x12\x10\n\x08\x63\x61rd_ref\x18\x01 \x01(\t\x12\x11\n\tbank_code\x18\x02 \x01(\t\x12\x11\n\tbank_name\x18\x03 \x01(\t\x12\x15\n\rmasked_number\x18\x04 \x01(\t\x12.\n\x05state\x18\x05 \x01(\x0e\x32\x1f.cardlookup.v1.CardClosureState\x12\x11\n\tticket_id\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12/\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa2\x01\n\x08\x43\x61rdFlag\x12\x10\n\x08\x63\x61rd_ref\x18\x01 \x01(\t\x12\x11\n\tbank_code\x18\x02 \x01(\t\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.cardlookup.v1.CardFlagState\x12\x13\n\x0b\x63\x61se_number\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"x\n\nAuditEvent\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0f\n\x07outcome\x18\x04 \x01(\t\x12\x10\n\x08resource\x18\x05 \x01(\t\"Q\n\x18\x43reateCardClosureRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06report\x18\x02 \x01(\t\x12\x11\n\tcard_refs\x18\x03 \x03(\t\"H\n\x19\x43reateCardClosureResponse\x12+\n\x07\x63losure\x18\x01 \x01(\x0b\x32\x1a.cardlookup.v1.CardClosure\"%\n\x15GetCardClosureRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"E\n\x16GetCardClosureResponse\x12+\n\x07\x63losure\x18\x01 \x01(\x0b\x32\x1a.cardlookup.v1.CardClosure\"@\n\x17ListCardClosuresRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"a\n\x18ListCardClosuresResponse\x12,\n\x08\x63losures\x18\x01 \x03(\x0b\x32\x1a.cardlookup.v1.CardClosure\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"N\n\x16\x46lagCardNotMineRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06report\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61rd_ref\x18\x03 \x01(\t\"@\n\x17\x46lagCardNotMineResponse\x12%\n\x04\x66lag\x18\x01 \x01(\x0b\x32\x17.cardlookup.v1.CardFlag\"A\n\x18ListMyAuditEventsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"_\n\x19ListMyAuditEventsResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.cardlookup.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x85\x02\n\x10\x43\x61rdClosureState\x12\"\n\x1e\x43\x41RD_CLOSURE_STATE_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x43\x41RD_CLOSURE_STATE_PENDING\x10\x01\x12\x1d\n\x19\x43\x41RD_CLOSURE_STATE_CLOSED\x10\x02\x12 \n\x1c\x43\x41RD_CLOSURE_STATE_SCHEDULED\x10\x03\x12,\n(CARD_CLOSURE_STATE_BRANCH_VISIT_REQUIRED\x10\x04\x12\x1f\n\x1b\x43\x41RD_CLOSURE_STATE_REJECTED\x10\x05\x12\x1d\n\x19\x43\x41RD_CLOSURE_STATE_FAILED\x10\x06*\x85\x01\n\rCardFlagState\x12\x1f\n\x1b\x43\x41RD_FLAG_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43\x41RD_FLAG_STATE_PENDING\x10\x01\x12\x1a\n\x16\x43\x41RD_FLAG_STATE_FROZEN\x10\x02\x12\x1a\n\x16\x43\x41RD_FLAG_STATE_FAILED\x10\x03\x32\x89\x04\n\x11\x43\x61rdActionService\x12\x66\n\x11\x43reateCardClosure\x12\'.cardlookup.v1.CreateCardClosureRequest\x1a(.cardlookup.v1.CreateCardClosureResponse\x12]\n\x0eGetCardClosure\x12$.cardlookup.v1.GetCardClosureRequest\x1a%.cardlookup.v1.GetCardClosureResponse\x12\x63\n\x10ListCardClosures\x12&.cardlookup.v1.ListCardClosuresRequest\x1a\'.cardlookup.v1.ListCardClosuresResponse\x12`\n\x0f\x46lagCardNotMine\x12%.cardlookup.v1.FlagCardNotMineRequest\x1a&.cardlookup.v1.FlagCardNotMineResponse\x12\x66\n\x11ListMyAuditEvents\x12\'.cardlookup.v1.ListMyAuditEventsRequest\x1a(.cardlookup.v1.ListMyAuditEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cardlookup.v1.card_action_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CARDCLOSURESTATE']._serialized_start=1514
-  _globals['_CARDCLOSURESTATE']._serialized_end=1775
-  _globals['_CARDFLAGSTATE']._serialized_start=1778
-  _globals['_CARDFLAGSTATE']._serialized_end=1911
+  _globals['_CARDCLOSURE'].fields_by_name['request_id']._loaded_options = None
+  _globals['_CARDCLOSURE'].fields_by_name['request_id']._serialized_options = b'\030\001'
+  _globals['_CARDCLOSURESTATE']._serialized_start=1518
+  _globals['_CARDCLOSURESTATE']._serialized_end=1779
+  _globals['_CARDFLAGSTATE']._serialized_start=1782
+  _globals['_CARDFLAGSTATE']._serialized_end=1915
   _globals['_CARDCLOSURE']._serialized_start=92
-  _globals['_CARDCLOSURE']._serialized_end=251
-  _globals['_CARDCLOSUREITEM']._serialized_start=254
-  _globals['_CARDCLOSUREITEM']._serialized_end=482
-  _globals['_CARDFLAG']._serialized_start=485
-  _globals['_CARDFLAG']._serialized_end=647
-  _globals['_AUDITEVENT']._serialized_start=649
-  _globals['_AUDITEVENT']._serialized_end=769
-  _globals['_CREATECARDCLOSUREREQUEST']._serialized_start=771
-  _globals['_CREATECARDCLOSUREREQUEST']._serialized_end=852
-  _globals['_CREATECARDCLOSURERESPONSE']._serialized_start=854
-  _globals['_CREATECARDCLOSURERESPONSE']._serialized_end=926
-  _globals['_GETCARDCLOSUREREQUEST']._serialized_start=928
-  _globals['_GETCARDCLOSUREREQUEST']._serialized_end=965
-  _globals['_GETCARDCLOSURERESPONSE']._serialized_start=967
-  _globals['_GETCARDCLOSURERESPONSE']._serialized_end=1036
-  _globals['_LISTCARDCLOSURESREQUEST']._serialized_start=1038
-  _globals['_LISTCARDCLOSURESREQUEST']._serialized_end=1102
-  _globals['_LISTCARDCLOSURESRESPONSE']._serialized_start=1104
-  _globals['_LISTCARDCLOSURESRESPONSE']._serialized_end=1201
-  _globals['_FLAGCARDNOTMINEREQUEST']._serialized_start=1203
-  _globals['_FLAGCARDNOTMINEREQUEST']._serialized_end=1281
-  _globals['_FLAGCARDNOTMINERESPONSE']._serialized_start=1283
-  _globals['_FLAGCARDNOTMINERESPONSE']._serialized_end=1347
-  _globals['_LISTMYAUDITEVENTSREQUEST']._serialized_start=1349
-  _globals['_LISTMYAUDITEVENTSREQUEST']._serialized_end=1414
-  _globals['_LISTMYAUDITEVENTSRESPONSE']._serialized_start=1416
-  _globals['_LISTMYAUDITEVENTSRESPONSE']._serialized_end=1511
-  _globals['_CARDACTIONSERVICE']._serialized_start=1914
-  _globals['_CARDACTIONSERVICE']._serialized_end=2435
+  _globals['_CARDCLOSURE']._serialized_end=255
+  _globals['_CARDCLOSUREITEM']._serialized_start=258
+  _globals['_CARDCLOSUREITEM']._serialized_end=486
+  _globals['_CARDFLAG']._serialized_start=489
+  _globals['_CARDFLAG']._serialized_end=651
+  _globals['_AUDITEVENT']._serialized_start=653
+  _globals['_AUDITEVENT']._serialized_end=773
+  _globals['_CREATECARDCLOSUREREQUEST']._serialized_start=775
+  _globals['_CREATECARDCLOSUREREQUEST']._serialized_end=856
+  _globals['_CREATECARDCLOSURERESPONSE']._serialized_start=858
+  _globals['_CREATECARDCLOSURERESPONSE']._serialized_end=930
+  _globals['_GETCARDCLOSUREREQUEST']._serialized_start=932
+  _globals['_GETCARDCLOSUREREQUEST']._serialized_end=969
+  _globals['_GETCARDCLOSURERESPONSE']._serialized_start=971
+  _globals['_GETCARDCLOSURERESPONSE']._serialized_end=1040
+  _globals['_LISTCARDCLOSURESREQUEST']._serialized_start=1042
+  _globals['_LISTCARDCLOSURESREQUEST']._serialized_end=1106
+  _globals['_LISTCARDCLOSURESRESPONSE']._serialized_start=1108
+  _globals['_LISTCARDCLOSURESRESPONSE']._serialized_end=1205
+  _globals['_FLAGCARDNOTMINEREQUEST']._serialized_start=1207
+  _globals['_FLAGCARDNOTMINEREQUEST']._serialized_end=1285
+  _globals['_FLAGCARDNOTMINERESPONSE']._serialized_start=1287
+  _globals['_FLAGCARDNOTMINERESPONSE']._serialized_end=1351
+  _globals['_LISTMYAUDITEVENTSREQUEST']._serialized_start=1353
+  _globals['_LISTMYAUDITEVENTSREQUEST']._serialized_end=1418
+  _globals['_LISTMYAUDITEVENTSRESPONSE']._serialized_start=1420
+  _globals['_LISTMYAUDITEVENTSRESPONSE']._serialized_end=1515
+  _globals['_CARDACTIONSERVICE']._serialized_start=1918
+  _globals['_CARDACTIONSERVICE']._serialized_end=2439
 # @@protoc_insertion_point(module_scope)

@@ -18,6 +18,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _CardClosureState:
@@ -101,8 +106,20 @@ class CardClosure(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, "closures/{closure_id}"."""
-    request_id: _builtins.str
-    """The request_id it was created with."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def request_id(self) -> _builtins.str:
+        """Always empty. The union keeps only a keyed hash of a request_id, never the
+        text a client sent, so it cannot be returned (the caller knows it).
+        """
+
+    @request_id.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def request_id(self, value: _builtins.str) -> None:
+        """Always empty. The union keeps only a keyed hash of a request_id, never the
+        text a client sent, so it cannot be returned (the caller knows it).
+        """
+
     report: _builtins.str
     """The report the cards come from, "reports/{report_id}"."""
     @_builtins.property
