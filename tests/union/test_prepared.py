@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, Connection, Engine, create_engine, exc, func, insert, select
+from sqlalchemy import Connection, Engine, create_engine, delete, exc, func, insert, select
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.pool import NullPool
 
