@@ -226,7 +226,14 @@ async function run(options: Options): Promise<void> {
   const created = await lookups.createLookup({ requestId: randomUUID() }, { ...auth, ...unary });
   const lookupName = created.lookup?.name ?? "";
   let reportName = "";
+  let first = true;
   for await (const event of lookups.watchLookup({ name: lookupName }, { ...auth, timeoutMs: options.timeoutMs })) {
+    // A lookup whose banks all answered before the watch began has no changes left to show:
+    // show where each bank ended instead.
+    if (first && event.reportReady && event.lookup) {
+      for (const bank of event.lookup.bankProgress) progress(eventLine(event.lookup, bank.bankCode, false));
+    }
+    first = false;
     if (event.lookup) progress(eventLine(event.lookup, event.bankCode, event.reportReady));
     if (event.reportReady) reportName = event.lookup?.report ?? "";
   }
