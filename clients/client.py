@@ -208,6 +208,12 @@ class CardLookupClient:
             lambda: self._lookups.ListReports(request, metadata=self._metadata(), timeout=self.timeout), True
         )
 
+    async def list_lookups(self, page_size: int = 0, page_token: str = "") -> lookup_pb.ListLookupsResponse:
+        request = lookup_pb.ListLookupsRequest(page_size=page_size, page_token=page_token)
+        return await self._call(
+            lambda: self._lookups.ListLookups(request, metadata=self._metadata(), timeout=self.timeout), True
+        )
+
     async def delete_report(self, name: str) -> None:
         request = lookup_pb.DeleteReportRequest(name=name)
         await self._call(

@@ -230,3 +230,13 @@ class LookupService:
             report_id = validation.parse_resource_name(name, "reports")
             if not await self._store.delete_report(report_id, caller.person_hash, self._clock.now()):
                 raise errors.NotFound(f"{name} not found")
+
+    async def list_lookups(
+        self, caller: Caller, page_size: int, page_token: str
+    ) -> tuple[list[model.Lookup], str]:
+        """The caller's running lookups and those whose report is still readable, newest first."""
+        pager = Pager(self._keys, "lookups", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = pager.size(page_size)
+        after = pager.after(caller.person_hash, page_token)
+        lookups = await self._store.list_lookups(caller.person_hash, self._clock.now(), after, size + 1)
+        return pager.page(lookups, size, caller.person_hash, lambda lookup: (lookup.create_time, lookup.id))
