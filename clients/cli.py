@@ -147,11 +147,18 @@ TIME_FORMS = (
 class Refusal(Exception):
     """A problem the CLI finds itself (bad input, an unanswered question): lines and an exit code."""
 
-    def __init__(self, lines: Sequence[str], exit_code: int = 2, code: str = "INVALID_ARGUMENT") -> None:
+    def __init__(
+        self,
+        lines: Sequence[str],
+        exit_code: int = 2,
+        code: str = "INVALID_ARGUMENT",
+        details: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__("; ".join(lines))
         self.lines = list(lines)
         self.exit_code = exit_code
         self.code = code
+        self.details = details or {}
 
 
 def _client(
@@ -187,7 +194,8 @@ def _fail(lines: Sequence[str], code: str, exit_code: int, details: dict[str, An
         print(json.dumps({"error": body}, ensure_ascii=False), flush=True)
     else:
         for line in lines:
-            err.print(f"[red]error:[/] {escape(line)} [dim]({code})[/]", highlight=False)
+            # soft_wrap: one problem stays one line, however narrow the terminal.
+            err.print(f"[red]error:[/] {escape(line)} [dim]({code})[/]", highlight=False, soft_wrap=True)
     return typer.Exit(exit_code)
 
 
@@ -196,18 +204,27 @@ def _run(work: Callable[[], Awaitable[T]]) -> T:
     try:
         return asyncio.run(work())  # type: ignore[arg-type]
     except CardLookupError as error:
-        details: dict[str, Any] = {"reason": error.reason, "reached_server": error.reached_server}
-        if error.field_violations:
-            details["field_violations"] = [
-                {"field": field, "description": description} for field, description in error.field_violations
-            ]
-        if error.retry_after is not None:
-            details["retry_after_seconds"] = int(error.retry_after.total_seconds())
-        if error.metadata:
-            details["metadata"] = error.metadata
-        raise _fail(error_lines(error), error.code.name, EXIT_CODES.get(error.code, 1), details) from None
+        raise _fail(error_lines(error), error.code.name, _exit_code(error), _details(error)) from None
     except Refusal as refusal:
-        raise _fail(refusal.lines, refusal.code, refusal.exit_code, {}) from None
+        raise _fail(refusal.lines, refusal.code, refusal.exit_code, refusal.details) from None
+
+
+def _exit_code(error: CardLookupError) -> int:
+    return EXIT_CODES.get(error.code, 1)
+
+
+def _details(error: CardLookupError) -> dict[str, Any]:
+    """What --json adds to an error's lines: the server's reason and hints, for scripts."""
+    details: dict[str, Any] = {"reason": error.reason, "reached_server": error.reached_server}
+    if error.field_violations:
+        details["field_violations"] = [
+            {"field": field, "description": description} for field, description in error.field_violations
+        ]
+    if error.retry_after is not None:
+        details["retry_after_seconds"] = int(error.retry_after.total_seconds())
+    if error.metadata:
+        details["metadata"] = error.metadata
+    return details
 
 
 def _refuse(refusal: Refusal) -> typer.Exit:
@@ -579,9 +596,10 @@ def verify(
                     typed.name, typed.resident_id_number, typed.mobile_number
                 )
             except CardLookupError as error:
-                if error.reason == "REGION_NOT_OPEN":
-                    error.message += "; no code was sent"
-                raise
+                if error.reason != "REGION_NOT_OPEN":
+                    raise
+                line = error_lines(error)[0] + "; no code was sent"
+                raise Refusal([line], _exit_code(error), error.code.name, _details(error)) from None
             asked = code is None and sms_outbox is None
             one_time = code
             if one_time is None and sms_outbox is not None:
