@@ -21,6 +21,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+# Before gRPC loads: its core logs transport events (a failed TLS handshake, a GOAWAY) on stderr in
+# its own words, and this CLI says what went wrong itself. GRPC_VERBOSITY=info brings them back.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 import grpc
 import typer
 from cardlookup.v1 import admin_service_pb2 as admin_pb

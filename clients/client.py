@@ -92,6 +92,8 @@ def _why_unreachable(details: str) -> str:
         return "the host name does not resolve"
     if "ssl" in text or "handshake" in text or "tls" in text or "certificate" in text:
         return "the TLS handshake failed (check --tls and --ca)"
+    if "socket closed" in text or "connection reset" in text:
+        return "the connection was closed at once (does the union want --tls and --ca?)"
     if "deadline" in text or "timeout" in text or "timed out" in text:
         return "no answer in time"
     return "no connection"
