@@ -133,6 +133,8 @@ LOOKUP_STATES = {
     lookup_pb.LOOKUP_STATE_RUNNING: "[cyan]running[/]",
     lookup_pb.LOOKUP_STATE_COMPLETED: "[green]completed[/]",
 }
+# Session credential refusals: a new verification is the way out.
+SIGN_IN_AGAIN = frozenset({"MISSING_CREDENTIAL", "INVALID_CREDENTIAL", "EXPIRED_CREDENTIAL"})
 # verify's options, by the request field the union names in a refusal.
 VERIFY_OPTIONS = {"name": "--name", "resident_id_number": "--id", "mobile_number": "--mobile"}
 # A card ref is shown at least this long, and longer where two refs of a report share the prefix.
@@ -185,6 +187,8 @@ def error_lines(error: CardLookupError) -> list[str]:
     line = error.message or error.code.name.lower().replace("_", " ")
     if error.reason == "REGION_NOT_OPEN" and (region := error.metadata.get("region_code")):
         line += f" (region {region})"
+    if error.reason in SIGN_IN_AGAIN:
+        line += "; run `cardlookup verify` again"
     if "attempts_left" in error.metadata:
         line += f"; {error.metadata['attempts_left']} attempts left"
     if error.retry_after is not None:
@@ -276,10 +280,10 @@ def _ask_early(yes: bool) -> None:
         raise _refuse(Refusal(["this asks for confirmation, and there is no terminal to ask on: pass --yes"]))
 
 
-def local_time(value: Timestamp | datetime) -> str:
+def local_time(value: Timestamp | datetime, seconds: bool = False) -> str:
     """A moment in the local time zone, with the zone named (TZ decides, as for `date`)."""
     moment = value if isinstance(value, datetime) else value.ToDatetime(tzinfo=UTC)
-    return moment.astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z" if seconds else "%Y-%m-%d %H:%M %Z")
 
 
 def parse_time(text: str, now: datetime | None = None) -> datetime:
@@ -923,7 +927,7 @@ def not_mine(
 def _events_table(events: list[action_pb.AuditEvent]) -> Table:
     table = Table("Time", "Action", "Outcome", "Resource")
     for event in events:
-        table.add_row(local_time(event.time), event.action, event.outcome, event.resource)
+        table.add_row(local_time(event.time, seconds=True), event.action, event.outcome, event.resource)
     return table
 
 

@@ -282,6 +282,13 @@ async def test_errors_are_one_readable_line_or_json(run: Cli) -> None:
     )
     assert error["retry_after_seconds"] > 6 * 86400
 
+    run.session.write_text(json.dumps({"session_token": "forged"}))
+    forged = await run("reports")
+    assert forged.exit_code == 4
+    assert error_lines(forged) == [
+        "error: invalid session credential; run `cardlookup verify` again (UNAUTHENTICATED)"
+    ]
+
 
 def _closed_port() -> int:
     with socket.socket() as probe:
