@@ -56,6 +56,10 @@ async def test_list_lookups_is_owner_only_paged_and_forgets_expired_reports(make
             await zhang.list_lookups(page_size=-1)
         assert negative.value.field_violations == [("page_size", "must not be negative")]
 
+        # The list is in the person's own trail, like every other read.
+        trail = (await zhang.my_audit_events(page_size=200)).events
+        assert sum(event.action == "lookup.list" for event in trail) == 3
+
         # A deleted report takes its lookup out of the list.
         await zhang.delete_report(completed[0].name)
         names = [lookup.name for lookup in (await zhang.list_lookups()).lookups]

@@ -236,7 +236,10 @@ class LookupService:
     ) -> tuple[list[model.Lookup], str]:
         """The caller's running lookups and those whose report is still readable, newest first."""
         pager = Pager(self._keys, "lookups", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        size = pager.size(page_size)
-        after = pager.after(caller.person_hash, page_token)
-        lookups = await self._store.list_lookups(caller.person_hash, self._clock.now(), after, size + 1)
-        return pager.page(lookups, size, caller.person_hash, lambda lookup: (lookup.create_time, lookup.id))
+        async with self._audit.action(caller.person_hash, "lookup.list"):
+            size = pager.size(page_size)
+            after = pager.after(caller.person_hash, page_token)
+            lookups = await self._store.list_lookups(caller.person_hash, self._clock.now(), after, size + 1)
+            return pager.page(
+                lookups, size, caller.person_hash, lambda lookup: (lookup.create_time, lookup.id)
+            )
