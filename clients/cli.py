@@ -97,7 +97,7 @@ Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do it without asking (ne
 Stream = Annotated[
     bool,
     typer.Option(
-        "--stream", help="With --json: one JSON line per progress event, then the report as the last line."
+        "--stream", help="JSON lines (implies --json): one per progress event, then the report as the last."
     ),
 ]
 
@@ -666,6 +666,7 @@ def lookup(
     stream: Stream = False,
 ) -> None:
     """Look up every card in your name: live per-bank progress, then the masked report."""
+    as_json = _remember_json(as_json or stream)
 
     async def work() -> lookup_pb.Report:
         async with _client(target, tls, ca, session=_load_session(session_file)) as client:
@@ -691,6 +692,7 @@ def watch(
     stream: Stream = False,
 ) -> None:
     """Go back to a lookup: live per-bank progress until its report is ready, then the report."""
+    as_json = _remember_json(as_json or stream)
 
     async def work() -> lookup_pb.Report:
         async with _client(target, tls, ca, session=_load_session(session_file)) as client:

@@ -177,7 +177,7 @@ async def test_status_and_watch_find_a_running_lookup(make_union: UnionFactory, 
     assert last["event"] == "report"
     assert last["report"]["total_card_count"] == 5
 
-    again = await run("watch", progress[-1]["lookup"], "--json", "--stream")
+    again = await run("watch", progress[-1]["lookup"], "--stream")  # --stream is JSON
     assert [json.loads(line)["event"] for line in again.stdout.splitlines()] == ["progress", "report"]
 
 
