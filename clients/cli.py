@@ -1,7 +1,11 @@
 """`cardlookup`: the command line for a person (verify, lookup, report) and an operator (admin).
 
-Every command takes --json for scripts; errors are one line on stderr with the
-server's hint, and the exit code says what happened (see EXIT_CODES).
+Every command takes --json for scripts, errors included: a problem is one line on stderr
+(`error: <field>: <rule>` or the server's explanation, with its hint: when to retry, attempts
+left), or with --json one `{"error": {...}}` object on stdout. The exit code says what happened
+(see EXIT_CODES; 1 also means a confirmation was declined). Times are shown in the local time
+zone, named; commands that close, flag or delete ask first (--yes skips the question, and is
+needed without a terminal).
 """
 
 from __future__ import annotations
@@ -9,11 +13,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
-from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+import unicodedata
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
+
+# Before gRPC loads: its core logs transport events (a failed TLS handshake, a GOAWAY) on stderr in
+# its own words, and this CLI says what went wrong itself. GRPC_VERBOSITY=info brings them back.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import grpc
 import typer
@@ -22,11 +32,14 @@ from cardlookup.v1 import card_action_service_pb2 as action_pb
 from cardlookup.v1 import card_lookup_service_pb2 as lookup_pb
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
-from clients.client import CardLookupClient, CardLookupError
+from clients.client import CardLookupClient, CardLookupError, human_duration
+from server.common import normalize
 
 T = TypeVar("T")
 
@@ -39,6 +52,7 @@ EXIT_CODES = {
     grpc.StatusCode.UNAVAILABLE: 7,
     grpc.StatusCode.DEADLINE_EXCEEDED: 7,
 }
+EXIT_DECLINED = 1
 
 app = typer.Typer(
     help="一键查卡: find every bank card held in your name.", no_args_is_help=True, add_completion=False
@@ -49,8 +63,27 @@ app.add_typer(admin_app, name="admin")
 out = Console()
 err = Console(stderr=True)
 
+
+class _Output:
+    """How this invocation reports, set while its options are parsed (see `Json`)."""
+
+    json = False
+
+
+OUTPUT = _Output()
+
+
+def _remember_json(value: bool) -> bool:
+    # Errors are printed far from the command's own code (in _run): every command's --json goes
+    # through here, so each of them, admin ones included, gets JSON errors without passing it on.
+    OUTPUT.json = value
+    return value
+
+
 Target = Annotated[str, typer.Option(envvar="CARDLOOKUP_TARGET", help="Union server host:port.")]
-Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+Json = Annotated[
+    bool, typer.Option("--json", help="Print machine-readable JSON (errors too).", callback=_remember_json)
+]
 SessionFile = Annotated[
     Path,
     typer.Option(
@@ -60,6 +93,13 @@ SessionFile = Annotated[
 AdminToken = Annotated[str, typer.Option(envvar="CARDLOOKUP_ADMIN_TOKEN", help="Admin credential.")]
 Tls = Annotated[bool, typer.Option("--tls", help="Use TLS (system roots unless --ca is given).")]
 CaFile = Annotated[Path | None, typer.Option("--ca", help="PEM file of the CA that signed the server.")]
+Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do it without asking (needed without a terminal).")]
+Stream = Annotated[
+    bool,
+    typer.Option(
+        "--stream", help="JSON lines (implies --json): one per progress event, then the report as the last."
+    ),
+]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_SESSION = Path.home() / ".config" / "cardlookup" / "session.json"
@@ -89,6 +129,42 @@ OUTCOMES = {
     lookup_pb.BANK_OUTCOME_FAILED: "[red]failed[/]",
     lookup_pb.BANK_OUTCOME_NO_RESPONSE: "[red]no response[/]",
 }
+LOOKUP_STATES = {
+    lookup_pb.LOOKUP_STATE_RUNNING: "[cyan]running[/]",
+    lookup_pb.LOOKUP_STATE_COMPLETED: "[green]completed[/]",
+}
+# Session credential refusals: a new verification is the way out.
+SIGN_IN_AGAIN = frozenset({"MISSING_CREDENTIAL", "INVALID_CREDENTIAL", "EXPIRED_CREDENTIAL"})
+# verify's options, by the request field the union names in a refusal.
+VERIFY_OPTIONS = {"name": "--name", "resident_id_number": "--id", "mobile_number": "--mobile"}
+# A card ref is shown at least this long, and longer where two refs of a report share the prefix.
+MIN_REF_CHARS = 7
+# What the person typed, safe to repeat in an error (a ref or resource id, nothing else).
+_ECHOABLE = re.compile(r"[A-Za-z0-9_-]{1,40}")
+_FULL_ID = {"reports": re.compile(r"r[0-9a-f]{24}"), "lookups": re.compile(r"l[0-9a-f]{24}")}
+_AGE = re.compile(r"([0-9]+)\s*(s|sec|m|min|h|d|w)\s*(?:ago)?")
+_AGE_UNITS = {"s": "seconds", "sec": "seconds", "m": "minutes", "min": "minutes", "h": "hours"}
+TIME_FORMS = (
+    "an ISO date or time (2026-12-01, 2026-12-01T08:00, 2026-12-01T08:00+08:00; local time if no zone), "
+    "now, today, yesterday, or an age such as 30m, 2h, 7d"
+)
+
+
+class Refusal(Exception):
+    """A problem the CLI finds itself (bad input, an unanswered question): lines and an exit code."""
+
+    def __init__(
+        self,
+        lines: Sequence[str],
+        exit_code: int = 2,
+        code: str = "INVALID_ARGUMENT",
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__("; ".join(lines))
+        self.lines = list(lines)
+        self.exit_code = exit_code
+        self.code = code
+        self.details = details or {}
 
 
 def _client(
@@ -103,13 +179,65 @@ def _client(
     )
 
 
+def error_lines(error: CardLookupError) -> list[str]:
+    """One readable line per problem: each bad field with its rule, or the server's explanation
+    with what to do about it. Never gRPC's own transport text (see CardLookupError)."""
+    if error.field_violations:
+        return [f"{field}: {description}" for field, description in error.field_violations]
+    line = error.message or error.code.name.lower().replace("_", " ")
+    if error.reason == "REGION_NOT_OPEN" and (region := error.metadata.get("region_code")):
+        line += f" (region {region})"
+    if error.reason in SIGN_IN_AGAIN:
+        line += "; run `cardlookup verify` again"
+    if "attempts_left" in error.metadata:
+        line += f"; {error.metadata['attempts_left']} attempts left"
+    if error.retry_after is not None:
+        line += f"; retry in {human_duration(error.retry_after)}"
+    return [line]
+
+
+def _fail(lines: Sequence[str], code: str, exit_code: int, details: dict[str, Any]) -> typer.Exit:
+    if OUTPUT.json:
+        body = {"code": code, "message": "; ".join(lines), "problems": list(lines), **details}
+        print(json.dumps({"error": body}, ensure_ascii=False), flush=True)
+    else:
+        for line in lines:
+            # soft_wrap: one problem stays one line, however narrow the terminal.
+            err.print(f"[red]error:[/] {escape(line)} [dim]({code})[/]", highlight=False, soft_wrap=True)
+    return typer.Exit(exit_code)
+
+
 def _run(work: Callable[[], Awaitable[T]]) -> T:
-    """Run a coroutine; turn a server error into one clear line and a meaningful exit code."""
+    """Run a coroutine; turn a server error or a refusal into clear lines and a meaningful exit code."""
     try:
         return asyncio.run(work())  # type: ignore[arg-type]
     except CardLookupError as error:
-        err.print(f"[red]error:[/] {error}", markup=True, highlight=False)
-        raise typer.Exit(EXIT_CODES.get(error.code, 1)) from None
+        raise _fail(error_lines(error), error.code.name, _exit_code(error), _details(error)) from None
+    except Refusal as refusal:
+        raise _fail(refusal.lines, refusal.code, refusal.exit_code, refusal.details) from None
+
+
+def _exit_code(error: CardLookupError) -> int:
+    return EXIT_CODES.get(error.code, 1)
+
+
+def _details(error: CardLookupError) -> dict[str, Any]:
+    """What --json adds to an error's lines: the server's reason and hints, for scripts."""
+    details: dict[str, Any] = {"reason": error.reason, "reached_server": error.reached_server}
+    if error.field_violations:
+        details["field_violations"] = [
+            {"field": field, "description": description} for field, description in error.field_violations
+        ]
+    if error.retry_after is not None:
+        details["retry_after_seconds"] = int(error.retry_after.total_seconds())
+    if error.metadata:
+        details["metadata"] = error.metadata
+    return details
+
+
+def _refuse(refusal: Refusal) -> typer.Exit:
+    """A refusal found before any call: printed like the errors of _run."""
+    return _fail(refusal.lines, refusal.code, refusal.exit_code, {})
 
 
 def _as_json(message: Message) -> dict[str, Any]:
@@ -120,12 +248,173 @@ def _print_json(value: Any) -> None:
     out.print_json(json.dumps(value, ensure_ascii=False))
 
 
+def _json_line(value: Any) -> None:
+    print(json.dumps(value, ensure_ascii=False), flush=True)
+
+
 def _load_session(path: Path) -> str:
     try:
         return str(json.loads(path.read_text())["session_token"])
     except (OSError, ValueError, KeyError):
-        err.print("[red]error:[/] no session; run `cardlookup verify` first")
-        raise typer.Exit(4) from None
+        raise Refusal(["no session; run `cardlookup verify` first"], 4, "UNAUTHENTICATED") from None
+
+
+def _interactive() -> bool:
+    """Whether a person is there to answer a question (stdin is a terminal)."""
+    return sys.stdin.isatty()
+
+
+def _confirm(question: str, yes: bool) -> None:
+    """Ask before acting; --yes answers for the person. Without a terminal, refuse rather than guess."""
+    if yes:
+        return
+    if not _interactive():
+        raise Refusal(["this asks for confirmation, and there is no terminal to ask on: pass --yes"], 2)
+    if not typer.confirm(question, default=False, err=True):
+        raise Refusal(["not confirmed; nothing was changed"], EXIT_DECLINED, "CANCELLED")
+
+
+def _ask_early(yes: bool) -> None:
+    """Refuse before any call when nobody can answer the question asked later."""
+    if not yes and not _interactive():
+        raise _refuse(Refusal(["this asks for confirmation, and there is no terminal to ask on: pass --yes"]))
+
+
+def local_time(value: Timestamp | datetime, seconds: bool = False) -> str:
+    """A moment in the local time zone, with the zone named (TZ decides, as for `date`)."""
+    moment = value if isinstance(value, datetime) else value.ToDatetime(tzinfo=UTC)
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z" if seconds else "%Y-%m-%d %H:%M %Z")
+
+
+def parse_time(text: str, now: datetime | None = None) -> datetime:
+    """A moment from what a person types (see TIME_FORMS); ValueError says what is accepted."""
+    now = now or datetime.now(UTC)
+    value = unicodedata.normalize("NFKC", text).strip().lower()
+    if value == "now":
+        return now
+    if value in ("today", "yesterday"):
+        midnight = now.astimezone().replace(hour=0, minute=0, second=0, microsecond=0)
+        return midnight - timedelta(days=1 if value == "yesterday" else 0)
+    if age := _AGE.fullmatch(value):
+        amount, unit = int(age.group(1)), age.group(2)
+        if unit in ("d", "w"):
+            return now - timedelta(days=amount * (7 if unit == "w" else 1))
+        return now - timedelta(**{_AGE_UNITS[unit]: amount})
+    try:
+        moment = datetime.fromisoformat(value.upper())
+    except ValueError:
+        raise ValueError(f"not a time: use {TIME_FORMS}") from None
+    return moment if moment.tzinfo else moment.astimezone()  # a naive time is local time
+
+
+def _elapsed(lookup: lookup_pb.Lookup, now: datetime) -> timedelta:
+    return max(now - lookup.create_time.ToDatetime(tzinfo=UTC), timedelta(0))
+
+
+def _clock(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def answered(lookup: lookup_pb.Lookup) -> tuple[int, int, int]:
+    """(banks answered, banks failed or silent, banks asked)."""
+    outcomes = [bank.outcome for bank in lookup.bank_progress]
+    done = outcomes.count(lookup_pb.BANK_OUTCOME_ANSWERED)
+    failed = outcomes.count(lookup_pb.BANK_OUTCOME_FAILED) + outcomes.count(
+        lookup_pb.BANK_OUTCOME_NO_RESPONSE
+    )
+    return done, failed, len(outcomes)
+
+
+def progress_line(lookup: lookup_pb.Lookup, now: datetime | None = None) -> str:
+    """`7/16 answered · 0:04 elapsed` (with failures, when there are some)."""
+    done, failed, total = answered(lookup)
+    line = f"{done}/{total} answered"
+    if failed:
+        line += f", {failed} failed"
+    if lookup.state == lookup_pb.LOOKUP_STATE_RUNNING:
+        line += f" · {_clock(_elapsed(lookup, now or datetime.now(UTC)))} elapsed"
+    return line
+
+
+def short_refs(refs: Sequence[str]) -> dict[str, str]:
+    """Each card ref cut to the shortest prefix (at least MIN_REF_CHARS) no other ref starts with,
+    as git shortens commit ids: what `close` and `not-mine` accept back."""
+    shown = {}
+    for ref in refs:
+        length = MIN_REF_CHARS
+        while length < len(ref) and any(o != ref and o.startswith(ref[:length]) for o in refs):
+            length += 1
+        shown[ref] = ref[:length]
+    return shown
+
+
+def _typed_id(text: str) -> str:
+    """What was typed, without the ellipsis a shortened id is shown with."""
+    return unicodedata.normalize("NFKC", text).strip().removesuffix("…").removesuffix("...")
+
+
+def _label(position: int, typed: str, what: str) -> str:
+    shown = f" {typed}" if _ECHOABLE.fullmatch(typed) else ""
+    return f"{what} #{position}{shown}" if position else f"{what}{shown}"
+
+
+def resolve_card_refs(report: lookup_pb.Report, typed: Sequence[str]) -> list[lookup_pb.ReportCard]:
+    """The report's cards for refs typed whole or as any unique prefix; Refusal naming each that
+    matches no card or several (it lists no card: only how many match)."""
+    chosen: list[lookup_pb.ReportCard] = []
+    problems = []
+    for position, text in enumerate(typed, 1):
+        prefix = _typed_id(text)
+        label = _label(position if len(typed) > 1 else 0, prefix, "card ref")
+        matches = [card for card in report.cards if card.card_ref == prefix] or [
+            card for card in report.cards if prefix and card.card_ref.startswith(prefix)
+        ]
+        if not matches:
+            problems.append(f"{label}: no card in {report.name} has this ref")
+        elif len(matches) > 1:
+            problems.append(
+                f"{label}: {len(matches)} cards in this report start with it; type more of the ref"
+            )
+        elif matches[0] not in chosen:
+            chosen.append(matches[0])
+    if problems:
+        raise Refusal(problems, 2)
+    return chosen
+
+
+async def resolve_name(collection: str, typed: str, names: Callable[[], Awaitable[Sequence[str]]]) -> str:
+    """`reports/{id}` (or `lookups/{id}`) for a name typed whole, as a bare id, or as any unique
+    prefix of one of the caller's own; `names` lists theirs, asked only for a prefix."""
+    text = _typed_id(typed).removeprefix(f"{collection}/")
+    if _FULL_ID[collection].fullmatch(text):
+        return f"{collection}/{text}"
+    singular = collection.removesuffix("s")
+    label = _label(0, text, singular)
+    matches = [
+        name for name in await names() if text and name.removeprefix(f"{collection}/").startswith(text)
+    ]
+    if not matches:
+        raise Refusal([f"{label}: none of your {collection} has this name"], 3, "NOT_FOUND")
+    if len(matches) > 1:
+        raise Refusal(
+            [f"{label}: {len(matches)} of your {collection} start with it; type more of the name"], 2
+        )
+    return matches[0]
+
+
+async def _report_names(client: CardLookupClient) -> list[str]:
+    return [report.name for report in (await client.list_reports(page_size=100)).reports]
+
+
+async def _lookup_names(client: CardLookupClient) -> list[str]:
+    return [lookup.name for lookup in (await client.list_lookups(page_size=100)).lookups]
+
+
+def _card_label(card: lookup_pb.ReportCard) -> str:
+    kind = CARD_TYPES.get(card.card_type, "?").split(" ")[-1]
+    return f"{card.bank_code} {card.masked_number} ({kind})"
 
 
 def report_table(report: lookup_pb.Report) -> list[Table]:
@@ -144,8 +433,7 @@ def report_table(report: lookup_pb.Report) -> list[Table]:
         )
     banks.caption = (
         f"{report.total_card_count} cards: {report.total_debit_card_count} debit, "
-        f"{report.total_credit_card_count} credit · "
-        f"expires {report.expire_time.ToDatetime():%Y-%m-%d %H:%M} UTC"
+        f"{report.total_credit_card_count} credit · expires {local_time(report.expire_time)}"
     )
     # Sized for an 80-column terminal: the bank's full name is in the table above.
     cards = Table(title="Cards", title_justify="left")
@@ -153,14 +441,15 @@ def report_table(report: lookup_pb.Report) -> list[Table]:
     cards.add_column("Type", no_wrap=True)
     cards.add_column("Number", no_wrap=True)
     cards.add_column("Status", no_wrap=True)
-    cards.add_column("Ref", style="dim", overflow="ellipsis", no_wrap=True, max_width=12)
+    cards.add_column("Ref", style="dim", no_wrap=True)
+    refs = short_refs([card.card_ref for card in report.cards])
     for card in report.cards:
         cards.add_row(
             card.bank_code,
             CARD_TYPES.get(card.card_type, "?"),
             card.masked_number,
             CARD_STATUSES.get(card.status, "?"),
-            card.card_ref,
+            refs[card.card_ref],
         )
     tables = [banks, cards]
     acted = [c for c in report.cards if c.HasField("not_mine_flag") or c.HasField("closure")]
@@ -198,8 +487,9 @@ def closure_table(closure: action_pb.CardClosure) -> Table:
     return table
 
 
-def progress_table(lookup: lookup_pb.Lookup) -> Table:
-    table = Table(title=f"{lookup.name} — {lookup_pb.LookupState.Name(lookup.state)}", title_justify="left")
+def progress_table(lookup: lookup_pb.Lookup, now: datetime | None = None) -> Table:
+    title = f"{lookup.name} — {LOOKUP_STATES.get(lookup.state, '?')} · {progress_line(lookup, now)}"
+    table = Table(title=title, title_justify="left")
     table.add_column("Bank")
     table.add_column("Outcome")
     table.add_column("Cards", justify="right")
@@ -216,11 +506,79 @@ def progress_table(lookup: lookup_pb.Lookup) -> Table:
     return table
 
 
+class LiveProgress:
+    """The progress table as rich redraws it: the elapsed time moves on between events."""
+
+    def __init__(self, lookup: lookup_pb.Lookup) -> None:
+        self.lookup = lookup
+
+    def __rich__(self) -> Table:
+        return progress_table(self.lookup)
+
+
+def progress_event(event: lookup_pb.WatchLookupResponse, now: datetime | None = None) -> dict[str, Any]:
+    """One JSON line of `lookup --json --stream`."""
+    lookup = event.lookup
+    done, failed, total = answered(lookup)
+    return {
+        "event": "progress",
+        "lookup": lookup.name,
+        "state": lookup_pb.LookupState.Name(lookup.state),
+        "answered": done,
+        "failed": failed,
+        "banks": total,
+        "elapsed_seconds": int(_elapsed(lookup, now or datetime.now(UTC)).total_seconds()),
+        "changed": list(event.bank_codes),
+        "report": lookup.report,
+    }
+
+
+async def _follow(
+    client: CardLookupClient, first: lookup_pb.Lookup, as_json: bool, stream: bool
+) -> lookup_pb.Report:
+    """Follow a lookup until its report is ready, showing progress as asked; return the report."""
+    events: AsyncIterator[lookup_pb.WatchLookupResponse] = client.watch_lookup(
+        first.name, group_bank_changes=True
+    )
+    if as_json:
+        async for event in events:
+            if stream:
+                _json_line(progress_event(event))
+            if event.report_ready:
+                return await client.get_report(event.lookup.report)
+    else:
+        view = LiveProgress(first)
+        with Live(view, console=out, transient=False, refresh_per_second=2):
+            async for event in events:
+                view.lookup = event.lookup
+                if event.report_ready:
+                    return await client.get_report(event.lookup.report)
+    raise CardLookupError(grpc.StatusCode.UNAVAILABLE, "the watch ended before the report was ready")
+
+
+def _show_report(report: lookup_pb.Report, as_json: bool, stream: bool = False) -> None:
+    if as_json and stream:
+        _json_line({"event": "report", "report": _as_json(report)})
+    elif as_json:
+        _print_json(_as_json(report))
+    else:
+        for table in report_table(report):
+            out.print(table)
+
+
+def _one_time_code(text: str) -> str:
+    return "".join(unicodedata.normalize("NFKC", text).split())
+
+
 @app.command()
 def verify(
     name: Annotated[str, typer.Option(help="Your name as registered.")],
-    id_number: Annotated[str, typer.Option("--id", help="Your 18-character resident ID number.")],
-    mobile: Annotated[str, typer.Option(help="Your registered mobile number.")],
+    id_number: Annotated[
+        str, typer.Option("--id", help="Your 18-character resident ID number (a lowercase x is fine).")
+    ],
+    mobile: Annotated[
+        str, typer.Option(help="Your registered mobile number (spaces, dashes, +86 are fine).")
+    ],
     code: Annotated[str | None, typer.Option(help="The one-time code; asked for if not given.")] = None,
     sms_outbox: Annotated[
         Path | None, typer.Option(help="Development only: read the code from the union's SMS outbox file.")
@@ -231,19 +589,47 @@ def verify(
     ca: CaFile = None,
     as_json: Json = False,
 ) -> None:
-    """Real-name verification: sends a one-time code by SMS, then stores the session credential."""
+    """Real-name verification: sends a one-time code by SMS, then stores the session credential.
+
+    What you type is normalised first, as the union does (server/common/normalize.py): surrounding
+    spaces, full-width digits, a lowercase x, and +86/0086, spaces or dashes in the mobile number."""
+    typed = normalize.identity(name, id_number, mobile)
+    if typed.problems:
+        raise _refuse(Refusal([f"{VERIFY_OPTIONS[field]}: {problem}" for field, problem in typed.problems]))
 
     async def work() -> dict[str, Any]:
         async with _client(target, tls, ca) as client:
-            started = await client.start_verification(name, id_number, mobile)
+            try:
+                started = await client.start_verification(
+                    typed.name, typed.resident_id_number, typed.mobile_number
+                )
+            except CardLookupError as error:
+                if error.reason != "REGION_NOT_OPEN":
+                    raise
+                line = error_lines(error)[0] + "; no code was sent"
+                raise Refusal([line], _exit_code(error), error.code.name, _details(error)) from None
+            asked = code is None and sms_outbox is None
             one_time = code
             if one_time is None and sms_outbox is not None:
                 from server.union.sms import read_one_time_code
 
-                one_time = read_one_time_code(sms_outbox, mobile)
-            if one_time is None:
-                one_time = typer.prompt(f"Code sent to {started.masked_mobile_number}")
-            done = await client.complete_verification(started.verification_id, one_time)
+                one_time = read_one_time_code(sms_outbox, typed.mobile_number)
+            while True:
+                if one_time is None:
+                    one_time = typer.prompt(f"Code sent to {started.masked_mobile_number}", err=True)
+                    asked = True
+                try:
+                    done = await client.complete_verification(
+                        started.verification_id, _one_time_code(one_time)
+                    )
+                    break
+                except CardLookupError as error:
+                    # A mistyped code is asked for again, while attempts are left and someone is there.
+                    retry = error.reason == "WRONG_CODE" or error.code == grpc.StatusCode.INVALID_ARGUMENT
+                    if not retry or not (asked or _interactive()):
+                        raise
+                    err.print(f"[yellow]{escape(error_lines(error)[0])}[/]", highlight=False)
+                    one_time = None
             session_file.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(session_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as handle:
@@ -253,6 +639,7 @@ def verify(
                 "masked_mobile_number": started.masked_mobile_number,
                 "region_code": done.region_code,
                 "expire_time": done.expire_time.ToJsonString(),
+                "local_expire_time": local_time(done.expire_time),
             }
 
     result = _run(work)
@@ -261,7 +648,7 @@ def verify(
     else:
         out.print(
             f"[green]verified[/] · code went to {result['masked_mobile_number']} · "
-            f"session until {result['expire_time']}"
+            f"session until {result['local_expire_time']}"
         )
 
 
@@ -276,35 +663,102 @@ def lookup(
     tls: Tls = False,
     ca: CaFile = None,
     as_json: Json = False,
+    stream: Stream = False,
 ) -> None:
     """Look up every card in your name: live per-bank progress, then the masked report."""
+    as_json = _remember_json(as_json or stream)
 
     async def work() -> lookup_pb.Report:
         async with _client(target, tls, ca, session=_load_session(session_file)) as client:
             created = await client.create_lookup(bank, request_id)
-            if as_json:
-                async for event in client.watch_lookup(created.name, group_bank_changes=True):
-                    if event.report_ready:
-                        return await client.get_report(event.lookup.report)
-            else:
-                with Live(progress_table(created), console=out, transient=False) as live:
-                    async for event in client.watch_lookup(created.name, group_bank_changes=True):
-                        live.update(progress_table(event.lookup))
-                        if event.report_ready:
-                            return await client.get_report(event.lookup.report)
-            raise CardLookupError(grpc.StatusCode.UNAVAILABLE, "the watch ended before the report was ready")
+            return await _follow(client, created, as_json, stream)
 
-    report = _run(work)
+    _show_report(_run(work), as_json, stream)
+
+
+@app.command()
+def watch(
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            help="lookups/{id}, or any unique prefix of its id; default: your newest running one."
+        ),
+    ] = None,
+    target: Target = DEFAULT_TARGET,
+    session_file: SessionFile = DEFAULT_SESSION,
+    tls: Tls = False,
+    ca: CaFile = None,
+    as_json: Json = False,
+    stream: Stream = False,
+) -> None:
+    """Go back to a lookup: live per-bank progress until its report is ready, then the report."""
+    as_json = _remember_json(as_json or stream)
+
+    async def work() -> lookup_pb.Report:
+        async with _client(target, tls, ca, session=_load_session(session_file)) as client:
+            if name is None:
+                listed = (await client.list_lookups(page_size=100)).lookups
+                running = [item for item in listed if item.state == lookup_pb.LOOKUP_STATE_RUNNING]
+                if not running:
+                    raise Refusal(
+                        ["none of your lookups is running; `cardlookup status` lists them"], 3, "NOT_FOUND"
+                    )
+                chosen = running[0]
+            else:
+                chosen = await client.get_lookup(
+                    await resolve_name("lookups", name, lambda: _lookup_names(client))
+                )
+            return await _follow(client, chosen, as_json, stream)
+
+    _show_report(_run(work), as_json, stream)
+
+
+@app.command()
+def status(
+    name: Annotated[
+        str | None, typer.Argument(help="lookups/{id} (or a unique prefix); without it, list your lookups.")
+    ] = None,
+    page_size: Annotated[int, typer.Option(help="Lookups per page.")] = 10,
+    page_token: Annotated[str, typer.Option(help="Token from the previous page.")] = "",
+    target: Target = DEFAULT_TARGET,
+    session_file: SessionFile = DEFAULT_SESSION,
+    tls: Tls = False,
+    ca: CaFile = None,
+    as_json: Json = False,
+) -> None:
+    """Your lookups, newest first (running ones, and those whose report is still kept), or one in full."""
+
+    async def work() -> lookup_pb.ListLookupsResponse:
+        async with _client(target, tls, ca, session=_load_session(session_file)) as client:
+            if name is None:
+                return await client.list_lookups(page_size, page_token)
+            one = await client.get_lookup(await resolve_name("lookups", name, lambda: _lookup_names(client)))
+            return lookup_pb.ListLookupsResponse(lookups=[one])
+
+    result = _run(work)
     if as_json:
-        _print_json(_as_json(report))
-    else:
-        for table in report_table(report):
-            out.print(table)
+        _print_json(_as_json(result.lookups[0]) if name is not None else _as_json(result))
+        return
+    if name is not None:
+        out.print(progress_table(result.lookups[0]))
+        return
+    table = Table("Lookup", "State", "Progress", "Started", "Report")
+    for item in result.lookups:
+        table.add_row(
+            item.name,
+            LOOKUP_STATES.get(item.state, "?"),
+            progress_line(item),
+            local_time(item.create_time),
+            item.report,
+        )
+    out.print(table)
+    if result.next_page_token:
+        out.print(f"next page: --page-token {result.next_page_token}")
 
 
 @app.command()
 def report(
-    name: Annotated[str, typer.Argument(help="reports/{id}")],
+    name: Annotated[str, typer.Argument(help="reports/{id}, or any unique prefix of its id")],
     target: Target = DEFAULT_TARGET,
     session_file: SessionFile = DEFAULT_SESSION,
     tls: Tls = False,
@@ -315,14 +769,9 @@ def report(
 
     async def work() -> lookup_pb.Report:
         async with _client(target, tls, ca, session=_load_session(session_file)) as client:
-            return await client.get_report(name)
+            return await client.get_report(await resolve_name("reports", name, lambda: _report_names(client)))
 
-    result = _run(work)
-    if as_json:
-        _print_json(_as_json(result))
-    else:
-        for table in report_table(result):
-            out.print(table)
+    _show_report(_run(work), as_json)
 
 
 @app.command()
@@ -345,12 +794,12 @@ def reports(
     if as_json:
         _print_json(_as_json(result))
         return
-    table = Table("Report", "Generated (UTC)", "Expires (UTC)", "Cards")
+    table = Table("Report", "Generated", "Expires", "Cards")
     for item in result.reports:
         table.add_row(
             item.name,
-            f"{item.generate_time.ToDatetime():%Y-%m-%d %H:%M}",
-            f"{item.expire_time.ToDatetime():%Y-%m-%d %H:%M}",
+            local_time(item.generate_time),
+            local_time(item.expire_time),
             str(item.total_card_count),
         )
     out.print(table)
@@ -360,44 +809,58 @@ def reports(
 
 @app.command()
 def delete(
-    name: Annotated[str, typer.Argument(help="reports/{id}")],
+    name: Annotated[str, typer.Argument(help="reports/{id}, or any unique prefix of its id")],
+    yes: Yes = False,
     target: Target = DEFAULT_TARGET,
     session_file: SessionFile = DEFAULT_SESSION,
     tls: Tls = False,
     ca: CaFile = None,
     as_json: Json = False,
 ) -> None:
-    """Delete one of your reports now instead of waiting for it to expire."""
+    """Delete one of your reports now instead of waiting for it to expire (asks first)."""
+    _ask_early(yes)
 
-    async def work() -> None:
+    async def work() -> str:
         async with _client(target, tls, ca, session=_load_session(session_file)) as client:
-            await client.delete_report(name)
+            full = await resolve_name("reports", name, lambda: _report_names(client))
+            _confirm(f"Delete {full} and its cards for good?", yes)
+            await client.delete_report(full)
+            return full
 
-    _run(work)
+    deleted = _run(work)
     if as_json:
-        _print_json({"deleted": name})
+        _print_json({"deleted": deleted})
     else:
-        out.print(f"deleted {name}")
+        out.print(f"deleted {deleted}")
 
 
 @app.command()
 def close(
-    report_name: Annotated[str, typer.Argument(metavar="REPORT", help="reports/{id}")],
-    card_refs: Annotated[list[str], typer.Argument(metavar="CARD_REF...", help="Card refs from the report.")],
+    report_name: Annotated[str, typer.Argument(metavar="REPORT", help="reports/{id}, or a unique prefix")],
+    card_refs: Annotated[
+        list[str],
+        typer.Argument(metavar="CARD_REF...", help="Card refs from the report, or unique prefixes."),
+    ],
     request_id: Annotated[
         str | None, typer.Option(help="Idempotency key; a retry returns the same request.")
     ] = None,
+    yes: Yes = False,
     target: Target = DEFAULT_TARGET,
     session_file: SessionFile = DEFAULT_SESSION,
     tls: Tls = False,
     ca: CaFile = None,
     as_json: Json = False,
 ) -> None:
-    """Ask the banks to close cards from one of your reports (each bank decides)."""
+    """Ask the banks to close cards from one of your reports (each bank decides; asks first)."""
+    _ask_early(yes)
 
     async def work() -> action_pb.CardClosure:
         async with _client(target, tls, ca, session=_load_session(session_file)) as client:
-            return await client.close_cards(report_name, card_refs, request_id)
+            full = await resolve_name("reports", report_name, lambda: _report_names(client))
+            cards = resolve_card_refs(await client.get_report(full), card_refs)
+            listed = "\n".join(f"  {_card_label(card)}" for card in cards)
+            _confirm(f"Ask the banks to close {len(cards)} card(s)?\n{listed}\n", yes)
+            return await client.close_cards(full, [card.card_ref for card in cards], request_id)
 
     result = _run(work)
     if as_json:
@@ -435,19 +898,25 @@ def closures(
 
 @app.command("not-mine")
 def not_mine(
-    report_name: Annotated[str, typer.Argument(metavar="REPORT", help="reports/{id}")],
-    card_ref: Annotated[str, typer.Argument(help="The card's ref in that report.")],
+    report_name: Annotated[str, typer.Argument(metavar="REPORT", help="reports/{id}, or a unique prefix")],
+    card_ref: Annotated[str, typer.Argument(help="The card's ref in that report, or a unique prefix.")],
+    yes: Yes = False,
     target: Target = DEFAULT_TARGET,
     session_file: SessionFile = DEFAULT_SESSION,
     tls: Tls = False,
     ca: CaFile = None,
     as_json: Json = False,
 ) -> None:
-    """Flag a card you do not recognise: its bank freezes it and opens a fraud case."""
+    """Flag a card you do not recognise: its bank freezes it and opens a fraud case (asks first)."""
+    _ask_early(yes)
 
     async def work() -> action_pb.CardFlag:
         async with _client(target, tls, ca, session=_load_session(session_file)) as client:
-            return await client.flag_not_mine(report_name, card_ref)
+            full = await resolve_name("reports", report_name, lambda: _report_names(client))
+            (card,) = resolve_card_refs(await client.get_report(full), [card_ref])
+            consequence = f"{card.bank_code} will freeze it and open a fraud case"
+            _confirm(f"Flag {_card_label(card)} as not yours? {consequence}.", yes)
+            return await client.flag_not_mine(full, card.card_ref)
 
     result = _run(work)
     if as_json:
@@ -458,11 +927,9 @@ def not_mine(
 
 
 def _events_table(events: list[action_pb.AuditEvent]) -> Table:
-    table = Table("Time (UTC)", "Action", "Outcome", "Resource")
+    table = Table("Time", "Action", "Outcome", "Resource")
     for event in events:
-        table.add_row(
-            f"{event.time.ToDatetime():%Y-%m-%d %H:%M:%S}", event.action, event.outcome, event.resource
-        )
+        table.add_row(local_time(event.time, seconds=True), event.action, event.outcome, event.resource)
     return table
 
 
@@ -611,8 +1078,11 @@ def admin_stats(
 @admin_app.command("audit")
 def admin_audit(
     actor: Annotated[str, typer.Option(help="Only this actor hash.")] = "",
-    since: Annotated[str, typer.Option(help="Only events at or after this ISO time (UTC if no zone).")] = "",
-    until: Annotated[str, typer.Option(help="Only events before this ISO time.")] = "",
+    since: Annotated[
+        str,
+        typer.Option(help="Only events at or after this time: ISO (local if no zone), yesterday, 2h, 7d."),
+    ] = "",
+    until: Annotated[str, typer.Option(help="Only events before this time (same forms as --since).")] = "",
     page_size: Annotated[int, typer.Option(help="Events per page.")] = 100,
     target: Target = DEFAULT_TARGET,
     admin_token: AdminToken = "",
@@ -622,10 +1092,12 @@ def admin_audit(
 ) -> None:
     """Audit events, newest first, by actor and time range."""
     request = admin_pb.ListAuditEventsRequest(actor=actor, page_size=page_size)
-    for text, field in ((since, request.start_time), (until, request.end_time)):
+    for option, text, field in (("--since", since, request.start_time), ("--until", until, request.end_time)):
         if text:
-            moment = datetime.fromisoformat(text)
-            field.FromDatetime(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+            try:
+                field.FromDatetime(parse_time(text))
+            except ValueError as problem:
+                raise _refuse(Refusal([f"{option}: {problem}"])) from None
     result = _admin_call(target, tls, ca, admin_token, "ListAuditEvents", request)
     if as_json:
         _print_json(_as_json(result))

@@ -40,20 +40,32 @@ class CardLookupError(Exception):
     field_violations: list[tuple[str, str]] = field(default_factory=list)
     retry_after: timedelta | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    # False when the call never reached the union (nothing listening, DNS, TLS handshake).
+    reached_server: bool = True
 
     def __str__(self) -> str:
         text = f"{self.code.name}: {self.message}"
-        if self.field_violations:
-            text += " (" + "; ".join(f"{f}: {d}" for f, d in self.field_violations) + ")"
+        # The server's message for INVALID_ARGUMENT already lists the violations.
+        unlisted = [f"{f}: {d}" for f, d in self.field_violations if f"{f}: {d}" not in self.message]
+        if unlisted:
+            text += " (" + "; ".join(unlisted) + ")"
         if self.retry_after is not None:
-            text += f" — retry in {_human(self.retry_after)}"
+            text += f" — retry in {human_duration(self.retry_after)}"
         return text
 
     @classmethod
-    def from_rpc_error(cls, error: grpc.aio.AioRpcError) -> CardLookupError:
-        result = cls(code=error.code(), message=error.details() or "")
+    def from_rpc_error(cls, error: grpc.aio.AioRpcError, target: str = "") -> CardLookupError:
+        details = error.details() or ""
+        result = cls(code=error.code(), message=details)
         status = rpc_status.from_call(error)  # type: ignore[arg-type]
         if status is None:
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                # The union answers UNAVAILABLE with a google.rpc.Status; without one, the call
+                # never got there. gRPC's own text is for gRPC developers, not for people.
+                result.message = (
+                    f"cannot reach the union at {target or 'its address'}: {_why_unreachable(details)}"
+                )
+                result.reached_server = False
             return result
         for detail in status.details:
             if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
@@ -72,7 +84,22 @@ class CardLookupError(Exception):
         return result
 
 
-def _human(delta: timedelta) -> str:
+def _why_unreachable(details: str) -> str:
+    text = details.lower()
+    if "connection refused" in text:
+        return "nothing is listening there (is the union running? set --target or CARDLOOKUP_TARGET)"
+    if "dns" in text or "resolv" in text or "domain name not found" in text:
+        return "the host name does not resolve"
+    if "ssl" in text or "handshake" in text or "tls" in text or "certificate" in text:
+        return "the TLS handshake failed (check --tls and --ca)"
+    if "socket closed" in text or "connection reset" in text:
+        return "the connection was closed at once (does the union want --tls and --ca?)"
+    if "deadline" in text or "timeout" in text or "timed out" in text:
+        return "no answer in time"
+    return "no connection"
+
+
+def human_duration(delta: timedelta) -> str:
     seconds = int(delta.total_seconds())
     if seconds >= 86400:
         return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
@@ -100,6 +127,7 @@ class CardLookupClient:
             self._channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates))
         else:
             self._channel = grpc.aio.insecure_channel(target)
+        self.target = target
         self._identity = identity_grpc.IdentityServiceStub(self._channel)
         self._lookups = lookup_grpc.CardLookupServiceStub(self._channel)
         self._admin = admin_grpc.AdminServiceStub(self._channel)
@@ -132,7 +160,7 @@ class CardLookupClient:
                 if idempotent and error.code() == grpc.StatusCode.UNAVAILABLE and attempt <= self.retries:
                     await asyncio.sleep(min(2.0, 0.2 * 2**attempt))
                     continue
-                raise CardLookupError.from_rpc_error(error) from error
+                raise CardLookupError.from_rpc_error(error, self.target) from error
 
     # -- identity -------------------------------------------------------------
 
@@ -191,7 +219,7 @@ class CardLookupClient:
             async for event in call:
                 yield event
         except grpc.aio.AioRpcError as error:
-            raise CardLookupError.from_rpc_error(error) from error
+            raise CardLookupError.from_rpc_error(error, self.target) from error
         finally:
             call.cancel()
 
@@ -206,6 +234,12 @@ class CardLookupClient:
         request = lookup_pb.ListReportsRequest(page_size=page_size, page_token=page_token)
         return await self._call(
             lambda: self._lookups.ListReports(request, metadata=self._metadata(), timeout=self.timeout), True
+        )
+
+    async def list_lookups(self, page_size: int = 0, page_token: str = "") -> lookup_pb.ListLookupsResponse:
+        request = lookup_pb.ListLookupsRequest(page_size=page_size, page_token=page_token)
+        return await self._call(
+            lambda: self._lookups.ListLookups(request, metadata=self._metadata(), timeout=self.timeout), True
         )
 
     async def delete_report(self, name: str) -> None:

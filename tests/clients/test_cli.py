@@ -27,6 +27,7 @@ async def cli(*args: str, env_session: Path) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         str(BIN / "cardlookup"),
         *args,
+        stdin=asyncio.subprocess.DEVNULL,  # no terminal: what asks for confirmation needs --yes
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={"CARDLOOKUP_SESSION_FILE": str(env_session), "COLUMNS": "200", "PATH": "/usr/bin:/bin"},
@@ -99,7 +100,7 @@ async def test_cli_close_not_mine_and_activity(union: UnionServer, tmp_path: Pat
     cards = {card["masked_number"][-4:]: card["card_ref"] for card in report["cards"]}
 
     code, out, err = await cli(
-        "close", report["name"], cards["1472"], cards["2353"], *target, "--json", env_session=session
+        "close", report["name"], cards["1472"], cards["2353"], "--yes", *target, "--json", env_session=session
     )
     assert code == 0, err
     items = json.loads(out)["items"]
@@ -108,7 +109,9 @@ async def test_cli_close_not_mine_and_activity(union: UnionServer, tmp_path: Pat
         "CARD_CLOSURE_STATE_BRANCH_VISIT_REQUIRED",
     ]
 
-    code, out, err = await cli("not-mine", report["name"], cards["0918"], *target, env_session=session)
+    code, out, err = await cli(
+        "not-mine", report["name"], cards["0918"], "--yes", *target, env_session=session
+    )
     assert code == 0, err
     assert "case FR-CCB-" in out
 

@@ -59,4 +59,15 @@ async def test_tls_union_with_the_cli_and_the_sync_client(make_union: UnionFacto
     # Plaintext against a TLS server: one clear line and the "unavailable" exit code.
     code, _, err = await cli("reports", "--target", union.address, env_session=session)
     assert code == 7
-    assert err.startswith("error: UNAVAILABLE")
+    assert err.splitlines() == [
+        f"error: cannot reach the union at {union.address}: the connection was closed at once"
+        " (does the union want --tls and --ca?) (UNAVAILABLE)"
+    ]
+
+    # TLS with the system's roots, which did not sign the development CA: the handshake is named.
+    code, _, err = await cli("reports", "--target", union.address, "--tls", env_session=session)
+    assert code == 7
+    assert err.splitlines() == [
+        f"error: cannot reach the union at {union.address}: the TLS handshake failed (check --tls and --ca)"
+        " (UNAVAILABLE)"
+    ]

@@ -155,6 +155,17 @@ class CardLookupServicer(lookup_grpc.CardLookupServiceServicer):
         await self._lookups.delete_report(self._caller(context), request.name)
         return lookup_pb.DeleteReportResponse()
 
+    @grpc_method
+    async def ListLookups(
+        self, request: lookup_pb.ListLookupsRequest, context: Context
+    ) -> lookup_pb.ListLookupsResponse:
+        lookups, token = await self._lookups.list_lookups(
+            self._caller(context), request.page_size, request.page_token
+        )
+        return lookup_pb.ListLookupsResponse(
+            lookups=[convert.lookup(lookup) for lookup in lookups], next_page_token=token
+        )
+
 
 class CardActionServicer(action_grpc.CardActionServiceServicer):
     def __init__(self, identity: IdentityService, actions: CardActionService) -> None:

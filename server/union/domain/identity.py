@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from server.common import errors
+from server.common import errors, normalize
 from server.union.clock import Clock
 from server.union.domain import model, validation
 from server.union.domain.audit import AuditTrail
@@ -100,16 +100,10 @@ class IdentityService:
     async def start_verification(
         self, name: str, resident_id_number: str, mobile_number: str
     ) -> StartedVerification:
-        violations = []
-        if problem := validation.name_problem(name):
-            violations.append(errors.FieldViolation("name", problem))
-        if problem := validation.resident_id_problem(resident_id_number):
-            violations.append(errors.FieldViolation("resident_id_number", problem))
-        if not validation.MOBILE.fullmatch(mobile_number):
-            violations.append(
-                errors.FieldViolation("mobile_number", "must be an 11-digit mainland mobile number")
-            )
-        validation.require(violations)
+        # Normalised once here (server.common.normalize): everything below sees the canonical form.
+        typed = normalize.identity(name, resident_id_number, mobile_number)
+        validation.require([errors.FieldViolation(field, problem) for field, problem in typed.problems])
+        name, resident_id_number, mobile_number = typed.name, typed.resident_id_number, typed.mobile_number
         person_hash = self._keys.person_hash(resident_id_number)
         async with self._audit.action(person_hash, "verification.start"):
             return await self._start(person_hash, name, resident_id_number, mobile_number)

@@ -263,3 +263,16 @@ class LookupService:
             if not await self._store.delete_report(report_id, caller.person_hash, self._clock.now()):
                 raise errors.NotFound("report not found")
             audited.resource = f"reports/{report_id}"
+
+    async def list_lookups(
+        self, caller: Caller, page_size: int, page_token: str
+    ) -> tuple[list[model.Lookup], str]:
+        """The caller's running lookups and those whose report is still readable, newest first."""
+        pager = Pager(self._keys, "lookups", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        async with self._audit.action(caller.person_hash, "lookup.list"):
+            size = pager.size(page_size)
+            after = pager.after(caller.person_hash, page_token)
+            lookups = await self._store.list_lookups(caller.person_hash, self._clock.now(), after, size + 1)
+            return pager.page(
+                lookups, size, caller.person_hash, lambda lookup: (lookup.create_time, lookup.id)
+            )

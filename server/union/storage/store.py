@@ -914,6 +914,36 @@ class Store:
 
         return await self._core_read(work)
 
+    async def list_lookups(
+        self, person_hash: str, now: datetime, after: tuple[datetime, str] | None, limit: int
+    ) -> list[model.Lookup]:
+        """This person's lookups, newest first, keyset-paginated after (create_time, id): the
+        running ones and the completed ones whose report is unexpired (a lookup whose report
+        expired, was deleted or purged is gone for its owner, as the report is)."""
+
+        def work(s: Session) -> list[model.Lookup]:
+            live_report = (
+                select(REPORTS.c.id)
+                .where(REPORTS.c.id == LOOKUPS.c.report_id, REPORTS.c.expire_time > now)
+                .exists()
+            )
+            query = select(LOOKUPS.c.id).where(
+                LOOKUPS.c.person_hash == person_hash,
+                (LOOKUPS.c.state == model.LookupState.RUNNING) | live_report,
+            )
+            if after is not None:
+                time, last_id = after
+                query = query.where(
+                    (LOOKUPS.c.create_time < time)
+                    | ((LOOKUPS.c.create_time == time) & (LOOKUPS.c.id < last_id))
+                )
+            ids = s.scalars(query.order_by(LOOKUPS.c.create_time.desc(), LOOKUPS.c.id.desc()).limit(limit))
+            found = [_read_lookup(s.connection(), lookup_id) for lookup_id in list(ids)]
+            return [lookup for _, lookup in filter(None, found)]
+
+        # Not a hot-path read (a person asking for their list), so an ordinary transaction.
+        return await self._run(work)
+
     async def claim_due_tasks(
         self, owner: str, now: datetime, lease: timedelta, limit: int, skip_banks: Iterable[str] = ()
     ) -> list[model.Claim]:

@@ -70,6 +70,11 @@ class CardLookupServiceStub:
                 request_serializer=cardlookup_dot_v1_dot_card__lookup__service__pb2.DeleteReportRequest.SerializeToString,
                 response_deserializer=cardlookup_dot_v1_dot_card__lookup__service__pb2.DeleteReportResponse.FromString,
                 _registered_method=True)
+        self.ListLookups = channel.unary_unary(
+                '/cardlookup.v1.CardLookupService/ListLookups',
+                request_serializer=cardlookup_dot_v1_dot_card__lookup__service__pb2.ListLookupsRequest.SerializeToString,
+                response_deserializer=cardlookup_dot_v1_dot_card__lookup__service__pb2.ListLookupsResponse.FromString,
+                _registered_method=True)
 
 
 class CardLookupServiceServicer:
@@ -176,6 +181,22 @@ class CardLookupServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListLookups(self, request, context):
+        """Lists the caller's lookups, newest first: the running ones, and the
+        completed ones whose report can still be read. A lookup whose report
+        expired or was deleted is not listed, so this finds the way back to a
+        lookup that is still in progress, or to its report.
+
+        Status codes:
+        - OK.
+        - INVALID_ARGUMENT: negative page_size or a page_token that this server
+        did not issue for this caller.
+        - UNAUTHENTICATED: missing, invalid or expired session credential.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CardLookupServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +229,11 @@ def add_CardLookupServiceServicer_to_server(servicer, server):
                     servicer.DeleteReport,
                     request_deserializer=cardlookup_dot_v1_dot_card__lookup__service__pb2.DeleteReportRequest.FromString,
                     response_serializer=cardlookup_dot_v1_dot_card__lookup__service__pb2.DeleteReportResponse.SerializeToString,
+            ),
+            'ListLookups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLookups,
+                    request_deserializer=cardlookup_dot_v1_dot_card__lookup__service__pb2.ListLookupsRequest.FromString,
+                    response_serializer=cardlookup_dot_v1_dot_card__lookup__service__pb2.ListLookupsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -378,6 +404,33 @@ class CardLookupService:
             '/cardlookup.v1.CardLookupService/DeleteReport',
             cardlookup_dot_v1_dot_card__lookup__service__pb2.DeleteReportRequest.SerializeToString,
             cardlookup_dot_v1_dot_card__lookup__service__pb2.DeleteReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLookups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardlookup.v1.CardLookupService/ListLookups',
+            cardlookup_dot_v1_dot_card__lookup__service__pb2.ListLookupsRequest.SerializeToString,
+            cardlookup_dot_v1_dot_card__lookup__service__pb2.ListLookupsResponse.FromString,
             options,
             channel_credentials,
             insecure,

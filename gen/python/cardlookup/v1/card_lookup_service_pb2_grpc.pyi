@@ -110,6 +110,18 @@ class CardLookupServiceStub:
     - UNAUTHENTICATED: missing, invalid or expired session credential.
     - NOT_FOUND: no such report for this caller (already deleted or expired).
     """
+    ListLookups: _grpc.UnaryUnaryMultiCallable[_card_lookup_service_pb2.ListLookupsRequest, _card_lookup_service_pb2.ListLookupsResponse]
+    """Lists the caller's lookups, newest first: the running ones, and the
+    completed ones whose report can still be read. A lookup whose report
+    expired or was deleted is not listed, so this finds the way back to a
+    lookup that is still in progress, or to its report.
+
+    Status codes:
+    - OK.
+    - INVALID_ARGUMENT: negative page_size or a page_token that this server
+      did not issue for this caller.
+    - UNAUTHENTICATED: missing, invalid or expired session credential.
+    """
 
 @_typing.type_check_only
 class CardLookupServiceAsyncStub(CardLookupServiceStub):
@@ -192,6 +204,18 @@ class CardLookupServiceAsyncStub(CardLookupServiceStub):
     - INVALID_ARGUMENT: malformed name.
     - UNAUTHENTICATED: missing, invalid or expired session credential.
     - NOT_FOUND: no such report for this caller (already deleted or expired).
+    """
+    ListLookups: _aio.UnaryUnaryMultiCallable[_card_lookup_service_pb2.ListLookupsRequest, _card_lookup_service_pb2.ListLookupsResponse]  # type: ignore[assignment]
+    """Lists the caller's lookups, newest first: the running ones, and the
+    completed ones whose report can still be read. A lookup whose report
+    expired or was deleted is not listed, so this finds the way back to a
+    lookup that is still in progress, or to its report.
+
+    Status codes:
+    - OK.
+    - INVALID_ARGUMENT: negative page_size or a page_token that this server
+      did not issue for this caller.
+    - UNAUTHENTICATED: missing, invalid or expired session credential.
     """
 
 class CardLookupServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -308,6 +332,24 @@ class CardLookupServiceServicer(metaclass=_abc_1.ABCMeta):
         - INVALID_ARGUMENT: malformed name.
         - UNAUTHENTICATED: missing, invalid or expired session credential.
         - NOT_FOUND: no such report for this caller (already deleted or expired).
+        """
+
+    @_abc_1.abstractmethod
+    def ListLookups(
+        self,
+        request: _card_lookup_service_pb2.ListLookupsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_card_lookup_service_pb2.ListLookupsResponse, _abc.Awaitable[_card_lookup_service_pb2.ListLookupsResponse]]:
+        """Lists the caller's lookups, newest first: the running ones, and the
+        completed ones whose report can still be read. A lookup whose report
+        expired or was deleted is not listed, so this finds the way back to a
+        lookup that is still in progress, or to its report.
+
+        Status codes:
+        - OK.
+        - INVALID_ARGUMENT: negative page_size or a page_token that this server
+          did not issue for this caller.
+        - UNAUTHENTICATED: missing, invalid or expired session credential.
         """
 
 def add_CardLookupServiceServicer_to_server(servicer: CardLookupServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
