@@ -19,7 +19,7 @@ from server.common import errors
 from server.union.clock import Clock
 from server.union.domain import validation
 from server.union.domain.audit import AuditTrail
-from server.union.secrets import InvalidToken, Keys
+from server.union.keyring import InvalidToken, Keys, UnreadableSealedValue
 from server.union.sms import SmsSender
 from server.union.storage.models import VerificationRow
 from server.union.storage.store import Store
@@ -60,14 +60,25 @@ class Caller:
 
     def identity(self, keys: Keys) -> tuple[str, str]:
         """(name, resident ID number), unsealed only when a lookup needs them."""
-        opened = keys.unseal(self.sealed_identity, context=f"session:{self.token_id}")
+        opened = self._open(keys)
         return opened["name"], opened["id"]
 
     def contact(self, keys: Keys) -> tuple[str, str, str | None]:
         """(name, resident ID number, mobile number), in one unsealing; the mobile number is where
         the report-ready SMS goes (sessions from before it was sealed have none)."""
-        opened = keys.unseal(self.sealed_identity, context=f"session:{self.token_id}")
+        opened = self._open(keys)
         return opened["name"], opened["id"], opened.get("mobile")
+
+    def _open(self, keys: Keys) -> dict[str, str]:
+        """The sealed identity; a signed session whose identity cannot be opened (sealed under a key
+        this union no longer holds, or not by this union at all) is no credential."""
+        try:
+            opened = keys.unseal(self.sealed_identity, context=f"session:{self.token_id}")
+        except UnreadableSealedValue as error:
+            raise errors.Unauthenticated("invalid session credential", reason="INVALID_CREDENTIAL") from error
+        if "name" not in opened or "id" not in opened:
+            raise errors.Unauthenticated("invalid session credential", reason="INVALID_CREDENTIAL")
+        return opened
 
 
 def mask_mobile(mobile: str) -> str:

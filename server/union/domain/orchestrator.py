@@ -35,8 +35,8 @@ from server.union.domain.banks import BankCallFailed, BankGateway, check_answer
 from server.union.domain.events import LookupEvents
 from server.union.domain.metrics import Metrics, NoMetrics
 from server.union.domain.retention import report_expire_time
+from server.union.keyring import Keys
 from server.union.notify import Notifier
-from server.union.secrets import Keys
 from server.union.storage.store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
