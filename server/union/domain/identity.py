@@ -19,6 +19,7 @@ from server.common import errors
 from server.union.clock import Clock
 from server.union.domain import validation
 from server.union.domain.audit import AuditTrail
+from server.union.domain.ports import SessionRegistry
 from server.union.keyring import InvalidToken, Keys, UnreadableSealedValue
 from server.union.sms import SmsSender
 from server.union.storage.models import VerificationRow
@@ -94,8 +95,10 @@ class IdentityService:
         clock: Clock,
         policy: IdentityPolicy,
         audit: AuditTrail,
+        sessions: SessionRegistry,
     ) -> None:
         self._audit = audit
+        self._sessions = sessions
         self._store = store
         self._keys = keys
         self._sms = sms
@@ -219,9 +222,15 @@ class IdentityService:
         sealed = await self._store.complete_verification(verification_id, now)
         if sealed is None:
             raise errors.NotFound("no such verification, or it expired or was already used")
-        pii = self._keys.unseal(sealed, context=f"verification:{verification_id}")
+        try:
+            pii = self._keys.unseal(sealed, context=f"verification:{verification_id}")
+        except UnreadableSealedValue as error:
+            # Sealed under a key this union no longer holds: as good as expired (the row is used now).
+            raise errors.NotFound("no such verification, or it expired or was already used") from error
         token_id = secrets.token_hex(12)
         expire = now + self.policy.session_ttl
+        # The new session replaces the person's older one: one live session per person.
+        await self._sessions.start_session(row.person_hash, token_id, expire)
         token = self._keys.sign(
             self._keys.session,
             {
@@ -234,16 +243,34 @@ class IdentityService:
         )
         return Session(token, expire, row.region_code)
 
-    def authenticate(self, authorization: str | None) -> Caller:
-        """Caller from `authorization: Bearer <token>` metadata, or UNAUTHENTICATED."""
+    async def authenticate(self, authorization: str | None) -> Caller:
+        """Caller from `authorization: Bearer <token>` metadata, or UNAUTHENTICATED: the token must
+        be signed by this union, unexpired, and still the person's live session."""
         if not authorization or not authorization.startswith("Bearer "):
             raise errors.Unauthenticated("missing bearer session credential", reason="MISSING_CREDENTIAL")
         try:
             claims = self._keys.verify(self._keys.session, authorization[len("Bearer ") :].strip())
             expire = int(claims["exp"])
             caller = Caller(str(claims["sub"]), str(claims["rgn"]), str(claims["jti"]), str(claims["pii"]))
-        except (InvalidToken, KeyError, TypeError, ValueError) as error:
+        except (InvalidToken, KeyError, TypeError, ValueError, OverflowError) as error:
             raise errors.Unauthenticated("invalid session credential", reason="INVALID_CREDENTIAL") from error
         if expire <= self._clock.now().timestamp():
             raise errors.Unauthenticated("session credential expired", reason="EXPIRED_CREDENTIAL")
+        if await self._sessions.live_session(caller.person_hash) != caller.token_id:
+            raise errors.Unauthenticated(
+                "session credential was revoked (signed out, or replaced by a newer verification)",
+                reason="SESSION_REVOKED",
+            )
         return caller
+
+    async def sign_out(self, authorization: str | None) -> None:
+        """Revoke the session the call carries."""
+        caller = await self.authenticate(authorization)
+        async with self._audit.action(caller.person_hash, "session.sign_out"):
+            if not await self._sessions.end_session(caller.person_hash, caller.token_id):
+                # Replaced or signed out between the check and now.
+                raise errors.Unauthenticated("session credential was revoked", reason="SESSION_REVOKED")
+
+    async def purge_expired_sessions(self, now: datetime) -> int:
+        """Retention: a session's revocation record goes once the session would have expired."""
+        return await self._sessions.purge_expired_sessions(now)

@@ -23,7 +23,7 @@ import random
 import secrets
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -80,7 +80,10 @@ class Orchestrator:
         notifier: Notifier | None = None,
         audit: AuditTrail | None = None,
         metrics: Metrics | None = None,
+        sweeps: Sequence[Callable[[datetime], Awaitable[int]]] = (),
     ) -> None:
+        # More retention purges, run with the report purge (sessions past their expiry, ...).
+        self._sweeps = tuple(sweeps)
         self._notifier = notifier
         self._audit = audit
         self._metrics: Metrics = metrics or NoMetrics()
@@ -244,6 +247,8 @@ class Orchestrator:
                 await self._finalize(lookup_id, force=False)
             purged = await self._store.purge_expired_reports(now)
             await self._store.erase_stale_verifications(now)
+            for sweep in self._sweeps:
+                await sweep(now)
             if purged:
                 log.info("purged expired reports", extra={"count": purged})
         self._next_due = await self._store.next_due_time()
