@@ -76,6 +76,10 @@ async def test_malformed_claims_in_a_signed_token_are_unauthenticated(union: Uni
             client.session_token = _resigned(union, token, **changes)
             code, _ = await _refusal(client.list_reports())
             assert code == grpc.StatusCode.UNAUTHENTICATED, changes
+        client.session_token = token
+        for page_token in ("v2-00000000.e30.AAAA", "v9-x.e30.AAAA", "v2-.e30.AAAA"):
+            code, _ = await _refusal(client.my_audit_events(page_token=page_token))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, page_token
         client.session_token = "v2-00000000.e30.AAAA"  # a key id this union never had
         assert await _refusal(client.list_reports()) == (
             grpc.StatusCode.UNAUTHENTICATED,
@@ -92,6 +96,8 @@ async def test_rotating_the_key_keeps_older_sessions_until_they_expire(
     old_token = zhang.session_token
     assert old_token is not None
     assert Keys.token_key_id(old_token) == old_key
+    first_page = await zhang.my_audit_events(page_size=1)
+    assert Keys.token_key_id(first_page.next_page_token) == old_key
     await zhang.close()
     await first.stop(0)
 
@@ -107,6 +113,8 @@ async def test_rotating_the_key_keeps_older_sessions_until_they_expire(
 
     # The session made before the rotation still works, its sealed identity included.
     async with CardLookupClient(union.address, session_token=old_token) as before:
+        # So does a page token signed before it.
+        await before.my_audit_events(page_size=1, page_token=first_page.next_page_token)
         _, report = await run_lookup(before)
         assert report.total_card_count > 0
     # A new session is signed and sealed under the new key.
