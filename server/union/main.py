@@ -252,7 +252,8 @@ def rotate_key(data_dir: DataDir = Path("data")) -> None:
 
 @app.command("admin-token")
 def admin_token(data_dir: DataDir = Path("data")) -> None:
-    """Print the admin credential of this installation (from $CARDLOOKUP_ADMIN_TOKEN or the data dir)."""
+    """Print the token of this installation's "bootstrap" operator credential (from
+    $CARDLOOKUP_ADMIN_TOKEN or the data dir)."""
     typer.echo(UnionConfig(data_dir=data_dir).resolve_admin_token())
 
 
