@@ -293,7 +293,14 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
     ) -> admin_pb.ListAuditEventsResponse:
         await self._credential(context)
         if request.actor and not AUDIT_ACTOR.fullmatch(request.actor):
-            raise errors.InvalidArgument([errors.FieldViolation("actor", "not an actor hash")])
+            raise errors.InvalidArgument(
+                [
+                    errors.FieldViolation(
+                        "actor",
+                        "must be a person's actor hash, admin:<credential id>, admin:console or admin",
+                    )
+                ]
+            )
         events, token = await self._audit.list(
             request.actor or None,
             convert.optional_datetime(request, "start_time"),
