@@ -4,13 +4,14 @@ re-verification) and the sessions table's retention. Issue 18, item 8 a-c."""
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
 from cardlookup.v1 import identity_service_pb2 as identity_pb
-from sqlalchemy import text
+from sqlalchemy import func, insert, select, text
 from typer.testing import CliRunner
 
 from clients.client import CardLookupClient, CardLookupError
@@ -18,6 +19,8 @@ from server.union.app import UnionServer
 from server.union.clock import FakeClock
 from server.union.keyring import Keys
 from server.union.main import app as union_app
+from server.union.notify import REPORT_READY_TEXT
+from server.union.storage.models import NotificationRow
 from tests.conftest import LI, ZHANG, UnionFactory, run_lookup, verified_client
 
 
@@ -228,3 +231,33 @@ async def test_sign_out_is_served_with_its_documented_codes(union: UnionServer) 
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stub.SignOut(identity_pb.SignOutRequest(), metadata=bad)
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_notification_that_cannot_be_opened_holds_up_no_other(union: UnionServer) -> None:
+    """A report-ready message whose contact was sealed under a key the union no longer holds is
+    dropped, and the messages and purges after it still happen."""
+    now = union.clock.now()
+    with union.store.engine.begin() as connection:
+        connection.execute(
+            insert(NotificationRow).values(
+                lookup_id="l" + "0" * 24,
+                report_id="r" + "0" * 24,
+                sealed_contact="deadbeef.AAAA",
+                create_time=now,
+            )
+        )
+    client = await verified_client(union, ZHANG)
+    async with client:
+        await run_lookup(client)
+
+    def report_ready_messages() -> list[dict[str, str]]:
+        outbox = [json.loads(line) for line in union.config.sms_sink_path.read_text().splitlines()]
+        return [m for m in outbox if m["to"] == ZHANG.mobile_number and m["text"] == REPORT_READY_TEXT]
+
+    for _ in range(200):  # bounded by attempts: the outbox is a file, there is nothing to await
+        if report_ready_messages():
+            break
+        await asyncio.sleep(0.05)
+    assert len(report_ready_messages()) == 1
+    with union.store.engine.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(NotificationRow)) == 0
