@@ -652,6 +652,24 @@ def verify(
         )
 
 
+@app.command("sign-out")
+def sign_out(
+    target: Target = DEFAULT_TARGET,
+    session_file: SessionFile = DEFAULT_SESSION,
+    tls: Tls = False,
+    ca: CaFile = None,
+) -> None:
+    """Revoke your session on the server and delete the stored session credential."""
+
+    async def work() -> None:
+        async with _client(target, tls, ca, session=_load_session(session_file)) as client:
+            await client.sign_out()
+
+    _run(work)
+    session_file.unlink(missing_ok=True)
+    out.print("signed out")
+
+
 @app.command()
 def lookup(
     bank: Annotated[list[str], typer.Option(help="Only these bank codes (repeatable).")] = [],  # noqa: B006
@@ -986,23 +1004,26 @@ def admin_banks(
 @admin_app.command("set-bank")
 def admin_set_bank(
     code: Annotated[str, typer.Argument(help="Bank code, e.g. ICBC.")],
-    enabled: Annotated[bool, typer.Option("--enable/--disable", help="Query this bank in new lookups?")],
-    address: Annotated[str, typer.Option(help="New host:port (optional).")] = "",
+    enabled: Annotated[
+        bool | None,
+        typer.Option("--enable/--disable", help="Query this bank in new lookups? (kept if not given)"),
+    ] = None,
+    address: Annotated[str | None, typer.Option(help="New host:port (kept if not given).")] = None,
     target: Target = DEFAULT_TARGET,
     admin_token: AdminToken = "",
     tls: Tls = False,
     ca: CaFile = None,
     as_json: Json = False,
 ) -> None:
-    """Enable or disable a bank, or change its address."""
-    result = _admin_call(
-        target,
-        tls,
-        ca,
-        admin_token,
-        "UpdateBank",
-        admin_pb.UpdateBankRequest(code=code, enabled=enabled, address=address),
+    """Enable or disable a bank, or change its address: only what is given changes."""
+    if enabled is None and address is None:
+        raise typer.BadParameter("give --enable/--disable, --address, or both")
+    request = admin_pb.UpdateBankRequest(code=code, enabled=bool(enabled), address=address or "")
+    # The update mask names what changes (AIP-134): an address alone leaves the bank enabled.
+    request.update_mask.paths.extend(
+        path for path, value in (("enabled", enabled), ("address", address)) if value is not None
     )
+    result = _admin_call(target, tls, ca, admin_token, "UpdateBank", request)
     if as_json:
         _print_json(_as_json(result))
     else:
@@ -1041,9 +1062,9 @@ def admin_set_region(
     as_json: Json = False,
 ) -> None:
     """Open or close a region for new lookups."""
-    result = _admin_call(
-        target, tls, ca, admin_token, "UpdateRegion", admin_pb.UpdateRegionRequest(code=code, open=is_open)
-    )
+    request = admin_pb.UpdateRegionRequest(code=code, open=is_open)
+    request.update_mask.paths.append("open")  # so that --close closes (false is no value without a mask)
+    result = _admin_call(target, tls, ca, admin_token, "UpdateRegion", request)
     if as_json:
         _print_json(_as_json(result))
     else:
@@ -1077,7 +1098,13 @@ def admin_stats(
 
 @admin_app.command("audit")
 def admin_audit(
-    actor: Annotated[str, typer.Option(help="Only this actor hash.")] = "",
+    actor: Annotated[
+        str,
+        typer.Option(
+            help="Only this actor: a person's hash, admin:<credential id>, admin:console (the union's "
+            "own command line), or admin (events from before admin credentials had names)."
+        ),
+    ] = "",
     since: Annotated[
         str,
         typer.Option(help="Only events at or after this time: ISO (local if no zone), yesterday, 2h, 7d."),
@@ -1106,7 +1133,8 @@ def admin_audit(
     for event in result.events:
         full.add_row(
             f"{event.time.ToDatetime():%Y-%m-%d %H:%M:%S}",
-            event.actor[:12] + "…",
+            # Admin actors are short and name a credential; a person's hash is shown in part.
+            event.actor if event.actor.startswith("admin") else event.actor[:12] + "…",
             event.action,
             event.outcome,
             event.resource,

@@ -184,6 +184,14 @@ class CardLookupClient:
         self.session_token = response.session_token
         return response
 
+    async def sign_out(self) -> None:
+        """Revoke this client's session on the server and forget it."""
+        request = identity_pb.SignOutRequest()
+        await self._call(
+            lambda: self._identity.SignOut(request, metadata=self._metadata(), timeout=self.timeout), True
+        )
+        self.session_token = None
+
     # -- lookups and reports ----------------------------------------------------
 
     async def create_lookup(
@@ -319,3 +327,20 @@ class CardLookupClient:
             "ListRegions", admin_pb.ListRegionsRequest()
         )
         return list(response.regions)
+
+    async def update_bank(
+        self, code: str, enabled: bool | None = None, address: str | None = None
+    ) -> admin_pb.Bank:
+        """Change what is given (not None) of one bank, and nothing else: the update mask names it."""
+        request = admin_pb.UpdateBankRequest(code=code, enabled=bool(enabled), address=address or "")
+        request.update_mask.paths.extend(
+            path for path, value in (("enabled", enabled), ("address", address)) if value is not None
+        )
+        response: admin_pb.UpdateBankResponse = await self.admin("UpdateBank", request)
+        return response.bank
+
+    async def update_region(self, code: str, is_open: bool) -> admin_pb.Region:
+        request = admin_pb.UpdateRegionRequest(code=code, open=is_open)
+        request.update_mask.paths.append("open")
+        response: admin_pb.UpdateRegionResponse = await self.admin("UpdateRegion", request)
+        return response.region

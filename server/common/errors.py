@@ -54,6 +54,15 @@ class Unauthenticated(DomainError):
         self.metadata = dict(metadata or {})
 
 
+class PermissionDenied(DomainError):
+    """A valid credential that may not do this (a viewer asking for a change)."""
+
+    def __init__(self, message: str, reason: str, metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.metadata = dict(metadata or {})
+
+
 class FailedPrecondition(DomainError):
     """The system is not in a state that allows this (region closed, identity mismatch)."""
 

@@ -67,6 +67,9 @@ def to_status(error: errors.DomainError) -> status_pb2.Status:
         case errors.Unauthenticated():
             code = code_pb2.UNAUTHENTICATED
             details.append(_error_info(error.reason, error.metadata))
+        case errors.PermissionDenied():
+            code = code_pb2.PERMISSION_DENIED
+            details.append(_error_info(error.reason, error.metadata))
         case errors.FailedPrecondition():
             code = code_pb2.FAILED_PRECONDITION
             details.append(_error_info(error.reason, error.metadata))

@@ -12,7 +12,7 @@ import logging
 import os
 import secrets
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -36,10 +36,11 @@ from server.union.domain.identity import IdentityPolicy, IdentityService
 from server.union.domain.lookups import LookupPolicy, LookupService
 from server.union.domain.orchestrator import Orchestrator, OrchestratorPolicy
 from server.union.domain.retention import RetentionPolicy, RetentionSweep
+from server.union.keyring import Keys
 from server.union.metrics import MetricsEndpoint, PrometheusMetrics
 from server.union.notify import SmsNotifier
-from server.union.secrets import Keys
 from server.union.sms import FileSmsSink, SmsSender
+from server.union.storage.credentials import AdminCredentialRepository, SessionStore
 from server.union.storage.store import Store, StoreUnavailable, open_store
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,10 @@ class UnionServer:
         self.metrics = PrometheusMetrics()
         self.audit = AuditTrail(self.store, self.clock, self.keys)
         self.retention = RetentionSweep(
-            self.store, config.retention, self.sms if isinstance(self.sms, FileSmsSink) else None
+            self.store,
+            config.retention,
+            self.sms if isinstance(self.sms, FileSmsSink) else None,
+            extra={"sessions": self._purge_expired_sessions},
         )
         self.orchestrator = Orchestrator(
             self.store,
@@ -169,7 +173,7 @@ class UnionServer:
             self.events.watched_count,
         )
         self.identity = IdentityService(
-            self.store, self.keys, self.sms, self.clock, config.identity, self.audit
+            self.store, self.keys, self.sms, self.clock, config.identity, self.audit, SessionStore(self.store)
         )
         self.lookups = LookupService(
             self.store,
@@ -184,7 +188,9 @@ class UnionServer:
         self.card_actions = CardActionService(
             self.store, self.keys, self.clock, self.events, self.orchestrator, self.audit, config.card_actions
         )
-        self.admin = AdminService(self.store, self.clock, config.resolve_admin_token())
+        self.admin = AdminService(
+            self.store, self.clock, self.keys, AdminCredentialRepository(self.store), self.audit
+        )
         self.admission = AdmissionControl(config.max_concurrent_calls, config.max_concurrent_watches)
         self.grpc = GrpcServer(
             config.listen, SERVICE_NAMES, self._register, tls=config.tls, interceptors=[self.admission]
@@ -203,6 +209,9 @@ class UnionServer:
         )
         admin_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.admin, self.audit), server)
 
+    async def _purge_expired_sessions(self, now: datetime) -> int:
+        return await self.identity.purge_expired_sessions(now)
+
     @property
     def address(self) -> str:
         return self.grpc.address
@@ -220,6 +229,8 @@ class UnionServer:
         await seed_identity_registry(
             self.store, self.keys, self.config.population_seed, self.config.population_size
         )
+        # The configured admin token keeps working: it is the operator credential "bootstrap".
+        await self.admin.ensure_bootstrap_credential(self.config.resolve_admin_token())
         await self.grpc.start()
         if self.config.metrics_listen:
             self._metrics_endpoint = MetricsEndpoint(self.metrics.registry, self.config.metrics_listen)

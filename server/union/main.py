@@ -1,16 +1,18 @@
-"""`cardlookup-union`: run the union server, purge expired reports, print the admin token."""
+"""`cardlookup-union`: run the union server, purge expired data, manage admin credentials and keys."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
 from server.common.dev_ca import union_client_tls, union_server_tls
+from server.common.errors import DomainError
 from server.common.grpc_runtime import TlsFiles, tune_garbage_collection, wait_for_shutdown_signal
 from server.common.logs import configure_logging
 from server.union.app import (
@@ -22,16 +24,23 @@ from server.union.app import (
 )
 from server.union.bank_gateway import ClientTls
 from server.union.clock import SystemClock
+from server.union.domain.admin import AdminService
+from server.union.domain.audit import AuditTrail
 from server.union.domain.lookups import LookupPolicy
 from server.union.domain.orchestrator import OrchestratorPolicy
+from server.union.domain.ports import AdminRole
 from server.union.domain.retention import (
     DEFAULT_RETENTION_DAYS,
     DEFAULT_TIMEZONE,
     RetentionPolicy,
     RetentionSweep,
 )
+from server.union.keyring import Keys
 from server.union.sms import FileSmsSink
-from server.union.storage.store import open_store
+from server.union.storage.credentials import AdminCredentialRepository, SessionStore
+from server.union.storage.store import Store, open_store
+
+T = TypeVar("T")
 
 app = typer.Typer(help="The 一键查卡 union server.", no_args_is_help=True, add_completion=False)
 
@@ -177,7 +186,13 @@ def purge(data_dir: DataDir = Path("data"), database_url: DatabaseUrl = "") -> N
         store = open_store(config.effective_database_url)
         try:
             await asyncio.to_thread(store.migrate)
-            sweep = RetentionSweep(store, config.retention, FileSmsSink(config.sms_sink_path))
+            sessions = SessionStore(store)
+            sweep = RetentionSweep(
+                store,
+                config.retention,
+                FileSmsSink(config.sms_sink_path),
+                extra={"sessions": lambda now: sessions.purge_expired_sessions(now, limit=1_000_000)},
+            )
             return await sweep.sweep(SystemClock().now())
         finally:
             await store.close()
@@ -186,9 +201,91 @@ def purge(data_dir: DataDir = Path("data"), database_url: DatabaseUrl = "") -> N
     typer.echo(", ".join(f"{kind}: {count}" for kind, count in purged.items()))
 
 
+credential_app = typer.Typer(
+    help="Named admin credentials (viewer: read-only Admin RPCs; operator: changes too).",
+    no_args_is_help=True,
+)
+app.add_typer(credential_app, name="admin-credential")
+
+
+def _admin_console(data_dir: Path, database_url: str) -> tuple[Store, AdminService]:
+    """The admin domain on this installation's database and keys, acting as "admin:console"."""
+    config = UnionConfig(data_dir=data_dir, database_url=database_url)
+    store = open_store(config.effective_database_url)
+    keys = Keys.load(config.data_dir)
+    clock = SystemClock()
+    audit = AuditTrail(store, clock, keys)
+    return store, AdminService(store, clock, keys, AdminCredentialRepository(store), audit)
+
+
+def _console_run(data_dir: Path, database_url: str, work: Callable[[AdminService], Awaitable[T]]) -> T:
+    async def run() -> T:
+        store, admin = _admin_console(data_dir, database_url)
+        try:
+            await asyncio.to_thread(store.migrate)
+            return await work(admin)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(run())
+    except DomainError as error:
+        typer.echo(error.message, err=True)
+        raise typer.Exit(1) from error
+
+
+@credential_app.command("create")
+def credential_create(
+    name: Annotated[str, typer.Option(help="Who holds it: 1-32 lowercase letters, digits, - or _.")],
+    role: Annotated[AdminRole, typer.Option(help="viewer: read only; operator: changes too.")],
+    data_dir: DataDir = Path("data"),
+    database_url: DatabaseUrl = "",
+) -> None:
+    """Create a named admin credential and print its token, once: only a keyed hash of it is kept."""
+    credential, token = _console_run(data_dir, database_url, lambda a: a.create_credential(name, role))
+    typer.echo(f"created {credential.role.value} credential {credential.name} (id {credential.id})", err=True)
+    typer.echo(token)
+
+
+@credential_app.command("list")
+def credential_list(data_dir: DataDir = Path("data"), database_url: DatabaseUrl = "") -> None:
+    """List the admin credentials (names, roles, ids; never tokens)."""
+    for credential in _console_run(data_dir, database_url, lambda a: a.list_credentials()):
+        typer.echo(
+            f"{credential.id}  {credential.role.value:<8}  {credential.name}  "
+            f"created {credential.create_time.isoformat(timespec='seconds')}"
+        )
+
+
+@credential_app.command("revoke")
+def credential_revoke(
+    name: Annotated[str, typer.Option(help="The credential to revoke.")],
+    data_dir: DataDir = Path("data"),
+    database_url: DatabaseUrl = "",
+) -> None:
+    """Revoke (delete) an admin credential; its changes stay in the audit trail under its id."""
+    credential = _console_run(data_dir, database_url, lambda a: a.revoke_credential(name))
+    typer.echo(f"revoked {credential.name} (id {credential.id})")
+
+
+@app.command("rotate-key")
+def rotate_key(data_dir: DataDir = Path("data")) -> None:
+    """Make a new key current (in the data directory's key file); restart the server to use it.
+
+    Sessions, page tokens and sealed values made under older keys stay valid until they expire:
+    the older keys stay in the keyring. Person hashes keep the first key, so nothing is re-keyed."""
+    try:
+        keys = Keys.rotate(data_dir)
+    except RuntimeError as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(1) from error
+    typer.echo(f"current key is now {keys.current.id} ({len(keys.versions)} keys in the keyring)")
+
+
 @app.command("admin-token")
 def admin_token(data_dir: DataDir = Path("data")) -> None:
-    """Print the admin credential of this installation (from $CARDLOOKUP_ADMIN_TOKEN or the data dir)."""
+    """Print the token of this installation's "bootstrap" operator credential (from
+    $CARDLOOKUP_ADMIN_TOKEN or the data dir)."""
     typer.echo(UnionConfig(data_dir=data_dir).resolve_admin_token())
 
 

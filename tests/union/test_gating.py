@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from cardlookup.v1 import admin_service_pb2 as admin_pb
+from google.protobuf import field_mask_pb2
 
 from clients.client import CardLookupClient, CardLookupError
 from server.population.catalogue import PILOT_REGIONS
@@ -53,7 +54,12 @@ async def test_closed_region_refused_until_opened(union: UnionServer) -> None:
             assert report.total_card_count == 2
 
             # A session from while the region was open does not outlive its closing.
-            await operator.admin("UpdateRegion", admin_pb.UpdateRegionRequest(code="440000", open=False))
+            await operator.admin(
+                "UpdateRegion",
+                admin_pb.UpdateRegionRequest(
+                    code="440000", open=False, update_mask=field_mask_pb2.FieldMask(paths=["open"])
+                ),
+            )
             with pytest.raises(CardLookupError) as closed:
                 await person.create_lookup()
             assert closed.value.reason == "REGION_NOT_OPEN"
@@ -65,7 +71,12 @@ async def test_closed_region_refused_until_opened(union: UnionServer) -> None:
 async def test_disabled_bank_is_not_queried(union: UnionServer) -> None:
     person = await verified_client(union, ZHANG)
     async with person, await admin(union) as operator:
-        await operator.admin("UpdateBank", admin_pb.UpdateBankRequest(code="CMB", enabled=False))
+        await operator.admin(
+            "UpdateBank",
+            admin_pb.UpdateBankRequest(
+                code="CMB", enabled=False, update_mask=field_mask_pb2.FieldMask(paths=["enabled"])
+            ),
+        )
         _, report = await run_lookup(person)
         assert "CMB" not in {s.bank_code for s in report.bank_summaries}
         assert len(report.bank_summaries) == 15

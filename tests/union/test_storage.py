@@ -69,6 +69,15 @@ async def test_migrations_go_down_and_up_again(database_url: str) -> None:
 
     try:
         store.migrate()
+        assert {"sessions", "admin_credentials"} <= set(inspect(store.engine).get_table_names())
+        downgrade("0004")
+        assert not {"sessions", "admin_credentials"} & set(inspect(store.engine).get_table_names())
+        assert "quota_slots" in inspect(store.engine).get_table_names()
+        downgrade("0003")
+        assert "quota_slots" not in inspect(store.engine).get_table_names()
+        store.migrate()
+        assert "ix_sessions_expire_time" in indexes("sessions")
+        assert "ix_quota_slots_time" in indexes("quota_slots")
         assert "ix_lookups_person_hash" not in indexes("lookups")
         downgrade("0002")
         assert "ix_lookups_person_hash" in indexes("lookups")

@@ -6,7 +6,6 @@ Errors are raised by the domain as DomainError and turned into statuses by
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
@@ -23,14 +22,14 @@ from cardlookup.v1 import identity_service_pb2_grpc as identity_grpc
 from server.common import errors
 from server.common.grpc_errors import grpc_method
 from server.union.api import convert
-from server.union.domain.admin import AdminService
-from server.union.domain.audit import ADMIN_ACTOR, AuditTrail
+from server.union.domain.admin import AUDIT_ACTOR, AdminService
+from server.union.domain.audit import AuditTrail
 from server.union.domain.card_actions import CardActionService
 from server.union.domain.identity import Caller, IdentityService
 from server.union.domain.lookups import LookupService
+from server.union.domain.ports import AdminCredential
 
 Context = grpc.aio.ServicerContext[Any, Any]
-AUDIT_ACTOR = re.compile(r"^[0-9a-f]{64}$")
 T = TypeVar("T")
 
 
@@ -86,21 +85,28 @@ class IdentityServicer(identity_grpc.IdentityServiceServicer):
             region_code=session.region_code,
         )
 
+    @grpc_method
+    async def SignOut(
+        self, request: identity_pb.SignOutRequest, context: Context
+    ) -> identity_pb.SignOutResponse:
+        await self._identity.sign_out(_authorization(context))
+        return identity_pb.SignOutResponse()
+
 
 class CardLookupServicer(lookup_grpc.CardLookupServiceServicer):
     def __init__(self, identity: IdentityService, lookups: LookupService) -> None:
         self._identity = identity
         self._lookups = lookups
 
-    def _caller(self, context: Context) -> Caller:
-        return self._identity.authenticate(_authorization(context))
+    async def _caller(self, context: Context) -> Caller:
+        return await self._identity.authenticate(_authorization(context))
 
     @grpc_method
     async def CreateLookup(
         self, request: lookup_pb.CreateLookupRequest, context: Context
     ) -> lookup_pb.CreateLookupResponse:
         lookup = await self._lookups.create_lookup(
-            self._caller(context), request.request_id, request.bank_codes
+            await self._caller(context), request.request_id, request.bank_codes
         )
         return lookup_pb.CreateLookupResponse(lookup=convert.lookup(lookup))
 
@@ -108,7 +114,7 @@ class CardLookupServicer(lookup_grpc.CardLookupServiceServicer):
     async def GetLookup(
         self, request: lookup_pb.GetLookupRequest, context: Context
     ) -> lookup_pb.GetLookupResponse:
-        lookup = await self._lookups.get_lookup(self._caller(context), request.name)
+        lookup = await self._lookups.get_lookup(await self._caller(context), request.name)
         return lookup_pb.GetLookupResponse(lookup=convert.lookup(lookup))
 
     @grpc_method
@@ -117,7 +123,7 @@ class CardLookupServicer(lookup_grpc.CardLookupServiceServicer):
     ) -> AsyncIterator[lookup_pb.WatchLookupResponse]:
         converted: tuple[object, lookup_pb.Lookup] | None = None
         async for event in self._lookups.watch_lookup(
-            self._caller(context), request.name, request.group_bank_changes
+            await self._caller(context), request.name, request.group_bank_changes
         ):
             # The events of one re-read share their lookup (16 banks answering together are 16
             # events): convert it once, not once per event.
@@ -134,7 +140,7 @@ class CardLookupServicer(lookup_grpc.CardLookupServiceServicer):
     async def GetReport(
         self, request: lookup_pb.GetReportRequest, context: Context
     ) -> lookup_pb.GetReportResponse:
-        report = await self._lookups.get_report(self._caller(context), request.name)
+        report = await self._lookups.get_report(await self._caller(context), request.name)
         return lookup_pb.GetReportResponse(report=convert.report(report))
 
     @grpc_method
@@ -142,7 +148,7 @@ class CardLookupServicer(lookup_grpc.CardLookupServiceServicer):
         self, request: lookup_pb.ListReportsRequest, context: Context
     ) -> lookup_pb.ListReportsResponse:
         reports, token = await self._lookups.list_reports(
-            self._caller(context), request.page_size, request.page_token
+            await self._caller(context), request.page_size, request.page_token
         )
         return lookup_pb.ListReportsResponse(
             reports=[convert.report(r) for r in reports], next_page_token=token
@@ -152,7 +158,7 @@ class CardLookupServicer(lookup_grpc.CardLookupServiceServicer):
     async def DeleteReport(
         self, request: lookup_pb.DeleteReportRequest, context: Context
     ) -> lookup_pb.DeleteReportResponse:
-        await self._lookups.delete_report(self._caller(context), request.name)
+        await self._lookups.delete_report(await self._caller(context), request.name)
         return lookup_pb.DeleteReportResponse()
 
     @grpc_method
@@ -160,7 +166,7 @@ class CardLookupServicer(lookup_grpc.CardLookupServiceServicer):
         self, request: lookup_pb.ListLookupsRequest, context: Context
     ) -> lookup_pb.ListLookupsResponse:
         lookups, token = await self._lookups.list_lookups(
-            self._caller(context), request.page_size, request.page_token
+            await self._caller(context), request.page_size, request.page_token
         )
         return lookup_pb.ListLookupsResponse(
             lookups=[convert.lookup(lookup) for lookup in lookups], next_page_token=token
@@ -172,15 +178,15 @@ class CardActionServicer(action_grpc.CardActionServiceServicer):
         self._identity = identity
         self._actions = actions
 
-    def _caller(self, context: Context) -> Caller:
-        return self._identity.authenticate(_authorization(context))
+    async def _caller(self, context: Context) -> Caller:
+        return await self._identity.authenticate(_authorization(context))
 
     @grpc_method
     async def CreateCardClosure(
         self, request: action_pb.CreateCardClosureRequest, context: Context
     ) -> action_pb.CreateCardClosureResponse:
         closure = await self._actions.create_closure(
-            self._caller(context), request.request_id, request.report, list(request.card_refs)
+            await self._caller(context), request.request_id, request.report, list(request.card_refs)
         )
         return action_pb.CreateCardClosureResponse(closure=convert.closure(closure))
 
@@ -188,7 +194,7 @@ class CardActionServicer(action_grpc.CardActionServiceServicer):
     async def GetCardClosure(
         self, request: action_pb.GetCardClosureRequest, context: Context
     ) -> action_pb.GetCardClosureResponse:
-        closure = await self._actions.get_closure(self._caller(context), request.name)
+        closure = await self._actions.get_closure(await self._caller(context), request.name)
         return action_pb.GetCardClosureResponse(closure=convert.closure(closure))
 
     @grpc_method
@@ -196,7 +202,7 @@ class CardActionServicer(action_grpc.CardActionServiceServicer):
         self, request: action_pb.ListCardClosuresRequest, context: Context
     ) -> action_pb.ListCardClosuresResponse:
         closures, token = await self._actions.list_closures(
-            self._caller(context), request.page_size, request.page_token
+            await self._caller(context), request.page_size, request.page_token
         )
         return action_pb.ListCardClosuresResponse(
             closures=[convert.closure(c) for c in closures], next_page_token=token
@@ -207,7 +213,7 @@ class CardActionServicer(action_grpc.CardActionServiceServicer):
         self, request: action_pb.FlagCardNotMineRequest, context: Context
     ) -> action_pb.FlagCardNotMineResponse:
         flag = await self._actions.flag_not_mine(
-            self._caller(context), request.request_id, request.report, request.card_ref
+            await self._caller(context), request.request_id, request.report, request.card_ref
         )
         return action_pb.FlagCardNotMineResponse(flag=convert.flag(flag))
 
@@ -216,7 +222,7 @@ class CardActionServicer(action_grpc.CardActionServiceServicer):
         self, request: action_pb.ListMyAuditEventsRequest, context: Context
     ) -> action_pb.ListMyAuditEventsResponse:
         events, token = await self._actions.list_my_audit_events(
-            self._caller(context), request.page_size, request.page_token
+            await self._caller(context), request.page_size, request.page_token
         )
         return action_pb.ListMyAuditEventsResponse(
             events=[convert.audit_event(e) for e in events], next_page_token=token
@@ -228,11 +234,14 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         self._admin = admin
         self._audit = audit
 
+    async def _credential(self, context: Context) -> AdminCredential:
+        return await self._admin.authorize(_authorization(context))
+
     @grpc_method
     async def ListBanks(
         self, request: admin_pb.ListBanksRequest, context: Context
     ) -> admin_pb.ListBanksResponse:
-        self._admin.authorize(_authorization(context))
+        await self._credential(context)
         banks, token = _page(await self._admin.list_banks(), request.page_size, request.page_token)
         return admin_pb.ListBanksResponse(banks=[convert.bank(b) for b in banks], next_page_token=token)
 
@@ -240,15 +249,20 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
     async def UpdateBank(
         self, request: admin_pb.UpdateBankRequest, context: Context
     ) -> admin_pb.UpdateBankResponse:
-        self._admin.authorize(_authorization(context))
-        bank = await self._admin.update_bank(request.code, request.enabled, request.address)
+        bank = await self._admin.update_bank(
+            await self._credential(context),
+            request.code,
+            request.enabled,
+            request.address,
+            list(request.update_mask.paths),
+        )
         return admin_pb.UpdateBankResponse(bank=convert.bank(bank))
 
     @grpc_method
     async def ListRegions(
         self, request: admin_pb.ListRegionsRequest, context: Context
     ) -> admin_pb.ListRegionsResponse:
-        self._admin.authorize(_authorization(context))
+        await self._credential(context)
         regions, token = _page(await self._admin.list_regions(), request.page_size, request.page_token)
         return admin_pb.ListRegionsResponse(
             regions=[convert.region(r) for r in regions], next_page_token=token
@@ -258,15 +272,16 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
     async def UpdateRegion(
         self, request: admin_pb.UpdateRegionRequest, context: Context
     ) -> admin_pb.UpdateRegionResponse:
-        self._admin.authorize(_authorization(context))
-        region = await self._admin.update_region(request.code, request.open)
+        region = await self._admin.update_region(
+            await self._credential(context), request.code, request.open, list(request.update_mask.paths)
+        )
         return admin_pb.UpdateRegionResponse(region=convert.region(region))
 
     @grpc_method
     async def GetServiceStats(
         self, request: admin_pb.GetServiceStatsRequest, context: Context
     ) -> admin_pb.GetServiceStatsResponse:
-        self._admin.authorize(_authorization(context))
+        await self._credential(context)
         stats = await self._admin.stats()
         return admin_pb.GetServiceStatsResponse(
             people_verified=stats.people_verified,
@@ -287,9 +302,16 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
     async def ListAuditEvents(
         self, request: admin_pb.ListAuditEventsRequest, context: Context
     ) -> admin_pb.ListAuditEventsResponse:
-        self._admin.authorize(_authorization(context))
-        if request.actor and not (request.actor == ADMIN_ACTOR or AUDIT_ACTOR.fullmatch(request.actor)):
-            raise errors.InvalidArgument([errors.FieldViolation("actor", "not an actor hash")])
+        await self._credential(context)
+        if request.actor and not AUDIT_ACTOR.fullmatch(request.actor):
+            raise errors.InvalidArgument(
+                [
+                    errors.FieldViolation(
+                        "actor",
+                        "must be a person's actor hash, admin:<credential id>, admin:console or admin",
+                    )
+                ]
+            )
         events, token = await self._audit.list(
             request.actor or None,
             convert.optional_datetime(request, "start_time"),

@@ -18,7 +18,7 @@ from server.common import errors
 from server.union.clock import Clock
 from server.union.domain import model
 from server.union.domain.paging import Pager
-from server.union.secrets import Keys
+from server.union.keyring import Keys
 from server.union.storage.store import Store
 
 ADMIN_ACTOR = "admin"

@@ -23,7 +23,7 @@ from server.union.domain.events import LookupEvents
 from server.union.domain.identity import Caller
 from server.union.domain.orchestrator import Orchestrator
 from server.union.domain.paging import Pager
-from server.union.secrets import Keys
+from server.union.keyring import Keys
 from server.union.storage.store import DuplicateRequest, RequestMismatch, Store
 
 MAX_CARDS_PER_CLOSURE = 20

@@ -19,7 +19,8 @@ from server.common import errors, normalize
 from server.union.clock import Clock
 from server.union.domain import model, validation
 from server.union.domain.audit import AuditTrail
-from server.union.secrets import InvalidToken, Keys
+from server.union.domain.ports import SessionRegistry
+from server.union.keyring import InvalidToken, Keys, UnreadableSealedValue
 from server.union.sms import SmsSender
 from server.union.storage.models import VerificationRow
 from server.union.storage.store import Store
@@ -63,14 +64,25 @@ class Caller:
 
     def identity(self, keys: Keys) -> tuple[str, str]:
         """(name, resident ID number), unsealed only when a lookup needs them."""
-        opened = keys.unseal(self.sealed_identity, context=f"session:{self.token_id}")
+        opened = self._open(keys)
         return opened["name"], opened["id"]
 
     def contact(self, keys: Keys) -> tuple[str, str, str | None]:
         """(name, resident ID number, mobile number), in one unsealing; the mobile number is where
         the report-ready SMS goes (sessions from before it was sealed have none)."""
-        opened = keys.unseal(self.sealed_identity, context=f"session:{self.token_id}")
+        opened = self._open(keys)
         return opened["name"], opened["id"], opened.get("mobile")
+
+    def _open(self, keys: Keys) -> dict[str, str]:
+        """The sealed identity; a signed session whose identity cannot be opened (sealed under a key
+        this union no longer holds, or not by this union at all) is no credential."""
+        try:
+            opened = keys.unseal(self.sealed_identity, context=f"session:{self.token_id}")
+        except UnreadableSealedValue as error:
+            raise errors.Unauthenticated("invalid session credential", reason="INVALID_CREDENTIAL") from error
+        if "name" not in opened or "id" not in opened:
+            raise errors.Unauthenticated("invalid session credential", reason="INVALID_CREDENTIAL")
+        return opened
 
 
 def mask_mobile(mobile: str) -> str:
@@ -86,8 +98,10 @@ class IdentityService:
         clock: Clock,
         policy: IdentityPolicy,
         audit: AuditTrail,
+        sessions: SessionRegistry,
     ) -> None:
         self._audit = audit
+        self._sessions = sessions
         self._store = store
         self._keys = keys
         self._sms = sms
@@ -213,9 +227,15 @@ class IdentityService:
         sealed = await self._store.complete_verification(verification_id, now)
         if sealed is None:
             raise errors.NotFound("no such verification, or it expired or was already used")
-        pii = self._keys.unseal(sealed, context=f"verification:{verification_id}")
+        try:
+            pii = self._keys.unseal(sealed, context=f"verification:{verification_id}")
+        except UnreadableSealedValue as error:
+            # Sealed under a key this union no longer holds: as good as expired (the row is used now).
+            raise errors.NotFound("no such verification, or it expired or was already used") from error
         token_id = secrets.token_hex(12)
         expire = now + self.policy.session_ttl
+        # The new session replaces the person's older one: one live session per person.
+        await self._sessions.start_session(row.person_hash, token_id, expire)
         token = self._keys.sign(
             self._keys.session,
             {
@@ -228,16 +248,34 @@ class IdentityService:
         )
         return Session(token, expire, row.region_code)
 
-    def authenticate(self, authorization: str | None) -> Caller:
-        """Caller from `authorization: Bearer <token>` metadata, or UNAUTHENTICATED."""
+    async def authenticate(self, authorization: str | None) -> Caller:
+        """Caller from `authorization: Bearer <token>` metadata, or UNAUTHENTICATED: the token must
+        be signed by this union, unexpired, and still the person's live session."""
         if not authorization or not authorization.startswith("Bearer "):
             raise errors.Unauthenticated("missing bearer session credential", reason="MISSING_CREDENTIAL")
         try:
             claims = self._keys.verify(self._keys.session, authorization[len("Bearer ") :].strip())
             expire = int(claims["exp"])
             caller = Caller(str(claims["sub"]), str(claims["rgn"]), str(claims["jti"]), str(claims["pii"]))
-        except (InvalidToken, KeyError, TypeError, ValueError) as error:
+        except (InvalidToken, KeyError, TypeError, ValueError, OverflowError) as error:
             raise errors.Unauthenticated("invalid session credential", reason="INVALID_CREDENTIAL") from error
         if expire <= self._clock.now().timestamp():
             raise errors.Unauthenticated("session credential expired", reason="EXPIRED_CREDENTIAL")
+        if await self._sessions.live_session(caller.person_hash) != caller.token_id:
+            raise errors.Unauthenticated(
+                "session credential was revoked (signed out, or replaced by a newer verification)",
+                reason="SESSION_REVOKED",
+            )
         return caller
+
+    async def sign_out(self, authorization: str | None) -> None:
+        """Revoke the session the call carries."""
+        caller = await self.authenticate(authorization)
+        async with self._audit.action(caller.person_hash, "session.sign_out"):
+            if not await self._sessions.end_session(caller.person_hash, caller.token_id):
+                # Replaced or signed out between the check and now.
+                raise errors.Unauthenticated("session credential was revoked", reason="SESSION_REVOKED")
+
+    async def purge_expired_sessions(self, now: datetime) -> int:
+        """Retention: a session's revocation record goes once the session would have expired."""
+        return await self._sessions.purge_expired_sessions(now)

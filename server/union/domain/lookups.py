@@ -22,7 +22,7 @@ from server.union.domain.identity import Caller
 from server.union.domain.metrics import Metrics, NoMetrics
 from server.union.domain.orchestrator import Orchestrator
 from server.union.domain.paging import Pager
-from server.union.secrets import Keys
+from server.union.keyring import Keys
 from server.union.storage.store import DuplicateRequest, RequestMismatch, Store
 
 DEFAULT_PAGE_SIZE = 10

@@ -35,8 +35,8 @@ from server.union.domain.banks import BankCallFailed, BankGateway, check_answer
 from server.union.domain.events import LookupEvents
 from server.union.domain.metrics import Metrics, NoMetrics
 from server.union.domain.retention import RetentionPolicy, RetentionSweep
+from server.union.keyring import Keys, UnreadableSealedValue
 from server.union.notify import Notifier
-from server.union.secrets import Keys
 from server.union.storage.store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -282,12 +282,20 @@ class Orchestrator:
         pending = await self._store.pending_notifications(NOTIFICATION_BATCH)
         if not pending:
             return
-        messages = [
-            (lookup_id, report_id, self._keys.unseal(sealed, context=f"contact:{lookup_id}")["mobile"])
-            for lookup_id, report_id, sealed in pending
-        ]
+        messages, unreadable = [], []
+        for lookup_id, report_id, sealed in pending:
+            try:
+                mobile = self._keys.unseal(sealed, context=f"contact:{lookup_id}")["mobile"]
+            except (UnreadableSealedValue, KeyError):
+                # Sealed under a key this union no longer holds: it can never go out, and it must
+                # not hold up the other messages (or the purge that follows).
+                unreadable.append(lookup_id)
+                continue
+            messages.append((lookup_id, report_id, mobile))
+        if unreadable:
+            log.warning("dropped notifications that cannot be opened", extra={"count": len(unreadable)})
         sent = await asyncio.to_thread(self._announce_all, messages)
-        await self._store.delete_notifications(sent)
+        await self._store.delete_notifications([*unreadable, *sent])
         if len(pending) == NOTIFICATION_BATCH:
             self._announce = True  # more are waiting
 

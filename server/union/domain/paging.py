@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import TypeVar
 
 from server.common import errors
-from server.union.secrets import InvalidToken, Keys
+from server.union.keyring import InvalidToken, Keys
 
 T = TypeVar("T")
 

@@ -9,6 +9,7 @@ together). Everything else is kept for a fixed time, then purged by `RetentionSw
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from typing import Protocol
@@ -80,10 +81,21 @@ class Outbox(Protocol):
     def purge(self, before: datetime) -> int: ...
 
 
+Purge = Callable[[datetime], Awaitable[int]]
+
+
 class RetentionSweep:
-    def __init__(self, store: RetentionStore, policy: RetentionPolicy, outbox: Outbox | None = None) -> None:
+    def __init__(
+        self,
+        store: RetentionStore,
+        policy: RetentionPolicy,
+        outbox: Outbox | None = None,
+        extra: Mapping[str, Purge] | None = None,
+    ) -> None:
         self._store = store
         self._outbox = outbox
+        # Purges kept by other stores (e.g. sessions past their expiry): kind → purge(now).
+        self._extra = dict(extra or {})
         self.policy = policy
 
     async def sweep(self, now: datetime) -> dict[str, int]:
@@ -98,6 +110,8 @@ class RetentionSweep:
             "verified_people": await self._store.purge_verified_people(now - policy.audit),
             "quota_slots": await self._store.purge_quota_slots(now - policy.quota_window),
         }
+        for kind, purge in self._extra.items():
+            purged[kind] = await purge(now)
         await self._store.erase_stale_verifications(now)
         if self._outbox is not None:
             purged["sms_outbox"] = self._outbox.purge(now - policy.sms_outbox)

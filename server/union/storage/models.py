@@ -310,3 +310,33 @@ class QuotaSlotRow(Base):
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     slot: Mapped[int] = mapped_column(Integer, primary_key=True)
     time: Mapped[datetime] = mapped_column(Timestamp, index=True)
+
+
+class SessionRow(Base):
+    """The one live session of each person, so that a session can be revoked.
+
+    Completing a verification replaces the person's row (which revokes the older session);
+    signing out clears `token_id`. A row is purged once the session it names would have expired
+    anyway; a signed session with no row, or another token id, is revoked. Holds no PII: the
+    person's keyed hash, a random token id, a time."""
+
+    __tablename__ = "sessions"
+
+    person_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token_id: Mapped[str | None] = mapped_column(String(32))  # NULL once signed out
+    expire_time: Mapped[datetime] = mapped_column(Timestamp, index=True)
+
+
+class AdminCredentialRow(Base):
+    """A named operator credential with a role; the token itself is never stored, only its keyed
+    hash (HMAC under the keyring key `key_id`). Kept until an operator revokes it (deletes the row);
+    the audit trail names credentials by `id`, so it outlives them."""
+
+    __tablename__ = "admin_credentials"
+
+    id: Mapped[str] = mapped_column(String(24), primary_key=True)
+    name: Mapped[str] = mapped_column(String(32), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # viewer | operator
+    key_id: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    create_time: Mapped[datetime] = mapped_column(Timestamp)

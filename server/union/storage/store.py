@@ -667,12 +667,15 @@ class Store:
 
         return await self._cached("banks", work)
 
-    async def update_bank(self, code: str, enabled: bool, address: str | None) -> model.Bank | None:
+    async def update_bank(self, code: str, enabled: bool | None, address: str | None) -> model.Bank | None:
+        """Change what is given (not None): an update changes only the fields its mask names."""
+
         def work(s: Session) -> model.Bank | None:
             row = s.get(BankRow, code)
             if row is None:
                 return None
-            row.enabled = enabled
+            if enabled is not None:
+                row.enabled = enabled
             if address:
                 row.address = address
             return _bank(row)

@@ -6,6 +6,7 @@ isort:skip_file
 from cardlookup.v1 import card_action_service_pb2 as _card_action_service_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -157,22 +158,32 @@ class UpdateBankRequest(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     ENABLED_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     """Bank code to change."""
     enabled: _builtins.bool
     """New enabled flag."""
     address: _builtins.str
-    """New address; empty keeps the current one."""
+    """New address (host:port)."""
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields to change: "enabled", "address", or "*" for both. Without a
+        mask, the fields populated in this request (a non-empty address, an
+        enabled flag that is true) are changed; so disabling a bank needs the
+        mask ["enabled"].
+        """
+
     def __init__(
         self,
         *,
         code: _builtins.str = ...,
         enabled: _builtins.bool = ...,
         address: _builtins.str = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "code", b"code", "enabled", b"enabled"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "code", b"code", "enabled", b"enabled", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -264,19 +275,28 @@ class UpdateRegionRequest(_message.Message):
 
     CODE_FIELD_NUMBER: _builtins.int
     OPEN_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     """Region code to change."""
     open: _builtins.bool
     """New open flag."""
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields to change: "open" (or "*"). Without a mask, the fields
+        populated in this request are changed: an open flag that is true; so
+        closing a region needs the mask ["open"].
+        """
+
     def __init__(
         self,
         *,
         code: _builtins.str = ...,
         open: _builtins.bool = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "open", b"open"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "open", b"open", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -405,8 +425,11 @@ class ListAuditEventsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     actor: _builtins.str
-    """Only this actor's events (the keyed hash from AuditEvent.actor); empty
-    for everyone.
+    """Only this actor's events: a person's keyed hash (AuditEvent.actor),
+    "admin:<credential id>" for an admin credential's changes,
+    "admin:console" for changes made on the union's command line, or "admin"
+    for events recorded before admin credentials had names; empty for
+    everyone.
     """
     page_size: _builtins.int
     """Maximum number to return; 0 means 50, at most 500."""

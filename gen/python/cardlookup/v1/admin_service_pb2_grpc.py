@@ -30,7 +30,11 @@ class AdminServiceStub:
     statistics. Changes take effect at once, without a restart.
 
     Every method needs `authorization: Bearer <admin_token>` metadata carrying
-    the operator credential configured on the server.
+    a named admin credential (made with `cardlookup-union admin-credential
+    create`; the server's configured admin token is the credential named
+    "bootstrap"). A credential has a role: a viewer may call the List and Get
+    methods, an operator every method. Each change is recorded in the audit
+    trail under the actor "admin:<credential id>".
     """
 
     def __init__(self, channel):
@@ -76,7 +80,11 @@ class AdminServiceServicer:
     statistics. Changes take effect at once, without a restart.
 
     Every method needs `authorization: Bearer <admin_token>` metadata carrying
-    the operator credential configured on the server.
+    a named admin credential (made with `cardlookup-union admin-credential
+    create`; the server's configured admin token is the credential named
+    "bootstrap"). A credential has a role: a viewer may call the List and Get
+    methods, an operator every method. Each change is recorded in the audit
+    trail under the actor "admin:<credential id>".
     """
 
     def ListBanks(self, request, context):
@@ -92,13 +100,17 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateBank(self, request, context):
-        """Enables or disables a bank, or changes its address. Lookups created
-        afterwards query only enabled banks.
+        """Enables or disables a bank, or changes its address, changing only the
+        fields `update_mask` names (AIP-134). Lookups created afterwards query
+        only enabled banks.
 
         Status codes:
         - OK.
-        - INVALID_ARGUMENT: malformed bank or address.
+        - INVALID_ARGUMENT: malformed bank or address, or an update_mask path
+        that is not a field of the bank (google.rpc.BadRequest names the field).
         - UNAUTHENTICATED: missing or wrong admin credential.
+        - PERMISSION_DENIED: the credential is a viewer's (reason
+        ADMIN_ROLE_REQUIRED).
         - NOT_FOUND: no such bank.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -118,12 +130,16 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateRegion(self, request, context):
-        """Opens or closes a region for new lookups.
+        """Opens or closes a region for new lookups, changing only the fields
+        `update_mask` names (AIP-134).
 
         Status codes:
         - OK.
-        - INVALID_ARGUMENT: malformed region code.
+        - INVALID_ARGUMENT: malformed region code, or an update_mask path that is
+        not a field of the region (google.rpc.BadRequest names the field).
         - UNAUTHENTICATED: missing or wrong admin credential.
+        - PERMISSION_DENIED: the credential is a viewer's (reason
+        ADMIN_ROLE_REQUIRED).
         - NOT_FOUND: no such region.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -201,7 +217,11 @@ class AdminService:
     statistics. Changes take effect at once, without a restart.
 
     Every method needs `authorization: Bearer <admin_token>` metadata carrying
-    the operator credential configured on the server.
+    a named admin credential (made with `cardlookup-union admin-credential
+    create`; the server's configured admin token is the credential named
+    "bootstrap"). A credential has a role: a viewer may call the List and Get
+    methods, an operator every method. Each change is recorded in the audit
+    trail under the actor "admin:<credential id>".
     """
 
     @staticmethod

@@ -31,7 +31,11 @@ class AdminServiceStub:
     statistics. Changes take effect at once, without a restart.
 
     Every method needs `authorization: Bearer <admin_token>` metadata carrying
-    the operator credential configured on the server.
+    a named admin credential (made with `cardlookup-union admin-credential
+    create`; the server's configured admin token is the credential named
+    "bootstrap"). A credential has a role: a viewer may call the List and Get
+    methods, an operator every method. Each change is recorded in the audit
+    trail under the actor "admin:<credential id>".
     """
 
     @_typing.overload
@@ -47,13 +51,17 @@ class AdminServiceStub:
     - UNAUTHENTICATED: missing or wrong admin credential.
     """
     UpdateBank: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.UpdateBankRequest, _admin_service_pb2.UpdateBankResponse]
-    """Enables or disables a bank, or changes its address. Lookups created
-    afterwards query only enabled banks.
+    """Enables or disables a bank, or changes its address, changing only the
+    fields `update_mask` names (AIP-134). Lookups created afterwards query
+    only enabled banks.
 
     Status codes:
     - OK.
-    - INVALID_ARGUMENT: malformed bank or address.
+    - INVALID_ARGUMENT: malformed bank or address, or an update_mask path
+      that is not a field of the bank (google.rpc.BadRequest names the field).
     - UNAUTHENTICATED: missing or wrong admin credential.
+    - PERMISSION_DENIED: the credential is a viewer's (reason
+      ADMIN_ROLE_REQUIRED).
     - NOT_FOUND: no such bank.
     """
     ListRegions: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListRegionsRequest, _admin_service_pb2.ListRegionsResponse]
@@ -65,12 +73,16 @@ class AdminServiceStub:
     - UNAUTHENTICATED: missing or wrong admin credential.
     """
     UpdateRegion: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.UpdateRegionRequest, _admin_service_pb2.UpdateRegionResponse]
-    """Opens or closes a region for new lookups.
+    """Opens or closes a region for new lookups, changing only the fields
+    `update_mask` names (AIP-134).
 
     Status codes:
     - OK.
-    - INVALID_ARGUMENT: malformed region code.
+    - INVALID_ARGUMENT: malformed region code, or an update_mask path that is
+      not a field of the region (google.rpc.BadRequest names the field).
     - UNAUTHENTICATED: missing or wrong admin credential.
+    - PERMISSION_DENIED: the credential is a viewer's (reason
+      ADMIN_ROLE_REQUIRED).
     - NOT_FOUND: no such region.
     """
     GetServiceStats: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.GetServiceStatsRequest, _admin_service_pb2.GetServiceStatsResponse]
@@ -97,7 +109,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     statistics. Changes take effect at once, without a restart.
 
     Every method needs `authorization: Bearer <admin_token>` metadata carrying
-    the operator credential configured on the server.
+    a named admin credential (made with `cardlookup-union admin-credential
+    create`; the server's configured admin token is the credential named
+    "bootstrap"). A credential has a role: a viewer may call the List and Get
+    methods, an operator every method. Each change is recorded in the audit
+    trail under the actor "admin:<credential id>".
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -110,13 +126,17 @@ class AdminServiceAsyncStub(AdminServiceStub):
     - UNAUTHENTICATED: missing or wrong admin credential.
     """
     UpdateBank: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.UpdateBankRequest, _admin_service_pb2.UpdateBankResponse]  # type: ignore[assignment]
-    """Enables or disables a bank, or changes its address. Lookups created
-    afterwards query only enabled banks.
+    """Enables or disables a bank, or changes its address, changing only the
+    fields `update_mask` names (AIP-134). Lookups created afterwards query
+    only enabled banks.
 
     Status codes:
     - OK.
-    - INVALID_ARGUMENT: malformed bank or address.
+    - INVALID_ARGUMENT: malformed bank or address, or an update_mask path
+      that is not a field of the bank (google.rpc.BadRequest names the field).
     - UNAUTHENTICATED: missing or wrong admin credential.
+    - PERMISSION_DENIED: the credential is a viewer's (reason
+      ADMIN_ROLE_REQUIRED).
     - NOT_FOUND: no such bank.
     """
     ListRegions: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListRegionsRequest, _admin_service_pb2.ListRegionsResponse]  # type: ignore[assignment]
@@ -128,12 +148,16 @@ class AdminServiceAsyncStub(AdminServiceStub):
     - UNAUTHENTICATED: missing or wrong admin credential.
     """
     UpdateRegion: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.UpdateRegionRequest, _admin_service_pb2.UpdateRegionResponse]  # type: ignore[assignment]
-    """Opens or closes a region for new lookups.
+    """Opens or closes a region for new lookups, changing only the fields
+    `update_mask` names (AIP-134).
 
     Status codes:
     - OK.
-    - INVALID_ARGUMENT: malformed region code.
+    - INVALID_ARGUMENT: malformed region code, or an update_mask path that is
+      not a field of the region (google.rpc.BadRequest names the field).
     - UNAUTHENTICATED: missing or wrong admin credential.
+    - PERMISSION_DENIED: the credential is a viewer's (reason
+      ADMIN_ROLE_REQUIRED).
     - NOT_FOUND: no such region.
     """
     GetServiceStats: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.GetServiceStatsRequest, _admin_service_pb2.GetServiceStatsResponse]  # type: ignore[assignment]
@@ -159,7 +183,11 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     statistics. Changes take effect at once, without a restart.
 
     Every method needs `authorization: Bearer <admin_token>` metadata carrying
-    the operator credential configured on the server.
+    a named admin credential (made with `cardlookup-union admin-credential
+    create`; the server's configured admin token is the credential named
+    "bootstrap"). A credential has a role: a viewer may call the List and Get
+    methods, an operator every method. Each change is recorded in the audit
+    trail under the actor "admin:<credential id>".
     """
 
     @_abc_1.abstractmethod
@@ -182,13 +210,17 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_service_pb2.UpdateBankRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.UpdateBankResponse, _abc.Awaitable[_admin_service_pb2.UpdateBankResponse]]:
-        """Enables or disables a bank, or changes its address. Lookups created
-        afterwards query only enabled banks.
+        """Enables or disables a bank, or changes its address, changing only the
+        fields `update_mask` names (AIP-134). Lookups created afterwards query
+        only enabled banks.
 
         Status codes:
         - OK.
-        - INVALID_ARGUMENT: malformed bank or address.
+        - INVALID_ARGUMENT: malformed bank or address, or an update_mask path
+          that is not a field of the bank (google.rpc.BadRequest names the field).
         - UNAUTHENTICATED: missing or wrong admin credential.
+        - PERMISSION_DENIED: the credential is a viewer's (reason
+          ADMIN_ROLE_REQUIRED).
         - NOT_FOUND: no such bank.
         """
 
@@ -212,12 +244,16 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_service_pb2.UpdateRegionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.UpdateRegionResponse, _abc.Awaitable[_admin_service_pb2.UpdateRegionResponse]]:
-        """Opens or closes a region for new lookups.
+        """Opens or closes a region for new lookups, changing only the fields
+        `update_mask` names (AIP-134).
 
         Status codes:
         - OK.
-        - INVALID_ARGUMENT: malformed region code.
+        - INVALID_ARGUMENT: malformed region code, or an update_mask path that is
+          not a field of the region (google.rpc.BadRequest names the field).
         - UNAUTHENTICATED: missing or wrong admin credential.
+        - PERMISSION_DENIED: the credential is a viewer's (reason
+          ADMIN_ROLE_REQUIRED).
         - NOT_FOUND: no such region.
         """
 

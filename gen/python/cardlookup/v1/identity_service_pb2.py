@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$cardlookup/v1/identity_service.proto\x12\rcardlookup.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"[\n\x18StartVerificationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12resident_id_number\x18\x02 \x01(\t\x12\x15\n\rmobile_number\x18\x03 \x01(\t\"\x88\x01\n\x19StartVerificationResponse\x12\x17\n\x0fverification_id\x18\x01 \x01(\t\x12\x1c\n\x14masked_mobile_number\x18\x02 \x01(\t\x12\x34\n\x10\x63ode_expire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x1b\x43ompleteVerificationRequest\x12\x17\n\x0fverification_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\"{\n\x1c\x43ompleteVerificationResponse\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bregion_code\x18\x03 \x01(\t2\xea\x01\n\x0fIdentityService\x12\x66\n\x11StartVerification\x12\'.cardlookup.v1.StartVerificationRequest\x1a(.cardlookup.v1.StartVerificationResponse\x12o\n\x14\x43ompleteVerification\x12*.cardlookup.v1.CompleteVerificationRequest\x1a+.cardlookup.v1.CompleteVerificationResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$cardlookup/v1/identity_service.proto\x12\rcardlookup.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"[\n\x18StartVerificationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12resident_id_number\x18\x02 \x01(\t\x12\x15\n\rmobile_number\x18\x03 \x01(\t\"\x88\x01\n\x19StartVerificationResponse\x12\x17\n\x0fverification_id\x18\x01 \x01(\t\x12\x1c\n\x14masked_mobile_number\x18\x02 \x01(\t\x12\x34\n\x10\x63ode_expire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x1b\x43ompleteVerificationRequest\x12\x17\n\x0fverification_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\"{\n\x1c\x43ompleteVerificationResponse\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bregion_code\x18\x03 \x01(\t\"\x10\n\x0eSignOutRequest\"\x11\n\x0fSignOutResponse2\xb4\x02\n\x0fIdentityService\x12\x66\n\x11StartVerification\x12\'.cardlookup.v1.StartVerificationRequest\x1a(.cardlookup.v1.StartVerificationResponse\x12o\n\x14\x43ompleteVerification\x12*.cardlookup.v1.CompleteVerificationRequest\x1a+.cardlookup.v1.CompleteVerificationResponse\x12H\n\x07SignOut\x12\x1d.cardlookup.v1.SignOutRequest\x1a\x1e.cardlookup.v1.SignOutResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,6 +40,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPLETEVERIFICATIONREQUEST']._serialized_end=388
   _globals['_COMPLETEVERIFICATIONRESPONSE']._serialized_start=390
   _globals['_COMPLETEVERIFICATIONRESPONSE']._serialized_end=513
-  _globals['_IDENTITYSERVICE']._serialized_start=516
-  _globals['_IDENTITYSERVICE']._serialized_end=750
+  _globals['_SIGNOUTREQUEST']._serialized_start=515
+  _globals['_SIGNOUTREQUEST']._serialized_end=531
+  _globals['_SIGNOUTRESPONSE']._serialized_start=533
+  _globals['_SIGNOUTRESPONSE']._serialized_end=550
+  _globals['_IDENTITYSERVICE']._serialized_start=553
+  _globals['_IDENTITYSERVICE']._serialized_end=861
 # @@protoc_insertion_point(module_scope)

@@ -47,6 +47,11 @@ class IdentityServiceStub:
                 request_serializer=cardlookup_dot_v1_dot_identity__service__pb2.CompleteVerificationRequest.SerializeToString,
                 response_deserializer=cardlookup_dot_v1_dot_identity__service__pb2.CompleteVerificationResponse.FromString,
                 _registered_method=True)
+        self.SignOut = channel.unary_unary(
+                '/cardlookup.v1.IdentityService/SignOut',
+                request_serializer=cardlookup_dot_v1_dot_identity__service__pb2.SignOutRequest.SerializeToString,
+                response_deserializer=cardlookup_dot_v1_dot_identity__service__pb2.SignOutResponse.FromString,
+                _registered_method=True)
 
 
 class IdentityServiceServicer:
@@ -85,6 +90,23 @@ class IdentityServiceServicer:
         - UNAUTHENTICATED: wrong code (ErrorInfo metadata `attempts_left`).
         - RESOURCE_EXHAUSTED: too many wrong codes; the verification is locked and
         RetryInfo says when a new one may start.
+
+        Completing a verification revokes the person's older sessions: a person
+        holds one live session at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SignOut(self, request, context):
+        """Signs out: revokes the session credential sent as `authorization: Bearer
+        <token>` metadata. Every call with it afterwards answers UNAUTHENTICATED
+        (reason SESSION_REVOKED).
+
+        Status codes:
+        - OK: the session is revoked.
+        - UNAUTHENTICATED: missing, invalid, expired or already revoked session
+        credential (ErrorInfo reason says which).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,6 +124,11 @@ def add_IdentityServiceServicer_to_server(servicer, server):
                     servicer.CompleteVerification,
                     request_deserializer=cardlookup_dot_v1_dot_identity__service__pb2.CompleteVerificationRequest.FromString,
                     response_serializer=cardlookup_dot_v1_dot_identity__service__pb2.CompleteVerificationResponse.SerializeToString,
+            ),
+            'SignOut': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignOut,
+                    request_deserializer=cardlookup_dot_v1_dot_identity__service__pb2.SignOutRequest.FromString,
+                    response_serializer=cardlookup_dot_v1_dot_identity__service__pb2.SignOutResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -161,6 +188,33 @@ class IdentityService:
             '/cardlookup.v1.IdentityService/CompleteVerification',
             cardlookup_dot_v1_dot_identity__service__pb2.CompleteVerificationRequest.SerializeToString,
             cardlookup_dot_v1_dot_identity__service__pb2.CompleteVerificationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignOut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardlookup.v1.IdentityService/SignOut',
+            cardlookup_dot_v1_dot_identity__service__pb2.SignOutRequest.SerializeToString,
+            cardlookup_dot_v1_dot_identity__service__pb2.SignOutResponse.FromString,
             options,
             channel_credentials,
             insecure,

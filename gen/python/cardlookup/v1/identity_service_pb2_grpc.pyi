@@ -62,6 +62,19 @@ class IdentityServiceStub:
     - UNAUTHENTICATED: wrong code (ErrorInfo metadata `attempts_left`).
     - RESOURCE_EXHAUSTED: too many wrong codes; the verification is locked and
       RetryInfo says when a new one may start.
+
+    Completing a verification revokes the person's older sessions: a person
+    holds one live session at a time.
+    """
+    SignOut: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.SignOutRequest, _identity_service_pb2.SignOutResponse]
+    """Signs out: revokes the session credential sent as `authorization: Bearer
+    <token>` metadata. Every call with it afterwards answers UNAUTHENTICATED
+    (reason SESSION_REVOKED).
+
+    Status codes:
+    - OK: the session is revoked.
+    - UNAUTHENTICATED: missing, invalid, expired or already revoked session
+      credential (ErrorInfo reason says which).
     """
 
 @_typing.type_check_only
@@ -98,6 +111,19 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     - UNAUTHENTICATED: wrong code (ErrorInfo metadata `attempts_left`).
     - RESOURCE_EXHAUSTED: too many wrong codes; the verification is locked and
       RetryInfo says when a new one may start.
+
+    Completing a verification revokes the person's older sessions: a person
+    holds one live session at a time.
+    """
+    SignOut: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.SignOutRequest, _identity_service_pb2.SignOutResponse]  # type: ignore[assignment]
+    """Signs out: revokes the session credential sent as `authorization: Bearer
+    <token>` metadata. Every call with it afterwards answers UNAUTHENTICATED
+    (reason SESSION_REVOKED).
+
+    Status codes:
+    - OK: the session is revoked.
+    - UNAUTHENTICATED: missing, invalid, expired or already revoked session
+      credential (ErrorInfo reason says which).
     """
 
 class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -143,6 +169,25 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         - UNAUTHENTICATED: wrong code (ErrorInfo metadata `attempts_left`).
         - RESOURCE_EXHAUSTED: too many wrong codes; the verification is locked and
           RetryInfo says when a new one may start.
+
+        Completing a verification revokes the person's older sessions: a person
+        holds one live session at a time.
+        """
+
+    @_abc_1.abstractmethod
+    def SignOut(
+        self,
+        request: _identity_service_pb2.SignOutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_identity_service_pb2.SignOutResponse, _abc.Awaitable[_identity_service_pb2.SignOutResponse]]:
+        """Signs out: revokes the session credential sent as `authorization: Bearer
+        <token>` metadata. Every call with it afterwards answers UNAUTHENTICATED
+        (reason SESSION_REVOKED).
+
+        Status codes:
+        - OK: the session is revoked.
+        - UNAUTHENTICATED: missing, invalid, expired or already revoked session
+          credential (ErrorInfo reason says which).
         """
 
 def add_IdentityServiceServicer_to_server(servicer: IdentityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

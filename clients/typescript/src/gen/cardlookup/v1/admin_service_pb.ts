@@ -6,15 +6,15 @@ import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegen
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { AuditEvent } from "./card_action_service_pb.js";
 import { file_cardlookup_v1_card_action_service } from "./card_action_service_pb.js";
-import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { FieldMask, Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_field_mask, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file cardlookup/v1/admin_service.proto.
  */
 export const file_cardlookup_v1_admin_service: GenFile = /*@__PURE__*/
-  fileDesc("CiFjYXJkbG9va3VwL3YxL2FkbWluX3NlcnZpY2UucHJvdG8SDWNhcmRsb29rdXAudjEiWgoEQmFuaxIMCgRjb2RlGAEgASgJEgwKBG5hbWUYAiABKAkSFAoMZW5nbGlzaF9uYW1lGAMgASgJEg8KB2FkZHJlc3MYBCABKAkSDwoHZW5hYmxlZBgFIAEoCCJhCgZSZWdpb24SDAoEY29kZRgBIAEoCRIMCgRuYW1lGAIgASgJEgwKBG9wZW4YAyABKAgSLQoJb3Blbl90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCI5ChBMaXN0QmFua3NSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJIlAKEUxpc3RCYW5rc1Jlc3BvbnNlEiIKBWJhbmtzGAEgAygLMhMuY2FyZGxvb2t1cC52MS5CYW5rEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJDChFVcGRhdGVCYW5rUmVxdWVzdBIMCgRjb2RlGAEgASgJEg8KB2VuYWJsZWQYAiABKAgSDwoHYWRkcmVzcxgDIAEoCSI3ChJVcGRhdGVCYW5rUmVzcG9uc2USIQoEYmFuaxgBIAEoCzITLmNhcmRsb29rdXAudjEuQmFuayI7ChJMaXN0UmVnaW9uc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkiVgoTTGlzdFJlZ2lvbnNSZXNwb25zZRImCgdyZWdpb25zGAEgAygLMhUuY2FyZGxvb2t1cC52MS5SZWdpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjEKE1VwZGF0ZVJlZ2lvblJlcXVlc3QSDAoEY29kZRgBIAEoCRIMCgRvcGVuGAIgASgIIj0KFFVwZGF0ZVJlZ2lvblJlc3BvbnNlEiUKBnJlZ2lvbhgBIAEoCzIVLmNhcmRsb29rdXAudjEuUmVnaW9uIhgKFkdldFNlcnZpY2VTdGF0c1JlcXVlc3QilAEKF0dldFNlcnZpY2VTdGF0c1Jlc3BvbnNlEhcKD3Blb3BsZV92ZXJpZmllZBgBIAEoAxIXCg9sb29rdXBzX2NyZWF0ZWQYAiABKAMSGQoRcmVwb3J0c19nZW5lcmF0ZWQYAyABKAMSLAoKYmFua19zdGF0cxgEIAMoCzIYLmNhcmRsb29rdXAudjEuQmFua1N0YXRzImUKCUJhbmtTdGF0cxIRCgliYW5rX2NvZGUYASABKAkSFgoOYW5zd2VyZWRfY291bnQYAiABKAMSFAoMZmFpbGVkX2NvdW50GAMgASgDEhcKD21lYW5fbGF0ZW5jeV9tcxgEIAEoASKsAQoWTGlzdEF1ZGl0RXZlbnRzUmVxdWVzdBINCgVhY3RvchgBIAEoCRIuCgpzdGFydF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcGFnZV9zaXplGAQgASgFEhIKCnBhZ2VfdG9rZW4YBSABKAkiXQoXTGlzdEF1ZGl0RXZlbnRzUmVzcG9uc2USKQoGZXZlbnRzGAEgAygLMhkuY2FyZGxvb2t1cC52MS5BdWRpdEV2ZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCTKkBAoMQWRtaW5TZXJ2aWNlEk4KCUxpc3RCYW5rcxIfLmNhcmRsb29rdXAudjEuTGlzdEJhbmtzUmVxdWVzdBogLmNhcmRsb29rdXAudjEuTGlzdEJhbmtzUmVzcG9uc2USUQoKVXBkYXRlQmFuaxIgLmNhcmRsb29rdXAudjEuVXBkYXRlQmFua1JlcXVlc3QaIS5jYXJkbG9va3VwLnYxLlVwZGF0ZUJhbmtSZXNwb25zZRJUCgtMaXN0UmVnaW9ucxIhLmNhcmRsb29rdXAudjEuTGlzdFJlZ2lvbnNSZXF1ZXN0GiIuY2FyZGxvb2t1cC52MS5MaXN0UmVnaW9uc1Jlc3BvbnNlElcKDFVwZGF0ZVJlZ2lvbhIiLmNhcmRsb29rdXAudjEuVXBkYXRlUmVnaW9uUmVxdWVzdBojLmNhcmRsb29rdXAudjEuVXBkYXRlUmVnaW9uUmVzcG9uc2USYAoPR2V0U2VydmljZVN0YXRzEiUuY2FyZGxvb2t1cC52MS5HZXRTZXJ2aWNlU3RhdHNSZXF1ZXN0GiYuY2FyZGxvb2t1cC52MS5HZXRTZXJ2aWNlU3RhdHNSZXNwb25zZRJgCg9MaXN0QXVkaXRFdmVudHMSJS5jYXJkbG9va3VwLnYxLkxpc3RBdWRpdEV2ZW50c1JlcXVlc3QaJi5jYXJkbG9va3VwLnYxLkxpc3RBdWRpdEV2ZW50c1Jlc3BvbnNlYgZwcm90bzM", [file_cardlookup_v1_card_action_service, file_google_protobuf_timestamp]);
+  fileDesc("CiFjYXJkbG9va3VwL3YxL2FkbWluX3NlcnZpY2UucHJvdG8SDWNhcmRsb29rdXAudjEiWgoEQmFuaxIMCgRjb2RlGAEgASgJEgwKBG5hbWUYAiABKAkSFAoMZW5nbGlzaF9uYW1lGAMgASgJEg8KB2FkZHJlc3MYBCABKAkSDwoHZW5hYmxlZBgFIAEoCCJhCgZSZWdpb24SDAoEY29kZRgBIAEoCRIMCgRuYW1lGAIgASgJEgwKBG9wZW4YAyABKAgSLQoJb3Blbl90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCI5ChBMaXN0QmFua3NSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJIlAKEUxpc3RCYW5rc1Jlc3BvbnNlEiIKBWJhbmtzGAEgAygLMhMuY2FyZGxvb2t1cC52MS5CYW5rEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJ0ChFVcGRhdGVCYW5rUmVxdWVzdBIMCgRjb2RlGAEgASgJEg8KB2VuYWJsZWQYAiABKAgSDwoHYWRkcmVzcxgDIAEoCRIvCgt1cGRhdGVfbWFzaxgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE1hc2siNwoSVXBkYXRlQmFua1Jlc3BvbnNlEiEKBGJhbmsYASABKAsyEy5jYXJkbG9va3VwLnYxLkJhbmsiOwoSTGlzdFJlZ2lvbnNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJIlYKE0xpc3RSZWdpb25zUmVzcG9uc2USJgoHcmVnaW9ucxgBIAMoCzIVLmNhcmRsb29rdXAudjEuUmVnaW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJiChNVcGRhdGVSZWdpb25SZXF1ZXN0EgwKBGNvZGUYASABKAkSDAoEb3BlbhgCIAEoCBIvCgt1cGRhdGVfbWFzaxgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE1hc2siPQoUVXBkYXRlUmVnaW9uUmVzcG9uc2USJQoGcmVnaW9uGAEgASgLMhUuY2FyZGxvb2t1cC52MS5SZWdpb24iGAoWR2V0U2VydmljZVN0YXRzUmVxdWVzdCKUAQoXR2V0U2VydmljZVN0YXRzUmVzcG9uc2USFwoPcGVvcGxlX3ZlcmlmaWVkGAEgASgDEhcKD2xvb2t1cHNfY3JlYXRlZBgCIAEoAxIZChFyZXBvcnRzX2dlbmVyYXRlZBgDIAEoAxIsCgpiYW5rX3N0YXRzGAQgAygLMhguY2FyZGxvb2t1cC52MS5CYW5rU3RhdHMiZQoJQmFua1N0YXRzEhEKCWJhbmtfY29kZRgBIAEoCRIWCg5hbnN3ZXJlZF9jb3VudBgCIAEoAxIUCgxmYWlsZWRfY291bnQYAyABKAMSFwoPbWVhbl9sYXRlbmN5X21zGAQgASgBIqwBChZMaXN0QXVkaXRFdmVudHNSZXF1ZXN0Eg0KBWFjdG9yGAEgASgJEi4KCnN0YXJ0X3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCSJdChdMaXN0QXVkaXRFdmVudHNSZXNwb25zZRIpCgZldmVudHMYASADKAsyGS5jYXJkbG9va3VwLnYxLkF1ZGl0RXZlbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJMqQECgxBZG1pblNlcnZpY2USTgoJTGlzdEJhbmtzEh8uY2FyZGxvb2t1cC52MS5MaXN0QmFua3NSZXF1ZXN0GiAuY2FyZGxvb2t1cC52MS5MaXN0QmFua3NSZXNwb25zZRJRCgpVcGRhdGVCYW5rEiAuY2FyZGxvb2t1cC52MS5VcGRhdGVCYW5rUmVxdWVzdBohLmNhcmRsb29rdXAudjEuVXBkYXRlQmFua1Jlc3BvbnNlElQKC0xpc3RSZWdpb25zEiEuY2FyZGxvb2t1cC52MS5MaXN0UmVnaW9uc1JlcXVlc3QaIi5jYXJkbG9va3VwLnYxLkxpc3RSZWdpb25zUmVzcG9uc2USVwoMVXBkYXRlUmVnaW9uEiIuY2FyZGxvb2t1cC52MS5VcGRhdGVSZWdpb25SZXF1ZXN0GiMuY2FyZGxvb2t1cC52MS5VcGRhdGVSZWdpb25SZXNwb25zZRJgCg9HZXRTZXJ2aWNlU3RhdHMSJS5jYXJkbG9va3VwLnYxLkdldFNlcnZpY2VTdGF0c1JlcXVlc3QaJi5jYXJkbG9va3VwLnYxLkdldFNlcnZpY2VTdGF0c1Jlc3BvbnNlEmAKD0xpc3RBdWRpdEV2ZW50cxIlLmNhcmRsb29rdXAudjEuTGlzdEF1ZGl0RXZlbnRzUmVxdWVzdBomLmNhcmRsb29rdXAudjEuTGlzdEF1ZGl0RXZlbnRzUmVzcG9uc2ViBnByb3RvMw", [file_cardlookup_v1_card_action_service, file_google_protobuf_field_mask, file_google_protobuf_timestamp]);
 
 /**
  * A participating bank.
@@ -184,11 +184,21 @@ export type UpdateBankRequest = Message<"cardlookup.v1.UpdateBankRequest"> & {
   enabled: boolean;
 
   /**
-   * New address; empty keeps the current one.
+   * New address (host:port).
    *
    * @generated from field: string address = 3;
    */
   address: string;
+
+  /**
+   * The fields to change: "enabled", "address", or "*" for both. Without a
+   * mask, the fields populated in this request (a non-empty address, an
+   * enabled flag that is true) are changed; so disabling a bank needs the
+   * mask ["enabled"].
+   *
+   * @generated from field: google.protobuf.FieldMask update_mask = 4;
+   */
+  updateMask?: FieldMask | undefined;
 };
 
 /**
@@ -294,6 +304,15 @@ export type UpdateRegionRequest = Message<"cardlookup.v1.UpdateRegionRequest"> &
    * @generated from field: bool open = 2;
    */
   open: boolean;
+
+  /**
+   * The fields to change: "open" (or "*"). Without a mask, the fields
+   * populated in this request are changed: an open flag that is true; so
+   * closing a region needs the mask ["open"].
+   *
+   * @generated from field: google.protobuf.FieldMask update_mask = 3;
+   */
+  updateMask?: FieldMask | undefined;
 };
 
 /**
@@ -430,8 +449,11 @@ export const BankStatsSchema: GenMessage<BankStats> = /*@__PURE__*/
  */
 export type ListAuditEventsRequest = Message<"cardlookup.v1.ListAuditEventsRequest"> & {
   /**
-   * Only this actor's events (the keyed hash from AuditEvent.actor); empty
-   * for everyone.
+   * Only this actor's events: a person's keyed hash (AuditEvent.actor),
+   * "admin:<credential id>" for an admin credential's changes,
+   * "admin:console" for changes made on the union's command line, or "admin"
+   * for events recorded before admin credentials had names; empty for
+   * everyone.
    *
    * @generated from field: string actor = 1;
    */
@@ -506,7 +528,11 @@ export const ListAuditEventsResponseSchema: GenMessage<ListAuditEventsResponse> 
  * statistics. Changes take effect at once, without a restart.
  *
  * Every method needs `authorization: Bearer <admin_token>` metadata carrying
- * the operator credential configured on the server.
+ * a named admin credential (made with `cardlookup-union admin-credential
+ * create`; the server's configured admin token is the credential named
+ * "bootstrap"). A credential has a role: a viewer may call the List and Get
+ * methods, an operator every method. Each change is recorded in the audit
+ * trail under the actor "admin:<credential id>".
  *
  * @generated from service cardlookup.v1.AdminService
  */
@@ -527,13 +553,17 @@ export const AdminService: GenService<{
     output: typeof ListBanksResponseSchema;
   },
   /**
-   * Enables or disables a bank, or changes its address. Lookups created
-   * afterwards query only enabled banks.
+   * Enables or disables a bank, or changes its address, changing only the
+   * fields `update_mask` names (AIP-134). Lookups created afterwards query
+   * only enabled banks.
    *
    * Status codes:
    * - OK.
-   * - INVALID_ARGUMENT: malformed bank or address.
+   * - INVALID_ARGUMENT: malformed bank or address, or an update_mask path
+   *   that is not a field of the bank (google.rpc.BadRequest names the field).
    * - UNAUTHENTICATED: missing or wrong admin credential.
+   * - PERMISSION_DENIED: the credential is a viewer's (reason
+   *   ADMIN_ROLE_REQUIRED).
    * - NOT_FOUND: no such bank.
    *
    * @generated from rpc cardlookup.v1.AdminService.UpdateBank
@@ -559,12 +589,16 @@ export const AdminService: GenService<{
     output: typeof ListRegionsResponseSchema;
   },
   /**
-   * Opens or closes a region for new lookups.
+   * Opens or closes a region for new lookups, changing only the fields
+   * `update_mask` names (AIP-134).
    *
    * Status codes:
    * - OK.
-   * - INVALID_ARGUMENT: malformed region code.
+   * - INVALID_ARGUMENT: malformed region code, or an update_mask path that is
+   *   not a field of the region (google.rpc.BadRequest names the field).
    * - UNAUTHENTICATED: missing or wrong admin credential.
+   * - PERMISSION_DENIED: the credential is a viewer's (reason
+   *   ADMIN_ROLE_REQUIRED).
    * - NOT_FOUND: no such region.
    *
    * @generated from rpc cardlookup.v1.AdminService.UpdateRegion

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cardlookup/v1/identity_service.proto.
  */
 export const file_cardlookup_v1_identity_service: GenFile = /*@__PURE__*/
-  fileDesc("CiRjYXJkbG9va3VwL3YxL2lkZW50aXR5X3NlcnZpY2UucHJvdG8SDWNhcmRsb29rdXAudjEiWwoYU3RhcnRWZXJpZmljYXRpb25SZXF1ZXN0EgwKBG5hbWUYASABKAkSGgoScmVzaWRlbnRfaWRfbnVtYmVyGAIgASgJEhUKDW1vYmlsZV9udW1iZXIYAyABKAkiiAEKGVN0YXJ0VmVyaWZpY2F0aW9uUmVzcG9uc2USFwoPdmVyaWZpY2F0aW9uX2lkGAEgASgJEhwKFG1hc2tlZF9tb2JpbGVfbnVtYmVyGAIgASgJEjQKEGNvZGVfZXhwaXJlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIkQKG0NvbXBsZXRlVmVyaWZpY2F0aW9uUmVxdWVzdBIXCg92ZXJpZmljYXRpb25faWQYASABKAkSDAoEY29kZRgCIAEoCSJ7ChxDb21wbGV0ZVZlcmlmaWNhdGlvblJlc3BvbnNlEhUKDXNlc3Npb25fdG9rZW4YASABKAkSLwoLZXhwaXJlX3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC3JlZ2lvbl9jb2RlGAMgASgJMuoBCg9JZGVudGl0eVNlcnZpY2USZgoRU3RhcnRWZXJpZmljYXRpb24SJy5jYXJkbG9va3VwLnYxLlN0YXJ0VmVyaWZpY2F0aW9uUmVxdWVzdBooLmNhcmRsb29rdXAudjEuU3RhcnRWZXJpZmljYXRpb25SZXNwb25zZRJvChRDb21wbGV0ZVZlcmlmaWNhdGlvbhIqLmNhcmRsb29rdXAudjEuQ29tcGxldGVWZXJpZmljYXRpb25SZXF1ZXN0GisuY2FyZGxvb2t1cC52MS5Db21wbGV0ZVZlcmlmaWNhdGlvblJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp]);
+  fileDesc("CiRjYXJkbG9va3VwL3YxL2lkZW50aXR5X3NlcnZpY2UucHJvdG8SDWNhcmRsb29rdXAudjEiWwoYU3RhcnRWZXJpZmljYXRpb25SZXF1ZXN0EgwKBG5hbWUYASABKAkSGgoScmVzaWRlbnRfaWRfbnVtYmVyGAIgASgJEhUKDW1vYmlsZV9udW1iZXIYAyABKAkiiAEKGVN0YXJ0VmVyaWZpY2F0aW9uUmVzcG9uc2USFwoPdmVyaWZpY2F0aW9uX2lkGAEgASgJEhwKFG1hc2tlZF9tb2JpbGVfbnVtYmVyGAIgASgJEjQKEGNvZGVfZXhwaXJlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIkQKG0NvbXBsZXRlVmVyaWZpY2F0aW9uUmVxdWVzdBIXCg92ZXJpZmljYXRpb25faWQYASABKAkSDAoEY29kZRgCIAEoCSJ7ChxDb21wbGV0ZVZlcmlmaWNhdGlvblJlc3BvbnNlEhUKDXNlc3Npb25fdG9rZW4YASABKAkSLwoLZXhwaXJlX3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC3JlZ2lvbl9jb2RlGAMgASgJIhAKDlNpZ25PdXRSZXF1ZXN0IhEKD1NpZ25PdXRSZXNwb25zZTK0AgoPSWRlbnRpdHlTZXJ2aWNlEmYKEVN0YXJ0VmVyaWZpY2F0aW9uEicuY2FyZGxvb2t1cC52MS5TdGFydFZlcmlmaWNhdGlvblJlcXVlc3QaKC5jYXJkbG9va3VwLnYxLlN0YXJ0VmVyaWZpY2F0aW9uUmVzcG9uc2USbwoUQ29tcGxldGVWZXJpZmljYXRpb24SKi5jYXJkbG9va3VwLnYxLkNvbXBsZXRlVmVyaWZpY2F0aW9uUmVxdWVzdBorLmNhcmRsb29rdXAudjEuQ29tcGxldGVWZXJpZmljYXRpb25SZXNwb25zZRJICgdTaWduT3V0Eh0uY2FyZGxvb2t1cC52MS5TaWduT3V0UmVxdWVzdBoeLmNhcmRsb29rdXAudjEuU2lnbk91dFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp]);
 
 /**
  * Request for StartVerification.
@@ -151,6 +151,36 @@ export const CompleteVerificationResponseSchema: GenMessage<CompleteVerification
   messageDesc(file_cardlookup_v1_identity_service, 3);
 
 /**
+ * Request for SignOut. The session to revoke is the one the call carries.
+ *
+ * @generated from message cardlookup.v1.SignOutRequest
+ */
+export type SignOutRequest = Message<"cardlookup.v1.SignOutRequest"> & {
+};
+
+/**
+ * Describes the message cardlookup.v1.SignOutRequest.
+ * Use `create(SignOutRequestSchema)` to create a new message.
+ */
+export const SignOutRequestSchema: GenMessage<SignOutRequest> = /*@__PURE__*/
+  messageDesc(file_cardlookup_v1_identity_service, 4);
+
+/**
+ * Response for SignOut.
+ *
+ * @generated from message cardlookup.v1.SignOutResponse
+ */
+export type SignOutResponse = Message<"cardlookup.v1.SignOutResponse"> & {
+};
+
+/**
+ * Describes the message cardlookup.v1.SignOutResponse.
+ * Use `create(SignOutResponseSchema)` to create a new message.
+ */
+export const SignOutResponseSchema: GenMessage<SignOutResponse> = /*@__PURE__*/
+  messageDesc(file_cardlookup_v1_identity_service, 5);
+
+/**
  * IdentityService performs real-name verification. Only a verified person
  * receives a session credential, and every lookup runs for the identity bound
  * to that credential: the ID number is never sent again after verification.
@@ -192,12 +222,32 @@ export const IdentityService: GenService<{
    * - RESOURCE_EXHAUSTED: too many wrong codes; the verification is locked and
    *   RetryInfo says when a new one may start.
    *
+   * Completing a verification revokes the person's older sessions: a person
+   * holds one live session at a time.
+   *
    * @generated from rpc cardlookup.v1.IdentityService.CompleteVerification
    */
   completeVerification: {
     methodKind: "unary";
     input: typeof CompleteVerificationRequestSchema;
     output: typeof CompleteVerificationResponseSchema;
+  },
+  /**
+   * Signs out: revokes the session credential sent as `authorization: Bearer
+   * <token>` metadata. Every call with it afterwards answers UNAUTHENTICATED
+   * (reason SESSION_REVOKED).
+   *
+   * Status codes:
+   * - OK: the session is revoked.
+   * - UNAUTHENTICATED: missing, invalid, expired or already revoked session
+   *   credential (ErrorInfo reason says which).
+   *
+   * @generated from rpc cardlookup.v1.IdentityService.SignOut
+   */
+  signOut: {
+    methodKind: "unary";
+    input: typeof SignOutRequestSchema;
+    output: typeof SignOutResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_cardlookup_v1_identity_service, 0);
