@@ -386,12 +386,27 @@ class BankQueryServicer(pb_grpc.BankQueryServiceServicer):
             raise ValueError("max_outstanding must be at least 1")
         self.bank_code = bank_code
         self.store = store
-        self.faults = faults or FaultSettings()
+        self._faults = faults or FaultSettings()
+        self._fault_listeners: list[Callable[[FaultSettings], None]] = []
         self.max_outstanding = max_outstanding
         self.inline_read_limit = INLINE_READ_LIMIT
         # Fault decisions only; nothing security-relevant is drawn from it.
         self._rng = random.Random()  # noqa: S311
         self._sessions: set[_QuerySession] = set()
+
+    @property
+    def faults(self) -> FaultSettings:
+        return self._faults
+
+    @faults.setter
+    def faults(self, settings: FaultSettings) -> None:
+        self._faults = settings
+        for listener in self._fault_listeners:
+            listener(settings)
+
+    def on_faults_changed(self, listener: Callable[[FaultSettings], None]) -> None:
+        """Call `listener` with every new setting (the bank's health follows its outage)."""
+        self._fault_listeners.append(listener)
 
     @property
     def open_sessions(self) -> int:
