@@ -273,7 +273,12 @@ class _QuerySessionLink:
             yield pb.QueryBatchSessionRequest(queries=queries)
 
     async def _read(self, call: grpc.aio.StreamStreamCall[Any, Any], outbox: _Outbox, batched: bool) -> None:
-        failure: Exception = BankCallFailed("bank session ended", retryable=True)
+        # The union never half-closes a stream in use, so a bank that ends one OK has left the
+        # queries still on it unanswered: each answer was cut short (a session that is lost, by
+        # contrast, ends UNAVAILABLE and its queries are simply asked again).
+        failure: Exception = BankCallFailed(
+            "bank ended the session without answering (truncated)", retryable=True, truncated=True
+        )
         try:
             async for message in call:
                 for response in message.answers if batched else (message,):
@@ -397,7 +402,7 @@ class GrpcBankGateway:
         if len(answer.cards) > self._max_records:
             raise BankCallFailed("bank sent too many records", retryable=False)
         if not answer.HasField("summary"):
-            raise BankCallFailed("bank answer has no summary (truncated)", retryable=True)
+            raise BankCallFailed("bank answer has no summary (truncated)", retryable=True, truncated=True)
         cards = [self._card(card) for card in answer.cards]
         return self._checked(bank, answer.summary, cards)
 
@@ -409,6 +414,7 @@ class GrpcBankGateway:
             raise BankCallFailed(
                 f"summary counts {summary.record_count} records but {len(cards)} arrived (truncated)",
                 retryable=True,
+                truncated=True,
             )
         return cards
 
@@ -434,6 +440,14 @@ class GrpcBankGateway:
                 else:
                     raise BankCallFailed("bank sent an empty message", retryable=False)
         except grpc.aio.AioRpcError as error:
+            if cards and error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                # The bank began its answer and broke off before the summary: a truncated answer
+                # (the same break on every attempt is a bank that cannot answer this query).
+                raise BankCallFailed(
+                    f"bank stream broke after {len(cards)} records, before its summary (truncated)",
+                    retryable=True,
+                    truncated=True,
+                ) from error
             raise _failure(error) from error
         except TimeoutError as error:
             raise BankCallFailed("bank call timed out", retryable=True) from error
@@ -441,7 +455,9 @@ class GrpcBankGateway:
             call.cancel()
         if summary is None:
             # The stream ended without its summary: a truncated answer, maybe a dying bank.
-            raise BankCallFailed("bank stream ended without a summary (truncated)", retryable=True)
+            raise BankCallFailed(
+                "bank stream ended without a summary (truncated)", retryable=True, truncated=True
+            )
         return self._checked(bank, summary, cards)
 
     async def close_card(
