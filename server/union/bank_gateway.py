@@ -24,6 +24,7 @@ other peer is refused by the handshake itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import time
@@ -76,6 +77,8 @@ SESSION_RETRY_SECONDS = 60.0
 MAX_BATCH = 64
 # A session query's deadline is checked this often at most: it may fail up to this late.
 DEADLINE_GRANULARITY = 0.05
+# How long the union waits for a bank to say whether it has a session RPC (see _refuses).
+REFUSAL_CHECK_SECONDS = 5.0
 
 
 def _failure(error: grpc.aio.AioRpcError) -> BankCallFailed:
@@ -279,20 +282,25 @@ class _QuerySessionLink:
         failure: Exception = BankCallFailed(
             "bank ended the session without answering (truncated)", retryable=True, truncated=True
         )
+        answered = False
         try:
             async for message in call:
+                answered = True
                 for response in message.answers if batched else (message,):
                     entry = self._pending.get(response.query_id)
                     if entry is not None and not entry[0].done():
                         entry[0].set_result(response)
         except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.UNIMPLEMENTED and batched:
+            refused = error.code() == grpc.StatusCode.UNIMPLEMENTED or (
+                error.code() == grpc.StatusCode.INTERNAL and not answered and await self._refuses(batched)
+            )
+            if refused and batched:
                 self.batches_unsupported_until = time.monotonic() + SESSION_RETRY_SECONDS
                 failure = _BatchesUnsupported()
                 log.info(
                     "bank has no batched session; asking one query a message", extra={"bank": self._bank_code}
                 )
-            elif error.code() == grpc.StatusCode.UNIMPLEMENTED:
+            elif refused:
                 self.unsupported_until = time.monotonic() + SESSION_RETRY_SECONDS
                 failure = _SessionUnsupported()
                 log.info("bank has no query session; asking per call", extra={"bank": self._bank_code})
@@ -313,6 +321,25 @@ class _QuerySessionLink:
             for future, _ in list(self._pending.values()):
                 if not future.done():
                     future.set_exception(failure)
+
+    async def _refuses(self, batched: bool) -> bool:
+        """Whether the bank answers this kind of session UNIMPLEMENTED, asked on a stream that
+        nothing is written to.
+
+        A write that meets a stream the bank has just ended makes grpc.aio report INTERNAL in
+        place of the bank's status (grpc/grpc#36066), so a stream that failed INTERNAL before
+        any answer may have been refused: a bank without the RPC would be retried as failing,
+        never asked the older way. A stream whose side is closed at once races with nothing, and
+        its status is the bank's own: UNIMPLEMENTED, or OK from a bank that has the RPC (an empty
+        session), which means the INTERNAL was real."""
+        method = self._stub.QueryBatchSession if batched else self._stub.QuerySession
+        check: grpc.aio.StreamStreamCall[Any, Any] = method(None, timeout=REFUSAL_CHECK_SECONDS)
+        # The bank may end the stream first; its status below is what counts.
+        with contextlib.suppress(
+            grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.RpcError, RuntimeError
+        ):
+            await check.done_writing()
+        return await check.code() == grpc.StatusCode.UNIMPLEMENTED
 
     async def close(self) -> None:
         if self._outbox is not None:
