@@ -147,6 +147,7 @@ class _QuerySessionLink:
         self._deadline_timer: asyncio.TimerHandle | None = None  # due at _deadline_timer.when()
         self._outbox: _Outbox | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._closing = False
         self.unsupported_until = 0.0  # no session of either kind until then
         self.batches_unsupported_until = 0.0  # QuerySession until then
 
@@ -314,6 +315,8 @@ class _QuerySessionLink:
             log.warning("bank session failed", extra={"bank": self._bank_code, "error": type(error).__name__})
             failure = BankCallFailed("bank session failed", retryable=True)
         finally:
+            if self._closing:  # the union is shutting down: nothing was cut short by the bank
+                failure = BankCallFailed("bank session closed", retryable=True)
             if self._outbox is outbox:
                 self._outbox = None
             # A query registers and sends in one step, so every pending query was sent on this
@@ -342,6 +345,7 @@ class _QuerySessionLink:
         return await check.code() == grpc.StatusCode.UNIMPLEMENTED
 
     async def close(self) -> None:
+        self._closing = True
         if self._outbox is not None:
             self._outbox.put_nowait(None)
         if self._reader is not None:

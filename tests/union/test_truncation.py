@@ -14,10 +14,13 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import pytest
 from cardlookup.v1 import card_lookup_service_pb2 as pb
 
 from server.bank.app import RunningBank
 from server.bank.faults import FaultSettings
+from server.union.domain.banks import BankCallFailed
+from tests.bank.test_query_session import eventually
 from tests.conftest import ZHANG, UnionFactory, run_lookup, verified_client
 
 # Long enough that a report written before it can only come from the truncating banks being
@@ -103,3 +106,22 @@ async def test_a_bank_that_stops_truncating_is_answered(
         report = await client.get_report(events[-1].lookup.report)
     assert set(outcomes(report).values()) == {pb.BANK_OUTCOME_ANSWERED}
     assert sum(1 for c in report.cards if c.bank_code == "ICBC") == 2
+
+
+async def test_a_session_the_union_closes_did_not_truncate_its_queries(
+    make_union: UnionFactory, banks: dict[str, RunningBank]
+) -> None:
+    """Shutting the union down ends its streams with queries on them: those count as neither
+    answered nor truncated (a truncation counts towards failing the bank)."""
+    banks["ICBC"].servicer.faults = FaultSettings(latency_ms=60_000)
+    union = await make_union()
+    icbc = next(bank for bank in await union.store.list_banks() if bank.code == "ICBC")
+    asked = asyncio.create_task(
+        union.gateway.query_cards(icbc, "q-closing", ZHANG.resident_id_number, ZHANG.name, call_timeout=60)
+    )
+    await eventually(lambda: banks["ICBC"].servicer.session_received() == [1])
+    await union.gateway.close()
+    with pytest.raises(BankCallFailed) as failed:
+        await asked
+    assert failed.value.retryable
+    assert not failed.value.truncated
