@@ -2,8 +2,8 @@
 
 `GrpcServer` wraps a `grpc.aio.Server` so that the union and each bank start
 and stop the same way (the grpc examples' pattern): health SERVING once the
-port is bound, NOT_SERVING first on shutdown, then `stop(grace)` so in-flight
-calls drain.
+port is bound (and while the server can do its work: see `follow_serving`),
+NOT_SERVING first on shutdown, then `stop(grace)` so in-flight calls drain.
 """
 
 from __future__ import annotations
