@@ -92,6 +92,9 @@ async def _start(
     control = FaultControl(control_file(data_dir, store.bank_code), apply, servicer.faults)
     control.check()
     server = GrpcServer(address, [SERVICE_NAME], register, tls=tls)
+    # A bank in outage answers every call UNAVAILABLE; its own health says so while it lasts.
+    server.follow_serving(lambda: not servicer.faults.outage)
+    servicer.on_faults_changed(lambda _: server.serving_changed())
     await server.start()
     control.start()
     return RunningBank(

@@ -27,6 +27,7 @@ apply), then let server.bank.actions decide. Both are idempotent on request_id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import re
@@ -386,12 +387,27 @@ class BankQueryServicer(pb_grpc.BankQueryServiceServicer):
             raise ValueError("max_outstanding must be at least 1")
         self.bank_code = bank_code
         self.store = store
-        self.faults = faults or FaultSettings()
+        self._faults = faults or FaultSettings()
+        self._fault_listeners: list[Callable[[FaultSettings], None]] = []
         self.max_outstanding = max_outstanding
         self.inline_read_limit = INLINE_READ_LIMIT
         # Fault decisions only; nothing security-relevant is drawn from it.
         self._rng = random.Random()  # noqa: S311
         self._sessions: set[_QuerySession] = set()
+
+    @property
+    def faults(self) -> FaultSettings:
+        return self._faults
+
+    @faults.setter
+    def faults(self, settings: FaultSettings) -> None:
+        self._faults = settings
+        for listener in self._fault_listeners:
+            listener(settings)
+
+    def on_faults_changed(self, listener: Callable[[FaultSettings], None]) -> None:
+        """Call `listener` with every new setting (the bank's health follows its outage)."""
+        self._fault_listeners.append(listener)
 
     @property
     def open_sessions(self) -> int:
@@ -467,7 +483,7 @@ class BankQueryServicer(pb_grpc.BankQueryServiceServicer):
         """Answer every query read, in whatever order the answers are ready, one per message.
         OK once the union half-closes and all is answered."""
         if not self.faults.query_session:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{self.bank_code} answers only QueryCards")
+            await self._refuse_session(request_iterator, context, f"{self.bank_code} answers only QueryCards")
         async for answers in self._serve_session(request_iterator, context, batched=False):
             for answer in answers:  # never more than one here
                 yield answer
@@ -480,9 +496,24 @@ class BankQueryServicer(pb_grpc.BankQueryServiceServicer):
     ) -> AsyncIterator[pb.QueryBatchSessionResponse]:
         """QuerySession with every answer that is ready sent in one message."""
         if not (self.faults.query_session and self.faults.query_batches):
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{self.bank_code} has no batched session")
+            await self._refuse_session(request_iterator, context, f"{self.bank_code} has no batched session")
         async for answers in self._serve_session(request_iterator, context, batched=True):
             yield pb.QueryBatchSessionResponse(answers=answers)
+
+    @staticmethod
+    async def _refuse_session(
+        request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any], message: str
+    ) -> None:
+        """UNIMPLEMENTED, once the caller's first message (or its half-close) has arrived.
+
+        A caller writes its first query as soon as the stream is open. Ended before that write
+        is made, the stream makes grpc.aio's client report INTERNAL ("Internal error from
+        Core", grpc/grpc#36066) in place of this status, and the union, which falls back to
+        QuerySession or QueryCards only on UNIMPLEMENTED, counted the bank as failing. Once the
+        first message is here, that write is done, and the refusal is what the caller reads."""
+        with contextlib.suppress(StopAsyncIteration):
+            await anext(aiter(request_iterator))
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
 
     async def _serve_session(
         self,

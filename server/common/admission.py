@@ -10,7 +10,9 @@ refused: load balancers must see a busy server as alive.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -18,6 +20,7 @@ import grpc
 
 from server.common import errors
 from server.common.grpc_errors import abort
+from server.common.handler_shapes import Wrappers, abort_sync, rebuild
 
 EXEMPT_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 
@@ -32,6 +35,9 @@ class AdmissionControl(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self.unary_in_progress = 0
         self.streams_in_progress = 0
         self.refused = 0
+        # Sync behaviours run in the server's thread pool; async ones on the loop, one at a time.
+        self._lock = threading.Lock()
+        self._wrappers = Wrappers(guard=self._admitted, guard_sync=self._admitted_sync)
 
     def _refusal(self, what: str) -> errors.ResourceExhausted:
         self.refused += 1
@@ -50,41 +56,47 @@ class AdmissionControl(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method: str = handler_call_details.method
         if handler is None or method.startswith(EXEMPT_PREFIXES):
             return handler
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._admit_unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._admit_stream(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        # Every kind and shape of handler: a call with a streaming response counts as a stream.
+        return rebuild(handler, self._wrappers)
 
-    def _admit_unary(self, behaviour: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-        async def admitted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            if self.unary_in_progress >= self.max_unary:
-                await abort(context, self._refusal("calls"))
-            self.unary_in_progress += 1
-            try:
-                return await behaviour(request, context)
-            finally:
+    def _take(self, streaming: bool) -> errors.ResourceExhausted | None:
+        """One place, or the refusal; one decision under the lock."""
+        with self._lock:
+            if streaming:
+                if self.streams_in_progress >= self.max_streams:
+                    return self._refusal("streams")
+                self.streams_in_progress += 1
+            else:
+                if self.unary_in_progress >= self.max_unary:
+                    return self._refusal("calls")
+                self.unary_in_progress += 1
+            return None
+
+    def _give_back(self, streaming: bool) -> None:
+        with self._lock:
+            if streaming:
+                self.streams_in_progress -= 1
+            else:
                 self.unary_in_progress -= 1
 
-        return admitted
+    @contextlib.asynccontextmanager
+    async def _admitted(
+        self, context: grpc.aio.ServicerContext[Any, Any], streaming: bool
+    ) -> AsyncIterator[None]:
+        refusal = self._take(streaming)
+        if refusal is not None:
+            await abort(context, refusal)
+        try:
+            yield
+        finally:
+            self._give_back(streaming)
 
-    def _admit_stream(self, behaviour: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
-        async def admitted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            if self.streams_in_progress >= self.max_streams:
-                await abort(context, self._refusal("streams"))
-            self.streams_in_progress += 1
-            try:
-                async for message in behaviour(request, context):
-                    yield message
-            finally:
-                self.streams_in_progress -= 1
-
-        return admitted
+    @contextlib.contextmanager
+    def _admitted_sync(self, context: grpc.ServicerContext, streaming: bool) -> Iterator[None]:
+        refusal = self._take(streaming)
+        if refusal is not None:
+            abort_sync(context, refusal)
+        try:
+            yield
+        finally:
+            self._give_back(streaming)

@@ -2,8 +2,8 @@
 
 `GrpcServer` wraps a `grpc.aio.Server` so that the union and each bank start
 and stop the same way (the grpc examples' pattern): health SERVING once the
-port is bound, NOT_SERVING first on shutdown, then `stop(grace)` so in-flight
-calls drain.
+port is bound (and while the server can do its work: see `follow_serving`),
+NOT_SERVING first on shutdown, then `stop(grace)` so in-flight calls drain.
 """
 
 from __future__ import annotations
@@ -73,6 +73,9 @@ class GrpcServer:
         )
         self._tls = tls
         self.port = 0
+        self._serving: Callable[[], bool] = lambda: True
+        self._stopping = False
+        self._health_updates: set[asyncio.Task[None]] = set()
 
     @property
     def address(self) -> str:
@@ -92,8 +95,25 @@ class GrpcServer:
         if self.port == 0:
             raise OSError(f"could not bind {self._requested_address}")
         await self._server.start()
-        await self.set_serving(True)
+        await self.set_serving(self._serving())
         log.info("listening", extra={"address": self.address, "services": self._service_names})
+
+    def follow_serving(self, serving: Callable[[], bool]) -> None:
+        """Whether the server can do its work (read at start and on `serving_changed`): its
+        health says NOT_SERVING while this is False, not only while it shuts down."""
+        self._serving = serving
+
+    def serving_changed(self) -> None:
+        """Bring health in line with `follow_serving`'s answer, now, from event-loop code that
+        cannot wait (e.g. a setter). Each update reads the answer when it runs, so the last one
+        leaves the latest state."""
+
+        async def update() -> None:
+            await self.set_serving(self._serving())
+
+        task = asyncio.get_running_loop().create_task(update(), name="health-update")
+        self._health_updates.add(task)
+        task.add_done_callback(self._health_updates.discard)
 
     async def set_serving(self, serving: bool) -> None:
         # "" is the whole server's status, which is what grpcurl and load balancers ask for.
@@ -102,6 +122,8 @@ class GrpcServer:
 
     async def set_status(self, name: str, serving: bool) -> None:
         """The health status of one named part (e.g. a dependency the server reports on)."""
+        if self._stopping and serving:
+            return  # a late update never undoes the NOT_SERVING that shutdown announced
         await self._health.set(
             name,
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING,
@@ -109,6 +131,7 @@ class GrpcServer:
 
     async def stop(self, grace: float = 5.0) -> None:
         """Graceful shutdown: tell health checkers first, then drain in-flight calls."""
+        self._stopping = True
         await self.set_serving(False)
         await self._server.stop(grace)
 

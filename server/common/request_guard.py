@@ -4,12 +4,18 @@ grpcio parses the request before any servicer code runs; a DecodeError there
 (truncated varints, invalid UTF-8 in a string field) surfaces as UNKNOWN with
 the parser's exception text. This interceptor gives each handler a
 deserializer that never raises: a bad message becomes a `Malformed` marker,
-and the wrapped behaviour answers INVALID_ARGUMENT with a field-free BadRequest.
+and the wrapped behaviour answers INVALID_ARGUMENT with a field-free BadRequest
+(for a request stream, when the handler reads the bad message).
+
+It wraps every kind of handler in the shape grpcio expects of it (see
+server.common.handler_shapes): unary or streaming requests and responses, async
+generators, coroutines that write through the context (grpc_health's Watch),
+and sync functions. A wrapper of the wrong shape breaks the RPC for everyone.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -17,6 +23,7 @@ from google.protobuf.message import DecodeError
 
 from server.common import errors
 from server.common.grpc_errors import abort
+from server.common.handler_shapes import Wrappers, abort_sync, rebuild
 
 
 class Malformed:
@@ -49,6 +56,57 @@ def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]
     return parse
 
 
+async def _refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    if isinstance(request, Malformed):
+        await abort(context, _malformed_error(request))
+
+
+def _refuse_sync(request: Any, context: grpc.ServicerContext) -> None:
+    """The sync stack's context aborts with the same rich status (and raises)."""
+    if isinstance(request, Malformed):
+        abort_sync(context, _malformed_error(request))
+
+
+async def _checked_stream(
+    requests: AsyncIterable[Any], context: grpc.aio.ServicerContext[Any, Any]
+) -> AsyncIterator[Any]:
+    async for request in requests:
+        await _refuse(request, context)
+        yield request
+
+
+def _checked_stream_sync(requests: Iterable[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+    for request in requests:
+        _refuse_sync(request, context)
+        yield request
+
+
+async def _prepare_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    await _refuse(request, context)
+    return request
+
+
+async def _prepare_stream(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    return _checked_stream(requests, context)
+
+
+def _prepare_unary_sync(request: Any, context: grpc.ServicerContext) -> Any:
+    _refuse_sync(request, context)
+    return request
+
+
+def _prepare_stream_sync(requests: Any, context: grpc.ServicerContext) -> Any:
+    return _checked_stream_sync(requests, context)
+
+
+_GUARD = Wrappers(
+    prepare_unary=_prepare_unary,
+    prepare_stream=_prepare_stream,
+    prepare_unary_sync=_prepare_unary_sync,
+    prepare_stream_sync=_prepare_stream_sync,
+)
+
+
 class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     async def intercept_service(
         self,
@@ -58,33 +116,4 @@ class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        if handler.unary_unary is not None:
-            unary: Any = handler.unary_unary
-
-            async def guarded_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                if isinstance(request, Malformed):
-                    await abort(context, _malformed_error(request))
-                return await unary(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(
-                guarded_unary,
-                request_deserializer=_safe(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            stream: Any = handler.unary_stream  # an async generator function under grpc.aio
-
-            async def guarded_stream(
-                request: Any, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
-                if isinstance(request, Malformed):
-                    await abort(context, _malformed_error(request))
-                async for message in stream(request, context):
-                    yield message
-
-            return grpc.unary_stream_rpc_method_handler(
-                guarded_stream,
-                request_deserializer=_safe(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return rebuild(handler, _GUARD, request_deserializer=_safe(handler.request_deserializer))

@@ -24,6 +24,7 @@ other peer is refused by the handshake itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import time
@@ -76,6 +77,8 @@ SESSION_RETRY_SECONDS = 60.0
 MAX_BATCH = 64
 # A session query's deadline is checked this often at most: it may fail up to this late.
 DEADLINE_GRANULARITY = 0.05
+# How long the union waits for a bank to say whether it has a session RPC (see _refuses).
+REFUSAL_CHECK_SECONDS = 5.0
 
 
 def _failure(error: grpc.aio.AioRpcError) -> BankCallFailed:
@@ -144,6 +147,7 @@ class _QuerySessionLink:
         self._deadline_timer: asyncio.TimerHandle | None = None  # due at _deadline_timer.when()
         self._outbox: _Outbox | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._closing = False
         self.unsupported_until = 0.0  # no session of either kind until then
         self.batches_unsupported_until = 0.0  # QuerySession until then
 
@@ -273,21 +277,31 @@ class _QuerySessionLink:
             yield pb.QueryBatchSessionRequest(queries=queries)
 
     async def _read(self, call: grpc.aio.StreamStreamCall[Any, Any], outbox: _Outbox, batched: bool) -> None:
-        failure: Exception = BankCallFailed("bank session ended", retryable=True)
+        # The union never half-closes a stream in use, so a bank that ends one OK has left the
+        # queries still on it unanswered: each answer was cut short (a session that is lost, by
+        # contrast, ends UNAVAILABLE and its queries are simply asked again).
+        failure: Exception = BankCallFailed(
+            "bank ended the session without answering (truncated)", retryable=True, truncated=True
+        )
+        answered = False
         try:
             async for message in call:
+                answered = True
                 for response in message.answers if batched else (message,):
                     entry = self._pending.get(response.query_id)
                     if entry is not None and not entry[0].done():
                         entry[0].set_result(response)
         except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.UNIMPLEMENTED and batched:
+            refused = error.code() == grpc.StatusCode.UNIMPLEMENTED or (
+                error.code() == grpc.StatusCode.INTERNAL and not answered and await self._refuses(batched)
+            )
+            if refused and batched:
                 self.batches_unsupported_until = time.monotonic() + SESSION_RETRY_SECONDS
                 failure = _BatchesUnsupported()
                 log.info(
                     "bank has no batched session; asking one query a message", extra={"bank": self._bank_code}
                 )
-            elif error.code() == grpc.StatusCode.UNIMPLEMENTED:
+            elif refused:
                 self.unsupported_until = time.monotonic() + SESSION_RETRY_SECONDS
                 failure = _SessionUnsupported()
                 log.info("bank has no query session; asking per call", extra={"bank": self._bank_code})
@@ -301,6 +315,8 @@ class _QuerySessionLink:
             log.warning("bank session failed", extra={"bank": self._bank_code, "error": type(error).__name__})
             failure = BankCallFailed("bank session failed", retryable=True)
         finally:
+            if self._closing:  # the union is shutting down: nothing was cut short by the bank
+                failure = BankCallFailed("bank session closed", retryable=True)
             if self._outbox is outbox:
                 self._outbox = None
             # A query registers and sends in one step, so every pending query was sent on this
@@ -309,7 +325,27 @@ class _QuerySessionLink:
                 if not future.done():
                     future.set_exception(failure)
 
+    async def _refuses(self, batched: bool) -> bool:
+        """Whether the bank answers this kind of session UNIMPLEMENTED, asked on a stream that
+        nothing is written to.
+
+        A write that meets a stream the bank has just ended makes grpc.aio report INTERNAL in
+        place of the bank's status (grpc/grpc#36066), so a stream that failed INTERNAL before
+        any answer may have been refused: a bank without the RPC would be retried as failing,
+        never asked the older way. A stream whose side is closed at once races with nothing, and
+        its status is the bank's own: UNIMPLEMENTED, or OK from a bank that has the RPC (an empty
+        session), which means the INTERNAL was real."""
+        method = self._stub.QueryBatchSession if batched else self._stub.QuerySession
+        check: grpc.aio.StreamStreamCall[Any, Any] = method(None, timeout=REFUSAL_CHECK_SECONDS)
+        # The bank may end the stream first; its status below is what counts.
+        with contextlib.suppress(
+            grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.RpcError, RuntimeError
+        ):
+            await check.done_writing()
+        return await check.code() == grpc.StatusCode.UNIMPLEMENTED
+
     async def close(self) -> None:
+        self._closing = True
         if self._outbox is not None:
             self._outbox.put_nowait(None)
         if self._reader is not None:
@@ -397,7 +433,7 @@ class GrpcBankGateway:
         if len(answer.cards) > self._max_records:
             raise BankCallFailed("bank sent too many records", retryable=False)
         if not answer.HasField("summary"):
-            raise BankCallFailed("bank answer has no summary (truncated)", retryable=True)
+            raise BankCallFailed("bank answer has no summary (truncated)", retryable=True, truncated=True)
         cards = [self._card(card) for card in answer.cards]
         return self._checked(bank, answer.summary, cards)
 
@@ -409,6 +445,7 @@ class GrpcBankGateway:
             raise BankCallFailed(
                 f"summary counts {summary.record_count} records but {len(cards)} arrived (truncated)",
                 retryable=True,
+                truncated=True,
             )
         return cards
 
@@ -434,6 +471,14 @@ class GrpcBankGateway:
                 else:
                     raise BankCallFailed("bank sent an empty message", retryable=False)
         except grpc.aio.AioRpcError as error:
+            if cards and error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                # The bank began its answer and broke off before the summary: a truncated answer
+                # (the same break on every attempt is a bank that cannot answer this query).
+                raise BankCallFailed(
+                    f"bank stream broke after {len(cards)} records, before its summary (truncated)",
+                    retryable=True,
+                    truncated=True,
+                ) from error
             raise _failure(error) from error
         except TimeoutError as error:
             raise BankCallFailed("bank call timed out", retryable=True) from error
@@ -441,7 +486,9 @@ class GrpcBankGateway:
             call.cancel()
         if summary is None:
             # The stream ended without its summary: a truncated answer, maybe a dying bank.
-            raise BankCallFailed("bank stream ended without a summary (truncated)", retryable=True)
+            raise BankCallFailed(
+                "bank stream ended without a summary (truncated)", retryable=True, truncated=True
+            )
         return self._checked(bank, summary, cards)
 
     async def close_card(

@@ -37,12 +37,15 @@ class BankDecision:
 
 
 class BankCallFailed(Exception):
-    """One attempt at one bank failed. `retryable` says whether another attempt may succeed."""
+    """One attempt at one bank failed. `retryable` says whether another attempt may succeed;
+    `truncated`, that the bank answered but its answer was cut short (retried a bounded number
+    of times, then the bank is FAILED: see OrchestratorPolicy.truncated_answer_attempts)."""
 
-    def __init__(self, reason: str, retryable: bool) -> None:
+    def __init__(self, reason: str, retryable: bool, truncated: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retryable = retryable
+        self.truncated = truncated
 
 
 class BankGateway(Protocol):

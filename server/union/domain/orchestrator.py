@@ -7,8 +7,9 @@ leases its tasks in the creating transaction and starts the calls at once
 Calls are bounded per bank, so a hung bank holds only its own share. Outcomes
 are recorded as they come (the store writes answers that arrive together in
 one transaction). A failed attempt is retried with exponential backoff and full
-jitter while the lookup's deadline allows; at the deadline the report is
-finalised and every silent bank is marked NO_RESPONSE. Because claims are
+jitter while the lookup's deadline allows (a truncated answer only up to
+`truncated_answer_attempts`, then the bank is FAILED); at the deadline the
+report is finalised and every silent bank is marked NO_RESPONSE. Because claims are
 leases in the database, a restarted union (or another replica) picks up
 whatever a dead one left; because the report row is unique per lookup, no
 lookup is ever reported twice.
@@ -57,12 +58,21 @@ class OrchestratorPolicy:
     lease_margin: timedelta = timedelta(seconds=5)
     backoff_base: timedelta = timedelta(seconds=1)
     backoff_max: timedelta = timedelta(minutes=10)
+    # A truncated answer (no summary, a count that does not match, a stream that broke off before
+    # its summary) is retried like any failed call, but a bank still truncating on this attempt
+    # is recorded FAILED at once, as the bank contract reads it: waiting out the lookup deadline
+    # would hold the whole report for a day for a bank that answers, wrongly, every time.
+    truncated_answer_attempts: int = 3
     # Card actions in flight at once (each is one unary call).
     max_concurrent_calls: int = 256
     # Card queries outstanding per bank. Per bank, so that a hung bank ties up only its own
     # share: every other bank's answers keep flowing.
     max_calls_per_bank: int = 512
     poll_interval: timedelta = timedelta(seconds=1)
+
+    def __post_init__(self) -> None:
+        if self.truncated_answer_attempts < 1:
+            raise ValueError("truncated_answer_attempts must be at least 1")
 
 
 class Orchestrator:
@@ -493,7 +503,12 @@ class Orchestrator:
 
     async def _record_failure(self, claim: model.Claim, failure: BankCallFailed, seconds: float) -> None:
         now = self._clock.now()
-        retry_at = self._retry_time(claim.attempt) if failure.retryable else None
+        retryable = failure.retryable
+        reason = failure.reason
+        if failure.truncated and claim.attempt >= self.policy.truncated_answer_attempts:
+            retryable = False
+            reason = f"{reason}; still truncated on attempt {claim.attempt}"
+        retry_at = self._retry_time(claim.attempt) if retryable else None
         self._metrics.bank_call(claim.bank_code, "retried" if retry_at is not None else "failed", seconds)
         log.info(
             "bank attempt failed",
@@ -501,12 +516,12 @@ class Orchestrator:
                 "lookup": claim.lookup_id,
                 "bank": claim.bank_code,
                 "attempt": claim.attempt,
-                "reason": failure.reason,
+                "reason": reason,
                 "retry": retry_at is not None,
             },
         )
         _, done = await self._store.record_attempt_failed(
-            claim.lookup_id, claim.bank_code, self.owner, failure.reason, retry_at, now, self._plan
+            claim.lookup_id, claim.bank_code, self.owner, reason, retry_at, now, self._plan
         )
         self._reported(claim.lookup_id, done)
         if retry_at is not None:
