@@ -35,8 +35,8 @@ from server.union.domain.events import LookupEvents
 from server.union.domain.identity import IdentityPolicy, IdentityService
 from server.union.domain.lookups import LookupPolicy, LookupService
 from server.union.domain.orchestrator import Orchestrator, OrchestratorPolicy
-from server.union.metrics import MetricsEndpoint, PrometheusMetrics
 from server.union.notify import SmsNotifier
+from server.union.prometheus_metrics import MetricsEndpoint, PrometheusMetrics
 from server.union.secrets import Keys
 from server.union.sms import FileSmsSink, SmsSender
 from server.union.storage.store import Store, StoreUnavailable, open_store

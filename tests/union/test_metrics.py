@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from server.bank.app import RunningBank
 from server.bank.faults import FaultSettings
 from server.population.generator import cards_of
-from server.union import metrics
+from server.union import prometheus_metrics
 from server.union.main import app as union_app
 from tests.conftest import SEED, ZHANG, UnionFactory, health_status, run_lookup, verified_client, wait_health
 
@@ -102,8 +102,8 @@ async def test_failed_calls_are_counted_by_outcome(
 
 
 def test_time_to_report_forgets_the_oldest_lookups_past_its_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(metrics, "MAX_TIMED_LOOKUPS", 2)
-    recorder = metrics.PrometheusMetrics()
+    monkeypatch.setattr(prometheus_metrics, "MAX_TIMED_LOOKUPS", 2)
+    recorder = prometheus_metrics.PrometheusMetrics()
     for lookup_id in ("l1", "l2", "l3"):  # l1's report will be written by another replica, say
         recorder.lookup_created(lookup_id)
     for lookup_id in ("l1", "l2", "l3"):
