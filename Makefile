@@ -80,8 +80,21 @@ buf-breaking: tools
 		$(BUF) breaking --against ".git#ref=HEAD~1" && echo "buf breaking: no breaking changes against HEAD~1"; \
 	else echo "buf breaking: no previous commit, skipped"; fi
 
-pytest: install-dev tools ts-tools
+pytest: install-dev tools ts-tools promtool
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+.PHONY: promtool
+# promtool checks the alert rules in ops/prometheus (tests/test_ops.py). It comes with Debian's prometheus
+# package, installed here when missing and root (as in CI, like .ci/run's PostgreSQL); otherwise the
+# test says it is skipped.
+promtool:
+	@if ! command -v promtool >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "promtool is missing; installing Debian's prometheus package"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+				prometheus >/dev/null; \
+		else echo "promtool is missing and this is not root: the alert rules' check is skipped"; fi; \
+	fi
 
 # Benchmarks are not tests: they print figures and ratios, and never fail on a timing.
 $(VENV)/.installed-bench: pyproject.toml | $(PY)

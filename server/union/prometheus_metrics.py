@@ -240,3 +240,12 @@ class _DatabaseTotals(Collector):
         for bank_code, count in sorted(totals.bank_tasks_waiting.items()):
             waiting.add_metric([bank_code], count)
         yield waiting
+        missed = GaugeMetricFamily(
+            "cardlookup_bank_deadline_misses_last_hour",
+            "Lookups finalised at their deadline in the last hour without this bank's answer (the "
+            "report marks it no-response), from the database.",
+            labels=["bank"],
+        )
+        for bank_code, count in sorted(totals.bank_deadline_misses.items()):
+            missed.add_metric([bank_code], count)
+        yield missed

@@ -256,3 +256,13 @@ async def test_an_overdue_lookup_and_the_fan_out_backlog_are_read_from_the_datab
     assert totals.lookups_overdue == 1
     assert totals.bank_tasks_waiting == {code: 1 for code in banks}
     assert (totals.lookups_created, totals.reports_generated) == (1, 0)
+    assert totals.bank_deadline_misses == {}
+    # A replica comes back and finalises it: every silent bank missed the deadline, and the lookup
+    # is no longer overdue.
+    lookup_id = (await union.store.lookups_past_deadline(later, limit=10))[0]
+    await union.orchestrator._finalize(lookup_id, force=True)
+    totals = await union.store.monitoring_totals(union.clock.now())
+    assert totals.lookups_overdue == 0
+    assert totals.bank_tasks_waiting == {}
+    assert totals.bank_deadline_misses == {code: 1 for code in banks}
+    assert totals.reports_generated == 1

@@ -1461,7 +1461,9 @@ class Store:
 
         return await self._run(work)
 
-    async def monitoring_totals(self, now: datetime) -> MonitoringTotals:
+    async def monitoring_totals(
+        self, now: datetime, miss_window: timedelta = timedelta(hours=1)
+    ) -> MonitoringTotals:
         """Database-wide figures for /metrics, the same whichever replica reads them. Each is one
         indexed read (the due-task index, the state-and-deadline index) or a small table's count."""
 
@@ -1477,6 +1479,14 @@ class Store:
                 )
                 .group_by(BankTaskRow.bank_code)
             )
+            missed = s.execute(
+                select(BankTaskRow.bank_code, func.count())
+                .where(
+                    BankTaskRow.outcome == model.BankOutcome.NO_RESPONSE,
+                    BankTaskRow.update_time > now - miss_window,
+                )
+                .group_by(BankTaskRow.bank_code)
+            )
             return MonitoringTotals(
                 people_verified=s.scalar(select(func.count()).select_from(VerifiedPersonRow)) or 0,
                 lookups_created=counters.get("lookups_created", 0),
@@ -1484,6 +1494,7 @@ class Store:
                 lookups_overdue=s.scalar(select(func.count()).where(running, LookupRow.deadline_time <= now))
                 or 0,
                 bank_tasks_waiting={code: int(count) for code, count in waiting},
+                bank_deadline_misses={code: int(count) for code, count in missed},
             )
 
         return await self._run(work)
@@ -1498,6 +1509,8 @@ class MonitoringTotals:
     lookups_overdue: int
     # Per bank: calls due now that no replica has claimed (the backlog of the fan-out).
     bank_tasks_waiting: dict[str, int]
+    # Per bank: lookups finalised at their deadline without its answer, within the miss window.
+    bank_deadline_misses: dict[str, int]
 
 
 # -- row → domain helpers ----------------------------------------------------
