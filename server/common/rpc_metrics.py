@@ -83,23 +83,27 @@ def _split(full_method: str) -> tuple[str, str]:
     return service, method
 
 
-def _code_of(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> str:
+def _code_of(
+    context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None, deadline: float | None
+) -> str:
     """The status the caller sees, from how the handler ended."""
     if isinstance(error, asyncio.CancelledError | GeneratorExit):
         # grpc.aio cancels the handler both when the caller gives up and when its deadline passes.
-        remaining = context.time_remaining()
-        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+        # The call may be gone by now: asking the context anything could crash grpcio's core.
+        return (
+            "DEADLINE_EXCEEDED" if deadline is not None and time.perf_counter() >= deadline else "CANCELLED"
+        )
     code = context.code()  # set by abort() or set_code(); None when the handler just returned
     if code is not None:
         return str(code.name)
     return "OK" if error is None else "UNKNOWN"
 
 
-def _peer(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    try:
-        return str(context.peer())
-    except RuntimeError:  # the call is already gone
-        return ""
+def _call_facts(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, float | None]:
+    """The peer and the deadline (on the perf_counter clock), read while the call is surely alive."""
+    remaining = context.time_remaining()
+    deadline = time.perf_counter() + remaining if remaining is not None else None
+    return str(context.peer()), deadline
 
 
 class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -176,6 +180,7 @@ class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
                 started = time.perf_counter()
+                peer, deadline = _call_facts(context)
                 error: BaseException | None = None
                 try:
                     async for message in behaviour(request, context):
@@ -184,12 +189,13 @@ class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     error = raised
                     raise
                 finally:
-                    self._finished(method, _code_of(context, error), started, _peer(context), quiet)
+                    self._finished(method, _code_of(context, error, deadline), started, peer, quiet)
 
             return observed_stream
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
+            peer, deadline = _call_facts(context)
             error: BaseException | None = None
             try:
                 return await behaviour(request, context)
@@ -197,6 +203,6 @@ class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 error = raised
                 raise
             finally:
-                self._finished(method, _code_of(context, error), started, _peer(context), quiet)
+                self._finished(method, _code_of(context, error, deadline), started, peer, quiet)
 
         return observed

@@ -266,3 +266,39 @@ async def test_an_overdue_lookup_and_the_fan_out_backlog_are_read_from_the_datab
     assert totals.bank_tasks_waiting == {}
     assert totals.bank_deadline_misses == {code: 1 for code in banks}
     assert totals.reports_generated == 1
+
+
+async def _read_to_the_end(stream: Any) -> None:
+    async for _ in stream:
+        pass
+
+
+async def test_streams_the_caller_gives_up_on_are_counted_cancelled_or_past_their_deadline(
+    make_union: UnionFactory, banks: dict[str, RunningBank]
+) -> None:
+    banks["ICBC"].servicer.faults = FaultSettings(outage=True)  # the lookup stays in flight
+    union = await make_union(metrics_listen="127.0.0.1:0")
+    assert union.metrics_address is not None
+    client = await verified_client(union, ZHANG)
+    async with client:
+        lookup = await client.create_lookup(request_id="watch-and-leave")
+        metadata = (("authorization", f"Bearer {client.session_token}"),)
+        async with grpc.aio.insecure_channel(union.address) as channel:
+            stub = lookup_grpc.CardLookupServiceStub(channel)
+            request = lookup_pb.WatchLookupRequest(name=lookup.name)
+            watch = stub.WatchLookup(request, metadata=metadata)
+            await watch.read()
+            watch.cancel()  # the caller leaves: the server's handler is cancelled mid-stream
+            late = stub.WatchLookup(request, metadata=metadata, timeout=0.5)
+            assert await _refused(_read_to_the_end(late)) == grpc.StatusCode.DEADLINE_EXCEEDED
+    service = "cardlookup.v1.CardLookupService"
+    for _ in range(100):
+        samples = _samples(await _scrape(union.metrics_address))
+        if _rpcs(samples, service, "WatchLookup", "CANCELLED") and _rpcs(
+            samples, service, "WatchLookup", "DEADLINE_EXCEEDED"
+        ):
+            break
+        await asyncio.sleep(0.1)
+    assert _rpcs(samples, service, "WatchLookup", "CANCELLED") == 1
+    assert _rpcs(samples, service, "WatchLookup", "DEADLINE_EXCEEDED") == 1
+    assert _rpcs(samples, service, "WatchLookup", "OK") == 0
