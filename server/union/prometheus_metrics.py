@@ -2,7 +2,10 @@
 
 What the design's operations section asks for (lookups, reports, each bank's latency and outcome),
 plus what an operator watches under load: the calls and lookups in flight and the lookups being
-watched. Counters are this replica's own; sum them over replicas in the query.
+watched. Counters are this replica's own; sum them over replicas in the query. The service-wide
+figures (people served, lookups and reports ever, overdue lookups, the fan-out's backlog, deadline
+misses) are read from the shared database instead, so every replica shows the same: take `max`.
+Every RPC's count and duration by method and status code: server/common/rpc_metrics.py.
 
 Each UnionServer has a registry of its own (with the process and garbage-collector metrics, see
 server/common/prometheus.py), so several in one process (the tests) do not collide.
