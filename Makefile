@@ -13,6 +13,7 @@ TS     := clients/typescript
 help:
 	@echo "make demo   - start the union and 16 banks on loopback, run one lookup, print the masked report"
 	@echo "make serve  - start the union and 16 banks and keep them running (Ctrl-C stops them)"
+	@echo "make reset  - forget the demo's state (closed cards, faults, lookups); keeps .venv"
 	@echo "make test   - install what tests need, then lint, type-check, buf lint and run every test"
 	@echo "make protos - regenerate gen/python and the TypeScript stubs from protos/"
 	@echo "make fuzz   - the long property-based fuzz run (100x the examples of make test)"
@@ -46,11 +47,23 @@ install-dev: $(VENV)/.installed-dev
 tools: $(BUF)
 ts-tools: $(TS)/node_modules/.package-lock.json
 
+# DEMO_ARGS: more options of server/demo.py, e.g. make demo DEMO_ARGS="--secure --person 3".
 demo: install
-	$(PY) -m server.demo
+	$(PY) -m server.demo $(DEMO_ARGS)
 
-serve: install
-	$(PY) -m server.demo --serve
+# make serve also installs grpcurl (.venv/bin/grpcurl), which the README's examples use.
+serve: install $(VENV)/.installed-serve
+	$(PY) -m server.demo --serve $(DEMO_ARGS)
+
+$(VENV)/.installed-serve: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e . --group serve
+	@touch $(VENV)/.installed $@
+
+.PHONY: reset
+# Back to a fresh demo (banks' closed or frozen cards, injected faults, the union's lookups and reports);
+# .venv and node_modules stay. Refused while make serve or make demo runs.
+reset: install
+	$(PY) -m server.demo --reset
 
 protos: install-dev ts-tools
 	$(PY) scripts/generate_protos.py
@@ -80,8 +93,21 @@ buf-breaking: tools
 		$(BUF) breaking --against ".git#ref=HEAD~1" && echo "buf breaking: no breaking changes against HEAD~1"; \
 	else echo "buf breaking: no previous commit, skipped"; fi
 
-pytest: install-dev tools ts-tools
+pytest: install-dev tools ts-tools promtool
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+.PHONY: promtool
+# promtool checks the alert rules in ops/prometheus (tests/test_ops.py). It comes with Debian's prometheus
+# package, installed here when missing and root (as in CI, like .ci/run's PostgreSQL); otherwise the
+# test says it is skipped.
+promtool:
+	@if ! command -v promtool >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "promtool is missing; installing Debian's prometheus package"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+				prometheus >/dev/null; \
+		else echo "promtool is missing and this is not root: the alert rules' check is skipped"; fi; \
+	fi
 
 # Benchmarks are not tests: they print figures and ratios, and never fail on a timing.
 $(VENV)/.installed-bench: pyproject.toml | $(PY)

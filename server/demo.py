@@ -6,7 +6,15 @@ person (the one-time code is read from the development SMS outbox), run one
 lookup with live per-bank progress, print the masked report, and shut both
 processes down with SIGTERM (graceful drain) — no stray processes.
 
-Serve: the same servers, kept running until Ctrl-C, for grpcurl and the CLI.
+Serve: the same servers, kept running until Ctrl-C, for grpcurl and the CLI. A server that
+dies is reported at once (with the end of its log) and the others are stopped: the command
+exits non-zero rather than leaving half a stack running.
+
+One data directory serves one of these at a time: a demo would start from a fresh union and
+so delete a running stack's admin token, keys and lookups, so while `make serve` runs, `make
+demo` (and `make reset`) on its data directory refuse. Reset (`--reset`) deletes the data
+directory's demo state: the banks' stores (cards closed or frozen by card actions are
+seeded afresh), injected faults, the union's data, logs and the development PKI.
 
 Secure (`--secure`): a development PKI is created under `<data-dir>/pki` and the
 union talks to the banks over mutual TLS (each bank's certificate names its
@@ -18,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -26,8 +35,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -43,6 +53,7 @@ from server.union.bank_gateway import ClientTls, bank_tls_name
 from server.union.sms import read_one_time_code
 
 console = Console()
+T = TypeVar("T")
 
 
 class DemoFailed(Exception):
@@ -52,6 +63,102 @@ class DemoFailed(Exception):
 UNION_PORT = 50051
 BANK_BASE_PORT = 50061
 METRICS_PORT = 9464  # the union's /metrics under make serve (Prometheus exporters' customary range)
+BANK_METRICS_PORT = 9465  # the bank process's (ops/prometheus/prometheus.yml scrapes both)
+LOCK_FILE = ".in-use"  # in the data directory: who uses it now (a demo, make serve)
+LOG_LINES_SHOWN = 5  # of a server that died
+
+
+@contextlib.contextmanager
+def data_dir_in_use(data_dir: Path, user: str) -> Iterator[None]:
+    """Hold `data_dir` for this process (an advisory lock the kernel lets go when it ends, however).
+
+    Raises DemoFailed naming the holder when another demo, serve or reset has it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with (data_dir / LOCK_FILE).open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise DemoFailed(
+                f"{data_dir} is in use by {holder}; stop it first (Ctrl-C), or give this one a data "
+                "directory of its own with --data-dir"
+            ) from None
+        handle.truncate(0)
+        handle.write(f"{user} (pid {os.getpid()})\n")
+        handle.flush()
+        yield
+
+
+class Stack:
+    """The server processes `processes()` started, by name."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.running: dict[str, subprocess.Popen[bytes]] = {}
+
+    def dead(self) -> list[str]:
+        """What happened to each server that is no longer running, with the end of its log."""
+        return [
+            self._obituary(name, process)
+            for name, process in self.running.items()
+            if process.poll() is not None
+        ]
+
+    def _obituary(self, name: str, process: subprocess.Popen[bytes]) -> str:
+        code = process.returncode
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        log_path = self.logs / f"{name}.log"
+        try:
+            tail = log_path.read_text(errors="replace").splitlines()[-LOG_LINES_SHOWN:]
+        except OSError:
+            tail = []
+        shown = "".join(f"\n    {line[:300]}" for line in tail)
+        return (
+            f"{name} {how}; the end of {log_path}:{shown}" if tail else f"{name} {how} ({log_path} is empty)"
+        )
+
+    async def watch(self, interval: float = 0.2) -> NoReturn:
+        """Raise DemoFailed as soon as a server is no longer running."""
+        while True:
+            if dead := self.dead():
+                raise DemoFailed("\n".join(dead))
+            await asyncio.sleep(interval)
+
+
+async def while_all_run(stack: Stack, work: Coroutine[Any, Any, T]) -> T:
+    """`work`, given up with DemoFailed the moment one of the servers dies."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(stack.watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        watcher.result()  # raises DemoFailed
+        raise AssertionError("unreachable: the watcher only ends by raising")
+    finally:
+        for pending in (task, watcher):
+            pending.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+
+
+def serve_until_stopped(stack: Stack) -> int:
+    """Wait for Ctrl-C or SIGTERM (0), or for a server to die (1: reported at once)."""
+    stop = {signal.SIGINT, signal.SIGTERM}
+    # Blocked, these arrive through sigtimedwait instead of killing this process before it could stop
+    # its children; SIGCHLD wakes it the moment a child ends (the timeout is a fallback).
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop | {signal.SIGCHLD})
+    while True:
+        received = signal.sigtimedwait(stop | {signal.SIGCHLD}, 1.0)
+        if received is not None and received.si_signo in stop:
+            return 0
+        if dead := stack.dead():
+            if signal.sigpending() & stop:
+                return 0  # Ctrl-C reached the servers first (they are in the same process group)
+            console.print("[red]a server stopped unexpectedly; stopping the others:[/]")
+            for obituary in dead:
+                console.print(obituary, markup=False, highlight=False)
+            return 1
 
 
 def _port_free(port: int) -> bool:
@@ -88,7 +195,9 @@ def processes(
     cooldown_hours: float,
     pki_dir: Path | None = None,
     metrics_port: int | None = None,
-) -> Iterator[None]:
+    bank_metrics_port: int | None = None,
+    population: int | None = None,
+) -> Iterator[Stack]:
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -124,14 +233,20 @@ def processes(
         commands["union"] += ["--bank-tls-dir", str(pki_dir)]
     if metrics_port is not None:
         commands["union"] += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
-    running: dict[str, subprocess.Popen[bytes]] = {}
+    if bank_metrics_port is not None:
+        commands["banks"] += ["--metrics-listen", f"127.0.0.1:{bank_metrics_port}"]
+    if population is not None:
+        commands["banks"] += ["--population", str(population)]
+        commands["union"] += ["--population-size", str(population)]
+    stack = Stack(logs)
+    running = stack.running
     try:
         for name, command in commands.items():
             with (logs / f"{name}.log").open("ab") as log_file:
                 running[name] = subprocess.Popen(  # noqa: S603 (our own interpreter and module)
                     command, stdout=log_file, stderr=subprocess.STDOUT, env=env
                 )
-        yield
+        yield stack
     finally:
         for process in running.values():
             if process.poll() is None:
@@ -212,9 +327,33 @@ async def run_lookup(target: str, sms_outbox: Path, person_index: int) -> None:
             console.print(table)
 
 
+def reset(data_dir: Path) -> int:
+    """Delete the demo state under `data_dir` (never anything outside it, such as .venv)."""
+    with data_dir_in_use(data_dir, "make reset"):
+        removed = [path.name for path in sorted(data_dir.iterdir()) if path.name != LOCK_FILE]
+        for path in data_dir.iterdir():
+            if path.name == LOCK_FILE:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    (data_dir / LOCK_FILE).unlink(missing_ok=True)
+    what = ", ".join(removed) if removed else "nothing"
+    console.print(
+        f"demo state in {data_dir} reset (removed: {what}); the banks are seeded afresh at the next start"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--serve", action="store_true", help="keep the servers running until Ctrl-C")
+    parser.add_argument(
+        "--reset",
+        action="store_true",
+        help="delete the demo state in the data directory (banks' card changes, faults, the union's data)",
+    )
     parser.add_argument("--data-dir", type=Path, default=Path("data/demo"))
     parser.add_argument("--person", type=int, default=0, help="index of the demo person (see README)")
     parser.add_argument(
@@ -222,10 +361,26 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="mutual TLS between the union and the banks (development PKI in <data-dir>/pki)",
     )
+    parser.add_argument(
+        "--population",
+        type=int,
+        default=None,
+        help="size of the synthetic population (default: the servers' own, 20000)",
+    )
     args = parser.parse_args(argv)
     # SIGTERM to the demo runs the same clean-up as Ctrl-C: the servers are stopped, never orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        if args.reset:
+            return reset(args.data_dir)
+        with data_dir_in_use(args.data_dir, "make serve" if args.serve else "make demo"):
+            return run(args)
+    except DemoFailed as error:
+        console.print(f"[red]{'reset' if args.reset else 'demo'} failed:[/] {error}", highlight=False)
+        return 1
 
+
+def run(args: argparse.Namespace) -> int:
     if not args.serve:
         # Each demo starts with a fresh union (the banks' seeded stores are kept: they never change).
         shutil.rmtree(args.data_dir / "union", ignore_errors=True)
@@ -240,8 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     target = f"127.0.0.1:{union_port}"
     console.print(f"starting 16 banks on 127.0.0.1:{bank_base}-{bank_base + 15} and the union on {target} …")
     cooldown = 0 if not args.serve else 168
-    # make serve also serves the union's Prometheus metrics, on the documented port if it is free.
+    # make serve also serves Prometheus metrics, on the documented ports if they are free.
     metrics_port = METRICS_PORT if args.serve and _port_free(METRICS_PORT) else None
+    bank_metrics_port = BANK_METRICS_PORT if args.serve and _port_free(BANK_METRICS_PORT) else None
     with processes(
         args.data_dir,
         union_port,
@@ -249,12 +405,10 @@ def main(argv: list[str] | None = None) -> int:
         cooldown_hours=cooldown,
         pki_dir=pki_dir,
         metrics_port=metrics_port,
-    ):
-        try:
-            asyncio.run(wait_all(union_port, bank_base, bank_tls))
-        except DemoFailed as error:
-            console.print(f"[red]demo failed:[/] {error}")
-            return 1
+        bank_metrics_port=bank_metrics_port,
+        population=args.population,
+    ) as stack:
+        asyncio.run(while_all_run(stack, wait_all(union_port, bank_base, bank_tls)))
         if args.serve:
             token = (args.data_dir / "union" / "admin.token").read_text().strip()
             console.print(f"[green]serving[/]: union {target}, banks {bank_base}-{bank_base + 15}")
@@ -263,19 +417,34 @@ def main(argv: list[str] | None = None) -> int:
             )
             if metrics_port is not None:
                 console.print(f"metrics: curl -s 127.0.0.1:{metrics_port}/metrics | grep cardlookup_")
-            console.print(f"try: grpcurl -plaintext {target} list    (Ctrl-C stops everything)")
-            # Block the signals first: sigwait then receives them instead of the default handlers
-            # killing this process before it could stop its children.
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            if bank_metrics_port is not None:
+                console.print(f"bank metrics: curl -s 127.0.0.1:{bank_metrics_port}/metrics")
+            console.print(f"try: {_grpcurl()} -plaintext {target} list    (Ctrl-C stops everything)")
+            exit_code = serve_until_stopped(stack)
         else:
             try:
-                asyncio.run(run_lookup(target, args.data_dir / "union" / "sms-outbox.jsonl", args.person))
-            except (DemoFailed, CardLookupError) as error:
+                asyncio.run(
+                    while_all_run(
+                        stack, run_lookup(target, args.data_dir / "union" / "sms-outbox.jsonl", args.person)
+                    )
+                )
+            except CardLookupError as error:
                 console.print(f"[red]demo failed:[/] {error}")
-                return 1
+                exit_code = 1
+            else:
+                exit_code = 0
     console.print("servers stopped.")
-    return 0
+    return exit_code
+
+
+def _grpcurl() -> str:
+    """How to call grpcurl from here: on the PATH, or the one `make serve` installs into .venv/bin."""
+    if shutil.which("grpcurl"):
+        return "grpcurl"
+    installed = Path(sys.executable).parent / "grpcurl"
+    with contextlib.suppress(ValueError):
+        return str(installed.relative_to(Path.cwd()))
+    return str(installed)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from server.bank.faults import FaultControl, FaultSettings, control_file
 from server.bank.service import SERVICE_NAME, BankQueryServicer
 from server.bank.store import BankStore, default_database_url, seed_stores
 from server.common.grpc_runtime import GrpcServer, TlsFiles
+from server.common.rpc_metrics import RpcMetrics, RpcObserver
 from server.population.catalogue import BANKS, BANKS_BY_CODE
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,12 @@ def _prepare_stores(
 
 
 async def _start(
-    store: BankStore, address: str, tls: TlsFiles | None, faults: FaultSettings | None, data_dir: Path
+    store: BankStore,
+    address: str,
+    tls: TlsFiles | None,
+    faults: FaultSettings | None,
+    data_dir: Path,
+    rpc_metrics: RpcMetrics | None = None,
 ) -> RunningBank:
     servicer = BankQueryServicer(store.bank_code, store, faults)
 
@@ -91,7 +97,8 @@ async def _start(
     # Run-time fault changes from another process arrive through the bank's control file.
     control = FaultControl(control_file(data_dir, store.bank_code), apply, servicer.faults)
     control.check()
-    server = GrpcServer(address, [SERVICE_NAME], register, tls=tls)
+    observer = RpcObserver(store.bank_code, rpc_metrics)
+    server = GrpcServer(address, [SERVICE_NAME], register, tls=tls, observers=[observer])
     # A bank in outage answers every call UNAVAILABLE; its own health says so while it lasts.
     server.follow_serving(lambda: not servicer.faults.outage)
     servicer.on_faults_changed(lambda _: server.serving_changed())
@@ -111,12 +118,14 @@ async def start_bank(
     size: int = DEFAULT_POPULATION,
     tls: TlsFiles | None = None,
     faults: FaultSettings | None = None,
+    rpc_metrics: RpcMetrics | None = None,
 ) -> RunningBank:
-    """Open (and seed, if empty) one bank's store and serve it at `address`."""
+    """Open (and seed, if empty) one bank's store and serve it at `address`; its calls are counted
+    in `rpc_metrics` when given, and logged on the access log either way."""
     urls = {bank_code: database_url} if database_url else {}
     stores = await asyncio.to_thread(_prepare_stores, [bank_code], urls, data_dir, seed, size)
     try:
-        return await _start(stores[bank_code], address, tls, faults, data_dir)
+        return await _start(stores[bank_code], address, tls, faults, data_dir, rpc_metrics)
     except BaseException:
         stores[bank_code].close()
         raise
@@ -131,6 +140,7 @@ async def start_all_banks(
     tls: Mapping[str, TlsFiles] | None = None,
     faults: Mapping[str, FaultSettings] | None = None,
     bank_codes: list[str] | None = None,
+    rpc_metrics: RpcMetrics | None = None,
 ) -> list[RunningBank]:
     """Every bank (in catalogue order) on its own port: base_port + i, or any free port if base_port is 0."""
     codes = bank_codes or [bank.code for bank in BANKS]
@@ -141,7 +151,12 @@ async def start_all_banks(
             port = base_port + offset if base_port else 0
             running.append(
                 await _start(
-                    stores[code], f"{host}:{port}", (tls or {}).get(code), (faults or {}).get(code), data_dir
+                    stores[code],
+                    f"{host}:{port}",
+                    (tls or {}).get(code),
+                    (faults or {}).get(code),
+                    data_dir,
+                    rpc_metrics,
                 )
             )
     except BaseException:

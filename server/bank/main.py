@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
+import time
 from datetime import date
 from pathlib import Path
 from typing import Annotated
@@ -30,7 +32,12 @@ from server.bank.store import BankStore, default_database_url
 from server.common.checks import is_luhn_valid, is_valid_resident_id, luhn_check_digit
 from server.common.dev_ca import bank_tls_files
 from server.common.grpc_runtime import TlsFiles, tune_garbage_collection, wait_for_shutdown_signal
+from server.common.logs import configure_logging
+from server.common.prometheus import MetricsEndpoint, listen_address_problem, process_registry
+from server.common.rpc_metrics import RpcMetrics
 from server.population.catalogue import BANKS, BANKS_BY_CODE
+
+log = logging.getLogger("server.bank")
 
 app = typer.Typer(
     help="Simulated bank servers for 一键查卡 (bankquery.v1.BankQueryService).", no_args_is_help=True
@@ -99,6 +106,15 @@ def serve(
         Path | None,
         typer.Option(help="Directory with <bank>.crt, <bank>.key and ca.crt (mutual TLS; see dev_ca)."),
     ] = None,
+    metrics_listen: Annotated[
+        str,
+        typer.Option(
+            envvar="CARDLOOKUP_BANK_METRICS_LISTEN",
+            help="host:port to serve Prometheus metrics on (GET /metrics), one endpoint for every bank "
+            "this process serves; off when empty.",
+        ),
+    ] = "",
+    log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Serve one bank (--bank) or all of them (--all) until SIGINT/SIGTERM, then drain and stop."""
     if (bank is None) == (not all_banks):
@@ -107,7 +123,11 @@ def serve(
         faults = FaultSettings.parse(fault or [])
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if metrics_listen and (problem := listen_address_problem(metrics_listen)):
+        raise typer.BadParameter(problem, param_hint="--metrics-listen")
+    configure_logging(log_level)
+    registry = process_registry()
+    rpc_metrics = RpcMetrics(registry)
 
     async def run() -> None:
         banks: list[RunningBank]
@@ -123,6 +143,7 @@ def serve(
                     size=population,
                     tls=_tls_for(tls_dir, code),
                     faults=faults,
+                    rpc_metrics=rpc_metrics,
                 )
             ]
         else:
@@ -134,14 +155,36 @@ def serve(
                 base_port=base_port,
                 tls={b.code: tls for b in BANKS if (tls := _tls_for(tls_dir, b.code)) is not None},
                 faults={b.code: faults for b in BANKS},
+                rpc_metrics=rpc_metrics,
             )
+        endpoint = MetricsEndpoint(registry, metrics_listen) if metrics_listen else None
         for running in banks:
             console.print(f"{running.bank_code:6} listening on {running.address}")
+        log.info(
+            "bank process started",
+            extra={
+                "pid": os.getpid(),
+                "banks": {running.bank_code: running.address for running in banks},
+                "metrics": endpoint.address if endpoint is not None else "off",
+            },
+        )
+        stopping = 0.0
         try:
             tune_garbage_collection()
             await wait_for_shutdown_signal()
+            stopping = time.monotonic()
+            log.info("bank process stopping: draining calls", extra={"pid": os.getpid()})
         finally:
             await asyncio.gather(*(running.stop() for running in banks))
+            if endpoint is not None:
+                await endpoint.close()
+            log.info(
+                "bank process stopped",
+                extra={
+                    "pid": os.getpid(),
+                    "drain_ms": round((time.monotonic() - stopping) * 1000) if stopping else 0,
+                },
+            )
 
     asyncio.run(run())
 

@@ -57,13 +57,15 @@ class GrpcServer:
         register: Callable[[grpc.aio.Server], None],
         tls: TlsFiles | None = None,
         interceptors: Sequence[Any] = (),
+        observers: Sequence[Any] = (),
     ) -> None:
         self._requested_address = address
         self._service_names = list(service_names)
         self._server = grpc.aio.server(
             options=server_options(),
-            # The guard comes first so that even refused or admitted calls never see unparsed garbage.
-            interceptors=[RequestGuard(), *interceptors],
+            # The guard comes first so that even refused or admitted calls never see unparsed garbage;
+            # only observers (metrics, access log), which never read a request, come before it.
+            interceptors=[*observers, RequestGuard(), *interceptors],
         )
         register(self._server)
         self._health = health_aio.HealthServicer()

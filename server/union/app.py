@@ -23,6 +23,8 @@ from cardlookup.v1 import identity_service_pb2_grpc as identity_grpc
 
 from server.common.admission import AdmissionControl
 from server.common.grpc_runtime import GrpcServer, TlsFiles
+from server.common.prometheus import MetricsEndpoint
+from server.common.rpc_metrics import RpcMetrics, RpcObserver
 from server.population.catalogue import BANKS, REGIONS
 from server.union.api.servicers import AdminServicer, CardActionServicer, CardLookupServicer, IdentityServicer
 from server.union.bank_gateway import ClientTls, GrpcBankGateway
@@ -37,8 +39,8 @@ from server.union.domain.lookups import LookupPolicy, LookupService
 from server.union.domain.orchestrator import Orchestrator, OrchestratorPolicy
 from server.union.domain.retention import RetentionPolicy, RetentionSweep
 from server.union.keyring import Keys
-from server.union.metrics import MetricsEndpoint, PrometheusMetrics
 from server.union.notify import SmsNotifier
+from server.union.prometheus_metrics import PrometheusMetrics
 from server.union.sms import FileSmsSink, SmsSender
 from server.union.storage.credentials import AdminCredentialRepository, SessionStore
 from server.union.storage.store import Store, StoreUnavailable, open_store
@@ -193,7 +195,12 @@ class UnionServer:
         )
         self.admission = AdmissionControl(config.max_concurrent_calls, config.max_concurrent_watches)
         self.grpc = GrpcServer(
-            config.listen, SERVICE_NAMES, self._register, tls=config.tls, interceptors=[self.admission]
+            config.listen,
+            SERVICE_NAMES,
+            self._register,
+            tls=config.tls,
+            interceptors=[self.admission],
+            observers=[RpcObserver("union", RpcMetrics(self.metrics.registry))],
         )
         self._health_task: asyncio.Task[None] | None = None
         self._metrics_endpoint: MetricsEndpoint | None = None
@@ -232,6 +239,9 @@ class UnionServer:
         # The configured admin token keeps working: it is the operator credential "bootstrap".
         await self.admin.ensure_bootstrap_credential(self.config.resolve_admin_token())
         await self.grpc.start()
+        self.metrics.watch_database(
+            lambda: self.store.monitoring_totals(self.clock.now()), asyncio.get_running_loop()
+        )
         if self.config.metrics_listen:
             self._metrics_endpoint = MetricsEndpoint(self.metrics.registry, self.config.metrics_listen)
         self.orchestrator.start()

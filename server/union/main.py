@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -41,6 +43,8 @@ from server.union.storage.credentials import AdminCredentialRepository, SessionS
 from server.union.storage.store import Store, open_store
 
 T = TypeVar("T")
+
+log = logging.getLogger("server.union")
 
 app = typer.Typer(help="The 一键查卡 union server.", no_args_is_help=True, add_completion=False)
 
@@ -158,11 +162,21 @@ def serve(
     async def run() -> None:
         server = UnionServer(config)
         await server.start()
+        stopping = 0.0
         try:
             tune_garbage_collection()
             await wait_for_shutdown_signal()
+            stopping = time.monotonic()
+            log.info("union stopping: draining calls", extra={"pid": os.getpid()})
         finally:
             await server.stop()
+            log.info(
+                "union stopped",
+                extra={
+                    "pid": os.getpid(),
+                    "drain_ms": round((time.monotonic() - stopping) * 1000) if stopping else 0,
+                },
+            )
 
     profile_to = os.environ.get("CARDLOOKUP_PROFILE")
     if not profile_to:

@@ -1,7 +1,7 @@
 """What the domain reports for monitoring, and to whom: a small interface the lookup code calls.
 
-The Prometheus implementation lives outside the domain (`server/union/metrics.py`); tests and tools
-that do not care get `NoMetrics`. Every argument is a bank code, a fixed outcome name or a duration:
+The Prometheus implementation lives outside the domain (`server/union/prometheus_metrics.py`); tests
+and tools that do not care get `NoMetrics`. Every argument is a bank code, a fixed outcome name or a duration:
 nothing about a person is ever handed to it.
 """
 

@@ -1653,6 +1653,57 @@ class Store:
 
         return await self._run(work)
 
+    async def monitoring_totals(
+        self, now: datetime, miss_window: timedelta = timedelta(hours=1)
+    ) -> MonitoringTotals:
+        """Database-wide figures for /metrics, the same whichever replica reads them. Each is one
+        indexed read (the due-task index, the state-and-deadline index) or a small table's count."""
+
+        def work(s: Session) -> MonitoringTotals:
+            counters = {row.name: row.value for row in s.scalars(select(CounterRow))}
+            running = LookupRow.state == model.LookupState.RUNNING
+            waiting = s.execute(
+                select(BankTaskRow.bank_code, func.count())
+                .where(
+                    BankTaskRow.outcome == model.BankOutcome.PENDING,
+                    BankTaskRow.next_attempt_time <= now,
+                    BankTaskRow.lease_until.is_(None) | (BankTaskRow.lease_until <= now),
+                )
+                .group_by(BankTaskRow.bank_code)
+            )
+            missed = s.execute(
+                select(BankTaskRow.bank_code, func.count())
+                .where(
+                    BankTaskRow.outcome == model.BankOutcome.NO_RESPONSE,
+                    BankTaskRow.update_time > now - miss_window,
+                )
+                .group_by(BankTaskRow.bank_code)
+            )
+            return MonitoringTotals(
+                people_verified=s.scalar(select(func.count()).select_from(VerifiedPersonRow)) or 0,
+                lookups_created=counters.get("lookups_created", 0),
+                reports_generated=counters.get("reports_generated", 0),
+                lookups_overdue=s.scalar(select(func.count()).where(running, LookupRow.deadline_time <= now))
+                or 0,
+                bank_tasks_waiting={code: int(count) for code, count in waiting},
+                bank_deadline_misses={code: int(count) for code, count in missed},
+            )
+
+        return await self._run(work)
+
+
+@dataclass(frozen=True)
+class MonitoringTotals:
+    people_verified: int
+    lookups_created: int
+    reports_generated: int
+    # Lookups still running past their deadline: the orchestrator should have finalised them.
+    lookups_overdue: int
+    # Per bank: calls due now that no replica has claimed (the backlog of the fan-out).
+    bank_tasks_waiting: dict[str, int]
+    # Per bank: lookups finalised at their deadline without its answer, within the miss window.
+    bank_deadline_misses: dict[str, int]
+
 
 # -- row → domain helpers ----------------------------------------------------
 

@@ -2,9 +2,13 @@
 
 What the design's operations section asks for (lookups, reports, each bank's latency and outcome),
 plus what an operator watches under load: the calls and lookups in flight and the lookups being
-watched. Counters are this replica's own; sum them over replicas in the query.
+watched. Counters are this replica's own; sum them over replicas in the query. The service-wide
+figures (people served, lookups and reports ever, overdue lookups, the fan-out's backlog, deadline
+misses) are read from the shared database instead, so every replica shows the same: take `max`.
+Every RPC's count and duration by method and status code: server/common/rpc_metrics.py.
 
-Each UnionServer has a registry of its own, so several in one process (the tests) do not collide.
+Each UnionServer has a registry of its own (with the process and garbage-collector metrics, see
+server/common/prometheus.py), so several in one process (the tests) do not collide.
 Labels are bank codes and fixed outcome names only: nothing about a person reaches a metric, so the
 endpoint needs no credential, but bind it to loopback or the monitoring network only.
 """
@@ -12,17 +16,21 @@ endpoint needs no credential, but bind it to loopback or the monitoring network 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import Any
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from server.common.prometheus import process_registry
 from server.union.domain.metrics import BankCallOutcome
+from server.union.storage.store import MonitoringTotals
+
+log = logging.getLogger(__name__)
 
 # Seconds. A bank answers in milliseconds when healthy; the call deadline defaults to 10 s.
 BANK_CALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -47,13 +55,17 @@ TIME_TO_REPORT_BUCKETS = (
 # Lookups whose creation time is kept for the histogram above. One whose report another replica
 # writes is never taken out, so the oldest go first past this many.
 MAX_TIMED_LOOKUPS = 50_000
+# The database-wide figures are read at most this often (seconds), however many Prometheus servers
+# scrape, and a scrape waits at most DATABASE_READ_TIMEOUT for them (then goes without them).
+DATABASE_READ_INTERVAL = 10.0
+DATABASE_READ_TIMEOUT = 5.0
 
 
 class PrometheusMetrics:
     """`server.union.domain.metrics.Metrics`, kept in a Prometheus registry of its own."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = process_registry()
         self._lookups = Counter(
             "cardlookup_lookups_created", "Lookups this replica created.", registry=self.registry
         )
@@ -127,6 +139,16 @@ class PrometheusMetrics:
         The callables run on the HTTP server's thread: each must read its state in one step."""
         self.registry.register(_LiveState(bank_calls, lookups_in_flight, watched_lookups))
 
+    def watch_database(
+        self,
+        read: Callable[[], Coroutine[Any, Any, MonitoringTotals]],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """Figures read from the shared database at scrape time (the statistics the service reports,
+        the fan-out's backlog, overdue lookups): every replica shows the same, so take `max`, never
+        `sum`, over replicas. `read` runs on `loop`, the union's own."""
+        self.registry.register(_DatabaseTotals(read, loop))
+
 
 class _LiveState(Collector):
     def __init__(
@@ -158,24 +180,75 @@ class _LiveState(Collector):
         )
 
 
-class MetricsEndpoint:
-    """prometheus_client's HTTP server (a thread of its own) for one registry."""
+class _DatabaseTotals(Collector):
+    def __init__(
+        self, read: Callable[[], Coroutine[Any, Any, MonitoringTotals]], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self._read = read
+        self._loop = loop
+        self._lock = threading.Lock()  # scrapes may come from several threads at once
+        self._last: tuple[float, MonitoringTotals] | None = None
 
-    def __init__(self, registry: CollectorRegistry, listen: str) -> None:
-        host, _, port = listen.rpartition(":")
-        self._host = host.strip("[]")
-        self._server: WSGIServer
-        self._thread: threading.Thread
-        self._server, self._thread = start_http_server(int(port), addr=self._host, registry=registry)
+    def _totals(self) -> MonitoringTotals | None:
+        with self._lock:
+            if self._last is not None and time.monotonic() - self._last[0] < DATABASE_READ_INTERVAL:
+                return self._last[1]
+            try:
+                future = asyncio.run_coroutine_threadsafe(self._read(), self._loop)
+            except RuntimeError:  # the union's loop is closed: it is shutting down
+                return None
+            try:
+                totals = future.result(timeout=DATABASE_READ_TIMEOUT)
+            except Exception as error:  # the page goes without them; health reports the database
+                future.cancel()
+                log.warning(
+                    "database figures for /metrics unavailable", extra={"error": type(error).__name__}
+                )
+                return None
+            self._last = (time.monotonic(), totals)
+            return totals
 
-    @property
-    def address(self) -> str:
-        """host:port as bound (the port chosen when 0 was asked for)."""
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"{host}:{self._server.server_port}"
-
-    async def close(self) -> None:
-        # shutdown() waits for the serving loop to notice (it polls twice a second).
-        await asyncio.to_thread(self._server.shutdown)
-        self._server.server_close()
-        await asyncio.to_thread(self._thread.join)
+    def collect(self) -> Iterator[Metric]:
+        totals = self._totals()
+        if totals is None:
+            return
+        yield GaugeMetricFamily(
+            "cardlookup_service_people_verified",
+            "People who have completed real-name verification (the people the service has served), "
+            "from the database: the same on every replica.",
+            value=totals.people_verified,
+        )
+        yield CounterMetricFamily(
+            "cardlookup_service_lookups_created",
+            "Lookups created by every replica together, from the database.",
+            value=totals.lookups_created,
+        )
+        yield CounterMetricFamily(
+            "cardlookup_service_reports_generated",
+            "Reports generated by every replica together, from the database.",
+            value=totals.reports_generated,
+        )
+        yield GaugeMetricFamily(
+            "cardlookup_lookups_overdue",
+            "Lookups still running past their deadline (24 hours by default): each should have been "
+            "finalised with its silent banks marked, so anything above 0 is a missed deadline.",
+            value=totals.lookups_overdue,
+        )
+        waiting = GaugeMetricFamily(
+            "cardlookup_bank_tasks_waiting",
+            "Calls to each bank that are due and that no replica has claimed yet (the fan-out's "
+            "queue), from the database.",
+            labels=["bank"],
+        )
+        for bank_code, count in sorted(totals.bank_tasks_waiting.items()):
+            waiting.add_metric([bank_code], count)
+        yield waiting
+        missed = GaugeMetricFamily(
+            "cardlookup_bank_deadline_misses_last_hour",
+            "Lookups finalised at their deadline in the last hour without this bank's answer (the "
+            "report marks it no-response), from the database.",
+            labels=["bank"],
+        )
+        for bank_code, count in sorted(totals.bank_deadline_misses.items()):
+            missed.add_metric([bank_code], count)
+        yield missed
