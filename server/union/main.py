@@ -84,6 +84,17 @@ def serve(
             help="host:port to serve Prometheus metrics on (GET /metrics); off when empty.",
         ),
     ] = "",
+    http_listen: Annotated[
+        str,
+        typer.Option(
+            envvar="CARDLOOKUP_HTTP_LISTEN",
+            help="host:port for Connect/gRPC-Web (browsers, curl) and the web page; off when empty.",
+        ),
+    ] = "",
+    http_allowed_origin: Annotated[
+        list[str],
+        typer.Option(help="A browser origin besides the page's own that may call the HTTP API (CORS)."),
+    ] = [],  # noqa: B006
 ) -> None:
     """Run the union server until SIGINT/SIGTERM, then shut down gracefully."""
     bank_tls: ClientTls | None = None
@@ -101,6 +112,9 @@ def serve(
     _, _, metrics_port = metrics_listen.rpartition(":")
     if metrics_listen and not (metrics_port.isdigit() and int(metrics_port) <= 65535):
         raise typer.BadParameter(f"expected host:port, got {metrics_listen!r}", param_hint="--metrics-listen")
+    _, _, http_port = http_listen.rpartition(":")
+    if http_listen and not (http_port.isdigit() and int(http_port) <= 65535):
+        raise typer.BadParameter(f"expected host:port, got {http_listen!r}", param_hint="--http-listen")
     configure_logging(log_level)
     config = UnionConfig(
         listen=listen,
@@ -118,6 +132,8 @@ def serve(
         bank_tls=bank_tls,
         tls=server_tls,
         metrics_listen=metrics_listen,
+        http_listen=http_listen,
+        http_allowed_origins=tuple(http_allowed_origin),
     )
 
     async def run() -> None:
