@@ -52,6 +52,7 @@ class DemoFailed(Exception):
 UNION_PORT = 50051
 BANK_BASE_PORT = 50061
 METRICS_PORT = 9464  # the union's /metrics under make serve (Prometheus exporters' customary range)
+WEB_PORT = 8080  # the person's web page and the Connect API under make serve (docs/web-and-connect.md)
 
 
 def _port_free(port: int) -> bool:
@@ -88,6 +89,7 @@ def processes(
     cooldown_hours: float,
     pki_dir: Path | None = None,
     metrics_port: int | None = None,
+    web_port: int | None = None,
 ) -> Iterator[None]:
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -124,6 +126,8 @@ def processes(
         commands["union"] += ["--bank-tls-dir", str(pki_dir)]
     if metrics_port is not None:
         commands["union"] += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
+    if web_port is not None:
+        commands["union"] += ["--http-listen", f"127.0.0.1:{web_port}"]
     running: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for name, command in commands.items():
@@ -242,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     cooldown = 0 if not args.serve else 168
     # make serve also serves the union's Prometheus metrics, on the documented port if it is free.
     metrics_port = METRICS_PORT if args.serve and _port_free(METRICS_PORT) else None
+    web_port = WEB_PORT if args.serve and _port_free(WEB_PORT) else None
     with processes(
         args.data_dir,
         union_port,
@@ -249,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         cooldown_hours=cooldown,
         pki_dir=pki_dir,
         metrics_port=metrics_port,
+        web_port=web_port,
     ):
         try:
             asyncio.run(wait_all(union_port, bank_base, bank_tls))
@@ -263,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             if metrics_port is not None:
                 console.print(f"metrics: curl -s 127.0.0.1:{metrics_port}/metrics | grep cardlookup_")
+            if web_port is not None:
+                console.print(f"web page: http://127.0.0.1:{web_port}/   (and the Connect API, for curl)")
             console.print(f"try: grpcurl -plaintext {target} list    (Ctrl-C stops everything)")
             # Block the signals first: sigwait then receives them instead of the default handlers
             # killing this process before it could stop its children.
