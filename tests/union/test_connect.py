@@ -211,6 +211,7 @@ async def test_curl_flow_as_documented(http_union: UnionServer, tmp_path: Path) 
     report: dict[str, Any] = answers[0]["report"]
     assert answers[1] == {}
     assert len(report["bankSummaries"]) == 16
+    assert '"bankName": "中国农业银行"' in stdout.decode()  # readable, not \\u escapes
     assert len(report["cards"]) == 4  # 李娜: BOC, ABC, PSBC debit and a CMB credit card
     assert all(MASKED.match(card["maskedNumber"]) for card in report["cards"])
     assert LI.resident_id_number not in stdout.decode()

@@ -26,6 +26,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 from connectrpc.server import ConnectASGIApplication
+from google.protobuf import json_format
 from google.protobuf.json_format import ParseError
 from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
@@ -186,17 +187,21 @@ class _RefusingCodec:
 
     The library decodes a request before any handler runs, and a parser exception there
     would become UNKNOWN carrying the parser's text, which can quote what the client sent.
-    Like server.common.request_guard for gRPC: a generic reason, never the input."""
+    Like server.common.request_guard for gRPC: a generic reason, never the input.
+    JSON answers keep Chinese bank names readable (UTF-8, not \\u escapes) for curl."""
 
-    def __init__(self, inner: Any, kind: str) -> None:
+    def __init__(self, inner: Any, kind: str, json: bool) -> None:
         self._inner = inner
         self._kind = kind
+        self._json = json
 
     def name(self) -> str:
         name: str = self._inner.name()
         return name
 
     def encode(self, message: Any) -> bytes:
+        if self._json:
+            return json_format.MessageToJson(message, ensure_ascii=False).encode("utf-8")
         encoded: bytes = self._inner.encode(message)
         return encoded
 
@@ -216,8 +221,9 @@ def _refuse_unparseable_requests() -> None:
     codecs: dict[str, Any] = connect_codecs._codecs
     for name, codec in list(codecs.items()):
         if not isinstance(codec, _RefusingCodec):
-            kind = "not valid protobuf JSON" if "json" in name else "not a valid protobuf message"
-            codecs[name] = _RefusingCodec(codec, kind)
+            json = "json" in name
+            kind = "not valid protobuf JSON" if json else "not a valid protobuf message"
+            codecs[name] = _RefusingCodec(codec, kind, json)
 
 
 _refuse_unparseable_requests()
