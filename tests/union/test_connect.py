@@ -129,6 +129,17 @@ async def test_errors_carry_the_grpc_codes_and_details(http_union: UnionServer) 
     assert "not valid!" not in invalid.value.message
 
 
+async def test_admission_control_counts_connect_calls_too(make_union: UnionFactory) -> None:
+    union = await make_union(http_listen="127.0.0.1:0", web_root=None, max_concurrent_calls=0)
+    async with identity_connect.IdentityServiceClient(_base(union)) as identity:
+        with pytest.raises(ConnectError) as busy:
+            await identity.start_verification(identity_pb.StartVerificationRequest())
+    assert busy.value.code == Code.RESOURCE_EXHAUSTED
+    retry = error_details_pb2.RetryInfo()
+    assert any(detail.Unpack(retry) for detail in busy.value.details)
+    assert retry.retry_delay.seconds >= 1
+
+
 def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
     try:
@@ -181,6 +192,13 @@ async def test_security_headers_and_foreign_origins(http_union: UnionServer) -> 
         await asyncio.to_thread(urllib.request.urlopen, preflight, timeout=10)
     refused.value.close()
     assert refused.value.code == 403
+    own = base.replace("127.0.0.1", "localhost")
+    allowed = urllib.request.Request(url, method="OPTIONS", headers={"origin": own})  # noqa: S310
+    answer = await asyncio.to_thread(urllib.request.urlopen, allowed, timeout=10)
+    with answer:
+        assert answer.status == 204
+        assert answer.headers["access-control-allow-origin"] == own
+        assert "authorization" in answer.headers["access-control-allow-headers"]
     assert {k.lower(): v for k, v in own_headers.items()}.get("access-control-allow-origin") == base.replace(
         "127.0.0.1", "localhost"
     )
