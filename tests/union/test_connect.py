@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import urllib.error
 import urllib.request
@@ -214,7 +215,7 @@ async def test_curl_flow_as_documented(http_union: UnionServer, tmp_path: Path) 
         script,
         cwd=tmp_path,
         env={
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
             "UNION": _base(http_union),
             "OUTBOX": str(http_union.config.sms_sink_path),
         },
