@@ -221,7 +221,10 @@ class WebEndpoint:
             interface="asgi3",
             http="h11",
             ws="none",
+            # The union's own logging: its "union started" line names this port. uvicorn says only
+            # what went wrong, and keeps no access log (paths and peers are nobody's business).
             log_config=None,
+            log_level="warning",
             access_log=False,
             server_header=False,
             timeout_graceful_shutdown=5,
