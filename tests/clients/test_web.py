@@ -82,6 +82,11 @@ async def test_the_whole_lookup_in_a_browser(
             directory.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(first, directory / f"{name}.png")
 
+    async def dom_clean(page: Page, where: str) -> None:
+        _no_secret(await page.content(), f"the DOM ({where})")
+        values = await page.evaluate("() => [...document.querySelectorAll('input')].map((i) => i.value)")
+        _no_secret(" ".join(values), f"an input ({where})")
+
     async def body_of(response: Response) -> tuple[str, str]:
         try:
             return response.url, (await response.body()).decode("utf-8", "replace")
@@ -121,6 +126,7 @@ async def test_the_whole_lookup_in_a_browser(
         await page.get_by_test_id("verify").click()
 
         # The lookup: 16 rows; every bank but the one that is down answers while it is still pending.
+        await dom_clean(page, "verified")
         await page.get_by_test_id("start-lookup").click()
         await expect(page.locator("tr[data-bank]")).to_have_count(16)
         await expect(page.get_by_test_id("answered")).to_have_text("15 / 16 家银行已答复")
@@ -141,6 +147,7 @@ async def test_the_whole_lookup_in_a_browser(
         numbers = await page.get_by_test_id("masked-number").all_text_contents()
         assert len(numbers) == 5
         assert all(MASKED.match(number) for number in numbers), numbers
+        await dom_clean(page, "report")
         await screenshot(page, "web-report")
 
         # From a card: ask for closure and show the bank's answer; flag another as not mine.
@@ -154,6 +161,7 @@ async def test_the_whole_lookup_in_a_browser(
         await expect(cards.nth(0).get_by_test_id("close-card")).to_be_hidden()
         await cards.nth(1).get_by_test_id("flag-card").click()
         await expect(cards.nth(1).get_by_test_id("case-number")).to_contain_text("案件编号")
+        await dom_clean(page, "card actions")
         await screenshot(page, "web-card-actions")
 
         # My activity, then the same page in English.
@@ -177,7 +185,7 @@ async def test_the_whole_lookup_in_a_browser(
         await expect(page.get_by_text("报告已删除。")).to_be_visible()
 
         # Privacy: the DOM, web storage and every answer the page received.
-        _no_secret(await page.content(), "the DOM")
+        await dom_clean(page, "deleted")
         _no_secret(await page.evaluate("() => document.body.innerText"), "the page text")
         stored = await page.evaluate("() => [localStorage.length, sessionStorage.length, document.cookie]")
         assert stored == [0, 0, ""]
