@@ -6,13 +6,15 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 BUF    := node_modules/.bin/buf
 TS     := clients/typescript
+WEB    := clients/web
 
 .PHONY: bench demo serve test lint typecheck buf-lint buf-breaking protos ts-tools ts-protos ts-check pytest fuzz \
-	install install-dev tools clean help
+	install install-dev tools clean help web web-tools chromium
 
 help:
 	@echo "make demo   - start the union and 16 banks on loopback, run one lookup, print the masked report"
-	@echo "make serve  - start the union and 16 banks and keep them running (Ctrl-C stops them)"
+	@echo "make serve  - start the union and 16 banks and keep them running (Ctrl-C stops them);"
+	@echo "              the web page and Connect API on http://127.0.0.1:8080/"
 	@echo "make reset  - forget the demo's state (closed cards, faults, lookups); keeps .venv"
 	@echo "make test   - install what tests need, then lint, type-check, buf lint and run every test"
 	@echo "make protos - regenerate gen/python and the TypeScript stubs from protos/"
@@ -42,6 +44,31 @@ $(TS)/node_modules/.package-lock.json: $(TS)/package.json $(TS)/package-lock.jso
 	cd $(TS) && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
+# The person's web page (clients/web): esbuild, Connect-Web and the protobuf runtime, pinned in its lock file;
+# the bundle (clients/web/dist, not checked in) is rebuilt when a source or the TypeScript stubs change.
+$(WEB)/node_modules/.package-lock.json: $(WEB)/package.json $(WEB)/package-lock.json
+	cd $(WEB) && npm ci --prefer-offline --no-audit --no-fund --loglevel=error
+	@touch $@
+
+$(WEB)/dist/index.html: $(WEB)/node_modules/.package-lock.json $(WEB)/build.mjs $(WEB)/index.html $(WEB)/app.css $(WEB)/favicon.svg \
+		$(wildcard $(WEB)/src/*.ts) $(wildcard $(TS)/src/gen/cardlookup/v1/*.ts)
+	cd $(WEB) && npm run -s build
+
+web-tools: $(WEB)/node_modules/.package-lock.json
+web: $(WEB)/dist/index.html
+
+# The browser test drives Debian's chromium, never a downloaded browser, with a CJK font for the page's
+# Chinese (its screenshots): as root, apt installs them when missing.
+CJK_FONT := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
+chromium:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -f $(CJK_FONT) ]; then \
+		if [ "$$(id -u)" = "0" ]; then \
+			echo "chromium: installing Debian's chromium and fonts-wqy-microhei for the browser test"; \
+			apt-get update -qq && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-microhei >/dev/null; \
+		else echo "chromium: chromium or its CJK font is missing and this is not root; see make chromium"; fi; \
+	fi
+
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 tools: $(BUF)
@@ -52,7 +79,7 @@ demo: install
 	$(PY) -m server.demo $(DEMO_ARGS)
 
 # make serve also installs grpcurl (.venv/bin/grpcurl), which the README's examples use.
-serve: install $(VENV)/.installed-serve
+serve: install web $(VENV)/.installed-serve
 	$(PY) -m server.demo --serve $(DEMO_ARGS)
 
 $(VENV)/.installed-serve: pyproject.toml | $(PY)
@@ -74,8 +101,9 @@ ts-protos: ts-tools
 	cd $(TS) && npm run -s generate
 
 # The TypeScript client type-checks (its stubs' drift is checked by tests/clients/test_typescript.py).
-ts-check: ts-tools
+ts-check: ts-tools web-tools
 	cd $(TS) && npm run -s typecheck
+	cd $(WEB) && npm run -s typecheck
 
 lint: install-dev
 	$(VENV)/bin/ruff check .
@@ -93,7 +121,7 @@ buf-breaking: tools
 		$(BUF) breaking --against ".git#ref=HEAD~1" && echo "buf breaking: no breaking changes against HEAD~1"; \
 	else echo "buf breaking: no previous commit, skipped"; fi
 
-pytest: install-dev tools ts-tools promtool
+pytest: install-dev tools ts-tools promtool web chromium
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 .PHONY: promtool
@@ -124,4 +152,4 @@ fuzz: install-dev tools
 test: lint typecheck buf-lint ts-check pytest
 
 clean:
-	rm -rf $(VENV) node_modules $(TS)/node_modules data .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) node_modules $(TS)/node_modules $(WEB)/node_modules $(WEB)/dist data .mypy_cache .ruff_cache .pytest_cache

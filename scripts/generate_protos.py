@@ -5,8 +5,8 @@ One command for people and for the drift test:
     python scripts/generate_protos.py            # writes gen/python/
     python scripts/generate_protos.py --out DIR  # writes elsewhere (the drift test)
 
-Uses grpcio-tools' bundled protoc and mypy-protobuf, both pinned in
-pyproject.toml so that every machine produces byte-identical output.
+Uses grpcio-tools' bundled protoc, mypy-protobuf and protoc-gen-connect-python, all
+pinned in pyproject.toml so that every machine produces byte-identical output.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 DEFAULT_OUT = ROOT / "gen" / "python"
+# Only the user-facing contract is served over Connect (browsers, curl); banks speak gRPC alone.
+CONNECT_PACKAGE = Path("cardlookup")
 
 
 def proto_files() -> list[Path]:
@@ -51,6 +53,17 @@ def generate(out: Path) -> None:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
+    connect_files = [f for f in files if Path(f).is_relative_to(CONNECT_PACKAGE)]
+    connect_args = [
+        "grpc_tools.protoc",
+        f"--plugin=protoc-gen-connect-python={bindir / 'protoc-gen-connect-python'}",
+        f"--proto_path={PROTO_ROOT}",
+        f"--proto_path={well_known}",
+        f"--connect-python_out={out}",
+        *connect_files,
+    ]
+    if protoc.main(connect_args) != 0:
+        raise SystemExit("protoc (connect-python) failed")
     # protoc writes modules, not packages: add the __init__.py files so the
     # generated code imports as regular packages (cardlookup.v1, bankquery.v1).
     for directory in sorted({p.parent for p in out.rglob("*.py")}):

@@ -63,6 +63,7 @@ class DemoFailed(Exception):
 UNION_PORT = 50051
 BANK_BASE_PORT = 50061
 METRICS_PORT = 9464  # the union's /metrics under make serve (Prometheus exporters' customary range)
+WEB_PORT = 8080  # the person's web page and the Connect API under make serve (docs/web-and-connect.md)
 BANK_METRICS_PORT = 9465  # the bank process's (ops/prometheus/prometheus.yml scrapes both)
 LOCK_FILE = ".in-use"  # in the data directory: who uses it now (a demo, make serve)
 LOG_LINES_SHOWN = 5  # of a server that died
@@ -197,6 +198,7 @@ def processes(
     metrics_port: int | None = None,
     bank_metrics_port: int | None = None,
     population: int | None = None,
+    web_port: int | None = None,
 ) -> Iterator[Stack]:
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -240,6 +242,8 @@ def processes(
         commands["union"] += ["--population-size", str(population)]
     stack = Stack(logs)
     running = stack.running
+    if web_port is not None:
+        commands["union"] += ["--http-listen", f"127.0.0.1:{web_port}"]
     try:
         for name, command in commands.items():
             with (logs / f"{name}.log").open("ab") as log_file:
@@ -398,6 +402,7 @@ def run(args: argparse.Namespace) -> int:
     # make serve also serves Prometheus metrics, on the documented ports if they are free.
     metrics_port = METRICS_PORT if args.serve and _port_free(METRICS_PORT) else None
     bank_metrics_port = BANK_METRICS_PORT if args.serve and _port_free(BANK_METRICS_PORT) else None
+    web_port = WEB_PORT if args.serve and _port_free(WEB_PORT) else None
     with processes(
         args.data_dir,
         union_port,
@@ -407,6 +412,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_port=metrics_port,
         bank_metrics_port=bank_metrics_port,
         population=args.population,
+        web_port=web_port,
     ) as stack:
         asyncio.run(while_all_run(stack, wait_all(union_port, bank_base, bank_tls)))
         if args.serve:
@@ -419,6 +425,8 @@ def run(args: argparse.Namespace) -> int:
                 console.print(f"metrics: curl -s 127.0.0.1:{metrics_port}/metrics | grep cardlookup_")
             if bank_metrics_port is not None:
                 console.print(f"bank metrics: curl -s 127.0.0.1:{bank_metrics_port}/metrics")
+            if web_port is not None:
+                console.print(f"web page: http://127.0.0.1:{web_port}/   (and the Connect API, for curl)")
             console.print(f"try: {_grpcurl()} -plaintext {target} list    (Ctrl-C stops everything)")
             exit_code = serve_until_stopped(stack)
         else:

@@ -37,7 +37,7 @@ class AdmissionControl(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self.refused = 0
         # Sync behaviours run in the server's thread pool; async ones on the loop, one at a time.
         self._lock = threading.Lock()
-        self._wrappers = Wrappers(guard=self._admitted, guard_sync=self._admitted_sync)
+        self._wrappers = Wrappers(guard=self.admitted, guard_sync=self._admitted_sync)
 
     def _refusal(self, what: str) -> errors.ResourceExhausted:
         self.refused += 1
@@ -80,9 +80,9 @@ class AdmissionControl(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 self.unary_in_progress -= 1
 
     @contextlib.asynccontextmanager
-    async def _admitted(
-        self, context: grpc.aio.ServicerContext[Any, Any], streaming: bool
-    ) -> AsyncIterator[None]:
+    async def admitted(self, context: Any, streaming: bool) -> AsyncIterator[None]:
+        """Hold one place for a call (any context with grpc.aio's `abort`: gRPC, or the union's
+        Connect adapter), or abort it with RESOURCE_EXHAUSTED."""
         refusal = self._take(streaming)
         if refusal is not None:
             await abort(context, refusal)

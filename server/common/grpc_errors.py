@@ -4,6 +4,8 @@ Servicer methods are wrapped with `@grpc_method`; a DomainError becomes the
 matching canonical code with google.rpc details (BadRequest, ErrorInfo,
 RetryInfo), sent through grpcio-status. Anything else is a bug on our side: it
 is logged and answered INTERNAL without internals leaking to the caller.
+The union's Connect/gRPC-Web port (server/union/api/connect.py) sends the same
+`to_status` code, message and details: one mapping for both transports.
 """
 
 from __future__ import annotations

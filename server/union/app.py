@@ -26,7 +26,9 @@ from server.common.grpc_runtime import GrpcServer, TlsFiles
 from server.common.prometheus import MetricsEndpoint
 from server.common.rpc_metrics import RpcMetrics, RpcObserver
 from server.population.catalogue import BANKS, REGIONS
+from server.union.api import connect
 from server.union.api.servicers import AdminServicer, CardActionServicer, CardLookupServicer, IdentityServicer
+from server.union.api.web import DEFAULT_WEB_ROOT, WebApp, WebEndpoint
 from server.union.bank_gateway import ClientTls, GrpcBankGateway
 from server.union.clock import Clock, SystemClock
 from server.union.domain.admin import AdminService
@@ -82,6 +84,11 @@ class UnionConfig:
     max_concurrent_watches: int = 2048
     # host:port for Prometheus to scrape over HTTP ("": no endpoint; port 0: any free port).
     metrics_listen: str = ""
+    # host:port for Connect/gRPC-Web and the person's web page ("": no HTTP port; port 0: any free port).
+    http_listen: str = ""
+    # Origins besides the page's own that may call the API from a browser (CORS).
+    http_allowed_origins: tuple[str, ...] = ()
+    web_root: Path | None = DEFAULT_WEB_ROOT  # the built page (make web); None: API only
 
     @property
     def effective_database_url(self) -> str:
@@ -204,6 +211,7 @@ class UnionServer:
         )
         self._health_task: asyncio.Task[None] | None = None
         self._metrics_endpoint: MetricsEndpoint | None = None
+        self._web: WebEndpoint | None = None
         self._stopped = False
 
     def _register(self, server: grpc.aio.Server) -> None:
@@ -224,6 +232,23 @@ class UnionServer:
         return self.grpc.address
 
     @property
+    def http_address(self) -> str | None:
+        """host:port of the Connect/gRPC-Web API and the web page, if this union serves HTTP."""
+        return self._web.address if self._web is not None else None
+
+    async def _start_web(self) -> None:
+        """The same servicers behind Connect on the HTTP port (AdminService stays gRPC-only)."""
+        services = connect.applications(
+            IdentityServicer(self.identity),
+            CardLookupServicer(self.identity, self.lookups),
+            CardActionServicer(self.identity, self.card_actions),
+            self.admission,
+        )
+        app = WebApp(services, self.config.web_root, self.config.http_allowed_origins)
+        self._web = WebEndpoint(app, self.config.http_listen)
+        await self._web.start()
+
+    @property
     def metrics_address(self) -> str | None:
         """Where Prometheus scrapes this union (host:port of `GET /metrics`), if it serves metrics."""
         return self._metrics_endpoint.address if self._metrics_endpoint is not None else None
@@ -242,6 +267,8 @@ class UnionServer:
         self.metrics.watch_database(
             lambda: self.store.monitoring_totals(self.clock.now()), asyncio.get_running_loop()
         )
+        if self.config.http_listen:
+            await self._start_web()
         if self.config.metrics_listen:
             self._metrics_endpoint = MetricsEndpoint(self.metrics.registry, self.config.metrics_listen)
         self.orchestrator.start()
@@ -252,6 +279,7 @@ class UnionServer:
                 "address": self.address,
                 "database": self.store.engine.dialect.name,
                 "metrics": self.metrics_address or "off",
+                "http": self.http_address or "off",
             },
         )
 
@@ -299,6 +327,8 @@ class UnionServer:
         if self._health_task is not None:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
+        if self._web is not None:
+            await self._web.stop(grace)
         await self.grpc.stop(grace)
         await self.orchestrator.stop(grace)
         await self.gateway.close()

@@ -114,6 +114,17 @@ def serve(
             help="host:port to serve Prometheus metrics on (GET /metrics); off when empty.",
         ),
     ] = "",
+    http_listen: Annotated[
+        str,
+        typer.Option(
+            envvar="CARDLOOKUP_HTTP_LISTEN",
+            help="host:port for Connect/gRPC-Web (browsers, curl) and the web page; off when empty.",
+        ),
+    ] = "",
+    http_allowed_origin: Annotated[
+        list[str],
+        typer.Option(help="A browser origin besides the page's own that may call the HTTP API (CORS)."),
+    ] = [],  # noqa: B006
 ) -> None:
     """Run the union server until SIGINT/SIGTERM, then shut down gracefully."""
     bank_tls: ClientTls | None = None
@@ -139,6 +150,9 @@ def serve(
         )
     except (ValueError, KeyError) as error:  # ZoneInfoNotFoundError is a KeyError
         raise typer.BadParameter("not a known IANA time zone", param_hint="--calendar-timezone") from error
+    _, _, http_port = http_listen.rpartition(":")
+    if http_listen and not (http_port.isdigit() and int(http_port) <= 65535):
+        raise typer.BadParameter(f"expected host:port, got {http_listen!r}", param_hint="--http-listen")
     configure_logging(log_level)
     config = UnionConfig(
         listen=listen,
@@ -157,6 +171,8 @@ def serve(
         tls=server_tls,
         metrics_listen=metrics_listen,
         retention=retention,
+        http_listen=http_listen,
+        http_allowed_origins=tuple(http_allowed_origin),
     )
 
     async def run() -> None:
