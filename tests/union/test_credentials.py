@@ -17,9 +17,10 @@ from typer.testing import CliRunner
 from clients.client import CardLookupClient, CardLookupError
 from server.union.app import UnionServer
 from server.union.clock import FakeClock
+from server.union.domain.retention import RetentionPolicy
 from server.union.keyring import Keys
 from server.union.main import app as union_app
-from server.union.notify import REPORT_READY_TEXT
+from server.union.notify import report_ready_text
 from server.union.storage.models import NotificationRow
 from tests.conftest import LI, ZHANG, UnionFactory, run_lookup, verified_client
 
@@ -186,7 +187,7 @@ async def test_sign_out_is_in_the_persons_audit_trail(union: UnionServer) -> Non
 
 async def test_session_rows_go_when_the_session_would_have_expired(make_union: UnionFactory) -> None:
     clock = FakeClock(datetime(2026, 12, 5, 2, 0, tzinfo=UTC))
-    union = await make_union(clock=clock, orchestration={"purge_interval": timedelta(0)})
+    union = await make_union(clock=clock, retention=RetentionPolicy(interval=timedelta(0)))
 
     def session_rows() -> list[tuple[object, ...]]:
         with union.store.engine.connect() as connection:
@@ -252,7 +253,7 @@ async def test_a_notification_that_cannot_be_opened_holds_up_no_other(union: Uni
 
     def report_ready_messages() -> list[dict[str, str]]:
         outbox = [json.loads(line) for line in union.config.sms_sink_path.read_text().splitlines()]
-        return [m for m in outbox if m["to"] == ZHANG.mobile_number and m["text"] == REPORT_READY_TEXT]
+        return [m for m in outbox if m["to"] == ZHANG.mobile_number and m["text"] == report_ready_text(7)]
 
     for _ in range(200):  # bounded by attempts: the outbox is a file, there is nothing to await
         if report_ready_messages():
