@@ -27,7 +27,13 @@ RPC = re.compile(r"\b((?:cardlookup|bankquery)\.v1\.[A-Z]\w*|grpc\.health\.v1\.H
 # and patterns are not files of the repository.
 REPO_PATH = re.compile(r"(?<![\w./-])((?:server|clients|tests|protos|scripts|gen|docs|bench)/[\w./-]*)")
 # Database URLs are configuration, not links.
-ALLOWED_SCHEMES = ("sqlite://", "postgresql+psycopg://")
+# Database URLs, and the servers a reader starts on their own machine (loopback only).
+ALLOWED_SCHEMES = (
+    "sqlite://",
+    "postgresql+psycopg://",
+    "http://127.0.0.1",
+    "http://localhost",
+)
 
 
 def _code(text: str) -> str:

@@ -370,6 +370,6 @@ async def test_queued_postgresql_reads_share_a_transaction(database_url: str) ->
             items[2].future.result()
         assert third.result() == fourth.result() != first.result()
         assert not store._reads_draining  # the next read starts a drain of its own
-        assert await store.find_lookup_by_request("p" * 64, "req-none") is None
+        assert await store.find_lookup_by_request("p" * 64, "req-none", "fingerprint") is None
     finally:
         await store.close()

@@ -25,7 +25,7 @@ ADMIN_ACTOR = "admin"
 # What is recorded in place of a resource name that is not one of ours (never the text itself).
 INVALID_RESOURCE = "(invalid)"
 # The shape of every resource name the union itself makes: collection/id.
-RESOURCE_NAME = re.compile(r"^[a-z]{1,16}/[A-Za-z0-9_-]{1,40}$")
+RESOURCE_NAME = re.compile(r"^[a-z][A-Za-z]{0,31}/[A-Za-z0-9_-]{1,40}$")
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 
