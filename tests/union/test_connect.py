@@ -35,7 +35,7 @@ from server.union.sms import read_one_time_code
 from tests.conftest import LI, ZHANG, UnionFactory
 
 ROOT = Path(__file__).resolve().parents[2]
-DOC = ROOT / "docs" / "web-and-connect.md"
+README = ROOT / "README.md"
 MASKED = re.compile(r"^\d{4}( \*{1,4})+ \d{4}$")
 PAN = re.compile(r"(?<!\d)\d{16,19}(?!\d)")
 
@@ -206,7 +206,7 @@ async def test_security_headers_and_foreign_origins(http_union: UnionServer) -> 
 
 
 async def test_curl_flow_as_documented(http_union: UnionServer, tmp_path: Path) -> None:
-    script = _curl_block(DOC.read_text(encoding="utf-8"))
+    script = _curl_block(README.read_text(encoding="utf-8"))
     process = await asyncio.create_subprocess_exec(
         "bash",
         "-euo",
@@ -257,7 +257,7 @@ def _json_values(text: str) -> list[Any]:
 
 
 def _curl_block(markdown: str) -> str:
-    section = markdown.split("## The lookup with curl", 1)[1]
+    section = markdown.split("### With curl", 1)[1]
     match = re.search(r"```sh\n(.*?)```", section, re.DOTALL)
-    assert match is not None, "the curl flow's sh block is missing from docs/web-and-connect.md"
+    assert match is not None, "the curl flow's sh block is missing from the README"
     return match.group(1)
