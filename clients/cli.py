@@ -38,7 +38,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from clients.client import CardLookupClient, CardLookupError, human_duration
+from clients.client import TERMS_VERSION, CardLookupClient, CardLookupError, human_duration
 from server.common import normalize
 
 T = TypeVar("T")
@@ -122,6 +122,11 @@ FLAG_STATES = {
     action_pb.CARD_FLAG_STATE_PENDING: "[cyan]pending[/]",
     action_pb.CARD_FLAG_STATE_FROZEN: "[bold red]frozen 已冻结[/]",
     action_pb.CARD_FLAG_STATE_FAILED: "[red]failed[/]",
+}
+UNASKED_REASONS = {
+    lookup_pb.UNASKED_REASON_NOT_CHOSEN: "not chosen",
+    lookup_pb.UNASKED_REASON_BANK_DISABLED: "not taking part now",
+    lookup_pb.UNASKED_REASON_REQUERY_COOLDOWN: "answered recently",
 }
 OUTCOMES = {
     lookup_pb.BANK_OUTCOME_PENDING: "[cyan]pending[/]",
@@ -451,7 +456,28 @@ def report_table(report: lookup_pb.Report) -> list[Table]:
             CARD_STATUSES.get(card.status, "?"),
             refs[card.card_ref],
         )
-    tables = [banks, cards]
+    retry = [
+        summary.bank_code
+        for summary in report.bank_summaries
+        if summary.outcome in (lookup_pb.BANK_OUTCOME_FAILED, lookup_pb.BANK_OUTCOME_NO_RESPONSE)
+    ]
+    if retry:
+        banks.caption += (
+            f"\n{', '.join(retry)} did not answer and can be asked again now: "
+            f"cardlookup lookup --again {report.name}"
+        )
+    tables = [banks]
+    if report.unasked_banks:
+        unasked = Table(title="Banks not asked", title_justify="left")
+        unasked.add_column("Bank")
+        unasked.add_column("Why")
+        for skipped in report.unasked_banks:
+            why = UNASKED_REASONS.get(skipped.reason, "?")
+            if skipped.HasField("next_query_time"):
+                why += f" until {local_time(skipped.next_query_time)}"
+            unasked.add_row(f"{skipped.bank_name} ({skipped.bank_code})", why)
+        tables.append(unasked)
+    tables.append(cards)
     acted = [c for c in report.cards if c.HasField("not_mine_flag") or c.HasField("closure")]
     if acted:
         actions = Table(title="Your requests on these cards", title_justify="left")
@@ -670,9 +696,28 @@ def sign_out(
     out.print("signed out")
 
 
+TERMS = (
+    f"Terms {TERMS_VERSION}: to find the cards in your name, the card union sends your name and "
+    "resident ID number to the banks you ask; it keeps only a masked report (first 4 and last 4 "
+    "digits of each card) for 7 days."
+)
+
+
 @app.command()
 def lookup(
-    bank: Annotated[list[str], typer.Option(help="Only these bank codes (repeatable).")] = [],  # noqa: B006
+    bank: Annotated[
+        list[str], typer.Option(help="Ask only these banks, by code (repeatable); default: every bank.")
+    ] = [],  # noqa: B006
+    again: Annotated[
+        str | None,
+        typer.Option(
+            help="reports/{id} (or a unique prefix): ask again the banks that failed or did not answer there."
+        ),
+    ] = None,
+    agree_terms: Annotated[
+        bool,
+        typer.Option("--agree-terms", "--yes", help=f"You accept the union's terms ({TERMS_VERSION})."),
+    ] = False,
     request_id: Annotated[
         str | None, typer.Option(help="Idempotency key; a retry with it returns the same lookup.")
     ] = None,
@@ -683,12 +728,29 @@ def lookup(
     as_json: Json = False,
     stream: Stream = False,
 ) -> None:
-    """Look up every card in your name: live per-bank progress, then the masked report."""
+    """Look up every card in your name (or at the banks you choose): live per-bank progress, then
+    the masked report. You are asked to accept the terms first (--agree-terms accepts them)."""
     as_json = _remember_json(as_json or stream)
+    if again is not None and bank:
+        raise _refuse(Refusal(["--again asks the banks that failed in a report: leave out --bank"]))
+    _ask_early(agree_terms)
 
     async def work() -> lookup_pb.Report:
         async with _client(target, tls, ca, session=_load_session(session_file)) as client:
-            created = await client.create_lookup(bank, request_id)
+            chosen = list(bank)
+            if again is not None:
+                report = await client.get_report(
+                    await resolve_name("reports", again, lambda: _report_names(client))
+                )
+                chosen = [
+                    summary.bank_code
+                    for summary in report.bank_summaries
+                    if summary.outcome in (lookup_pb.BANK_OUTCOME_FAILED, lookup_pb.BANK_OUTCOME_NO_RESPONSE)
+                ]
+                if not chosen:
+                    raise Refusal([f"every bank answered in {report.name}: there is nothing to ask again"], 3)
+            _confirm(f"{TERMS}\nDo you accept these terms?", agree_terms)
+            created = await client.create_lookup(chosen, request_id, consent_terms_version=TERMS_VERSION)
             return await _follow(client, created, as_json, stream)
 
     _show_report(_run(work), as_json, stream)

@@ -30,6 +30,7 @@ from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from clients.client import TERMS_VERSION
 from server.common.checks import is_luhn_valid, luhn_check_digit
 from server.common.logs import record_fields
 from server.population.catalogue import BANKS
@@ -157,7 +158,9 @@ def test_fuzzed_secrets_are_never_kept_logged_or_echoed(
     metadata = (("authorization", f"Bearer {session}"),)
     lookups = lookup_grpc.CardLookupServiceStub(channel)
     created = lookups.CreateLookup(
-        lookup_pb.CreateLookupRequest(request_id=card_like), metadata=metadata, timeout=10
+        lookup_pb.CreateLookupRequest(request_id=card_like, consent_terms_version=TERMS_VERSION),
+        metadata=metadata,
+        timeout=10,
     )
     progress = list(
         lookups.WatchLookup(

@@ -45,6 +45,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from clients.client import TERMS_VERSION
 from server.common.grpc_runtime import MAX_RECEIVE_MESSAGE_BYTES
 from server.population.catalogue import PILOT_REGIONS
 from server.population.generator import DEMO_PEOPLE, Person, people
@@ -423,7 +424,11 @@ class World:
 
 
 def _lookup_to_report(caller: Caller, token: str, request_id: str) -> tuple[str, str]:
-    created = caller.call("CreateLookup", lookup_pb.CreateLookupRequest(request_id=request_id), bearer(token))
+    created = caller.call(
+        "CreateLookup",
+        lookup_pb.CreateLookupRequest(request_id=request_id, consent_terms_version=TERMS_VERSION),
+        bearer(token),
+    )
     assert created.code == C.OK, created.details
     lookup = created.responses[0].lookup.name
     watched = caller.call("WatchLookup", lookup_pb.WatchLookupRequest(name=lookup), bearer(token))
@@ -595,7 +600,9 @@ def test_duplicate_request_ids_race(fuzz_stack: FuzzStack, world: World) -> None
     """Concurrent retries with one request_id: one lookup, documented codes only, nothing hangs."""
     with Caller(fuzz_stack, "test_duplicate_request_ids_race") as caller:
         token = world.sessions[CHEN.name]
-        request = lookup_pb.CreateLookupRequest(request_id="race-" + uuid.uuid4().hex)
+        request = lookup_pb.CreateLookupRequest(
+            request_id="race-" + uuid.uuid4().hex, consent_terms_version=TERMS_VERSION
+        )
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             outcomes = list(
                 pool.map(lambda _: caller.call("CreateLookup", request, bearer(token)), range(16))
@@ -721,6 +728,14 @@ def _lookup_requests(world: World) -> st.SearchStrategy[tuple[str, Message]]:
                     fs.request_ids, st.sampled_from(world.request_ids), st.just("a" * 64), st.just("a" * 65)
                 ),
                 bank_codes=bank_code_lists,
+                # Mostly the terms the person accepted; sometimes none, an old one, or noise.
+                consent_terms_version=st.one_of(
+                    st.just(TERMS_VERSION),
+                    st.just(TERMS_VERSION),
+                    st.just(""),
+                    st.just("2020-01"),
+                    st.text(max_size=40),
+                ),
             ),
         ),
         st.tuples(st.just("GetLookup"), st.builds(lookup_pb.GetLookupRequest, name=lookups)),
@@ -762,6 +777,9 @@ def test_fuzz_lookup(fuzz_stack: FuzzStack, world: World) -> None:
                 valid = caller.call(
                     name, request, bearer(world.sessions[person]), expect={C.NOT_FOUND} if foreign else None
                 )
+                if name == "CreateLookup" and request.consent_terms_version != TERMS_VERSION:
+                    # No lookup without consent to the current terms, whatever else the request holds.
+                    assert valid.code in {C.INVALID_ARGUMENT, C.FAILED_PRECONDITION}, valid.code
                 if valid.code == C.OK and name == "ListReports":
                     reports = valid.responses[0].reports
                     assert all(world.owner_of.get(r.name, person) == person for r in reports)
@@ -1602,7 +1620,7 @@ def test_near_valid_identifiers_are_invalid_argument(fuzz_stack: FuzzStack, worl
         ),
         "create_request_id_newline": (
             "CreateLookup",
-            lookup_pb.CreateLookupRequest(request_id="req-1\n"),
+            lookup_pb.CreateLookupRequest(request_id="req-1\n", consent_terms_version=TERMS_VERSION),
             zhang,
             None,
         ),

@@ -117,6 +117,11 @@ class IdentityConnect(_Adapter):
     ) -> identity_pb.CompleteVerificationResponse:
         return await self.unary(self._servicer.CompleteVerification, request, ctx)
 
+    async def sign_out(
+        self, request: identity_pb.SignOutRequest, ctx: RequestContext[Any, Any]
+    ) -> identity_pb.SignOutResponse:
+        return await self.unary(self._servicer.SignOut, request, ctx)
+
 
 class CardLookupConnect(_Adapter):
     def __init__(self, servicer: CardLookupServicer, admission: AdmissionControl) -> None:
@@ -152,6 +157,11 @@ class CardLookupConnect(_Adapter):
         self, request: lookup_pb.DeleteReportRequest, ctx: RequestContext[Any, Any]
     ) -> lookup_pb.DeleteReportResponse:
         return await self.unary(self._servicer.DeleteReport, request, ctx)
+
+    async def list_lookups(
+        self, request: lookup_pb.ListLookupsRequest, ctx: RequestContext[Any, Any]
+    ) -> lookup_pb.ListLookupsResponse:
+        return await self.unary(self._servicer.ListLookups, request, ctx)
 
 
 class CardActionConnect(_Adapter):
