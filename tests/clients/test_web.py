@@ -127,6 +127,10 @@ async def test_the_whole_lookup_in_a_browser(
 
         # The lookup: 16 rows; every bank but the one that is down answers while it is still pending.
         await dom_clean(page, "verified")
+        # No lookup before the person accepts the terms; then the page sends the version accepted.
+        await page.get_by_test_id("start-lookup").click()
+        await expect(page.get_by_role("alert")).to_have_text("请先阅读并同意服务条款。")
+        await page.get_by_test_id("agree-terms").check()
         await page.get_by_test_id("start-lookup").click()
         await expect(page.locator("tr[data-bank]")).to_have_count(16)
         await expect(page.get_by_test_id("answered")).to_have_text("15 / 16 家银行已答复")

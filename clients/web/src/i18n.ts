@@ -22,6 +22,9 @@ const zh = {
   lookupTitle: "查询名下银行卡",
   lookupIntro: "验证通过。点击下方按钮，一次查询所有参与银行；报告中卡号只显示前 4 位和后 4 位。",
   startLookup: "一键查卡",
+  terms: (v: string) =>
+    `我已阅读并同意《一键查卡服务条款》（${v} 版）：为查询我名下的银行卡，银联将我的姓名和身份证号发送给参与银行；报告只保留卡号前 4 位和后 4 位，7 天后自动删除。`,
+  termsRequired: "请先阅读并同意服务条款。",
   existingReports: "已有的报告",
   openReport: "查看",
   progressTitle: "各银行查询进度",
@@ -129,6 +132,9 @@ const en: Words = {
   lookupIntro:
     "You are verified. One tap asks every participating bank; the report shows only the first 4 and last 4 digits of a card.",
   startLookup: "Look up my cards",
+  terms: (v: string) =>
+    `I have read and accept the 一键查卡 terms (version ${v}): to find the cards in my name, the card union sends my name and resident ID number to the participating banks; the report keeps only the first 4 and last 4 digits of each card and is deleted after 7 days.`,
+  termsRequired: "Please read and accept the terms first.",
   existingReports: "Your reports",
   openReport: "Open",
   progressTitle: "Banks answering",

@@ -38,6 +38,9 @@ let rerender: () => void = () => {};
 const w = (): Words => WORDS[lang];
 const locale = (): string => (lang === "zh" ? "zh-CN" : "en-GB");
 
+/** The version of the union's terms this page shows; CreateLookup needs the person's consent to it. */
+const TERMS_VERSION = "2021-12";
+
 const withSession: Interceptor = (next) => async (request) => {
   if (token !== null) request.header.set("authorization", `Bearer ${token}`);
   return await next(request);
@@ -213,11 +216,21 @@ function lookupView(notice?: string): void {
   page(() => {
     const reports = h("div", {});
     const status = h("div", {});
+    // The person's consent to the terms comes before anything about them goes to a bank.
+    const agree = h("input", { type: "checkbox", id: "agree-terms", "data-testid": "agree-terms" });
+    const terms = h("label", { class: "terms", for: "agree-terms" }, agree, " ", w().terms(TERMS_VERSION));
     const start = button(w().startLookup, "primary", async () => {
-      start.disabled = true;
       status.replaceChildren();
+      if (!agree.checked) {
+        status.replaceChildren(h("div", { class: "error", role: "alert" }, w().termsRequired));
+        return;
+      }
+      start.disabled = true;
       try {
-        const created = await lookups.createLookup({ requestId: crypto.randomUUID() });
+        const created = await lookups.createLookup({
+          requestId: crypto.randomUUID(),
+          consentTermsVersion: TERMS_VERSION,
+        });
         progressView(created.lookup!);
       } catch (error) {
         status.replaceChildren(errorBox(error));
@@ -226,7 +239,7 @@ function lookupView(notice?: string): void {
     }, "start-lookup");
     show(
       notice ? h("div", { class: "notice" }, notice) : null,
-      h("section", { class: "panel" }, h("h2", {}, w().lookupTitle), h("p", { class: "muted" }, w().lookupIntro), start, status),
+      h("section", { class: "panel" }, h("h2", {}, w().lookupTitle), h("p", { class: "muted" }, w().lookupIntro), terms, start, status),
       reports,
     );
     void lookups.listReports({ pageSize: 10 }).then(
