@@ -461,12 +461,15 @@ def report_table(report: lookup_pb.Report) -> list[Table]:
         for summary in report.bank_summaries
         if summary.outcome in (lookup_pb.BANK_OUTCOME_FAILED, lookup_pb.BANK_OUTCOME_NO_RESPONSE)
     ]
+    tables = [banks]
     if retry:
-        banks.caption += (
-            f"\n{', '.join(retry)} did not answer and can be asked again now: "
+        # Its own line, so a terminal copies the command whole.
+        hint = Table.grid()
+        hint.add_row(
+            f"{', '.join(retry)} did not answer and can be asked again now: "
             f"cardlookup lookup --again {report.name}"
         )
-    tables = [banks]
+        tables.append(hint)
     if report.unasked_banks:
         unasked = Table(title="Banks not asked", title_justify="left")
         unasked.add_column("Bank")

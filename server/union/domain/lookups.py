@@ -135,6 +135,8 @@ class LookupService:
 
         name, resident_id, mobile = caller.contact(self._keys)
         lookup_id = "l" + secrets.token_hex(12)
+        creation = self._audit.entry(caller.person_hash, "lookup.create", f"lookups/{lookup_id}")
+        consent = f"terms/{self.policy.terms_version}"
         try:
             lookup, claims, created = await self._store.create_lookup(
                 lookup_id=lookup_id,
@@ -153,15 +155,9 @@ class LookupService:
                 deadline=now + self._orchestrator.policy.lookup_deadline,
                 claim=self._orchestrator.claim_request(chosen),
                 # Audited in the lookup's own transaction: one write, and never one without the other.
-                # The consent is its own event and holds the terms version only.
-                audit=[
-                    self._audit.entry(caller.person_hash, "lookup.create", f"lookups/{lookup_id}"),
-                    self._audit.entry(
-                        caller.person_hash,
-                        "lookup.consent",
-                        f"lookups/{lookup_id}/terms/{self.policy.terms_version}",
-                    ),
-                ],
+                # The consent is its own event, written with the lookup's (same actor, same time),
+                # naming the terms version only.
+                audit=[creation, dataclasses.replace(creation, action="lookup.consent", resource=consent)],
                 admit=admit,
             )
         except RequestMismatch:
