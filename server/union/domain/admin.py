@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from server.common import errors
 from server.union.clock import Clock
@@ -244,3 +244,20 @@ class AdminService:
 
 def _valid_address(address: str) -> bool:
     return bool(ADDRESS.fullmatch(address)) and 0 < int(address.rsplit(":", 1)[1]) < 65536
+
+
+class UnknownBankCodes(ValueError):
+    """Addresses configured for banks the catalogue does not hold (start-up refuses them)."""
+
+
+def check_bank_addresses(addresses: Mapping[str, str], banks: Sequence[model.Bank]) -> None:
+    """An address for a code that is not in the catalogue would be ignored: refuse it instead. A bank
+    joins through AdminService.CreateBank (it is then in the catalogue, and its address may be
+    configured like any other's)."""
+    known = {bank.code for bank in banks}
+    unknown = sorted(code for code in addresses if code not in known)
+    if unknown:
+        raise UnknownBankCodes(
+            f"no bank with code {', '.join(unknown)} is registered; a bank joins through "
+            "AdminService.CreateBank (see docs/operations.md), after which its address can be set here"
+        )
