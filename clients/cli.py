@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
+from zoneinfo import ZoneInfo
 
 # Before gRPC loads: its core logs transport events (a failed TLS handshake, a GOAWAY) on stderr in
 # its own words, and this CLI says what went wrong itself. GRPC_VERBOSITY=info brings them back.
@@ -123,6 +124,8 @@ FLAG_STATES = {
     action_pb.CARD_FLAG_STATE_FROZEN: "[bold red]frozen 已冻结[/]",
     action_pb.CARD_FLAG_STATE_FAILED: "[red]failed[/]",
 }
+# The pilot's opening dates are calendar days in China, wherever the operator sits.
+CHINA = ZoneInfo("Asia/Shanghai")
 UNASKED_REASONS = {
     lookup_pb.UNASKED_REASON_NOT_CHOSEN: "not chosen",
     lookup_pb.UNASKED_REASON_BANK_DISABLED: "not taking part now",
@@ -1066,6 +1069,40 @@ def admin_banks(
     out.print(table)
 
 
+@admin_app.command("add-bank")
+def admin_add_bank(
+    code: Annotated[str, typer.Argument(help="The joining bank's code, e.g. BOSC.")],
+    name: Annotated[str, typer.Option(help="Chinese name, e.g. 上海银行.")],
+    english_name: Annotated[str, typer.Option(help="English name, e.g. Bank of Shanghai.")],
+    interbank_code: Annotated[str, typer.Option(help="3-digit CNAPS code, e.g. 325.")],
+    address: Annotated[str, typer.Option(help="host:port of its BankQueryService.")],
+    tls_name: Annotated[
+        str,
+        typer.Option(help="DNS name its certificate carries (default: <code>.bank.cardlookup.test)."),
+    ] = "",
+    target: Target = DEFAULT_TARGET,
+    admin_token: AdminToken = "",
+    tls: Tls = False,
+    ca: CaFile = None,
+    as_json: Json = False,
+) -> None:
+    """Register a bank that joins the service: the next lookup asks it, no restart."""
+    bank = admin_pb.Bank(
+        code=code,
+        name=name,
+        english_name=english_name,
+        interbank_code=interbank_code,
+        address=address,
+        tls_name=tls_name,
+    )
+    result = _admin_call(target, tls, ca, admin_token, "CreateBank", admin_pb.CreateBankRequest(bank=bank))
+    if as_json:
+        _print_json(_as_json(result))
+    else:
+        added = result.bank
+        out.print(f"{added.code} {added.name} joined at {added.address} (certificate name {added.tls_name})")
+
+
 @admin_app.command("set-bank")
 def admin_set_bank(
     code: Annotated[str, typer.Argument(help="Bank code, e.g. ICBC.")],
@@ -1110,9 +1147,14 @@ def admin_regions(
     if as_json:
         _print_json(_as_json(result))
         return
-    table = Table("Code", "Name", "Open")
+    table = Table("Code", "Name", "Open", "Pilot")
     for region in result.regions:
-        table.add_row(region.code, region.name, "[green]open[/]" if region.open else "closed")
+        pilot = (
+            f"batch {region.pilot_batch}, {region.pilot_open_time.ToDatetime(tzinfo=CHINA):%Y-%m}"
+            if region.pilot_batch
+            else ""
+        )
+        table.add_row(region.code, region.name, "[green]open[/]" if region.open else "closed", pilot)
     out.print(table)
 
 

@@ -5,6 +5,7 @@ lookup's report holds its cards, without restarting the union."""
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import socket
 import sys
@@ -17,7 +18,9 @@ from cardlookup.v1 import admin_service_pb2 as admin_pb
 from cardlookup.v1 import card_lookup_service_pb2 as lookup_pb
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from typer.testing import CliRunner
 
+from clients.cli import app as cli_app
 from clients.client import CardLookupClient, CardLookupError
 from server.bank.app import RunningBank, start_all_banks, start_bank
 from server.common.dev_ca import bank_tls_files, create_dev_pki, main, union_client_tls
@@ -201,9 +204,26 @@ async def test_create_bank_is_for_operators_and_validated(mtls_stack: tuple[Unio
         assert taken.code == grpc.StatusCode.ALREADY_EXISTS
         assert "FAKE" not in {b.code for b in await operator.list_banks()}
 
+        # An operator adds a bank from the command line.
+        base = ["--target", union.address, "--admin-token", ADMIN_TOKEN]
+        added = await asyncio.to_thread(
+            CliRunner().invoke,
+            cli_app,
+            [
+                *("admin", "add-bank", "NBCB", "--name", "宁波银行", "--english-name", "Bank of Ningbo"),
+                *("--interbank-code", "408", "--address", "127.0.0.1:1", *base),
+            ],
+        )
+        assert added.exit_code == 0, added.output
+        assert (
+            "NBCB 宁波银行 joined at 127.0.0.1:1 (certificate name nbcb.bank.cardlookup.test)" in added.output
+        )
+        regions = await asyncio.to_thread(CliRunner().invoke, cli_app, ["admin", "regions", *base])
+        assert regions.exit_code == 0, regions.output
+        assert re.search(r"310000\W+上海市\W+open\W+batch 1, 2021-12", regions.output)
+        assert re.search(r"460000\W+海南省\W+open\W+batch 2, 2022-03", regions.output)
+
         # A bank that leaves is disabled and kept: its code stays taken, its history stays readable.
-        created = (await operator.admin("CreateBank", admin_pb.CreateBankRequest(bank=good))).bank
-        assert created.enabled
         left = await operator.update_bank("NBCB", enabled=False)
         assert not left.enabled
         assert "NBCB" in {b.code for b in await operator.list_banks()}
