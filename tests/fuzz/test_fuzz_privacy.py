@@ -84,7 +84,19 @@ def carried_secret(draw: st.DrawFn, sent: set[str]) -> str:
 
 def _request(draw: st.DrawFn, method: Any, sent: set[str]) -> Message:
     request = GetMessageClass(method.input_type)()
-    for field in method.input_type.fields:
+    _fill(draw, request, sent)
+    return request
+
+
+def _fill(draw: st.DrawFn, request: Message, sent: set[str]) -> None:
+    """Every string field carries a secret, also inside the contract's own messages (CreateBank's bank)."""
+    for field in request.DESCRIPTOR.fields:
+        own_message = field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.full_name.startswith(
+            ("cardlookup.", "bankquery.")
+        )
+        if own_message and not field.is_repeated:
+            _fill(draw, getattr(request, field.name), sent)
+            continue
         if field.type != FieldDescriptor.TYPE_STRING:
             continue
         if field.is_repeated:
@@ -93,7 +105,6 @@ def _request(draw: st.DrawFn, method: Any, sent: set[str]) -> Message:
             setattr(request, field.name, draw(fs.mobiles))  # so the ID number gets past validation
         else:
             setattr(request, field.name, draw(carried_secret(sent)))
-    return request
 
 
 @pytest.fixture(scope="module")

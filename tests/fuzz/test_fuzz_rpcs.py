@@ -176,6 +176,12 @@ RPCS = {
         admin_pb.ListBanksResponse,
         [C.INVALID_ARGUMENT, C.UNAUTHENTICATED],
     ),
+    "CreateBank": _rpc(
+        ADMIN + "CreateBank",
+        admin_pb.CreateBankRequest,
+        admin_pb.CreateBankResponse,
+        [C.INVALID_ARGUMENT, C.UNAUTHENTICATED, C.PERMISSION_DENIED, C.ALREADY_EXISTS],
+    ),
     "UpdateBank": _rpc(
         ADMIN + "UpdateBank",
         admin_pb.UpdateBankRequest,
@@ -1084,6 +1090,8 @@ def _when(timestamp: Timestamp) -> datetime:
 
 
 def _expected_admin(world: World, name: str, request: Any) -> set[C] | None:
+    if name == "CreateBank" and request.bank.code in fs.BANK_CODES:
+        return {C.INVALID_ARGUMENT, C.ALREADY_EXISTS}  # a participating bank's code is taken
     if name == "UpdateBank" and request.address:
         port = _PORT_ADDRESS.fullmatch(request.address)
         if port is None or not 0 < int(port.group(1)) < 65536:
@@ -1135,6 +1143,28 @@ def _admin_requests(world: World) -> st.SearchStrategy[tuple[str, Message]]:
             ),
         ),
         st.tuples(
+            st.just("CreateBank"),
+            # Mostly valid banks (some with a taken code or CNAPS code), some with any field spoiled.
+            st.builds(
+                admin_pb.CreateBankRequest,
+                bank=st.builds(
+                    admin_pb.Bank,
+                    code=st.one_of(
+                        st.sampled_from(fs.BANK_CODES),
+                        st.from_regex(r"[A-Z]{2,5}", fullmatch=True),
+                        fs.bank_codes,
+                    ),
+                    name=st.one_of(st.just("测试银行"), st.text(max_size=40)),
+                    english_name=st.one_of(st.just("Test Bank"), st.text(max_size=40)),
+                    interbank_code=st.one_of(st.from_regex(r"[0-9]{3}", fullmatch=True), st.text(max_size=5)),
+                    address=st.one_of(st.just("127.0.0.1:9"), fs.addresses),
+                    tls_name=st.one_of(
+                        st.just(""), st.just("test.bank.cardlookup.test"), st.text(max_size=20)
+                    ),
+                ),
+            ),
+        ),
+        st.tuples(
             st.just("ListRegions"),
             st.builds(admin_pb.ListRegionsRequest, page_size=fs.page_sizes, page_token=fs.page_tokens),
         ),
@@ -1178,6 +1208,12 @@ def test_fuzz_admin(fuzz_stack: FuzzStack, world: World) -> None:
                 outcome = caller.call(name, request, bearer(ADMIN_TOKEN), expect=expect)
                 if outcome.code == C.OK and isinstance(request, admin_pb.ListAuditEventsRequest):
                     _check_audit_answer(world, request, outcome)
+                if outcome.code == C.OK and isinstance(request, admin_pb.CreateBankRequest):
+                    joined = outcome.responses[0].bank
+                    assert (joined.code, joined.enabled) == (request.bank.code, True)
+                    # It has no server: disabled at once, so no lookup elsewhere waits for it.
+                    disable = admin_pb.UpdateBankRequest(code=joined.code, update_mask={"paths": ["enabled"]})
+                    caller.call("UpdateBank", disable, bearer(ADMIN_TOKEN), expect={C.OK})
                 caller.call(name, request, bad, expect={C.UNAUTHENTICATED})
                 caller.call(name, request, [], expect={C.UNAUTHENTICATED})
 
