@@ -10,6 +10,7 @@ import shutil
 import socket
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -27,8 +28,9 @@ from server.common.dev_ca import bank_tls_files, create_dev_pki, main, union_cli
 from server.population.catalogue import BANKS, PILOT_REGIONS, BankInfo, Bin
 from server.population.generator import Person, cards_at_joining_bank, cards_of, people
 from server.union.app import UnionConfig, UnionServer
+from server.union.domain.admin import UnknownBankCodes
 from server.union.domain.ports import AdminRole
-from tests.conftest import SEED, SIZE, fast_policies, run_lookup, verified_client
+from tests.conftest import SEED, SIZE, UnionFactory, fast_policies, run_lookup, verified_client
 
 BIN = Path(sys.executable).parent
 ADMIN_TOKEN = "test-admin-token"
@@ -283,3 +285,36 @@ async def test_bank_server_runs_a_bank_from_its_configuration(tmp_path: Path) ->
         served.terminate()
         await served.wait()
     assert (tmp_path / "bosc.sqlite3").exists()
+
+
+async def test_a_joined_bank_outlives_a_restart_and_unknown_codes_are_refused(
+    make_union: UnionFactory,
+) -> None:
+    first = await make_union()
+    async with CardLookupClient(first.address, admin_token=ADMIN_TOKEN) as operator:
+        bank = admin_pb.Bank(
+            code="NBCB",
+            name="宁波银行",
+            english_name="Bank of Ningbo",
+            interbank_code="408",
+            address="127.0.0.1:9",
+        )
+        await operator.admin("CreateBank", admin_pb.CreateBankRequest(bank=bank))
+    await first.stop(0)
+
+    # The catalogue is in the database: after a restart the bank is there, and its address can be
+    # configured like any other bank's.
+    addresses = {**first.config.bank_addresses, "NBCB": "127.0.0.1:10"}
+    again = await make_union(bank_addresses=addresses)
+    async with CardLookupClient(again.address, admin_token=ADMIN_TOKEN) as operator:
+        joined = next(b for b in await operator.list_banks() if b.code == "NBCB")
+        assert (joined.address, joined.enabled, joined.interbank_code) == ("127.0.0.1:10", True, "408")
+    await again.stop(0)
+
+    # An address for a code nobody registered is refused at start-up, not ignored.
+    unknown = UnionServer(replace(first.config, bank_addresses={**addresses, "NEWB": "127.0.0.1:11"}))
+    try:
+        with pytest.raises(UnknownBankCodes, match="NEWB"):
+            await unknown.start()
+    finally:
+        await unknown.stop(0)
