@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
+from zoneinfo import ZoneInfo
 
 # Before gRPC loads: its core logs transport events (a failed TLS handshake, a GOAWAY) on stderr in
 # its own words, and this CLI says what went wrong itself. GRPC_VERBOSITY=info brings them back.
@@ -38,7 +39,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from clients.client import CardLookupClient, CardLookupError, human_duration
+from clients.client import TERMS_VERSION, CardLookupClient, CardLookupError, human_duration
 from server.common import normalize
 
 T = TypeVar("T")
@@ -122,6 +123,13 @@ FLAG_STATES = {
     action_pb.CARD_FLAG_STATE_PENDING: "[cyan]pending[/]",
     action_pb.CARD_FLAG_STATE_FROZEN: "[bold red]frozen 已冻结[/]",
     action_pb.CARD_FLAG_STATE_FAILED: "[red]failed[/]",
+}
+# The pilot's opening dates are calendar days in China, wherever the operator sits.
+CHINA = ZoneInfo("Asia/Shanghai")
+UNASKED_REASONS = {
+    lookup_pb.UNASKED_REASON_NOT_CHOSEN: "not chosen",
+    lookup_pb.UNASKED_REASON_BANK_DISABLED: "not taking part now",
+    lookup_pb.UNASKED_REASON_REQUERY_COOLDOWN: "answered recently",
 }
 OUTCOMES = {
     lookup_pb.BANK_OUTCOME_PENDING: "[cyan]pending[/]",
@@ -451,7 +459,31 @@ def report_table(report: lookup_pb.Report) -> list[Table]:
             CARD_STATUSES.get(card.status, "?"),
             refs[card.card_ref],
         )
-    tables = [banks, cards]
+    retry = [
+        summary.bank_code
+        for summary in report.bank_summaries
+        if summary.outcome in (lookup_pb.BANK_OUTCOME_FAILED, lookup_pb.BANK_OUTCOME_NO_RESPONSE)
+    ]
+    tables = [banks]
+    if retry:
+        # Its own line, so a terminal copies the command whole.
+        hint = Table.grid()
+        hint.add_row(
+            f"{', '.join(retry)} did not answer and can be asked again now: "
+            f"cardlookup lookup --again {report.name}"
+        )
+        tables.append(hint)
+    if report.unasked_banks:
+        unasked = Table(title="Banks not asked", title_justify="left")
+        unasked.add_column("Bank")
+        unasked.add_column("Why")
+        for skipped in report.unasked_banks:
+            why = UNASKED_REASONS.get(skipped.reason, "?")
+            if skipped.HasField("next_query_time"):
+                why += f" until {local_time(skipped.next_query_time)}"
+            unasked.add_row(f"{skipped.bank_name} ({skipped.bank_code})", why)
+        tables.append(unasked)
+    tables.append(cards)
     acted = [c for c in report.cards if c.HasField("not_mine_flag") or c.HasField("closure")]
     if acted:
         actions = Table(title="Your requests on these cards", title_justify="left")
@@ -670,9 +702,28 @@ def sign_out(
     out.print("signed out")
 
 
+TERMS = (
+    f"Terms {TERMS_VERSION}: to find the cards in your name, the card union sends your name and "
+    "resident ID number to the banks you ask; it keeps only a masked report (first 4 and last 4 "
+    "digits of each card) for 7 days."
+)
+
+
 @app.command()
 def lookup(
-    bank: Annotated[list[str], typer.Option(help="Only these bank codes (repeatable).")] = [],  # noqa: B006
+    bank: Annotated[
+        list[str], typer.Option(help="Ask only these banks, by code (repeatable); default: every bank.")
+    ] = [],  # noqa: B006
+    again: Annotated[
+        str | None,
+        typer.Option(
+            help="reports/{id} (or a unique prefix): ask again the banks that failed or did not answer there."
+        ),
+    ] = None,
+    agree_terms: Annotated[
+        bool,
+        typer.Option("--agree-terms", "--yes", help=f"You accept the union's terms ({TERMS_VERSION})."),
+    ] = False,
     request_id: Annotated[
         str | None, typer.Option(help="Idempotency key; a retry with it returns the same lookup.")
     ] = None,
@@ -683,12 +734,29 @@ def lookup(
     as_json: Json = False,
     stream: Stream = False,
 ) -> None:
-    """Look up every card in your name: live per-bank progress, then the masked report."""
+    """Look up every card in your name (or at the banks you choose): live per-bank progress, then
+    the masked report. You are asked to accept the terms first (--agree-terms accepts them)."""
     as_json = _remember_json(as_json or stream)
+    if again is not None and bank:
+        raise _refuse(Refusal(["--again asks the banks that failed in a report: leave out --bank"]))
+    _ask_early(agree_terms)
 
     async def work() -> lookup_pb.Report:
         async with _client(target, tls, ca, session=_load_session(session_file)) as client:
-            created = await client.create_lookup(bank, request_id)
+            chosen = list(bank)
+            if again is not None:
+                report = await client.get_report(
+                    await resolve_name("reports", again, lambda: _report_names(client))
+                )
+                chosen = [
+                    summary.bank_code
+                    for summary in report.bank_summaries
+                    if summary.outcome in (lookup_pb.BANK_OUTCOME_FAILED, lookup_pb.BANK_OUTCOME_NO_RESPONSE)
+                ]
+                if not chosen:
+                    raise Refusal([f"every bank answered in {report.name}: there is nothing to ask again"], 3)
+            _confirm(f"{TERMS}\nDo you accept these terms?", agree_terms)
+            created = await client.create_lookup(chosen, request_id, consent_terms_version=TERMS_VERSION)
             return await _follow(client, created, as_json, stream)
 
     _show_report(_run(work), as_json, stream)
@@ -1001,6 +1069,40 @@ def admin_banks(
     out.print(table)
 
 
+@admin_app.command("add-bank")
+def admin_add_bank(
+    code: Annotated[str, typer.Argument(help="The joining bank's code, e.g. BOSC.")],
+    name: Annotated[str, typer.Option(help="Chinese name, e.g. 上海银行.")],
+    english_name: Annotated[str, typer.Option(help="English name, e.g. Bank of Shanghai.")],
+    interbank_code: Annotated[str, typer.Option(help="3-digit CNAPS code, e.g. 325.")],
+    address: Annotated[str, typer.Option(help="host:port of its BankQueryService.")],
+    tls_name: Annotated[
+        str,
+        typer.Option(help="DNS name its certificate carries (default: <code>.bank.cardlookup.test)."),
+    ] = "",
+    target: Target = DEFAULT_TARGET,
+    admin_token: AdminToken = "",
+    tls: Tls = False,
+    ca: CaFile = None,
+    as_json: Json = False,
+) -> None:
+    """Register a bank that joins the service: the next lookup asks it, no restart."""
+    bank = admin_pb.Bank(
+        code=code,
+        name=name,
+        english_name=english_name,
+        interbank_code=interbank_code,
+        address=address,
+        tls_name=tls_name,
+    )
+    result = _admin_call(target, tls, ca, admin_token, "CreateBank", admin_pb.CreateBankRequest(bank=bank))
+    if as_json:
+        _print_json(_as_json(result))
+    else:
+        added = result.bank
+        out.print(f"{added.code} {added.name} joined at {added.address} (certificate name {added.tls_name})")
+
+
 @admin_app.command("set-bank")
 def admin_set_bank(
     code: Annotated[str, typer.Argument(help="Bank code, e.g. ICBC.")],
@@ -1045,9 +1147,14 @@ def admin_regions(
     if as_json:
         _print_json(_as_json(result))
         return
-    table = Table("Code", "Name", "Open")
+    table = Table("Code", "Name", "Open", "Pilot")
     for region in result.regions:
-        table.add_row(region.code, region.name, "[green]open[/]" if region.open else "closed")
+        pilot = (
+            f"batch {region.pilot_batch}, {region.pilot_open_time.ToDatetime(tzinfo=CHINA):%Y-%m}"
+            if region.pilot_batch
+            else ""
+        )
+        table.add_row(region.code, region.name, "[green]open[/]" if region.open else "closed", pilot)
     out.print(table)
 
 

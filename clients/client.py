@@ -26,6 +26,10 @@ from cardlookup.v1 import identity_service_pb2_grpc as identity_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+# The version of the union's terms of service this client shows a person (the union's
+# CreateLookup refuses a lookup whose consent is not for its current version).
+TERMS_VERSION = "2021-12"
+
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 10.0
 
@@ -195,11 +199,21 @@ class CardLookupClient:
     # -- lookups and reports ----------------------------------------------------
 
     async def create_lookup(
-        self, bank_codes: list[str] | None = None, request_id: str | None = None
+        self,
+        bank_codes: list[str] | None = None,
+        request_id: str | None = None,
+        consent_terms_version: str = TERMS_VERSION,
     ) -> lookup_pb.Lookup:
+        """Ask the banks (all of them, or `bank_codes`) for the cards in the person's name.
+
+        `consent_terms_version` is the version of the union's terms the person accepted; an
+        application shows those terms and passes what its user agreed to (the default is the
+        version this client knows). A refusal with reason CONSENT_REQUIRED names the current one."""
         # A fixed request_id makes the create safe to retry (AIP-155).
         request = lookup_pb.CreateLookupRequest(
-            request_id=request_id or uuid.uuid4().hex, bank_codes=bank_codes or []
+            request_id=request_id or uuid.uuid4().hex,
+            bank_codes=bank_codes or [],
+            consent_terms_version=consent_terms_version,
         )
         response: lookup_pb.CreateLookupResponse = await self._call(
             lambda: self._lookups.CreateLookup(request, metadata=self._metadata(), timeout=self.timeout), True

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import grpc
 from cardlookup.v1 import card_lookup_service_pb2 as lookup_pb
 
-from clients.client import CardLookupClient, CardLookupError
+from clients.client import TERMS_VERSION, CardLookupClient, CardLookupError
 
 
 def lookup_report(
@@ -26,8 +26,11 @@ def lookup_report(
     bank_codes: list[str] | None = None,
     root_certificates: bytes | None = None,
     timeout: float = 600.0,
+    consent_terms_version: str = TERMS_VERSION,
 ) -> lookup_pb.Report:
     """Verify (asking `read_code(masked_mobile)` for the SMS code), run one lookup, return its report.
+
+    `consent_terms_version`: the version of the union's terms the person accepted.
 
     Raises CardLookupError with the server's explanation (field violations, retry-after)."""
 
@@ -36,7 +39,9 @@ def lookup_report(
             started = await client.start_verification(name, resident_id_number, mobile_number)
             code = await asyncio.to_thread(read_code, started.masked_mobile_number)
             await client.complete_verification(started.verification_id, code)
-            lookup = await client.create_lookup(bank_codes, request_id=uuid.uuid4().hex)
+            lookup = await client.create_lookup(
+                bank_codes, request_id=uuid.uuid4().hex, consent_terms_version=consent_terms_version
+            )
             async for event in client.watch_lookup(lookup.name, stream_timeout=timeout):
                 if event.report_ready:
                     return await client.get_report(event.lookup.report)

@@ -21,7 +21,7 @@ from server.bank.service import SERVICE_NAME, BankQueryServicer
 from server.bank.store import BankStore, default_database_url, seed_stores
 from server.common.grpc_runtime import GrpcServer, TlsFiles
 from server.common.rpc_metrics import RpcMetrics, RpcObserver
-from server.population.catalogue import BANKS, BANKS_BY_CODE
+from server.population.catalogue import BANKS, BANKS_BY_CODE, BankInfo
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,11 @@ class RunningBank:
         self.store.close()
 
 
-def _open_store(bank_code: str, database_url: str | None, data_dir: Path) -> BankStore:
-    if bank_code not in BANKS_BY_CODE:
-        raise ValueError(f"unknown bank {bank_code!r}")
+def _open_store(
+    bank_code: str, database_url: str | None, data_dir: Path, joining: Mapping[str, BankInfo]
+) -> BankStore:
+    if bank_code not in BANKS_BY_CODE and bank_code not in joining:
+        raise ValueError(f"unknown bank {bank_code!r}: give its name and BINs (a bank that joins later)")
     if database_url is None:
         data_dir.mkdir(parents=True, exist_ok=True)
         database_url = default_database_url(data_dir, bank_code)
@@ -67,13 +69,20 @@ def _open_store(bank_code: str, database_url: str | None, data_dir: Path) -> Ban
 
 
 def _prepare_stores(
-    bank_codes: list[str], database_urls: Mapping[str, str], data_dir: Path, seed: int, size: int
+    bank_codes: list[str],
+    database_urls: Mapping[str, str],
+    data_dir: Path,
+    seed: int,
+    size: int,
+    joining: Mapping[str, BankInfo] | None = None,
 ) -> dict[str, BankStore]:
-    """Open every store and seed the empty ones together, in one pass over the population."""
-    stores = {code: _open_store(code, database_urls.get(code), data_dir) for code in bank_codes}
+    """Open every store and seed the empty ones together, in one pass over the population.
+    `joining`: the banks outside the built-in 16 among them, as their configuration describes them."""
+    joining = joining or {}
+    stores = {code: _open_store(code, database_urls.get(code), data_dir, joining) for code in bank_codes}
     empty = {code: store for code, store in stores.items() if store.is_empty()}
     if empty:
-        added = seed_stores(empty, seed, size)
+        added = seed_stores(empty, seed, size, joining)
         log.info("seeded bank stores", extra={"customers": added, "seed": seed, "population": size})
     return stores
 
@@ -119,11 +128,14 @@ async def start_bank(
     tls: TlsFiles | None = None,
     faults: FaultSettings | None = None,
     rpc_metrics: RpcMetrics | None = None,
+    bank_info: BankInfo | None = None,
 ) -> RunningBank:
     """Open (and seed, if empty) one bank's store and serve it at `address`; its calls are counted
-    in `rpc_metrics` when given, and logged on the access log either way."""
+    in `rpc_metrics` when given, and logged on the access log either way. `bank_info` describes a
+    bank outside the built-in 16 (a bank that joins later: its names and BINs)."""
     urls = {bank_code: database_url} if database_url else {}
-    stores = await asyncio.to_thread(_prepare_stores, [bank_code], urls, data_dir, seed, size)
+    joining = {bank_code: bank_info} if bank_info is not None else {}
+    stores = await asyncio.to_thread(_prepare_stores, [bank_code], urls, data_dir, seed, size, joining)
     try:
         return await _start(stores[bank_code], address, tls, faults, data_dir, rpc_metrics)
     except BaseException:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import secrets
 import time
 from datetime import date
@@ -35,7 +36,7 @@ from server.common.grpc_runtime import TlsFiles, tune_garbage_collection, wait_f
 from server.common.logs import configure_logging
 from server.common.prometheus import MetricsEndpoint, listen_address_problem, process_registry
 from server.common.rpc_metrics import RpcMetrics
-from server.population.catalogue import BANKS, BANKS_BY_CODE
+from server.population.catalogue import BANKS, BANKS_BY_CODE, BankInfo, Bin
 
 log = logging.getLogger("server.bank")
 
@@ -53,11 +54,68 @@ DatabaseUrl = Annotated[
 ]
 
 
-def _bank_code(code: str) -> str:
+BANK_CODE = re.compile(r"^[A-Z]{2,16}$")
+BIN_SPEC = re.compile(r"^([0-9]{6,8}):(1[6-9])$")
+
+
+def _bank_code(code: str, data_dir: Path | None = None, database_url: str | None = None) -> str:
+    """A built-in bank's code, or (given where its data is) one of a bank that joined later and
+    already has a store: a typo must not create an empty bank."""
     code = code.upper()
-    if code not in BANKS_BY_CODE:
-        raise typer.BadParameter(f"unknown bank {code!r}; known: {', '.join(BANKS_BY_CODE)}")
+    if code in BANKS_BY_CODE:
+        return code
+    joined = BANK_CODE.fullmatch(code) and (
+        database_url is not None
+        or (
+            data_dir is not None
+            and Path(default_database_url(data_dir, code).removeprefix("sqlite:///")).exists()
+        )
+    )
+    if not joined:
+        raise typer.BadParameter(
+            f"unknown bank {code!r}; known: {', '.join(BANKS_BY_CODE)}, or a bank served with "
+            "`serve --bank CODE --name ... --debit-bin ...` in this --data-dir"
+        )
     return code
+
+
+def _bins(values: list[str], option: str) -> tuple[Bin, ...]:
+    bins = []
+    for value in values:
+        match = BIN_SPEC.fullmatch(value)
+        if match is None:
+            raise typer.BadParameter(
+                "expected PREFIX:LENGTH, a 6-8 digit prefix and 16-19", param_hint=option
+            )
+        bins.append(Bin(match[1], int(match[2])))
+    return tuple(bins)
+
+
+def _joining_bank(
+    code: str,
+    name: str | None,
+    english_name: str | None,
+    interbank_code: str,
+    debit: list[str],
+    credit: list[str],
+) -> BankInfo | None:
+    """The configuration of a bank outside the built-in 16 (None for a built-in bank)."""
+    if code in BANKS_BY_CODE:
+        if name or english_name or interbank_code or debit or credit:
+            raise typer.BadParameter(f"{code} is a built-in bank: its names and BINs are the catalogue's")
+        return None
+    if not BANK_CODE.fullmatch(code):
+        raise typer.BadParameter("a bank code is 2-16 capital letters", param_hint="--bank")
+    if not name or not english_name or not debit:
+        raise typer.BadParameter(
+            f"{code} is not one of the built-in 16: give --name, --english-name and at least one "
+            "--debit-bin (and --credit-bin, --interbank-code) for a bank that joins"
+        )
+    if interbank_code and not (interbank_code.isdigit() and len(interbank_code) == 3):
+        raise typer.BadParameter("must be 3 digits", param_hint="--interbank-code")
+    return BankInfo(
+        code, name, english_name, interbank_code, _bins(debit, "--debit-bin"), _bins(credit, "--credit-bin")
+    )
 
 
 def _store(bank: str, data_dir: Path, database_url: str | None) -> BankStore:
@@ -115,10 +173,34 @@ def serve(
         ),
     ] = "",
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
+    name: Annotated[
+        str | None, typer.Option(help="A bank outside the built-in 16: its Chinese name, e.g. 上海银行.")
+    ] = None,
+    english_name: Annotated[
+        str | None, typer.Option(help="A bank outside the built-in 16: its English name.")
+    ] = None,
+    interbank_code: Annotated[
+        str, typer.Option(help="A bank outside the built-in 16: its 3-digit CNAPS code.")
+    ] = "",
+    debit_bin: Annotated[
+        list[str] | None,
+        typer.Option(help="A bank outside the built-in 16: a debit BIN as PREFIX:LENGTH (repeatable)."),
+    ] = None,
+    credit_bin: Annotated[
+        list[str] | None,
+        typer.Option(help="A bank outside the built-in 16: a credit BIN as PREFIX:LENGTH (repeatable)."),
+    ] = None,
 ) -> None:
-    """Serve one bank (--bank) or all of them (--all) until SIGINT/SIGTERM, then drain and stop."""
+    """Serve one bank (--bank) or all 16 built-in ones (--all) until SIGINT/SIGTERM, then drain and
+    stop. A bank that joins later is served with --bank CODE and its --name, --english-name and
+    BINs; its store is seeded from the same synthetic population."""
     if (bank is None) == (not all_banks):
         raise typer.BadParameter("give exactly one of --bank CODE or --all")
+    joining = (
+        _joining_bank(bank.upper(), name, english_name, interbank_code, debit_bin or [], credit_bin or [])
+        if bank is not None
+        else None
+    )
     try:
         faults = FaultSettings.parse(fault or [])
     except ValueError as error:
@@ -132,7 +214,7 @@ def serve(
     async def run() -> None:
         banks: list[RunningBank]
         if bank is not None:
-            code = _bank_code(bank)
+            code = bank.upper() if joining is not None else _bank_code(bank)
             banks = [
                 await start_bank(
                     code,
@@ -144,6 +226,7 @@ def serve(
                     tls=_tls_for(tls_dir, code),
                     faults=faults,
                     rpc_metrics=rpc_metrics,
+                    bank_info=joining,
                 )
             ]
         else:
@@ -202,7 +285,7 @@ def faults(
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """Change a running bank's fault settings (it picks them up within a second)."""
-    code = _bank_code(bank)
+    code = _bank_code(bank, data_dir)
     path = control_file(data_dir, code)
     if clear:
         path.unlink(missing_ok=True)
@@ -227,7 +310,7 @@ def cards(
 
     A debit card's balance is the funds it holds; a credit card's is the amount owed.
     """
-    store = _store(_bank_code(bank), data_dir, database_url)
+    store = _store(_bank_code(bank, data_dir, database_url), data_dir, database_url)
     try:
         found = store.cards_for_id(resident_id, include_closed=include_closed)
     finally:
@@ -267,7 +350,7 @@ def add_customer(
         raise typer.BadParameter("must be 11 digits", param_hint="--mobile")
     if not name.strip() or len(name) > 64:
         raise typer.BadParameter("must be 1-64 characters", param_hint="--name")
-    store = _store(_bank_code(bank), data_dir, database_url)
+    store = _store(_bank_code(bank, data_dir, database_url), data_dir, database_url)
     try:
         store.add_customer(resident_id, name, mobile)
     finally:
@@ -290,9 +373,11 @@ def add_card(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Issue a card to an existing customer of one bank."""
-    code = _bank_code(bank)
+    code = _bank_code(bank, data_dir, database_url)
     if card_type not in ("debit", "credit"):
         raise typer.BadParameter("must be debit or credit", param_hint="--type")
+    if number is None and code not in BANKS_BY_CODE:
+        raise typer.BadParameter("a bank outside the built-in 16 needs the card's --number")
     if number is None:
         number = _new_number(code, card_type)
     elif not (is_luhn_valid(number) and 16 <= len(number) <= 19):

@@ -52,6 +52,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from server.population import generator
+from server.population.catalogue import BankInfo
 
 CARD_TYPES = ("debit", "credit")
 CARD_STATUSES = ("active", "dormant", "frozen", "closed")
@@ -556,12 +557,19 @@ class BankStore:
         return _stored(card)
 
 
-def seed_stores(stores: Mapping[str, BankStore], seed: int, size: int) -> dict[str, int]:
+def seed_stores(
+    stores: Mapping[str, BankStore],
+    seed: int,
+    size: int,
+    joining: Mapping[str, BankInfo] | None = None,
+) -> dict[str, int]:
     """Seed several banks' stores in one pass over the population; returns customers added per bank.
 
     Each bank receives only the people who hold at least one card there, with
-    only the cards they hold there.
+    only the cards they hold there. `joining` describes the banks outside the
+    built-in 16 (their names and BINs come from their configuration).
     """
+    joining_banks = {code: info for code, info in (joining or {}).items() if code in stores}
     customers: dict[str, list[dict[str, Any]]] = {code: [] for code in stores}
     cards: dict[str, list[dict[str, Any]]] = {code: [] for code in stores}
     added = dict.fromkeys(stores, 0)
@@ -578,6 +586,9 @@ def seed_stores(stores: Mapping[str, BankStore], seed: int, size: int) -> dict[s
         for card in generator.cards_of(seed, person):
             if card.bank_code in stores:
                 held.setdefault(card.bank_code, []).append(card)
+        for code, info in joining_banks.items():
+            if at_joining := generator.cards_at_joining_bank(seed, person, info):
+                held[code] = at_joining
         for code, bank_cards in held.items():
             customers[code].append(
                 {

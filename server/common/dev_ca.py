@@ -25,6 +25,7 @@ import argparse
 import datetime as dt
 import ipaddress
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +60,16 @@ class _LeafSpec:
     usages: tuple[x509.ObjectIdentifier, ...]
 
 
+def _bank_leaf(code: str, tls_name: str | None = None) -> _LeafSpec:
+    """A bank's certificate: CN the bank code, the DNS name the union checks for it."""
+    return _LeafSpec(
+        code.lower(),
+        code,
+        (x509.DNSName(tls_name or bank_tls_name(code)),),
+        (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH),
+    )
+
+
 def _leaf_specs() -> list[_LeafSpec]:
     specs = [
         _LeafSpec(
@@ -78,15 +89,7 @@ def _leaf_specs() -> list[_LeafSpec]:
             (ExtendedKeyUsageOID.SERVER_AUTH,),
         ),
     ]
-    specs += [
-        _LeafSpec(
-            bank.code.lower(),
-            bank.code,
-            (x509.DNSName(bank_tls_name(bank.code)),),
-            (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH),
-        )
-        for bank in BANKS
-    ]
+    specs += [_bank_leaf(bank.code) for bank in BANKS]
     return specs
 
 
@@ -228,6 +231,25 @@ def create_dev_pki(directory: Path, overwrite: bool = False) -> None:
         _write(cert_path, _cert_pem(cert), 0o644)
 
 
+BANK_CODE = re.compile(r"^[A-Z]{2,16}$")
+
+
+def issue_bank_certificate(directory: Path, code: str, tls_name: str | None = None) -> Path:
+    """Issue one more bank's certificate and key (`<code>.crt`/`.key`) from the PKI's existing CA:
+    a bank that joins later gets its identity without a new CA (which would cut off every other
+    bank). Returns the certificate's path; FileNotFoundError if the directory has no CA yet."""
+    if not BANK_CODE.fullmatch(code):
+        raise ValueError("a bank code is 2-16 capital letters")
+    loaded = _load_ca(directory)
+    if loaded is None:
+        raise FileNotFoundError(str(directory / CA_CERT))
+    spec = _bank_leaf(code, tls_name)
+    cert, key = _make_leaf(spec, loaded[0], loaded[1], dt.datetime.now(dt.UTC))
+    _write(directory / f"{spec.stem}.key", _key_pem(key), 0o600)
+    _write(directory / f"{spec.stem}.crt", _cert_pem(cert), 0o644)
+    return directory / f"{spec.stem}.crt"
+
+
 def bank_tls_files(directory: Path, code: str) -> TlsFiles:
     """A bank's server credentials from `directory`, requiring client certificates from the CA (mTLS)."""
     stem = code.lower()
@@ -260,7 +282,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Create a development PKI for union↔bank mutual TLS.")
     parser.add_argument("directory", type=Path, help="where to write the certificates and keys")
     parser.add_argument("--overwrite", action="store_true", help="replace existing files (new CA)")
+    parser.add_argument(
+        "--bank",
+        metavar="CODE",
+        help="only issue this bank's certificate from the existing CA (a bank that joins later)",
+    )
+    parser.add_argument(
+        "--tls-name", help="with --bank: the DNS name to certify (default: <code>.bank.cardlookup.test)"
+    )
     args = parser.parse_args(argv)
+    if args.bank is not None:
+        try:
+            path = issue_bank_certificate(args.directory, args.bank, args.tls_name)
+        except FileNotFoundError:
+            parser.error(f"no development CA in {args.directory}: create the PKI first")
+        except ValueError as error:
+            parser.error(str(error))
+        print(f"{path} issued for {args.bank}")
+        return 0
     create_dev_pki(args.directory, overwrite=args.overwrite)
     print(f"development PKI in {args.directory}")
     return 0

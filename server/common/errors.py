@@ -75,10 +75,25 @@ class FailedPrecondition(DomainError):
 class ResourceExhausted(DomainError):
     """Quota, cooldown or lockout; `retry_after` tells the caller when to come back."""
 
-    def __init__(self, message: str, reason: str, retry_after: timedelta | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        reason: str,
+        retry_after: timedelta | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.retry_after = retry_after
+        self.metadata = dict(metadata or {})
+
+
+class AlreadyExists(DomainError):
+    """What a create would make exists already (a bank code that is taken)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class Unavailable(DomainError):

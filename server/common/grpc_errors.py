@@ -77,9 +77,12 @@ def to_status(error: errors.DomainError) -> status_pb2.Status:
             details.append(_error_info(error.reason, error.metadata))
         case errors.ResourceExhausted():
             code = code_pb2.RESOURCE_EXHAUSTED
-            details.append(_error_info(error.reason, {}))
+            details.append(_error_info(error.reason, error.metadata))
             if error.retry_after is not None:
                 details.append(_retry_info(error.retry_after))
+        case errors.AlreadyExists():
+            code = code_pb2.ALREADY_EXISTS
+            details.append(_error_info(error.reason, {}))
         case errors.Unavailable():
             code = code_pb2.UNAVAILABLE
             if error.retry_after is not None:

@@ -178,6 +178,11 @@ class RegionInfo:
     pilot_open_date: date | None  # None: not in the pilot batches, starts closed
 
     @property
+    def pilot_batch(self) -> int | None:
+        """1 (Dec 2021) or 2 (Mar 2022) for the pilot regions, None for the others."""
+        return PILOT_BATCHES.get(self.pilot_open_date) if self.pilot_open_date else None
+
+    @property
     def id_prefix(self) -> str:
         """The first two digits of resident ID numbers registered in this region."""
         return self.code[:2]
@@ -185,6 +190,7 @@ class RegionInfo:
 
 PILOT_BATCH_1 = date(2021, 12, 1)
 PILOT_BATCH_2 = date(2022, 3, 1)
+PILOT_BATCHES = {PILOT_BATCH_1: 1, PILOT_BATCH_2: 2}
 
 REGIONS: tuple[RegionInfo, ...] = (
     RegionInfo("110000", "北京市", PILOT_BATCH_2),

@@ -87,7 +87,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 
 from server.common.checks import luhn_check_digit, resident_id_check_char
-from server.population.catalogue import BANKS, BANKS_BY_CODE, Bin
+from server.population.catalogue import BANKS, BANKS_BY_CODE, BankInfo, Bin
 
 REFERENCE_DATE = date(2026, 1, 1)
 DORMANCY = timedelta(days=365)
@@ -584,6 +584,41 @@ def _random_balance(rng: random.Random, card_type: str, status: str) -> int:
     if status == "dormant":  # small change on 20%
         return _log_uniform_cents(rng, _LOG_1, _LOG_500_YUAN, 50_000) if roll < 0.2 else 0
     return _log_uniform_cents(rng, _LOG_1, _LOG_50K_YUAN, 5_000_000) if roll < 0.6 else 0
+
+
+# Of the people with cards, the share who bank with a bank that joins after the first 16 (a city
+# commercial bank: fewer customers than a national one).
+JOINING_BANK_HOLDER_RATE = 0.12
+
+
+def cards_at_joining_bank(seed: int, person: Person, bank: BankInfo) -> list[Card]:
+    """The cards this person holds at a bank outside the built-in 16 (one that joins later, with
+    the BINs its configuration gives): a pure function of (seed, person, bank code), like
+    `cards_of`, so the bank's store and the union's registry agree without sharing anything.
+    Demo people hold none (their cards are the fixed ones above); none are closed."""
+    if person.index in _DEMO_BY_INDEX or bank.code in BANKS_BY_CODE:
+        return []
+    rng = _rng(seed, person.index, f"joining:{bank.code}")
+    if rng.random() >= JOINING_BANK_HOLDER_RATE:
+        return []
+    birth = birth_date_of(person.resident_id_number)
+    cards = []
+    for ordinal in range(1 if rng.random() < 0.8 else 2):
+        card_type = "credit" if rng.random() < CREDIT_RATE and bank.credit_bins else "debit"
+        bins = bank.credit_bins if card_type == "credit" else bank.debit_bins
+        opened, last, status = _card_dates(rng, birth)
+        cards.append(
+            Card(
+                bank_code=bank.code,
+                number=card_number(rng.choice(bins), person.index, ordinal),
+                card_type=card_type,
+                status="active" if status == "closed" else status,
+                open_date=opened,
+                last_activity_date=last,
+                balance_cents=_random_balance(rng, card_type, status),
+            )
+        )
+    return cards
 
 
 def cards_at_bank(seed: int, person: Person, bank_code: str) -> list[Card]:

@@ -31,7 +31,7 @@ from server.union.api.servicers import AdminServicer, CardActionServicer, CardLo
 from server.union.api.web import DEFAULT_WEB_ROOT, WebApp, WebEndpoint
 from server.union.bank_gateway import ClientTls, GrpcBankGateway
 from server.union.clock import Clock, SystemClock
-from server.union.domain.admin import AdminService
+from server.union.domain.admin import AdminService, check_bank_addresses
 from server.union.domain.audit import AuditTrail
 from server.union.domain.banks import BankGateway
 from server.union.domain.card_actions import CardActionPolicy, CardActionService
@@ -257,6 +257,7 @@ class UnionServer:
         await asyncio.to_thread(self.store.migrate)
         await self.store.seed_catalogue(BANKS, self.config.bank_addresses, REGIONS, self.clock.now())
         if self.config.bank_addresses:
+            check_bank_addresses(self.config.bank_addresses, await self.store.list_banks())
             await self.store.set_bank_addresses(self.config.bank_addresses)
         await seed_identity_registry(
             self.store, self.keys, self.config.population_seed, self.config.population_size

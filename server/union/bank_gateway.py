@@ -377,7 +377,8 @@ class GrpcBankGateway:
                 credentials = grpc.ssl_channel_credentials(
                     self._tls.root_ca, self._tls.private_key, self._tls.cert_chain
                 )
-                options.append(("grpc.ssl_target_name_override", bank_tls_name(bank.code)))
+                # The catalogue's name for a bank that joined with its own; the default otherwise.
+                options.append(("grpc.ssl_target_name_override", bank.tls_name or bank_tls_name(bank.code)))
                 channel = grpc.aio.secure_channel(bank.address, credentials, options=options)
             self._channels[key] = channel
         return channel

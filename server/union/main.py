@@ -26,7 +26,7 @@ from server.union.app import (
 )
 from server.union.bank_gateway import ClientTls
 from server.union.clock import SystemClock
-from server.union.domain.admin import AdminService
+from server.union.domain.admin import AdminService, UnknownBankCodes
 from server.union.domain.audit import AuditTrail
 from server.union.domain.lookups import LookupPolicy
 from server.union.domain.orchestrator import OrchestratorPolicy
@@ -177,7 +177,11 @@ def serve(
 
     async def run() -> None:
         server = UnionServer(config)
-        await server.start()
+        try:
+            await server.start()
+        except UnknownBankCodes as error:
+            await server.stop(0)
+            raise typer.BadParameter(str(error), param_hint="--bank") from error
         stopping = 0.0
         try:
             tune_garbage_collection()

@@ -58,7 +58,7 @@ async def test_cli_verify_lookup_report(union: UnionServer, tmp_path: Path) -> N
     assert json.loads(out)["verified"] is True
     assert session.stat().st_mode & 0o077 == 0  # the credential file is private
 
-    code, out, err = await cli("lookup", *target, "--json", env_session=session)
+    code, out, err = await cli("lookup", "--agree-terms", *target, "--json", env_session=session)
     assert code == 0, err
     report = json.loads(out)
     assert report["total_card_count"] == 5
@@ -70,7 +70,7 @@ async def test_cli_verify_lookup_report(union: UnionServer, tmp_path: Path) -> N
     assert "dormant" in out
 
     # Inside the cooldown: one clear line with the server's hint, and exit code 6.
-    code, out, err = await cli("lookup", *target, env_session=session)
+    code, out, err = await cli("lookup", "--agree-terms", *target, env_session=session)
     assert code == 6
     assert "RESOURCE_EXHAUSTED" in err
     assert "retry in" in err
@@ -94,7 +94,7 @@ async def test_cli_close_not_mine_and_activity(union: UnionServer, tmp_path: Pat
         env_session=session,
     )
     assert code == 0, err
-    code, out, err = await cli("lookup", *target, "--json", env_session=session)
+    code, out, err = await cli("lookup", "--agree-terms", *target, "--json", env_session=session)
     assert code == 0, err
     report = json.loads(out)
     cards = {card["masked_number"][-4:]: card["card_ref"] for card in report["cards"]}

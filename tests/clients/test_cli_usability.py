@@ -69,7 +69,7 @@ class Cli:
         return CardLookupClient(self.union.address, session_token=token)
 
     async def report(self) -> dict[str, Any]:
-        result = await self("lookup", "--json")
+        result = await self("lookup", "--agree-terms", "--json")
         assert result.exit_code == 0, result.output
         report: dict[str, Any] = json.loads(result.stdout)
         return report
@@ -164,7 +164,7 @@ async def test_status_and_watch_find_a_running_lookup(make_union: UnionFactory, 
     assert "Cards" in watched.stdout  # then the report
 
     # The JSON-lines stream of a lookup: progress events, then the report as the last line.
-    streamed = await run("lookup", "--json", "--stream")
+    streamed = await run("lookup", "--agree-terms", "--json", "--stream")
     assert streamed.exit_code == 0, streamed.output
     lines = [json.loads(line) for line in streamed.stdout.splitlines()]
     progress, last = lines[:-1], lines[-1]
@@ -273,7 +273,7 @@ async def test_errors_are_one_readable_line_or_json(run: Cli) -> None:
     assert error["problems"] == ["page_token: not a page token from this server"]
 
     await run.report()
-    cooldown = await run("lookup", "--json")
+    cooldown = await run("lookup", "--agree-terms", "--json")
     error = json.loads(cooldown.stdout)["error"]
     assert (cooldown.exit_code, error["code"], error["reason"]) == (
         6,

@@ -70,6 +70,7 @@ async def test_typescript_lookup_report(union: UnionServer) -> None:
         ZHANG.mobile_number,
         "--sms-outbox",
         str(union.config.sms_sink_path),
+        "--agree-terms",
         "--json",
     )
     assert code == 0, err

@@ -127,6 +127,10 @@ async def test_the_whole_lookup_in_a_browser(
 
         # The lookup: 16 rows; every bank but the one that is down answers while it is still pending.
         await dom_clean(page, "verified")
+        # No lookup before the person accepts the terms; then the page sends the version accepted.
+        await page.get_by_test_id("start-lookup").click()
+        await expect(page.get_by_role("alert")).to_have_text("请先阅读并同意服务条款。")
+        await page.get_by_test_id("agree-terms").check()
         await page.get_by_test_id("start-lookup").click()
         await expect(page.locator("tr[data-bank]")).to_have_count(16)
         await expect(page.get_by_test_id("answered")).to_have_text("15 / 16 家银行已答复")
@@ -164,10 +168,24 @@ async def test_the_whole_lookup_in_a_browser(
         await dom_clean(page, "card actions")
         await screenshot(page, "web-card-actions")
 
+        # The bank that did not answer is back: asked again at once from the report, once the person
+        # has accepted the terms for this lookup too; the new report holds only that bank.
+        banks[DOWN_BANK].servicer.faults = FaultSettings()
+        again = page.get_by_test_id("ask-again-panel")
+        await expect(again).to_contain_text("平安银行 未能答复")
+        await page.get_by_test_id("ask-again").click()
+        await expect(again.get_by_role("alert")).to_have_text("请先阅读并同意服务条款。")
+        await page.get_by_test_id("agree-terms-again").check()
+        await page.get_by_test_id("ask-again").click()
+        await expect(page.get_by_test_id("total")).to_have_text("0")  # the new report: PAB holds none
+        await expect(page.get_by_text("其余 1 家银行未查到卡片。")).to_be_visible()
+        await expect(page.get_by_test_id("ask-again-panel")).to_be_hidden()
+        await dom_clean(page, "asked again")
+
         # My activity, then the same page in English.
         await page.get_by_test_id("nav-activity").click()
         activity = page.get_by_test_id("activity")
-        for action in ("lookup.create", "report.read", "card.close", "card.flag"):
+        for action in ("lookup.create", "lookup.consent", "report.read", "card.close", "card.flag"):
             await expect(activity.locator(f'li[data-action="{action}"]').first).to_be_visible()
         await page.click("#lang")
         await expect(page.get_by_role("heading", name="My activity")).to_be_visible()
@@ -177,9 +195,10 @@ async def test_the_whole_lookup_in_a_browser(
         await screenshot(page, "web-activity")
         await page.click("#lang")
 
-        # Delete the report from the list of reports.
+        # Delete the first report from the list of reports (newest first: it is the second).
         await page.get_by_test_id("nav-lookup").click()
-        await page.get_by_role("button", name="查看").click()
+        await expect(page.get_by_role("button", name="查看")).to_have_count(2)
+        await page.get_by_role("button", name="查看").nth(1).click()
         await page.get_by_test_id("delete-report").click()
         await page.get_by_test_id("confirm-delete").click()
         await expect(page.get_by_text("报告已删除。")).to_be_visible()

@@ -106,7 +106,7 @@ async def test_grpcurl_full_flow(union: UnionServer) -> None:
             "-H",
             auth,
             "-d",
-            '{"request_id": "readme-1"}',
+            '{"request_id": "readme-1", "consent_terms_version": "2021-12"}',
             target,
             "cardlookup.v1.CardLookupService/CreateLookup",
         )

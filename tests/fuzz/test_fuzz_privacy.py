@@ -30,6 +30,7 @@ from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from clients.client import TERMS_VERSION
 from server.common.checks import is_luhn_valid, luhn_check_digit
 from server.common.logs import record_fields
 from server.population.catalogue import BANKS
@@ -83,7 +84,19 @@ def carried_secret(draw: st.DrawFn, sent: set[str]) -> str:
 
 def _request(draw: st.DrawFn, method: Any, sent: set[str]) -> Message:
     request = GetMessageClass(method.input_type)()
-    for field in method.input_type.fields:
+    _fill(draw, request, sent)
+    return request
+
+
+def _fill(draw: st.DrawFn, request: Message, sent: set[str]) -> None:
+    """Every string field carries a secret, also inside the contract's own messages (CreateBank's bank)."""
+    for field in request.DESCRIPTOR.fields:
+        own_message = field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.full_name.startswith(
+            ("cardlookup.", "bankquery.")
+        )
+        if own_message and not field.is_repeated:
+            _fill(draw, getattr(request, field.name), sent)
+            continue
         if field.type != FieldDescriptor.TYPE_STRING:
             continue
         if field.is_repeated:
@@ -92,7 +105,6 @@ def _request(draw: st.DrawFn, method: Any, sent: set[str]) -> Message:
             setattr(request, field.name, draw(fs.mobiles))  # so the ID number gets past validation
         else:
             setattr(request, field.name, draw(carried_secret(sent)))
-    return request
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +169,9 @@ def test_fuzzed_secrets_are_never_kept_logged_or_echoed(
     metadata = (("authorization", f"Bearer {session}"),)
     lookups = lookup_grpc.CardLookupServiceStub(channel)
     created = lookups.CreateLookup(
-        lookup_pb.CreateLookupRequest(request_id=card_like), metadata=metadata, timeout=10
+        lookup_pb.CreateLookupRequest(request_id=card_like, consent_terms_version=TERMS_VERSION),
+        metadata=metadata,
+        timeout=10,
     )
     progress = list(
         lookups.WatchLookup(

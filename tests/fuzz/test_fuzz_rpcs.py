@@ -45,6 +45,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from clients.client import TERMS_VERSION
 from server.common.grpc_runtime import MAX_RECEIVE_MESSAGE_BYTES
 from server.population.catalogue import PILOT_REGIONS
 from server.population.generator import DEMO_PEOPLE, Person, people
@@ -174,6 +175,12 @@ RPCS = {
         admin_pb.ListBanksRequest,
         admin_pb.ListBanksResponse,
         [C.INVALID_ARGUMENT, C.UNAUTHENTICATED],
+    ),
+    "CreateBank": _rpc(
+        ADMIN + "CreateBank",
+        admin_pb.CreateBankRequest,
+        admin_pb.CreateBankResponse,
+        [C.INVALID_ARGUMENT, C.UNAUTHENTICATED, C.PERMISSION_DENIED, C.ALREADY_EXISTS],
     ),
     "UpdateBank": _rpc(
         ADMIN + "UpdateBank",
@@ -423,7 +430,11 @@ class World:
 
 
 def _lookup_to_report(caller: Caller, token: str, request_id: str) -> tuple[str, str]:
-    created = caller.call("CreateLookup", lookup_pb.CreateLookupRequest(request_id=request_id), bearer(token))
+    created = caller.call(
+        "CreateLookup",
+        lookup_pb.CreateLookupRequest(request_id=request_id, consent_terms_version=TERMS_VERSION),
+        bearer(token),
+    )
     assert created.code == C.OK, created.details
     lookup = created.responses[0].lookup.name
     watched = caller.call("WatchLookup", lookup_pb.WatchLookupRequest(name=lookup), bearer(token))
@@ -595,7 +606,9 @@ def test_duplicate_request_ids_race(fuzz_stack: FuzzStack, world: World) -> None
     """Concurrent retries with one request_id: one lookup, documented codes only, nothing hangs."""
     with Caller(fuzz_stack, "test_duplicate_request_ids_race") as caller:
         token = world.sessions[CHEN.name]
-        request = lookup_pb.CreateLookupRequest(request_id="race-" + uuid.uuid4().hex)
+        request = lookup_pb.CreateLookupRequest(
+            request_id="race-" + uuid.uuid4().hex, consent_terms_version=TERMS_VERSION
+        )
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             outcomes = list(
                 pool.map(lambda _: caller.call("CreateLookup", request, bearer(token)), range(16))
@@ -721,6 +734,14 @@ def _lookup_requests(world: World) -> st.SearchStrategy[tuple[str, Message]]:
                     fs.request_ids, st.sampled_from(world.request_ids), st.just("a" * 64), st.just("a" * 65)
                 ),
                 bank_codes=bank_code_lists,
+                # Mostly the terms the person accepted; sometimes none, an old one, or noise.
+                consent_terms_version=st.one_of(
+                    st.just(TERMS_VERSION),
+                    st.just(TERMS_VERSION),
+                    st.just(""),
+                    st.just("2020-01"),
+                    st.text(max_size=40),
+                ),
             ),
         ),
         st.tuples(st.just("GetLookup"), st.builds(lookup_pb.GetLookupRequest, name=lookups)),
@@ -762,6 +783,9 @@ def test_fuzz_lookup(fuzz_stack: FuzzStack, world: World) -> None:
                 valid = caller.call(
                     name, request, bearer(world.sessions[person]), expect={C.NOT_FOUND} if foreign else None
                 )
+                if name == "CreateLookup" and request.consent_terms_version != TERMS_VERSION:
+                    # No lookup without consent to the current terms, whatever else the request holds.
+                    assert valid.code in {C.INVALID_ARGUMENT, C.FAILED_PRECONDITION}, valid.code
                 if valid.code == C.OK and name == "ListReports":
                     reports = valid.responses[0].reports
                     assert all(world.owner_of.get(r.name, person) == person for r in reports)
@@ -1066,6 +1090,8 @@ def _when(timestamp: Timestamp) -> datetime:
 
 
 def _expected_admin(world: World, name: str, request: Any) -> set[C] | None:
+    if name == "CreateBank" and request.bank.code in fs.BANK_CODES:
+        return {C.INVALID_ARGUMENT, C.ALREADY_EXISTS}  # a participating bank's code is taken
     if name == "UpdateBank" and request.address:
         port = _PORT_ADDRESS.fullmatch(request.address)
         if port is None or not 0 < int(port.group(1)) < 65536:
@@ -1117,6 +1143,28 @@ def _admin_requests(world: World) -> st.SearchStrategy[tuple[str, Message]]:
             ),
         ),
         st.tuples(
+            st.just("CreateBank"),
+            # Mostly valid banks (some with a taken code or CNAPS code), some with any field spoiled.
+            st.builds(
+                admin_pb.CreateBankRequest,
+                bank=st.builds(
+                    admin_pb.Bank,
+                    code=st.one_of(
+                        st.sampled_from(fs.BANK_CODES),
+                        st.from_regex(r"[A-Z]{2,5}", fullmatch=True),
+                        fs.bank_codes,
+                    ),
+                    name=st.one_of(st.just("测试银行"), st.text(max_size=40)),
+                    english_name=st.one_of(st.just("Test Bank"), st.text(max_size=40)),
+                    interbank_code=st.one_of(st.from_regex(r"[0-9]{3}", fullmatch=True), st.text(max_size=5)),
+                    address=st.one_of(st.just("127.0.0.1:9"), fs.addresses),
+                    tls_name=st.one_of(
+                        st.just(""), st.just("test.bank.cardlookup.test"), st.text(max_size=20)
+                    ),
+                ),
+            ),
+        ),
+        st.tuples(
             st.just("ListRegions"),
             st.builds(admin_pb.ListRegionsRequest, page_size=fs.page_sizes, page_token=fs.page_tokens),
         ),
@@ -1160,6 +1208,12 @@ def test_fuzz_admin(fuzz_stack: FuzzStack, world: World) -> None:
                 outcome = caller.call(name, request, bearer(ADMIN_TOKEN), expect=expect)
                 if outcome.code == C.OK and isinstance(request, admin_pb.ListAuditEventsRequest):
                     _check_audit_answer(world, request, outcome)
+                if outcome.code == C.OK and isinstance(request, admin_pb.CreateBankRequest):
+                    joined = outcome.responses[0].bank
+                    assert (joined.code, joined.enabled) == (request.bank.code, True)
+                    # It has no server: disabled at once, so no lookup elsewhere waits for it.
+                    disable = admin_pb.UpdateBankRequest(code=joined.code, update_mask={"paths": ["enabled"]})
+                    caller.call("UpdateBank", disable, bearer(ADMIN_TOKEN), expect={C.OK})
                 caller.call(name, request, bad, expect={C.UNAUTHENTICATED})
                 caller.call(name, request, [], expect={C.UNAUTHENTICATED})
 
@@ -1602,7 +1656,7 @@ def test_near_valid_identifiers_are_invalid_argument(fuzz_stack: FuzzStack, worl
         ),
         "create_request_id_newline": (
             "CreateLookup",
-            lookup_pb.CreateLookupRequest(request_id="req-1\n"),
+            lookup_pb.CreateLookupRequest(request_id="req-1\n", consent_terms_version=TERMS_VERSION),
             zhang,
             None,
         ),
@@ -1747,7 +1801,12 @@ def test_servers_still_healthy_and_enough_requests(fuzz_stack: FuzzStack, world:
             expected = {C.OK} if lookup in kept_lookups else {C.NOT_FOUND}
             caller.call("GetLookup", lookup_pb.GetLookupRequest(name=lookup), zhang, expect=expected)
         banks = caller.call("ListBanks", admin_pb.ListBanksRequest(), bearer(ADMIN_TOKEN), expect={C.OK})
-        assert len(banks.responses[0].banks) == 16
+        # The 16 in their order and enabled; after them only banks the fuzz registered, each disabled
+        # at once (CreateBank adds a bank, nothing removes one).
+        listed = banks.responses[0].banks
+        assert [b.code for b in listed[:16]] == fs.BANK_CODES
+        assert all(b.enabled for b in listed[:16])
+        assert not any(b.enabled for b in listed[16:])
         answer = caller.call(
             "QueryCards",
             bank_pb.QueryCardsRequest(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -19,7 +20,7 @@ from server.bank.app import RunningBank, start_bank
 from server.bank.main import _tls_for
 from server.common.dev_ca import bank_tls_files, create_dev_pki, main, union_client_tls, union_server_tls
 from server.common.grpc_runtime import TlsFiles
-from server.population.catalogue import BANKS, BANKS_BY_CODE
+from server.population.catalogue import BANKS, BANKS_BY_CODE, BankInfo, Bin
 from server.population.generator import DEMO_PEOPLE
 from server.union.bank_gateway import ClientTls, GrpcBankGateway, bank_tls_name
 from server.union.domain.banks import BankCallFailed, ReportedCard
@@ -195,6 +196,37 @@ async def test_bank_certified_by_another_ca_is_refused(
     rogue = await start("ICBC", bank_tls_files(rogue_pki, "ICBC"))
     with pytest.raises(BankCallFailed, match="UNAVAILABLE"):
         await _query(union_client_tls(pki), _bank("ICBC", rogue.address))
+
+
+async def test_a_joining_bank_is_held_to_the_name_in_the_catalogue(tmp_path: Path) -> None:
+    """A bank that joins later, certified by the development CA on request under a name of its own:
+    the union accepts it under that name (the catalogue's tls_name) and under no other."""
+    pki = tmp_path / "pki"
+    create_dev_pki(pki)
+    assert main([str(pki), "--bank", "BOSC", "--tls-name", "gateway.bosc.example"]) == 0
+    bosc_info = BankInfo("BOSC", "上海银行", "Bank of Shanghai", "325", (Bin("622892", 16),), ())
+    bosc = await start_bank(
+        "BOSC",
+        data_dir=tmp_path / "banks",
+        seed=SEED,
+        size=SIZE,
+        tls=bank_tls_files(pki, "BOSC"),
+        bank_info=bosc_info,
+    )
+    try:
+        registered = Bank(
+            "BOSC", "上海银行", "Bank of Shanghai", bosc.address, True, 16, "325", "gateway.bosc.example"
+        )
+        assert (
+            await _query(union_client_tls(pki), registered) == []
+        )  # 张伟 banks elsewhere; the call went through
+        with pytest.raises(BankCallFailed, match="UNAVAILABLE"):  # the default name is not what it holds
+            await _query(union_client_tls(pki), replace(registered, tls_name=""))
+    finally:
+        await bosc.stop(0)
+    with pytest.raises(SystemExit):  # no CA there to issue from: refused, nothing written
+        main([str(tmp_path / "empty"), "--bank", "BOSC"])
+    assert not (tmp_path / "empty" / "bosc.crt").exists()
 
 
 async def test_plaintext_union_cannot_reach_a_tls_bank(icbc: RunningBank) -> None:

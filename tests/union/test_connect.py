@@ -29,6 +29,7 @@ from connectrpc.errors import ConnectError
 from connectrpc.protocol import ProtocolType
 from google.rpc import error_details_pb2
 
+from clients.client import TERMS_VERSION
 from server.population.generator import Person
 from server.union.app import UnionServer
 from server.union.sms import read_one_time_code
@@ -78,7 +79,8 @@ async def test_lookup_watch_report_and_actions_over_http(
     auth = {"authorization": f"Bearer {token}"}
     async with lookup_connect.CardLookupServiceClient(_base(http_union), protocol=protocol) as lookups:
         created = await lookups.create_lookup(
-            lookup_pb.CreateLookupRequest(request_id=uuid.uuid4().hex), headers=auth
+            lookup_pb.CreateLookupRequest(request_id=uuid.uuid4().hex, consent_terms_version=TERMS_VERSION),
+            headers=auth,
         )
         events = [
             event

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
+from clients.client import TERMS_VERSION
 from server.bank.app import RunningBank
 from server.bank.faults import FaultSettings
 from server.population.generator import cards_of
@@ -176,7 +177,9 @@ async def test_every_rpc_is_counted_by_method_and_status_code(
         lookups = lookup_grpc.CardLookupServiceStub(channel)
         bad_input = identity.StartVerification(identity_pb.StartVerificationRequest(name="张伟"))
         assert await _refused(bad_input) == grpc.StatusCode.INVALID_ARGUMENT
-        no_session = lookups.CreateLookup(lookup_pb.CreateLookupRequest(request_id="no-session"))
+        no_session = lookups.CreateLookup(
+            lookup_pb.CreateLookupRequest(request_id="no-session", consent_terms_version=TERMS_VERSION)
+        )
         assert await _refused(no_session) == grpc.StatusCode.UNAUTHENTICATED
         # Bytes that are no protobuf message: refused by the request guard, after the observer.
         garbage = channel.unary_unary("/cardlookup.v1.IdentityService/StartVerification")(b"\xff\xff\xff")

@@ -11,7 +11,7 @@ import pytest
 from cardlookup.v1 import card_lookup_service_pb2 as pb
 from cardlookup.v1 import card_lookup_service_pb2_grpc as pb_grpc
 
-from clients.client import CardLookupError
+from clients.client import TERMS_VERSION, CardLookupError
 from server.union.app import UnionServer
 from tests.conftest import ZHANG, UnionFactory, run_lookup, verified_client
 
@@ -103,7 +103,10 @@ async def test_cancelled_watches_and_creates_leak_nothing(union: UnionServer) ->
             for call in calls:
                 call.cancel()
             # A create that the client abandons mid-call.
-            create = stub.CreateLookup(pb.CreateLookupRequest(request_id="abandoned"), metadata=metadata)
+            create = stub.CreateLookup(
+                pb.CreateLookupRequest(request_id="abandoned", consent_terms_version=TERMS_VERSION),
+                metadata=metadata,
+            )
             create.cancel()
         await _settle(union)
         assert union.events.watcher_count() == 0

@@ -28,14 +28,22 @@ import {
 } from "./gen/cardlookup/v1/card_lookup_service_pb.js";
 import { IdentityService } from "./gen/cardlookup/v1/identity_service_pb.js";
 
+/** The version of the union's terms this client shows; CreateLookup needs the person's consent to it. */
+export const TERMS_VERSION = "2021-12";
+const TERMS =
+  `Terms ${TERMS_VERSION}: to find the cards in your name, the card union sends your name and resident ` +
+  "ID number to the banks you ask; it keeps only a masked report (first 4 and last 4 digits) for 7 days.";
+
 const USAGE = `usage: lookup --name NAME --id RESIDENT_ID --mobile MOBILE [--sms-outbox PATH]
-              [--target HOST:PORT] [--timeout SECONDS] [--json]
+              [--bank CODE ...] [--agree-terms] [--target HOST:PORT] [--timeout SECONDS] [--json]
 
   --target      union address (default: $CARDLOOKUP_TARGET or 127.0.0.1:50051), plaintext gRPC
   --name, --id, --mobile
                 the person (default: $CARDLOOKUP_NAME, $CARDLOOKUP_ID, $CARDLOOKUP_MOBILE)
   --sms-outbox  development SMS outbox (JSON lines {"time","to","text"}) to read the one-time code
                 from (default: $CARDLOOKUP_SMS_OUTBOX); without it the code is asked for on stdin
+  --bank        ask only this bank (repeatable; default: every bank)
+  --agree-terms accept the union's terms (${TERMS_VERSION}); without it they are shown and asked on stdin
   --timeout     seconds to wait for the report (default 120)
   --json        print the final report as proto3 JSON on stdout (progress goes to stderr)`;
 
@@ -50,6 +58,8 @@ interface Options {
   smsOutbox: string | undefined;
   timeoutMs: number;
   json: boolean;
+  banks: string[];
+  agreeTerms: boolean;
 }
 
 function parseOptions(argv: string[]): Options {
@@ -63,6 +73,8 @@ function parseOptions(argv: string[]): Options {
       "sms-outbox": { type: "string" },
       timeout: { type: "string" },
       json: { type: "boolean", default: false },
+      bank: { type: "string", multiple: true },
+      "agree-terms": { type: "boolean", default: false },
       help: { type: "boolean", short: "h", default: false },
     },
     strict: true,
@@ -91,6 +103,8 @@ function parseOptions(argv: string[]): Options {
     smsOutbox: values["sms-outbox"] ?? env.CARDLOOKUP_SMS_OUTBOX,
     timeoutMs: timeout * 1000,
     json: values.json ?? false,
+    banks: values.bank ?? [],
+    agreeTerms: values["agree-terms"] ?? false,
   };
 }
 
@@ -128,6 +142,16 @@ async function waitForCode(path: string, mobile: string, since: number): Promise
       throw new UsageError(`no one-time code for ${mobile} appeared in ${path}`);
     }
     await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
+async function askForConsent(): Promise<boolean> {
+  const rl = createInterface({ input: process.stdin, output: process.stderr });
+  try {
+    const answer = (await rl.question(`${TERMS}\nDo you accept these terms? [y/N] `)).trim().toLowerCase();
+    return answer === "y" || answer === "yes";
+  } finally {
+    rl.close();
   }
 }
 
@@ -223,7 +247,14 @@ async function run(options: Options): Promise<void> {
   const auth = { headers: { authorization: `Bearer ${verified.sessionToken}` } };
 
   // 2. The lookup, its live progress, the report.
-  const created = await lookups.createLookup({ requestId: randomUUID() }, { ...auth, ...unary });
+  // The person's consent comes before any of their data goes to a bank.
+  if (!options.agreeTerms && !(await askForConsent())) {
+    throw new UsageError("the lookup needs your acceptance of the terms (--agree-terms)");
+  }
+  const created = await lookups.createLookup(
+    { requestId: randomUUID(), bankCodes: options.banks, consentTermsVersion: TERMS_VERSION },
+    { ...auth, ...unary },
+  );
   const lookupName = created.lookup?.name ?? "";
   let reportName = "";
   let first = true;

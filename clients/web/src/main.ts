@@ -38,6 +38,9 @@ let rerender: () => void = () => {};
 const w = (): Words => WORDS[lang];
 const locale = (): string => (lang === "zh" ? "zh-CN" : "en-GB");
 
+/** The version of the union's terms this page shows; CreateLookup needs the person's consent to it. */
+const TERMS_VERSION = "2021-12";
+
 const withSession: Interceptor = (next) => async (request) => {
   if (token !== null) request.header.set("authorization", `Bearer ${token}`);
   return await next(request);
@@ -213,20 +216,10 @@ function lookupView(notice?: string): void {
   page(() => {
     const reports = h("div", {});
     const status = h("div", {});
-    const start = button(w().startLookup, "primary", async () => {
-      start.disabled = true;
-      status.replaceChildren();
-      try {
-        const created = await lookups.createLookup({ requestId: crypto.randomUUID() });
-        progressView(created.lookup!);
-      } catch (error) {
-        status.replaceChildren(errorBox(error));
-        start.disabled = false;
-      }
-    }, "start-lookup");
+    const [terms, start] = consentedLookup(w().startLookup, [], status, "agree-terms", "start-lookup");
     show(
       notice ? h("div", { class: "notice" }, notice) : null,
-      h("section", { class: "panel" }, h("h2", {}, w().lookupTitle), h("p", { class: "muted" }, w().lookupIntro), start, status),
+      h("section", { class: "panel" }, h("h2", {}, w().lookupTitle), h("p", { class: "muted" }, w().lookupIntro), terms, start, status),
       reports,
     );
     void lookups.listReports({ pageSize: 10 }).then(
@@ -243,6 +236,37 @@ function lookupView(notice?: string): void {
       () => undefined,
     );
   });
+}
+
+/**
+ * The terms checkbox and the button that starts a lookup of `bankCodes` (none: every bank). The
+ * person's consent to the terms comes before anything about them goes to a bank, for every lookup.
+ */
+function consentedLookup(
+  label: string, bankCodes: string[], status: HTMLElement, agreeId: string, testId: string,
+): [HTMLElement, HTMLButtonElement] {
+  const agree = h("input", { type: "checkbox", id: agreeId, "data-testid": agreeId });
+  const terms = h("label", { class: "terms", for: agreeId }, agree, " ", w().terms(TERMS_VERSION));
+  const start = button(label, "primary", async () => {
+    status.replaceChildren();
+    if (!agree.checked) {
+      status.replaceChildren(h("div", { class: "error", role: "alert" }, w().termsRequired));
+      return;
+    }
+    start.disabled = true;
+    try {
+      const created = await lookups.createLookup({
+        requestId: crypto.randomUUID(),
+        bankCodes,
+        consentTermsVersion: TERMS_VERSION,
+      });
+      progressView(created.lookup!);
+    } catch (error) {
+      status.replaceChildren(errorBox(error));
+      start.disabled = false;
+    }
+  }, testId);
+  return [terms, start];
 }
 
 function outcomeLabel(progress: BankProgress): [string, string] {
@@ -447,6 +471,19 @@ async function reportView(name: string): Promise<void> {
       );
     };
     remove.replaceChildren(button(w().deleteReport, "danger", askDelete, "delete-report"));
+    // Banks that failed or did not answer can be asked again at once (the others keep their cooldown).
+    const unanswered = report.bankSummaries.filter(
+      (b) => b.outcome === BankOutcome.FAILED || b.outcome === BankOutcome.NO_RESPONSE,
+    );
+    let again: HTMLElement | null = null;
+    if (unanswered.length > 0) {
+      const status = h("div", {});
+      const [terms, start] = consentedLookup(
+        w().askAgain, unanswered.map((b) => b.bankCode), status, "agree-terms-again", "ask-again",
+      );
+      again = h("section", { class: "panel", "data-testid": "ask-again-panel" },
+        h("p", {}, w().askAgainIntro(unanswered.map((b) => b.bankName).join("、"))), terms, start, status);
+    }
     show(
       h("section", { class: "panel", "data-testid": "report" },
         h("h2", {}, w().reportTitle),
@@ -469,6 +506,7 @@ async function reportView(name: string): Promise<void> {
       h("section", { class: "panel" }, h("h3", {}, w().cardList),
         report.cards.length === 0 ? h("p", {}, w().noCards) : null,
         ...report.cards.map((card) => cardBlock(report, card))),
+      again,
       remove,
     );
   });

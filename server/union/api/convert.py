@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 from cardlookup.v1 import admin_service_pb2 as admin_pb
 from cardlookup.v1 import card_action_service_pb2 as action_pb
@@ -12,6 +13,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from server.common import errors
+from server.union.bank_gateway import bank_tls_name
 from server.union.domain import model
 
 _OUTCOMES = {
@@ -85,6 +87,22 @@ def _bank_progress(value: model.BankProgress) -> pb.BankProgress:
     )
 
 
+_UNASKED_REASONS = {
+    model.UnaskedReason.NOT_CHOSEN: pb.UNASKED_REASON_NOT_CHOSEN,
+    model.UnaskedReason.BANK_DISABLED: pb.UNASKED_REASON_BANK_DISABLED,
+    model.UnaskedReason.REQUERY_COOLDOWN: pb.UNASKED_REASON_REQUERY_COOLDOWN,
+}
+
+
+def unasked_bank(value: model.UnaskedBank) -> pb.UnaskedBank:
+    result = pb.UnaskedBank(
+        bank_code=value.bank_code, bank_name=value.bank_name, reason=_UNASKED_REASONS[value.reason]
+    )
+    if value.next_query_time is not None:
+        result.next_query_time.CopyFrom(timestamp(value.next_query_time))
+    return result
+
+
 def lookup(value: model.Lookup) -> pb.Lookup:
     return pb.Lookup(
         name=value.name,
@@ -93,6 +111,7 @@ def lookup(value: model.Lookup) -> pb.Lookup:
         create_time=timestamp(value.create_time),
         deadline_time=timestamp(value.deadline_time),
         report=f"reports/{value.report_id}" if value.report_id else "",
+        unasked_banks=[unasked_bank(b) for b in value.unasked],
     )
 
 
@@ -110,6 +129,11 @@ def report(value: model.Report) -> pb.Report:
                 debit_card_count=b.debit_count,
                 credit_card_count=b.credit_count,
                 outcome=_OUTCOMES[b.outcome],
+                next_query_time=(
+                    timestamp(value.next_query_times[b.bank_code])
+                    if b.bank_code in value.next_query_times
+                    else None
+                ),
             )
             for b in value.banks
         ],
@@ -130,6 +154,7 @@ def report(value: model.Report) -> pb.Report:
         total_card_count=len(value.cards),
         total_debit_card_count=sum(b.debit_count for b in answered),
         total_credit_card_count=sum(b.credit_count for b in answered),
+        unasked_banks=[unasked_bank(b) for b in value.unasked],
     )
 
 
@@ -182,11 +207,23 @@ def bank(value: model.Bank) -> admin_pb.Bank:
         english_name=value.english_name,
         address=value.address,
         enabled=value.enabled,
+        interbank_code=value.interbank_code,
+        tls_name=value.tls_name or bank_tls_name(value.code),
     )
+
+
+# Pilot opening dates are calendar days in China.
+_CHINA = ZoneInfo("Asia/Shanghai")
 
 
 def region(value: model.Region) -> admin_pb.Region:
     result = admin_pb.Region(code=value.code, name=value.name, open=value.open)
     if value.open_time is not None:
         result.open_time.CopyFrom(timestamp(value.open_time))
+    if value.pilot_batch is not None and value.pilot_open_date is not None:
+        result.pilot_batch = value.pilot_batch
+        opened = value.pilot_open_date
+        result.pilot_open_time.CopyFrom(
+            timestamp(datetime(opened.year, opened.month, opened.day, tzinfo=_CHINA))
+        )
     return result

@@ -22,6 +22,7 @@ from cardlookup.v1 import identity_service_pb2_grpc as identity_grpc
 from server.common import errors
 from server.common.grpc_errors import grpc_method
 from server.union.api import convert
+from server.union.domain import model
 from server.union.domain.admin import AUDIT_ACTOR, AdminService
 from server.union.domain.audit import AuditTrail
 from server.union.domain.card_actions import CardActionService
@@ -106,7 +107,7 @@ class CardLookupServicer(lookup_grpc.CardLookupServiceServicer):
         self, request: lookup_pb.CreateLookupRequest, context: Context
     ) -> lookup_pb.CreateLookupResponse:
         lookup = await self._lookups.create_lookup(
-            await self._caller(context), request.request_id, request.bank_codes
+            await self._caller(context), request.request_id, request.bank_codes, request.consent_terms_version
         )
         return lookup_pb.CreateLookupResponse(lookup=convert.lookup(lookup))
 
@@ -244,6 +245,25 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         await self._credential(context)
         banks, token = _page(await self._admin.list_banks(), request.page_size, request.page_token)
         return admin_pb.ListBanksResponse(banks=[convert.bank(b) for b in banks], next_page_token=token)
+
+    @grpc_method
+    async def CreateBank(
+        self, request: admin_pb.CreateBankRequest, context: Context
+    ) -> admin_pb.CreateBankResponse:
+        credential = await self._credential(context)
+        given = request.bank
+        bank = await self._admin.create_bank(
+            credential,
+            model.NewBank(
+                code=given.code,
+                name=given.name,
+                english_name=given.english_name,
+                interbank_code=given.interbank_code,
+                address=given.address,
+                tls_name=given.tls_name,
+            ),
+        )
+        return admin_pb.CreateBankResponse(bank=convert.bank(bank))
 
     @grpc_method
     async def UpdateBank(

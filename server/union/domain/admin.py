@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from server.common import errors
 from server.union.clock import Clock
@@ -36,6 +36,13 @@ CONSOLE_ACTOR = "admin:console"
 # "admin" (events from before credentials had names).
 AUDIT_ACTOR = re.compile(r"^(?:[0-9a-f]{64}|admin|admin:console|admin:c[0-9a-f]{16})$")
 BANK_FIELDS = ("enabled", "address")
+# A joining bank's Chinese name (CJK, parentheses, a middle dot) and English name.
+BANK_NAME = re.compile(r"^[\u3400-\u9fff（）()·A-Za-z0-9]{2,32}$")
+BANK_ENGLISH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 .,&'()-]{1,127}$")
+INTERBANK_CODE = re.compile(r"^[0-9]{3}$")
+DNS_NAME = re.compile(
+    r"^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+$"
+)
 REGION_FIELDS = ("open",)
 MAX_TOKEN_LENGTH = 256
 
@@ -151,6 +158,38 @@ class AdminService:
     async def list_banks(self) -> list[model.Bank]:
         return await self._store.list_banks()
 
+    async def create_bank(self, credential: AdminCredential, bank: model.NewBank) -> model.Bank:
+        """Register a bank that joins the service (enabled: the next lookup asks it). Every field
+        is validated before anything is kept or echoed; the audit trail names the bank by code."""
+        async with self._audit.action(credential.actor, "admin.bank.create") as outcome:
+            self._require_operator(credential)
+            checks = (
+                ("code", BANK_CODE.fullmatch(bank.code), "must be 2-16 capital letters"),
+                ("name", BANK_NAME.fullmatch(bank.name), "must be 2-32 Chinese characters"),
+                (
+                    "english_name",
+                    BANK_ENGLISH_NAME.fullmatch(bank.english_name),
+                    "must be 2-128 letters, digits, spaces or .,&'()-",
+                ),
+                ("interbank_code", INTERBANK_CODE.fullmatch(bank.interbank_code), "must be 3 digits"),
+                ("address", _valid_address(bank.address), "must be host:port"),
+                (
+                    "tls_name",
+                    not bank.tls_name or DNS_NAME.fullmatch(bank.tls_name),
+                    "must be a lower-case DNS name",
+                ),
+            )
+            violations = [errors.FieldViolation(f"bank.{name}", rule) for name, ok, rule in checks if not ok]
+            if violations:
+                raise errors.InvalidArgument(violations)
+            outcome.resource = f"banks/{bank.code}"
+            created = await self._store.create_bank(bank)
+            if created is None:
+                raise errors.AlreadyExists(
+                    "a bank with this code or interbank code is registered", reason="BANK_EXISTS"
+                )
+        return created
+
     async def update_bank(
         self, credential: AdminCredential, code: str, enabled: bool, address: str, mask: Sequence[str]
     ) -> model.Bank:
@@ -162,9 +201,7 @@ class AdminService:
             violations = []
             if not BANK_CODE.fullmatch(code):
                 violations.append(errors.FieldViolation("code", "must be 2-16 capital letters"))
-            if "address" in fields and not (
-                ADDRESS.fullmatch(address) and 0 < int(address.rsplit(":", 1)[1]) < 65536
-            ):
+            if "address" in fields and not _valid_address(address):
                 violations.append(errors.FieldViolation("address", "must be host:port"))
             if violations:
                 raise errors.InvalidArgument(violations)
@@ -203,3 +240,24 @@ class AdminService:
 
     async def stats(self) -> model.ServiceStats:
         return await self._store.stats()
+
+
+def _valid_address(address: str) -> bool:
+    return bool(ADDRESS.fullmatch(address)) and 0 < int(address.rsplit(":", 1)[1]) < 65536
+
+
+class UnknownBankCodes(ValueError):
+    """Addresses configured for banks the catalogue does not hold (start-up refuses them)."""
+
+
+def check_bank_addresses(addresses: Mapping[str, str], banks: Sequence[model.Bank]) -> None:
+    """An address for a code that is not in the catalogue would be ignored: refuse it instead. A bank
+    joins through AdminService.CreateBank (it is then in the catalogue, and its address may be
+    configured like any other's)."""
+    known = {bank.code for bank in banks}
+    unknown = sorted(code for code in addresses if code not in known)
+    if unknown:
+        raise UnknownBankCodes(
+            f"no bank with code {', '.join(unknown)} is registered; a bank joins through "
+            "AdminService.CreateBank (see docs/operations.md), after which its address can be set here"
+        )

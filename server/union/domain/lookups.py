@@ -8,10 +8,11 @@ exactly like something that does not exist.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from server.common import errors
 from server.union.clock import Clock
@@ -27,12 +28,17 @@ from server.union.storage.store import DuplicateRequest, RequestMismatch, Store
 
 DEFAULT_PAGE_SIZE = 10
 MAX_PAGE_SIZE = 100
+# The version of the terms a person accepts before a lookup (CreateLookupRequest.consent_terms_version).
+CURRENT_TERMS_VERSION = "2021-12"
 
 
 @dataclass(frozen=True)
 class LookupPolicy:
-    # A new lookup only this long after the last one completed (the seed: 7 days).
+    # A bank that answered one of a person's lookups is asked for them again only this long after
+    # that lookup completed (the seed: 7 days). Banks that failed or did not answer: at once.
     requery_cooldown: timedelta = timedelta(days=7)
+    # The terms a person must have accepted; a new version asks everyone to accept again.
+    terms_version: str = CURRENT_TERMS_VERSION
     # Watchers re-read at least this often (changes made by other replicas).
     watch_poll_interval: timedelta = timedelta(seconds=1)
     # After a change, wait this long for more before re-reading (fewer reads, a little latency).
@@ -68,14 +74,21 @@ class LookupService:
         self._orchestrator = orchestrator
         self.policy = policy
 
-    async def create_lookup(self, caller: Caller, request_id: str, bank_codes: Sequence[str]) -> model.Lookup:
+    async def create_lookup(
+        self, caller: Caller, request_id: str, bank_codes: Sequence[str], consent_terms_version: str = ""
+    ) -> model.Lookup:
         async with self._audit.action(caller.person_hash, "lookup.create") as audited:
-            lookup = await self._create(caller, request_id, bank_codes, audited)
+            lookup = await self._create(caller, request_id, bank_codes, consent_terms_version, audited)
             audited.resource = lookup.name
             return lookup
 
     async def _create(
-        self, caller: Caller, request_id: str, bank_codes: Sequence[str], audited: Outcome
+        self,
+        caller: Caller,
+        request_id: str,
+        bank_codes: Sequence[str],
+        consent_terms_version: str,
+        audited: Outcome,
     ) -> model.Lookup:
         violations = []
         if not validation.REQUEST_ID.fullmatch(request_id):
@@ -83,11 +96,18 @@ class LookupService:
         if len(bank_codes) > 64:
             violations.append(errors.FieldViolation("bank_codes", "at most 64 bank codes"))
         validation.require(violations)
+        if consent_terms_version != self.policy.terms_version:
+            # Never echoed: the refusal names the version the union serves, not the one sent.
+            raise errors.FailedPrecondition(
+                "the person must accept the current terms before a lookup",
+                reason="CONSENT_REQUIRED",
+                metadata={"terms_version": self.policy.terms_version},
+            )
 
         request_key = validation.request_key(self._keys, caller.person_hash, request_id)
         fingerprint = validation.fingerprint("lookup", *sorted(set(bank_codes)))
         try:
-            chosen = await self._chosen_banks(caller, bank_codes)
+            chosen, not_asked = await self._chosen_banks(caller, bank_codes)
         except (errors.FailedPrecondition, errors.InvalidArgument):
             # AIP-155: a retry returns what the first call made, whatever has changed since (the
             # region closed, a bank left). Only a new request is refused.
@@ -103,7 +123,7 @@ class LookupService:
 
         now = self._clock.now()
 
-        def admit(activity: model.PersonActivity) -> None:
+        def admit(activity: model.PersonActivity) -> model.Admission:
             # Runs in the creating transaction (see Store.create_lookup): raising writes nothing.
             if activity.running:
                 raise errors.ResourceExhausted(
@@ -111,16 +131,12 @@ class LookupService:
                     reason="LOOKUP_IN_PROGRESS",
                     retry_after=timedelta(minutes=1),
                 )
-            last_complete = activity.last_complete_time
-            if last_complete is not None and last_complete + self.policy.requery_cooldown > now:
-                raise errors.ResourceExhausted(
-                    "a new lookup is possible only after the re-query cooldown",
-                    reason="REQUERY_COOLDOWN",
-                    retry_after=last_complete + self.policy.requery_cooldown - now,
-                )
+            return self._admit(chosen, not_asked, activity, bool(bank_codes), now)
 
         name, resident_id, mobile = caller.contact(self._keys)
         lookup_id = "l" + secrets.token_hex(12)
+        creation = self._audit.entry(caller.person_hash, "lookup.create", f"lookups/{lookup_id}")
+        consent = f"terms/{self.policy.terms_version}"
         try:
             lookup, claims, created = await self._store.create_lookup(
                 lookup_id=lookup_id,
@@ -139,7 +155,9 @@ class LookupService:
                 deadline=now + self._orchestrator.policy.lookup_deadline,
                 claim=self._orchestrator.claim_request(chosen),
                 # Audited in the lookup's own transaction: one write, and never one without the other.
-                audit=self._audit.entry(caller.person_hash, "lookup.create", f"lookups/{lookup_id}"),
+                # The consent is its own event, written with the lookup's (same actor, same time),
+                # naming the terms version only.
+                audit=[creation, dataclasses.replace(creation, action="lookup.consent", resource=consent)],
                 admit=admit,
             )
         except RequestMismatch:
@@ -158,13 +176,58 @@ class LookupService:
         audited.recorded = True
         self._metrics.lookup_created(lookup.id)
         self._orchestrator.dispatch(claims)
-        if len(claims) < len(chosen):
+        if len(claims) < len(lookup.banks):
             self._orchestrator.wake()  # the banks it had no room for go through the queue
         return lookup
 
-    async def _chosen_banks(self, caller: Caller, bank_codes: Sequence[str]) -> list[model.Bank]:
-        """The enabled banks a new lookup asks (all of them, or those named), if the caller's
-        region is open; FAILED_PRECONDITION or INVALID_ARGUMENT otherwise."""
+    def _admit(
+        self,
+        chosen: list[model.Bank],
+        not_asked: list[tuple[model.Bank, model.UnaskedReason]],
+        activity: model.PersonActivity,
+        chose: bool,
+        now: datetime,
+    ) -> model.Admission:
+        """The per-bank re-query cooldown, one decision with the lookup's creation: a chosen bank
+        that answered within the cooldown refuses the whole request (the person named it); without
+        a choice, such banks are left out, and only if every bank is cooling down is it refused."""
+        cooldown = self.policy.requery_cooldown
+        cooling = {
+            bank.code: answered + cooldown
+            for bank in chosen
+            if (answered := activity.answered_banks.get(bank.code)) is not None and answered + cooldown > now
+        }
+        asked = [bank for bank in chosen if bank.code not in cooling]
+        if cooling and (chose or not asked):
+            codes = [bank.code for bank in chosen if bank.code in cooling]
+            # A choice waits for the last of its banks; "every bank" for the first that is free.
+            free_at = max(cooling.values()) if chose else min(cooling.values())
+            raise errors.ResourceExhausted(
+                "a bank answered a lookup of yours within the re-query cooldown",
+                reason="REQUERY_COOLDOWN",
+                retry_after=free_at - now,
+                metadata={"bank_codes": ",".join(codes)},
+            )
+        unasked = [
+            *(model.UnaskedBank(bank.code, bank.name, reason) for bank, reason in not_asked),
+            *(
+                model.UnaskedBank(
+                    bank.code, bank.name, model.UnaskedReason.REQUERY_COOLDOWN, cooling[bank.code]
+                )
+                for bank in chosen
+                if bank.code in cooling
+            ),
+        ]
+        positions = {bank.code: bank.position for bank, _ in not_asked} | {b.code: b.position for b in chosen}
+        unasked.sort(key=lambda bank: positions[bank.bank_code])
+        return model.Admission(asked, unasked)
+
+    async def _chosen_banks(
+        self, caller: Caller, bank_codes: Sequence[str]
+    ) -> tuple[list[model.Bank], list[tuple[model.Bank, model.UnaskedReason]]]:
+        """The enabled banks a new lookup may ask (all of them, or those named) and the others
+        with why they are not asked, if the caller's region is open; FAILED_PRECONDITION or
+        INVALID_ARGUMENT otherwise."""
         region = await self._store.get_region(caller.region_code)
         if region is None or not region.open:
             raise errors.FailedPrecondition(
@@ -184,7 +247,17 @@ class LookupService:
         chosen = [bank for bank in all_banks if bank.enabled and (not bank_codes or bank.code in bank_codes)]
         if not chosen:
             raise errors.FailedPrecondition("none of the chosen banks is enabled", reason="NO_ENABLED_BANK")
-        return chosen
+        not_asked = [
+            (
+                bank,
+                model.UnaskedReason.NOT_CHOSEN
+                if bank_codes and bank.code not in bank_codes
+                else model.UnaskedReason.BANK_DISABLED,
+            )
+            for bank in all_banks
+            if bank not in chosen
+        ]
+        return chosen, not_asked
 
     async def get_lookup(self, caller: Caller, name: str) -> model.Lookup:
         async with self._audit.action(caller.person_hash, "lookup.read") as audited:
@@ -246,7 +319,23 @@ class LookupService:
             if report is None:
                 raise errors.NotFound("report not found")
             audited.resource = report.name
-            return report
+            return self._with_next_query_times(report)
+
+    def _with_next_query_times(self, report: model.Report) -> model.Report:
+        """When this report lets the person ask each of its banks again: a bank that answered
+        after the cooldown, one that failed or did not answer at once."""
+        return dataclasses.replace(
+            report,
+            next_query_times={
+                bank.bank_code: report.generate_time
+                + (
+                    self.policy.requery_cooldown
+                    if bank.outcome == model.BankOutcome.ANSWERED
+                    else timedelta()
+                )
+                for bank in report.banks
+            },
+        )
 
     async def list_reports(
         self, caller: Caller, page_size: int, page_token: str
@@ -255,6 +344,7 @@ class LookupService:
             size = self._pager.size(page_size)
             after = self._pager.after(caller.person_hash, page_token)
             reports = await self._store.list_reports(caller.person_hash, self._clock.now(), after, size + 1)
+            reports = [self._with_next_query_times(report) for report in reports]
             return self._pager.page(reports, size, caller.person_hash, lambda r: (r.generate_time, r.id))
 
     async def delete_report(self, caller: Caller, name: str) -> None:

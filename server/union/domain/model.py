@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from enum import StrEnum
 
 
@@ -38,6 +38,20 @@ class Bank:
     address: str
     enabled: bool
     position: int
+    interbank_code: str = ""
+    tls_name: str = ""  # empty: the default name for its code (bank_gateway.bank_tls_name)
+
+
+@dataclass(frozen=True)
+class NewBank:
+    """A bank joining the service, as an operator registers it (validated)."""
+
+    code: str
+    name: str
+    english_name: str
+    interbank_code: str
+    address: str
+    tls_name: str
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,8 @@ class Region:
     name: str
     open: bool
     open_time: datetime | None
+    pilot_batch: int | None = None  # 1 or 2 for the pilot regions
+    pilot_open_date: date | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,22 @@ class BankProgress:
     debit_count: int
     credit_count: int
     failure_reason: str
+
+
+class UnaskedReason(StrEnum):
+    NOT_CHOSEN = "not_chosen"
+    BANK_DISABLED = "bank_disabled"
+    REQUERY_COOLDOWN = "requery_cooldown"
+
+
+@dataclass(frozen=True)
+class UnaskedBank:
+    """A participating bank a lookup does not ask, and why."""
+
+    bank_code: str
+    bank_name: str
+    reason: UnaskedReason
+    next_query_time: datetime | None = None  # for REQUERY_COOLDOWN
 
 
 @dataclass(frozen=True)
@@ -73,6 +105,7 @@ class Lookup:
     banks: list[BankProgress]
     # When the report expires; the lookup (its per-bank counts) is not served past it either.
     report_expire_time: datetime | None = None
+    unasked: list[UnaskedBank] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -217,6 +250,10 @@ class Report:
     expire_time: datetime
     banks: list[BankProgress]
     cards: list[MaskedCard] = field(default_factory=list)
+    unasked: list[UnaskedBank] = field(default_factory=list)
+    # When the person may ask each bank again as far as this report goes (bank code → time);
+    # filled by the lookup service, which knows the re-query cooldown.
+    next_query_times: dict[str, datetime] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -253,6 +290,18 @@ class PersonActivity:
 
     running: bool  # one of the person's lookups is running
     last_complete_time: datetime | None  # when the latest one completed
+    # Per bank: when the latest of the person's completed lookups that this bank answered completed
+    # (the re-query cooldown runs per bank from there).
+    answered_banks: dict[str, datetime] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What a new lookup asks, decided in its creating transaction: the banks, and the
+    participating banks it does not ask (with why)."""
+
+    banks: list[Bank]
+    unasked: list[UnaskedBank]
 
 
 @dataclass(frozen=True)

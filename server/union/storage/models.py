@@ -9,10 +9,11 @@ Cards are stored as first 4 + last 4 digits and a length.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 from sqlalchemy import (
     Boolean,
+    Date,
     DateTime,
     Dialect,
     ForeignKey,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -67,6 +69,11 @@ class RegionRow(Base):
     name: Mapped[str] = mapped_column(String(32))
     open: Mapped[bool] = mapped_column(Boolean, default=False)
     open_time: Mapped[datetime | None] = mapped_column(Timestamp)
+    # The pilot batch that opened the region (1: Dec 2021, 2: Mar 2022) and that batch's opening
+    # day; NULL for regions outside the pilot. Facts of the service's history: operators' opening
+    # and closing change `open`, never these.
+    pilot_batch: Mapped[int | None] = mapped_column(Integer)
+    pilot_open_date: Mapped[date | None] = mapped_column(Date)
 
 
 class BankRow(Base):
@@ -78,6 +85,10 @@ class BankRow(Base):
     english_name: Mapped[str] = mapped_column(String(128))
     address: Mapped[str] = mapped_column(String(255))
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    # CNAPS code; NULL only for rows made before it was kept (migration 0006 fills the 16).
+    interbank_code: Mapped[str | None] = mapped_column(String(3))
+    # The DNS name the bank's certificate must carry; NULL means bank_tls_name(code).
+    tls_name: Mapped[str | None] = mapped_column(String(253))
 
 
 class IdentityRow(Base):
@@ -139,6 +150,9 @@ class LookupRow(Base):
     # A digest of what was asked (the banks chosen), so a retry with the same request_id but a
     # different request is refused (AIP-155). request_id itself holds a keyed hash, never the text.
     request_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    # The participating banks this lookup does not ask and why (JSON: bank codes, names, reasons,
+    # catalogue facts only); deleted with the lookup.
+    unasked_banks: Mapped[str | None] = mapped_column(Text)
 
 
 class BankTaskRow(Base):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import sqlite3
 import threading
@@ -130,6 +131,7 @@ class _Hot:
             LOOKUPS.c.create_time,
             LOOKUPS.c.deadline_time,
             LOOKUPS.c.report_id,
+            LOOKUPS.c.unasked_banks,
             TASKS.c.bank_code,
             TASKS.c.bank_name,
             TASKS.c.outcome,
@@ -580,6 +582,8 @@ class Store:
                 "english_name": bank.english_name,
                 "address": addresses.get(bank.code, ""),
                 "enabled": True,
+                "interbank_code": bank.interbank_code,
+                "tls_name": None,
             }
             for position, bank in enumerate(banks)
         ]
@@ -589,6 +593,8 @@ class Store:
                 "name": region.name,
                 "open": region.pilot_open_date is not None,
                 "open_time": now if region.pilot_open_date is not None else None,
+                "pilot_batch": region.pilot_batch,
+                "pilot_open_date": region.pilot_open_date,
             }
             for region in regions
         ]
@@ -711,6 +717,45 @@ class Store:
         finally:
             self._invalidate_catalogue()
 
+    # -- banks joining (issue 22) -----------------------------------------------
+    # Self-contained: uses only BankRow and _invalidate_catalogue.
+
+    async def create_bank(self, new: model.NewBank) -> model.Bank | None:
+        """Register a bank joining the service, enabled, after every bank there is (bank order
+        is joining order). None if its code or CNAPS code is taken (a bank that left is kept,
+        disabled, so its code stays taken). One transaction; every replica's catalogue copy
+        picks it up within CATALOGUE_TTL, this one's at once."""
+
+        def work(s: Session) -> model.Bank | None:
+            taken = s.scalar(
+                select(func.count())
+                .select_from(BankRow)
+                .where((BankRow.code == new.code) | (BankRow.interbank_code == new.interbank_code))
+            )
+            if taken:
+                return None
+            position = (s.scalar(select(func.max(BankRow.position))) or 0) + 1
+            row = BankRow(
+                code=new.code,
+                position=position,
+                name=new.name,
+                english_name=new.english_name,
+                address=new.address,
+                enabled=True,
+                interbank_code=new.interbank_code,
+                tls_name=new.tls_name or None,
+            )
+            s.add(row)
+            s.flush()
+            return _bank(row)
+
+        try:
+            return await self._run(work)
+        except IntegrityError:
+            return None  # two operators registered the same code at once; the other one won
+        finally:
+            self._invalidate_catalogue()
+
     # -- verification -------------------------------------------------------
 
     async def add_verification(self, new: model.NewVerification) -> None:
@@ -806,8 +851,8 @@ class Store:
         now: datetime,
         deadline: datetime,
         claim: model.ClaimRequest | None = None,
-        audit: model.AuditEntry | None = None,
-        admit: Callable[[model.PersonActivity], None] | None = None,
+        audit: model.AuditEntry | Sequence[model.AuditEntry] | None = None,
+        admit: Callable[[model.PersonActivity], model.Admission | None] | None = None,
     ) -> tuple[model.Lookup, list[model.Claim], bool]:
         """Persist the lookup and one pending task per bank in one transaction; returns the
         lookup, its claims, and whether it was created.
@@ -815,7 +860,8 @@ class Store:
         If this person's `request_id` already made a lookup, that one is returned and nothing is
         written (AIP-155). Otherwise `admit` is given the person's activity, read in the same
         transaction, and may refuse by raising (nothing is written then either): one round trip
-        to the writer instead of a read and then a write.
+        to the writer instead of a read and then a write. It may also narrow `banks` (returning an
+        Admission: the banks to ask, and the banks not asked, which are kept with the lookup).
 
         With `claim`, the tasks of `claim.bank_codes` are leased to `claim.owner` in the same
         transaction and returned as claims: the creating replica starts those calls at once,
@@ -829,8 +875,13 @@ class Store:
             if existing is not None:
                 _same_request(existing, fingerprint, request_fingerprint)
                 return existing, [], False
+            unasked: list[model.UnaskedBank] = []
+            asked = list(banks)
             if admit is not None:
-                admit(activity)
+                activity = replace(activity, answered_banks=_answered_banks(c, person_hash))
+                admission = admit(activity)
+                if admission is not None:
+                    asked, unasked = list(admission.banks), list(admission.unasked)
             _Hot.insert_lookup.run(
                 c,
                 {
@@ -846,10 +897,11 @@ class Store:
                     "sealed_identity": sealed_identity,
                     "report_id": None,
                     "sealed_contact": sealed_contact,
+                    "unasked_banks": _unasked_to_json(unasked),
                 },
             )
             rows = []
-            for bank in banks:
+            for bank in asked:
                 mine = claim is not None and bank.code in claimed
                 rows.append(
                     {
@@ -872,8 +924,8 @@ class Store:
                 )
             _Hot.insert_tasks.run_many(c, rows)
             _bump(c, "lookups_created")
-            if audit is not None:
-                _insert_audit(c, audit)
+            for entry in [audit] if isinstance(audit, model.AuditEntry) else audit or ():
+                _insert_audit(c, entry)
             lookup = model.Lookup(
                 id=lookup_id,
                 state=model.LookupState.RUNNING,
@@ -891,12 +943,13 @@ class Store:
                         credit_count=0,
                         failure_reason="",
                     )
-                    for bank in sorted(banks, key=lambda b: b.position)
+                    for bank in sorted(asked, key=lambda b: b.position)
                 ],
+                unasked=unasked,
             )
             claims = [
                 model.Claim(lookup_id, bank.code, 1, sealed_identity, deadline)
-                for bank in banks
+                for bank in asked
                 if bank.code in claimed
             ]
             return lookup, claims, True
@@ -2064,6 +2117,7 @@ def _read_lookup(c: Connection, lookup_id: str) -> tuple[str, model.Lookup] | No
             if row.bank_code is not None
         ],
         report_expire_time=_utc(first.report_expire_time),
+        unasked=_unasked_from_json(first.unasked_banks),
     )
     return first.person_hash, lookup
 
@@ -2080,11 +2134,20 @@ def _delete_report_rows(s: Session, row: ReportRow) -> None:
 
 
 def _bank(row: BankRow) -> model.Bank:
-    return model.Bank(row.code, row.name, row.english_name, row.address, row.enabled, row.position)
+    return model.Bank(
+        row.code,
+        row.name,
+        row.english_name,
+        row.address,
+        row.enabled,
+        row.position,
+        row.interbank_code or "",
+        row.tls_name or "",
+    )
 
 
 def _region(row: RegionRow) -> model.Region:
-    return model.Region(row.code, row.name, row.open, row.open_time)
+    return model.Region(row.code, row.name, row.open, row.open_time, row.pilot_batch, row.pilot_open_date)
 
 
 def _action_row(
@@ -2189,7 +2252,8 @@ def _report(s: Session, row: ReportRow) -> model.Report:
         action = _action(action_row)
         (flags if action.kind == model.ActionKind.FLAG else closures)[action.card_ref] = action
     cards = [replace(c, flag=flags.get(c.card_ref), closure=closures.get(c.card_ref)) for c in cards]
-    return model.Report(row.id, row.lookup_id, row.generate_time, row.expire_time, banks, cards)
+    unasked = found[1].unasked if found else []
+    return model.Report(row.id, row.lookup_id, row.generate_time, row.expire_time, banks, cards, unasked)
 
 
 def open_store(url: str) -> Store:
@@ -2198,3 +2262,54 @@ def open_store(url: str) -> Store:
     if backend not in ("sqlite", "postgresql"):
         raise ValueError(f"unsupported database backend {backend!r}: use sqlite:/// or postgresql+psycopg://")
     return Store(url)
+
+
+# -- per-bank cooldown and unasked banks (issue 22) -----------------------------
+# Self-contained helpers of create_lookup and _read_lookup.
+
+# Per bank: when the latest of the person's completed lookups that the bank answered completed.
+_ANSWERED_BANKS = Prepared(
+    select(TASKS.c.bank_code, func.max(LOOKUPS.c.complete_time).label("last_answered"))
+    .select_from(LOOKUPS.join(TASKS, TASKS.c.lookup_id == LOOKUPS.c.id))
+    .where(
+        LOOKUPS.c.person_hash == bindparam("person_hash"),
+        LOOKUPS.c.state == model.LookupState.COMPLETED,
+        TASKS.c.outcome == model.BankOutcome.ANSWERED,
+    )
+    .group_by(TASKS.c.bank_code)
+)
+
+
+def _answered_banks(c: Connection, person_hash: str) -> dict[str, datetime]:
+    """What the per-bank re-query cooldown depends on, read in the creating transaction (after
+    the person's row lock on PostgreSQL), so the decision is exact under concurrent requests."""
+    rows = _ANSWERED_BANKS.run(c, {"person_hash": person_hash})
+    return {code: when for code, last in rows if (when := _utc(last)) is not None}
+
+
+def _unasked_to_json(unasked: Sequence[model.UnaskedBank]) -> str | None:
+    if not unasked:
+        return None
+    return json.dumps(
+        [
+            [
+                bank.bank_code,
+                bank.bank_name,
+                bank.reason.value,
+                bank.next_query_time.isoformat() if bank.next_query_time else None,
+            ]
+            for bank in unasked
+        ],
+        ensure_ascii=False,
+    )
+
+
+def _unasked_from_json(text: str | None) -> list[model.UnaskedBank]:
+    if not text:
+        return []
+    return [
+        model.UnaskedBank(
+            code, name, model.UnaskedReason(reason), datetime.fromisoformat(when) if when else None
+        )
+        for code, name, reason, when in json.loads(text)
+    ]

@@ -20,6 +20,9 @@ class AdminService(Protocol):
     async def list_banks(self, request: cardlookup_dot_v1_dot_admin__service__pb2.ListBanksRequest, ctx: RequestContext) -> cardlookup_dot_v1_dot_admin__service__pb2.ListBanksResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
+    async def create_bank(self, request: cardlookup_dot_v1_dot_admin__service__pb2.CreateBankRequest, ctx: RequestContext) -> cardlookup_dot_v1_dot_admin__service__pb2.CreateBankResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
     async def update_bank(self, request: cardlookup_dot_v1_dot_admin__service__pb2.UpdateBankRequest, ctx: RequestContext) -> cardlookup_dot_v1_dot_admin__service__pb2.UpdateBankResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
@@ -50,6 +53,16 @@ class AdminServiceASGIApplication(ConnectASGIApplication[AdminService]):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=svc.list_banks,
+                ),
+                "/cardlookup.v1.AdminService/CreateBank": Endpoint.unary(
+                    method=MethodInfo(
+                        name="CreateBank",
+                        service_name="cardlookup.v1.AdminService",
+                        input=cardlookup_dot_v1_dot_admin__service__pb2.CreateBankRequest,
+                        output=cardlookup_dot_v1_dot_admin__service__pb2.CreateBankResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.create_bank,
                 ),
                 "/cardlookup.v1.AdminService/UpdateBank": Endpoint.unary(
                     method=MethodInfo(
@@ -128,6 +141,26 @@ class AdminServiceClient(ConnectClient):
                 service_name="cardlookup.v1.AdminService",
                 input=cardlookup_dot_v1_dot_admin__service__pb2.ListBanksRequest,
                 output=cardlookup_dot_v1_dot_admin__service__pb2.ListBanksResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    async def create_bank(
+        self,
+        request: cardlookup_dot_v1_dot_admin__service__pb2.CreateBankRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> cardlookup_dot_v1_dot_admin__service__pb2.CreateBankResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="CreateBank",
+                service_name="cardlookup.v1.AdminService",
+                input=cardlookup_dot_v1_dot_admin__service__pb2.CreateBankRequest,
+                output=cardlookup_dot_v1_dot_admin__service__pb2.CreateBankResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
             ),
             headers=headers,
@@ -238,6 +271,8 @@ class AdminServiceClient(ConnectClient):
 class AdminServiceSync(Protocol):
     def list_banks(self, request: cardlookup_dot_v1_dot_admin__service__pb2.ListBanksRequest, ctx: RequestContext) -> cardlookup_dot_v1_dot_admin__service__pb2.ListBanksResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def create_bank(self, request: cardlookup_dot_v1_dot_admin__service__pb2.CreateBankRequest, ctx: RequestContext) -> cardlookup_dot_v1_dot_admin__service__pb2.CreateBankResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def update_bank(self, request: cardlookup_dot_v1_dot_admin__service__pb2.UpdateBankRequest, ctx: RequestContext) -> cardlookup_dot_v1_dot_admin__service__pb2.UpdateBankResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def list_regions(self, request: cardlookup_dot_v1_dot_admin__service__pb2.ListRegionsRequest, ctx: RequestContext) -> cardlookup_dot_v1_dot_admin__service__pb2.ListRegionsResponse:
@@ -263,6 +298,16 @@ class AdminServiceWSGIApplication(ConnectWSGIApplication):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=service.list_banks,
+                ),
+                "/cardlookup.v1.AdminService/CreateBank": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="CreateBank",
+                        service_name="cardlookup.v1.AdminService",
+                        input=cardlookup_dot_v1_dot_admin__service__pb2.CreateBankRequest,
+                        output=cardlookup_dot_v1_dot_admin__service__pb2.CreateBankResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.create_bank,
                 ),
                 "/cardlookup.v1.AdminService/UpdateBank": EndpointSync.unary(
                     method=MethodInfo(
@@ -341,6 +386,26 @@ class AdminServiceClientSync(ConnectClientSync):
                 service_name="cardlookup.v1.AdminService",
                 input=cardlookup_dot_v1_dot_admin__service__pb2.ListBanksRequest,
                 output=cardlookup_dot_v1_dot_admin__service__pb2.ListBanksResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def create_bank(
+        self,
+        request: cardlookup_dot_v1_dot_admin__service__pb2.CreateBankRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> cardlookup_dot_v1_dot_admin__service__pb2.CreateBankResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="CreateBank",
+                service_name="cardlookup.v1.AdminService",
+                input=cardlookup_dot_v1_dot_admin__service__pb2.CreateBankRequest,
+                output=cardlookup_dot_v1_dot_admin__service__pb2.CreateBankResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
             ),
             headers=headers,

@@ -27,43 +27,47 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!cardlookup/v1/admin_service.proto\x12\rcardlookup.v1\x1a\'cardlookup/v1/card_action_service.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"Z\n\x04\x42\x61nk\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0c\x65nglish_name\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x05 \x01(\x08\"a\n\x06Region\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04open\x18\x03 \x01(\x08\x12-\n\topen_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"9\n\x10ListBanksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"P\n\x11ListBanksResponse\x12\"\n\x05\x62\x61nks\x18\x01 \x03(\x0b\x32\x13.cardlookup.v1.Bank\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"t\n\x11UpdateBankRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12/\n\x0bupdate_mask\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"7\n\x12UpdateBankResponse\x12!\n\x04\x62\x61nk\x18\x01 \x01(\x0b\x32\x13.cardlookup.v1.Bank\";\n\x12ListRegionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x13ListRegionsResponse\x12&\n\x07regions\x18\x01 \x03(\x0b\x32\x15.cardlookup.v1.Region\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"b\n\x13UpdateRegionRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04open\x18\x02 \x01(\x08\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"=\n\x14UpdateRegionResponse\x12%\n\x06region\x18\x01 \x01(\x0b\x32\x15.cardlookup.v1.Region\"\x18\n\x16GetServiceStatsRequest\"\x94\x01\n\x17GetServiceStatsResponse\x12\x17\n\x0fpeople_verified\x18\x01 \x01(\x03\x12\x17\n\x0flookups_created\x18\x02 \x01(\x03\x12\x19\n\x11reports_generated\x18\x03 \x01(\x03\x12,\n\nbank_stats\x18\x04 \x03(\x0b\x32\x18.cardlookup.v1.BankStats\"e\n\tBankStats\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12\x16\n\x0e\x61nswered_count\x18\x02 \x01(\x03\x12\x14\n\x0c\x66\x61iled_count\x18\x03 \x01(\x03\x12\x17\n\x0fmean_latency_ms\x18\x04 \x01(\x01\"\xac\x01\n\x16ListAuditEventsRequest\x12\r\n\x05\x61\x63tor\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"]\n\x17ListAuditEventsResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.cardlookup.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xa4\x04\n\x0c\x41\x64minService\x12N\n\tListBanks\x12\x1f.cardlookup.v1.ListBanksRequest\x1a .cardlookup.v1.ListBanksResponse\x12Q\n\nUpdateBank\x12 .cardlookup.v1.UpdateBankRequest\x1a!.cardlookup.v1.UpdateBankResponse\x12T\n\x0bListRegions\x12!.cardlookup.v1.ListRegionsRequest\x1a\".cardlookup.v1.ListRegionsResponse\x12W\n\x0cUpdateRegion\x12\".cardlookup.v1.UpdateRegionRequest\x1a#.cardlookup.v1.UpdateRegionResponse\x12`\n\x0fGetServiceStats\x12%.cardlookup.v1.GetServiceStatsRequest\x1a&.cardlookup.v1.GetServiceStatsResponse\x12`\n\x0fListAuditEvents\x12%.cardlookup.v1.ListAuditEventsRequest\x1a&.cardlookup.v1.ListAuditEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!cardlookup/v1/admin_service.proto\x12\rcardlookup.v1\x1a\'cardlookup/v1/card_action_service.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x84\x01\n\x04\x42\x61nk\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0c\x65nglish_name\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x05 \x01(\x08\x12\x16\n\x0einterbank_code\x18\x06 \x01(\t\x12\x10\n\x08tls_name\x18\x07 \x01(\t\"\xab\x01\n\x06Region\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04open\x18\x03 \x01(\x08\x12-\n\topen_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bpilot_batch\x18\x05 \x01(\x05\x12\x33\n\x0fpilot_open_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"9\n\x10ListBanksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"P\n\x11ListBanksResponse\x12\"\n\x05\x62\x61nks\x18\x01 \x03(\x0b\x32\x13.cardlookup.v1.Bank\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"6\n\x11\x43reateBankRequest\x12!\n\x04\x62\x61nk\x18\x01 \x01(\x0b\x32\x13.cardlookup.v1.Bank\"7\n\x12\x43reateBankResponse\x12!\n\x04\x62\x61nk\x18\x01 \x01(\x0b\x32\x13.cardlookup.v1.Bank\"t\n\x11UpdateBankRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12/\n\x0bupdate_mask\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"7\n\x12UpdateBankResponse\x12!\n\x04\x62\x61nk\x18\x01 \x01(\x0b\x32\x13.cardlookup.v1.Bank\";\n\x12ListRegionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x13ListRegionsResponse\x12&\n\x07regions\x18\x01 \x03(\x0b\x32\x15.cardlookup.v1.Region\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"b\n\x13UpdateRegionRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04open\x18\x02 \x01(\x08\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"=\n\x14UpdateRegionResponse\x12%\n\x06region\x18\x01 \x01(\x0b\x32\x15.cardlookup.v1.Region\"\x18\n\x16GetServiceStatsRequest\"\x94\x01\n\x17GetServiceStatsResponse\x12\x17\n\x0fpeople_verified\x18\x01 \x01(\x03\x12\x17\n\x0flookups_created\x18\x02 \x01(\x03\x12\x19\n\x11reports_generated\x18\x03 \x01(\x03\x12,\n\nbank_stats\x18\x04 \x03(\x0b\x32\x18.cardlookup.v1.BankStats\"e\n\tBankStats\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12\x16\n\x0e\x61nswered_count\x18\x02 \x01(\x03\x12\x14\n\x0c\x66\x61iled_count\x18\x03 \x01(\x03\x12\x17\n\x0fmean_latency_ms\x18\x04 \x01(\x01\"\xac\x01\n\x16ListAuditEventsRequest\x12\r\n\x05\x61\x63tor\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"]\n\x17ListAuditEventsResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.cardlookup.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xf7\x04\n\x0c\x41\x64minService\x12N\n\tListBanks\x12\x1f.cardlookup.v1.ListBanksRequest\x1a .cardlookup.v1.ListBanksResponse\x12Q\n\nCreateBank\x12 .cardlookup.v1.CreateBankRequest\x1a!.cardlookup.v1.CreateBankResponse\x12Q\n\nUpdateBank\x12 .cardlookup.v1.UpdateBankRequest\x1a!.cardlookup.v1.UpdateBankResponse\x12T\n\x0bListRegions\x12!.cardlookup.v1.ListRegionsRequest\x1a\".cardlookup.v1.ListRegionsResponse\x12W\n\x0cUpdateRegion\x12\".cardlookup.v1.UpdateRegionRequest\x1a#.cardlookup.v1.UpdateRegionResponse\x12`\n\x0fGetServiceStats\x12%.cardlookup.v1.GetServiceStatsRequest\x1a&.cardlookup.v1.GetServiceStatsResponse\x12`\n\x0fListAuditEvents\x12%.cardlookup.v1.ListAuditEventsRequest\x1a&.cardlookup.v1.ListAuditEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cardlookup.v1.admin_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BANK']._serialized_start=160
-  _globals['_BANK']._serialized_end=250
-  _globals['_REGION']._serialized_start=252
-  _globals['_REGION']._serialized_end=349
-  _globals['_LISTBANKSREQUEST']._serialized_start=351
-  _globals['_LISTBANKSREQUEST']._serialized_end=408
-  _globals['_LISTBANKSRESPONSE']._serialized_start=410
-  _globals['_LISTBANKSRESPONSE']._serialized_end=490
-  _globals['_UPDATEBANKREQUEST']._serialized_start=492
-  _globals['_UPDATEBANKREQUEST']._serialized_end=608
-  _globals['_UPDATEBANKRESPONSE']._serialized_start=610
-  _globals['_UPDATEBANKRESPONSE']._serialized_end=665
-  _globals['_LISTREGIONSREQUEST']._serialized_start=667
-  _globals['_LISTREGIONSREQUEST']._serialized_end=726
-  _globals['_LISTREGIONSRESPONSE']._serialized_start=728
-  _globals['_LISTREGIONSRESPONSE']._serialized_end=814
-  _globals['_UPDATEREGIONREQUEST']._serialized_start=816
-  _globals['_UPDATEREGIONREQUEST']._serialized_end=914
-  _globals['_UPDATEREGIONRESPONSE']._serialized_start=916
-  _globals['_UPDATEREGIONRESPONSE']._serialized_end=977
-  _globals['_GETSERVICESTATSREQUEST']._serialized_start=979
-  _globals['_GETSERVICESTATSREQUEST']._serialized_end=1003
-  _globals['_GETSERVICESTATSRESPONSE']._serialized_start=1006
-  _globals['_GETSERVICESTATSRESPONSE']._serialized_end=1154
-  _globals['_BANKSTATS']._serialized_start=1156
-  _globals['_BANKSTATS']._serialized_end=1257
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=1260
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=1432
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=1434
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=1527
-  _globals['_ADMINSERVICE']._serialized_start=1530
-  _globals['_ADMINSERVICE']._serialized_end=2078
+  _globals['_BANK']._serialized_start=161
+  _globals['_BANK']._serialized_end=293
+  _globals['_REGION']._serialized_start=296
+  _globals['_REGION']._serialized_end=467
+  _globals['_LISTBANKSREQUEST']._serialized_start=469
+  _globals['_LISTBANKSREQUEST']._serialized_end=526
+  _globals['_LISTBANKSRESPONSE']._serialized_start=528
+  _globals['_LISTBANKSRESPONSE']._serialized_end=608
+  _globals['_CREATEBANKREQUEST']._serialized_start=610
+  _globals['_CREATEBANKREQUEST']._serialized_end=664
+  _globals['_CREATEBANKRESPONSE']._serialized_start=666
+  _globals['_CREATEBANKRESPONSE']._serialized_end=721
+  _globals['_UPDATEBANKREQUEST']._serialized_start=723
+  _globals['_UPDATEBANKREQUEST']._serialized_end=839
+  _globals['_UPDATEBANKRESPONSE']._serialized_start=841
+  _globals['_UPDATEBANKRESPONSE']._serialized_end=896
+  _globals['_LISTREGIONSREQUEST']._serialized_start=898
+  _globals['_LISTREGIONSREQUEST']._serialized_end=957
+  _globals['_LISTREGIONSRESPONSE']._serialized_start=959
+  _globals['_LISTREGIONSRESPONSE']._serialized_end=1045
+  _globals['_UPDATEREGIONREQUEST']._serialized_start=1047
+  _globals['_UPDATEREGIONREQUEST']._serialized_end=1145
+  _globals['_UPDATEREGIONRESPONSE']._serialized_start=1147
+  _globals['_UPDATEREGIONRESPONSE']._serialized_end=1208
+  _globals['_GETSERVICESTATSREQUEST']._serialized_start=1210
+  _globals['_GETSERVICESTATSREQUEST']._serialized_end=1234
+  _globals['_GETSERVICESTATSRESPONSE']._serialized_start=1237
+  _globals['_GETSERVICESTATSRESPONSE']._serialized_end=1385
+  _globals['_BANKSTATS']._serialized_start=1387
+  _globals['_BANKSTATS']._serialized_end=1488
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=1491
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=1663
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=1665
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=1758
+  _globals['_ADMINSERVICE']._serialized_start=1761
+  _globals['_ADMINSERVICE']._serialized_end=2392
 # @@protoc_insertion_point(module_scope)

@@ -32,6 +32,8 @@ class Bank(_message.Message):
     ENGLISH_NAME_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     ENABLED_FIELD_NUMBER: _builtins.int
+    INTERBANK_CODE_FIELD_NUMBER: _builtins.int
+    TLS_NAME_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     """Bank code, for example "ICBC"."""
     name: _builtins.str
@@ -41,7 +43,17 @@ class Bank(_message.Message):
     address: _builtins.str
     """host:port of the bank's BankQueryService."""
     enabled: _builtins.bool
-    """Whether new lookups query this bank."""
+    """Whether new lookups query this bank. A bank that left the service is
+    kept disabled, with its history.
+    """
+    interbank_code: _builtins.str
+    """The bank's three-digit code in the national interbank payment system
+    (CNAPS), for example "102"; empty for banks registered before it was kept.
+    """
+    tls_name: _builtins.str
+    """The DNS name the bank's TLS certificate must carry for the union to
+    accept its answers, for example "icbc.bank.cardlookup.test".
+    """
     def __init__(
         self,
         *,
@@ -50,10 +62,12 @@ class Bank(_message.Message):
         english_name: _builtins.str = ...,
         address: _builtins.str = ...,
         enabled: _builtins.bool = ...,
+        interbank_code: _builtins.str = ...,
+        tls_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "code", b"code", "enabled", b"enabled", "english_name", b"english_name", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "code", b"code", "enabled", b"enabled", "english_name", b"english_name", "interbank_code", b"interbank_code", "name", b"name", "tls_name", b"tls_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -69,15 +83,30 @@ class Region(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     OPEN_FIELD_NUMBER: _builtins.int
     OPEN_TIME_FIELD_NUMBER: _builtins.int
+    PILOT_BATCH_FIELD_NUMBER: _builtins.int
+    PILOT_OPEN_TIME_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     """GB/T 2260 code, for example "310000"."""
     name: _builtins.str
     """Chinese name, for example "上海市"."""
     open: _builtins.bool
     """Whether people registered here may create lookups."""
+    pilot_batch: _builtins.int
+    """The pilot batch that opened the region: 1 (December 2021: Shanghai,
+    Yunnan) or 2 (March 2022: fourteen more provinces); 0 for a region that
+    was not in the pilot.
+    """
     @_builtins.property
     def open_time(self) -> _timestamp_pb2.Timestamp:
         """When the region was opened; unset while closed."""
+
+    @_builtins.property
+    def pilot_open_time(self) -> _timestamp_pb2.Timestamp:
+        """The first day of the pilot batch's opening month, 00:00 China Standard
+        Time (2021-12-01 for batch 1, 2022-03-01 for batch 2); unset when
+        pilot_batch is 0. Unlike open_time, it does not change when an operator
+        closes and reopens the region.
+        """
 
     def __init__(
         self,
@@ -86,10 +115,12 @@ class Region(_message.Message):
         name: _builtins.str = ...,
         open: _builtins.bool = ...,
         open_time: _timestamp_pb2.Timestamp | None = ...,
+        pilot_batch: _builtins.int = ...,
+        pilot_open_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["open_time", b"open_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["open_time", b"open_time", "pilot_open_time", b"pilot_open_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "name", b"name", "open", b"open", "open_time", b"open_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "name", b"name", "open", b"open", "open_time", b"open_time", "pilot_batch", b"pilot_batch", "pilot_open_time", b"pilot_open_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -148,6 +179,59 @@ class ListBanksResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListBanksResponse: _TypeAlias = ListBanksResponse  # noqa: Y015
+
+@_typing.final
+class CreateBankRequest(_message.Message):
+    """Request for CreateBank."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BANK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def bank(self) -> Global___Bank:
+        """The bank to add. code: 2-16 capital letters; name (Chinese) and
+        english_name: required; interbank_code: three digits; address: host:port
+        of its BankQueryService; tls_name: optional, defaults to
+        "<code in lower case>.bank.cardlookup.test" (what the development CA
+        issues). enabled is ignored: a new bank is enabled.
+        """
+
+    def __init__(
+        self,
+        *,
+        bank: Global___Bank | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateBankRequest: _TypeAlias = CreateBankRequest  # noqa: Y015
+
+@_typing.final
+class CreateBankResponse(_message.Message):
+    """Response for CreateBank."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BANK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def bank(self) -> Global___Bank:
+        """The bank as registered."""
+
+    def __init__(
+        self,
+        *,
+        bank: Global___Bank | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateBankResponse: _TypeAlias = CreateBankResponse  # noqa: Y015
 
 @_typing.final
 class UpdateBankRequest(_message.Message):

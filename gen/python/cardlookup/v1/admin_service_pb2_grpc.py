@@ -48,6 +48,11 @@ class AdminServiceStub:
                 request_serializer=cardlookup_dot_v1_dot_admin__service__pb2.ListBanksRequest.SerializeToString,
                 response_deserializer=cardlookup_dot_v1_dot_admin__service__pb2.ListBanksResponse.FromString,
                 _registered_method=True)
+        self.CreateBank = channel.unary_unary(
+                '/cardlookup.v1.AdminService/CreateBank',
+                request_serializer=cardlookup_dot_v1_dot_admin__service__pb2.CreateBankRequest.SerializeToString,
+                response_deserializer=cardlookup_dot_v1_dot_admin__service__pb2.CreateBankResponse.FromString,
+                _registered_method=True)
         self.UpdateBank = channel.unary_unary(
                 '/cardlookup.v1.AdminService/UpdateBank',
                 request_serializer=cardlookup_dot_v1_dot_admin__service__pb2.UpdateBankRequest.SerializeToString,
@@ -94,6 +99,29 @@ class AdminServiceServicer:
         - OK.
         - INVALID_ARGUMENT: negative page_size or a foreign page_token.
         - UNAUTHENTICATED: missing or wrong admin credential.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateBank(self, request, context):
+        """Adds a bank that joins the service (AIP-133); it is enabled at once, so
+        the next lookup asks it, on every replica within the catalogue refresh,
+        without a restart. The bank's code is its resource id. With mutual TLS
+        the union accepts the bank's answers only from a peer whose certificate
+        names `tls_name`. Banks leave by UpdateBank with `enabled` false (mask
+        ["enabled"]): a bank is never deleted, so the reports and statistics that
+        name it keep their history.
+
+        Status codes:
+        - OK: the bank was added.
+        - INVALID_ARGUMENT: a missing or malformed field (google.rpc.BadRequest
+        names it): code, name, english_name, interbank_code, address, tls_name.
+        - UNAUTHENTICATED: missing or wrong admin credential.
+        - PERMISSION_DENIED: the credential is a viewer's (reason
+        ADMIN_ROLE_REQUIRED).
+        - ALREADY_EXISTS: a bank with this code (or interbank code) exists,
+        enabled or not.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -179,6 +207,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     request_deserializer=cardlookup_dot_v1_dot_admin__service__pb2.ListBanksRequest.FromString,
                     response_serializer=cardlookup_dot_v1_dot_admin__service__pb2.ListBanksResponse.SerializeToString,
             ),
+            'CreateBank': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateBank,
+                    request_deserializer=cardlookup_dot_v1_dot_admin__service__pb2.CreateBankRequest.FromString,
+                    response_serializer=cardlookup_dot_v1_dot_admin__service__pb2.CreateBankResponse.SerializeToString,
+            ),
             'UpdateBank': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateBank,
                     request_deserializer=cardlookup_dot_v1_dot_admin__service__pb2.UpdateBankRequest.FromString,
@@ -241,6 +274,33 @@ class AdminService:
             '/cardlookup.v1.AdminService/ListBanks',
             cardlookup_dot_v1_dot_admin__service__pb2.ListBanksRequest.SerializeToString,
             cardlookup_dot_v1_dot_admin__service__pb2.ListBanksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateBank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cardlookup.v1.AdminService/CreateBank',
+            cardlookup_dot_v1_dot_admin__service__pb2.CreateBankRequest.SerializeToString,
+            cardlookup_dot_v1_dot_admin__service__pb2.CreateBankResponse.FromString,
             options,
             channel_credentials,
             insecure,

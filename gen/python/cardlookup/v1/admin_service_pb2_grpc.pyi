@@ -50,6 +50,25 @@ class AdminServiceStub:
     - INVALID_ARGUMENT: negative page_size or a foreign page_token.
     - UNAUTHENTICATED: missing or wrong admin credential.
     """
+    CreateBank: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.CreateBankRequest, _admin_service_pb2.CreateBankResponse]
+    """Adds a bank that joins the service (AIP-133); it is enabled at once, so
+    the next lookup asks it, on every replica within the catalogue refresh,
+    without a restart. The bank's code is its resource id. With mutual TLS
+    the union accepts the bank's answers only from a peer whose certificate
+    names `tls_name`. Banks leave by UpdateBank with `enabled` false (mask
+    ["enabled"]): a bank is never deleted, so the reports and statistics that
+    name it keep their history.
+
+    Status codes:
+    - OK: the bank was added.
+    - INVALID_ARGUMENT: a missing or malformed field (google.rpc.BadRequest
+      names it): code, name, english_name, interbank_code, address, tls_name.
+    - UNAUTHENTICATED: missing or wrong admin credential.
+    - PERMISSION_DENIED: the credential is a viewer's (reason
+      ADMIN_ROLE_REQUIRED).
+    - ALREADY_EXISTS: a bank with this code (or interbank code) exists,
+      enabled or not.
+    """
     UpdateBank: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.UpdateBankRequest, _admin_service_pb2.UpdateBankResponse]
     """Enables or disables a bank, or changes its address, changing only the
     fields `update_mask` names (AIP-134). Lookups created afterwards query
@@ -124,6 +143,25 @@ class AdminServiceAsyncStub(AdminServiceStub):
     - OK.
     - INVALID_ARGUMENT: negative page_size or a foreign page_token.
     - UNAUTHENTICATED: missing or wrong admin credential.
+    """
+    CreateBank: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.CreateBankRequest, _admin_service_pb2.CreateBankResponse]  # type: ignore[assignment]
+    """Adds a bank that joins the service (AIP-133); it is enabled at once, so
+    the next lookup asks it, on every replica within the catalogue refresh,
+    without a restart. The bank's code is its resource id. With mutual TLS
+    the union accepts the bank's answers only from a peer whose certificate
+    names `tls_name`. Banks leave by UpdateBank with `enabled` false (mask
+    ["enabled"]): a bank is never deleted, so the reports and statistics that
+    name it keep their history.
+
+    Status codes:
+    - OK: the bank was added.
+    - INVALID_ARGUMENT: a missing or malformed field (google.rpc.BadRequest
+      names it): code, name, english_name, interbank_code, address, tls_name.
+    - UNAUTHENTICATED: missing or wrong admin credential.
+    - PERMISSION_DENIED: the credential is a viewer's (reason
+      ADMIN_ROLE_REQUIRED).
+    - ALREADY_EXISTS: a bank with this code (or interbank code) exists,
+      enabled or not.
     """
     UpdateBank: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.UpdateBankRequest, _admin_service_pb2.UpdateBankResponse]  # type: ignore[assignment]
     """Enables or disables a bank, or changes its address, changing only the
@@ -202,6 +240,31 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         - OK.
         - INVALID_ARGUMENT: negative page_size or a foreign page_token.
         - UNAUTHENTICATED: missing or wrong admin credential.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateBank(
+        self,
+        request: _admin_service_pb2.CreateBankRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.CreateBankResponse, _abc.Awaitable[_admin_service_pb2.CreateBankResponse]]:
+        """Adds a bank that joins the service (AIP-133); it is enabled at once, so
+        the next lookup asks it, on every replica within the catalogue refresh,
+        without a restart. The bank's code is its resource id. With mutual TLS
+        the union accepts the bank's answers only from a peer whose certificate
+        names `tls_name`. Banks leave by UpdateBank with `enabled` false (mask
+        ["enabled"]): a bank is never deleted, so the reports and statistics that
+        name it keep their history.
+
+        Status codes:
+        - OK: the bank was added.
+        - INVALID_ARGUMENT: a missing or malformed field (google.rpc.BadRequest
+          names it): code, name, english_name, interbank_code, address, tls_name.
+        - UNAUTHENTICATED: missing or wrong admin credential.
+        - PERMISSION_DENIED: the credential is a viewer's (reason
+          ADMIN_ROLE_REQUIRED).
+        - ALREADY_EXISTS: a bank with this code (or interbank code) exists,
+          enabled or not.
         """
 
     @_abc_1.abstractmethod

@@ -138,6 +138,38 @@ BANK_OUTCOME_NO_RESPONSE: BankOutcome.ValueType  # 4
 """The bank did not answer before the lookup's deadline."""
 Global___BankOutcome: _TypeAlias = BankOutcome  # noqa: Y015
 
+class _UnaskedReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UnaskedReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UnaskedReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    UNASKED_REASON_UNSPECIFIED: _UnaskedReason.ValueType  # 0
+    """Not set."""
+    UNASKED_REASON_NOT_CHOSEN: _UnaskedReason.ValueType  # 1
+    """The person chose other banks (CreateLookupRequest.bank_codes)."""
+    UNASKED_REASON_BANK_DISABLED: _UnaskedReason.ValueType  # 2
+    """The bank was disabled by the union when the lookup was created."""
+    UNASKED_REASON_REQUERY_COOLDOWN: _UnaskedReason.ValueType  # 3
+    """The bank answered one of the person's lookups within the re-query
+    cooldown.
+    """
+
+class UnaskedReason(_UnaskedReason, metaclass=_UnaskedReasonEnumTypeWrapper):
+    """Why a lookup does not ask a participating bank."""
+
+UNASKED_REASON_UNSPECIFIED: UnaskedReason.ValueType  # 0
+"""Not set."""
+UNASKED_REASON_NOT_CHOSEN: UnaskedReason.ValueType  # 1
+"""The person chose other banks (CreateLookupRequest.bank_codes)."""
+UNASKED_REASON_BANK_DISABLED: UnaskedReason.ValueType  # 2
+"""The bank was disabled by the union when the lookup was created."""
+UNASKED_REASON_REQUERY_COOLDOWN: UnaskedReason.ValueType  # 3
+"""The bank answered one of the person's lookups within the re-query
+cooldown.
+"""
+Global___UnaskedReason: _TypeAlias = UnaskedReason  # noqa: Y015
+
 @_typing.final
 class Lookup(_message.Message):
     """A lookup: one person's query across the banks."""
@@ -151,6 +183,7 @@ class Lookup(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     DEADLINE_TIME_FIELD_NUMBER: _builtins.int
     REPORT_FIELD_NUMBER: _builtins.int
+    UNASKED_BANKS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, "lookups/{lookup_id}"."""
     @_builtins.property
@@ -183,6 +216,10 @@ class Lookup(_message.Message):
     def deadline_time(self) -> _timestamp_pb2.Timestamp:
         """When unanswered banks are given up and the report is finalised."""
 
+    @_builtins.property
+    def unasked_banks(self) -> _containers.RepeatedCompositeFieldContainer[Global___UnaskedBank]:
+        """The participating banks this lookup does not ask, and why, in bank order."""
+
     def __init__(
         self,
         *,
@@ -193,14 +230,51 @@ class Lookup(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         deadline_time: _timestamp_pb2.Timestamp | None = ...,
         report: _builtins.str = ...,
+        unasked_banks: _abc.Iterable[Global___UnaskedBank] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline_time", b"deadline_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank_progress", b"bank_progress", "create_time", b"create_time", "deadline_time", b"deadline_time", "name", b"name", "report", b"report", "request_id", b"request_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank_progress", b"bank_progress", "create_time", b"create_time", "deadline_time", b"deadline_time", "name", b"name", "report", b"report", "request_id", b"request_id", "state", b"state", "unasked_banks", b"unasked_banks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Lookup: _TypeAlias = Lookup  # noqa: Y015
+
+@_typing.final
+class UnaskedBank(_message.Message):
+    """A participating bank that a lookup does not ask."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BANK_CODE_FIELD_NUMBER: _builtins.int
+    BANK_NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    NEXT_QUERY_TIME_FIELD_NUMBER: _builtins.int
+    bank_code: _builtins.str
+    """Bank code, for example "CMB"."""
+    bank_name: _builtins.str
+    """The bank's display name."""
+    reason: Global___UnaskedReason.ValueType
+    """Why it is not asked."""
+    @_builtins.property
+    def next_query_time(self) -> _timestamp_pb2.Timestamp:
+        """For REQUERY_COOLDOWN: when the bank may be asked again; else unset."""
+
+    def __init__(
+        self,
+        *,
+        bank_code: _builtins.str = ...,
+        bank_name: _builtins.str = ...,
+        reason: Global___UnaskedReason.ValueType = ...,
+        next_query_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["next_query_time", b"next_query_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank_code", b"bank_code", "bank_name", b"bank_name", "next_query_time", b"next_query_time", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnaskedBank: _TypeAlias = UnaskedBank  # noqa: Y015
 
 @_typing.final
 class BankProgress(_message.Message):
@@ -259,6 +333,7 @@ class Report(_message.Message):
     TOTAL_CARD_COUNT_FIELD_NUMBER: _builtins.int
     TOTAL_DEBIT_CARD_COUNT_FIELD_NUMBER: _builtins.int
     TOTAL_CREDIT_CARD_COUNT_FIELD_NUMBER: _builtins.int
+    UNASKED_BANKS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, "reports/{report_id}"."""
     lookup: _builtins.str
@@ -287,6 +362,10 @@ class Report(_message.Message):
     def cards(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReportCard]:
         """Every card found, grouped by bank in bank order."""
 
+    @_builtins.property
+    def unasked_banks(self) -> _containers.RepeatedCompositeFieldContainer[Global___UnaskedBank]:
+        """The participating banks the lookup did not ask, and why, in bank order."""
+
     def __init__(
         self,
         *,
@@ -299,10 +378,11 @@ class Report(_message.Message):
         total_card_count: _builtins.int = ...,
         total_debit_card_count: _builtins.int = ...,
         total_credit_card_count: _builtins.int = ...,
+        unasked_banks: _abc.Iterable[Global___UnaskedBank] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "generate_time", b"generate_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank_summaries", b"bank_summaries", "cards", b"cards", "expire_time", b"expire_time", "generate_time", b"generate_time", "lookup", b"lookup", "name", b"name", "total_card_count", b"total_card_count", "total_credit_card_count", b"total_credit_card_count", "total_debit_card_count", b"total_debit_card_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank_summaries", b"bank_summaries", "cards", b"cards", "expire_time", b"expire_time", "generate_time", b"generate_time", "lookup", b"lookup", "name", b"name", "total_card_count", b"total_card_count", "total_credit_card_count", b"total_credit_card_count", "total_debit_card_count", b"total_debit_card_count", "unasked_banks", b"unasked_banks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -319,6 +399,7 @@ class BankSummary(_message.Message):
     DEBIT_CARD_COUNT_FIELD_NUMBER: _builtins.int
     CREDIT_CARD_COUNT_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
+    NEXT_QUERY_TIME_FIELD_NUMBER: _builtins.int
     bank_code: _builtins.str
     """Bank code, for example "ICBC"."""
     bank_name: _builtins.str
@@ -329,6 +410,13 @@ class BankSummary(_message.Message):
     """Credit cards held at this bank."""
     outcome: Global___BankOutcome.ValueType
     """Whether the bank answered; counts are 0 unless ANSWERED."""
+    @_builtins.property
+    def next_query_time(self) -> _timestamp_pb2.Timestamp:
+        """When this report lets the person ask this bank again: the generate time
+        plus the re-query cooldown if the bank ANSWERED, the generate time itself
+        (at once) if it FAILED or gave NO_RESPONSE.
+        """
+
     def __init__(
         self,
         *,
@@ -337,10 +425,11 @@ class BankSummary(_message.Message):
         debit_card_count: _builtins.int = ...,
         credit_card_count: _builtins.int = ...,
         outcome: Global___BankOutcome.ValueType = ...,
+        next_query_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["next_query_time", b"next_query_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank_code", b"bank_code", "bank_name", b"bank_name", "credit_card_count", b"credit_card_count", "debit_card_count", b"debit_card_count", "outcome", b"outcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank_code", b"bank_code", "bank_name", b"bank_name", "credit_card_count", b"credit_card_count", "debit_card_count", b"debit_card_count", "next_query_time", b"next_query_time", "outcome", b"outcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -417,23 +506,34 @@ class CreateLookupRequest(_message.Message):
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     BANK_CODES_FIELD_NUMBER: _builtins.int
+    CONSENT_TERMS_VERSION_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Client-chosen idempotency key (AIP-155), 1-64 characters of
     [A-Za-z0-9_-]; a UUID is a good choice.
     """
+    consent_terms_version: _builtins.str
+    """The version of the union's terms the person accepted before asking, for
+    example "2021-12". Required: the union refuses a lookup without the
+    current version (FAILED_PRECONDITION, reason CONSENT_REQUIRED, whose
+    ErrorInfo metadata "terms_version" names the current version) and records
+    the version accepted in the audit trail.
+    """
     @_builtins.property
     def bank_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Optional: query only these bank codes. Empty means every enabled bank."""
+        """Optional: query only these bank codes. Empty means every enabled bank
+        that is not in its re-query cooldown.
+        """
 
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         bank_codes: _abc.Iterable[_builtins.str] | None = ...,
+        consent_terms_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank_codes", b"bank_codes", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank_codes", b"bank_codes", "consent_terms_version", b"consent_terms_version", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -94,14 +94,29 @@ class CardLookupServiceServicer:
         Idempotent on request_id: a retry with the same request_id returns the
         lookup the first call created.
 
+        The person must have accepted the union's current terms
+        (consent_terms_version). The re-query cooldown applies per bank: a bank
+        that answered one of the person's lookups is not asked again until the
+        cooldown has passed, while a bank that failed or did not answer may be
+        asked again at once (so asking again after a partial report is a new
+        lookup with bank_codes set to the banks that failed; see
+        BankSummary.next_query_time). Without bank_codes, the banks still in
+        their cooldown are left out and listed in Lookup.unasked_banks.
+
         Status codes:
         - OK: the lookup exists (new, or the one created for this request_id).
         - INVALID_ARGUMENT: malformed request_id or an unknown bank code.
         - UNAUTHENTICATED: missing, invalid or expired session credential.
-        - FAILED_PRECONDITION: the caller's region is not open (reason
-        REGION_NOT_OPEN), or none of the chosen banks is enabled.
-        - RESOURCE_EXHAUSTED: a lookup is already in flight, or the re-query
-        cooldown has not passed; RetryInfo says when to try again.
+        - FAILED_PRECONDITION: consent_terms_version is empty or not the current
+        terms version (reason CONSENT_REQUIRED; ErrorInfo metadata
+        "terms_version" names the current one), the caller's region is not
+        open (reason REGION_NOT_OPEN), or none of the chosen banks is enabled
+        (reason NO_ENABLED_BANK).
+        - RESOURCE_EXHAUSTED: a lookup is already in flight (reason
+        LOOKUP_IN_PROGRESS), or a chosen bank (without bank_codes: every
+        enabled bank) is still in its re-query cooldown (reason
+        REQUERY_COOLDOWN, ErrorInfo metadata "bank_codes" lists them);
+        RetryInfo says when to try again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cardlookup/v1/admin_service.proto.
  */
 export const file_cardlookup_v1_admin_service: GenFile = /*@__PURE__*/
-  fileDesc("CiFjYXJkbG9va3VwL3YxL2FkbWluX3NlcnZpY2UucHJvdG8SDWNhcmRsb29rdXAudjEiWgoEQmFuaxIMCgRjb2RlGAEgASgJEgwKBG5hbWUYAiABKAkSFAoMZW5nbGlzaF9uYW1lGAMgASgJEg8KB2FkZHJlc3MYBCABKAkSDwoHZW5hYmxlZBgFIAEoCCJhCgZSZWdpb24SDAoEY29kZRgBIAEoCRIMCgRuYW1lGAIgASgJEgwKBG9wZW4YAyABKAgSLQoJb3Blbl90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCI5ChBMaXN0QmFua3NSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJIlAKEUxpc3RCYW5rc1Jlc3BvbnNlEiIKBWJhbmtzGAEgAygLMhMuY2FyZGxvb2t1cC52MS5CYW5rEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJ0ChFVcGRhdGVCYW5rUmVxdWVzdBIMCgRjb2RlGAEgASgJEg8KB2VuYWJsZWQYAiABKAgSDwoHYWRkcmVzcxgDIAEoCRIvCgt1cGRhdGVfbWFzaxgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE1hc2siNwoSVXBkYXRlQmFua1Jlc3BvbnNlEiEKBGJhbmsYASABKAsyEy5jYXJkbG9va3VwLnYxLkJhbmsiOwoSTGlzdFJlZ2lvbnNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJIlYKE0xpc3RSZWdpb25zUmVzcG9uc2USJgoHcmVnaW9ucxgBIAMoCzIVLmNhcmRsb29rdXAudjEuUmVnaW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJiChNVcGRhdGVSZWdpb25SZXF1ZXN0EgwKBGNvZGUYASABKAkSDAoEb3BlbhgCIAEoCBIvCgt1cGRhdGVfbWFzaxgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE1hc2siPQoUVXBkYXRlUmVnaW9uUmVzcG9uc2USJQoGcmVnaW9uGAEgASgLMhUuY2FyZGxvb2t1cC52MS5SZWdpb24iGAoWR2V0U2VydmljZVN0YXRzUmVxdWVzdCKUAQoXR2V0U2VydmljZVN0YXRzUmVzcG9uc2USFwoPcGVvcGxlX3ZlcmlmaWVkGAEgASgDEhcKD2xvb2t1cHNfY3JlYXRlZBgCIAEoAxIZChFyZXBvcnRzX2dlbmVyYXRlZBgDIAEoAxIsCgpiYW5rX3N0YXRzGAQgAygLMhguY2FyZGxvb2t1cC52MS5CYW5rU3RhdHMiZQoJQmFua1N0YXRzEhEKCWJhbmtfY29kZRgBIAEoCRIWCg5hbnN3ZXJlZF9jb3VudBgCIAEoAxIUCgxmYWlsZWRfY291bnQYAyABKAMSFwoPbWVhbl9sYXRlbmN5X21zGAQgASgBIqwBChZMaXN0QXVkaXRFdmVudHNSZXF1ZXN0Eg0KBWFjdG9yGAEgASgJEi4KCnN0YXJ0X3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCSJdChdMaXN0QXVkaXRFdmVudHNSZXNwb25zZRIpCgZldmVudHMYASADKAsyGS5jYXJkbG9va3VwLnYxLkF1ZGl0RXZlbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJMqQECgxBZG1pblNlcnZpY2USTgoJTGlzdEJhbmtzEh8uY2FyZGxvb2t1cC52MS5MaXN0QmFua3NSZXF1ZXN0GiAuY2FyZGxvb2t1cC52MS5MaXN0QmFua3NSZXNwb25zZRJRCgpVcGRhdGVCYW5rEiAuY2FyZGxvb2t1cC52MS5VcGRhdGVCYW5rUmVxdWVzdBohLmNhcmRsb29rdXAudjEuVXBkYXRlQmFua1Jlc3BvbnNlElQKC0xpc3RSZWdpb25zEiEuY2FyZGxvb2t1cC52MS5MaXN0UmVnaW9uc1JlcXVlc3QaIi5jYXJkbG9va3VwLnYxLkxpc3RSZWdpb25zUmVzcG9uc2USVwoMVXBkYXRlUmVnaW9uEiIuY2FyZGxvb2t1cC52MS5VcGRhdGVSZWdpb25SZXF1ZXN0GiMuY2FyZGxvb2t1cC52MS5VcGRhdGVSZWdpb25SZXNwb25zZRJgCg9HZXRTZXJ2aWNlU3RhdHMSJS5jYXJkbG9va3VwLnYxLkdldFNlcnZpY2VTdGF0c1JlcXVlc3QaJi5jYXJkbG9va3VwLnYxLkdldFNlcnZpY2VTdGF0c1Jlc3BvbnNlEmAKD0xpc3RBdWRpdEV2ZW50cxIlLmNhcmRsb29rdXAudjEuTGlzdEF1ZGl0RXZlbnRzUmVxdWVzdBomLmNhcmRsb29rdXAudjEuTGlzdEF1ZGl0RXZlbnRzUmVzcG9uc2ViBnByb3RvMw", [file_cardlookup_v1_card_action_service, file_google_protobuf_field_mask, file_google_protobuf_timestamp]);
+  fileDesc("CiFjYXJkbG9va3VwL3YxL2FkbWluX3NlcnZpY2UucHJvdG8SDWNhcmRsb29rdXAudjEihAEKBEJhbmsSDAoEY29kZRgBIAEoCRIMCgRuYW1lGAIgASgJEhQKDGVuZ2xpc2hfbmFtZRgDIAEoCRIPCgdhZGRyZXNzGAQgASgJEg8KB2VuYWJsZWQYBSABKAgSFgoOaW50ZXJiYW5rX2NvZGUYBiABKAkSEAoIdGxzX25hbWUYByABKAkiqwEKBlJlZ2lvbhIMCgRjb2RlGAEgASgJEgwKBG5hbWUYAiABKAkSDAoEb3BlbhgDIAEoCBItCglvcGVuX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC3BpbG90X2JhdGNoGAUgASgFEjMKD3BpbG90X29wZW5fdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiOQoQTGlzdEJhbmtzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCSJQChFMaXN0QmFua3NSZXNwb25zZRIiCgViYW5rcxgBIAMoCzITLmNhcmRsb29rdXAudjEuQmFuaxIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiNgoRQ3JlYXRlQmFua1JlcXVlc3QSIQoEYmFuaxgBIAEoCzITLmNhcmRsb29rdXAudjEuQmFuayI3ChJDcmVhdGVCYW5rUmVzcG9uc2USIQoEYmFuaxgBIAEoCzITLmNhcmRsb29rdXAudjEuQmFuayJ0ChFVcGRhdGVCYW5rUmVxdWVzdBIMCgRjb2RlGAEgASgJEg8KB2VuYWJsZWQYAiABKAgSDwoHYWRkcmVzcxgDIAEoCRIvCgt1cGRhdGVfbWFzaxgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE1hc2siNwoSVXBkYXRlQmFua1Jlc3BvbnNlEiEKBGJhbmsYASABKAsyEy5jYXJkbG9va3VwLnYxLkJhbmsiOwoSTGlzdFJlZ2lvbnNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJIlYKE0xpc3RSZWdpb25zUmVzcG9uc2USJgoHcmVnaW9ucxgBIAMoCzIVLmNhcmRsb29rdXAudjEuUmVnaW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJiChNVcGRhdGVSZWdpb25SZXF1ZXN0EgwKBGNvZGUYASABKAkSDAoEb3BlbhgCIAEoCBIvCgt1cGRhdGVfbWFzaxgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE1hc2siPQoUVXBkYXRlUmVnaW9uUmVzcG9uc2USJQoGcmVnaW9uGAEgASgLMhUuY2FyZGxvb2t1cC52MS5SZWdpb24iGAoWR2V0U2VydmljZVN0YXRzUmVxdWVzdCKUAQoXR2V0U2VydmljZVN0YXRzUmVzcG9uc2USFwoPcGVvcGxlX3ZlcmlmaWVkGAEgASgDEhcKD2xvb2t1cHNfY3JlYXRlZBgCIAEoAxIZChFyZXBvcnRzX2dlbmVyYXRlZBgDIAEoAxIsCgpiYW5rX3N0YXRzGAQgAygLMhguY2FyZGxvb2t1cC52MS5CYW5rU3RhdHMiZQoJQmFua1N0YXRzEhEKCWJhbmtfY29kZRgBIAEoCRIWCg5hbnN3ZXJlZF9jb3VudBgCIAEoAxIUCgxmYWlsZWRfY291bnQYAyABKAMSFwoPbWVhbl9sYXRlbmN5X21zGAQgASgBIqwBChZMaXN0QXVkaXRFdmVudHNSZXF1ZXN0Eg0KBWFjdG9yGAEgASgJEi4KCnN0YXJ0X3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCSJdChdMaXN0QXVkaXRFdmVudHNSZXNwb25zZRIpCgZldmVudHMYASADKAsyGS5jYXJkbG9va3VwLnYxLkF1ZGl0RXZlbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJMvcECgxBZG1pblNlcnZpY2USTgoJTGlzdEJhbmtzEh8uY2FyZGxvb2t1cC52MS5MaXN0QmFua3NSZXF1ZXN0GiAuY2FyZGxvb2t1cC52MS5MaXN0QmFua3NSZXNwb25zZRJRCgpDcmVhdGVCYW5rEiAuY2FyZGxvb2t1cC52MS5DcmVhdGVCYW5rUmVxdWVzdBohLmNhcmRsb29rdXAudjEuQ3JlYXRlQmFua1Jlc3BvbnNlElEKClVwZGF0ZUJhbmsSIC5jYXJkbG9va3VwLnYxLlVwZGF0ZUJhbmtSZXF1ZXN0GiEuY2FyZGxvb2t1cC52MS5VcGRhdGVCYW5rUmVzcG9uc2USVAoLTGlzdFJlZ2lvbnMSIS5jYXJkbG9va3VwLnYxLkxpc3RSZWdpb25zUmVxdWVzdBoiLmNhcmRsb29rdXAudjEuTGlzdFJlZ2lvbnNSZXNwb25zZRJXCgxVcGRhdGVSZWdpb24SIi5jYXJkbG9va3VwLnYxLlVwZGF0ZVJlZ2lvblJlcXVlc3QaIy5jYXJkbG9va3VwLnYxLlVwZGF0ZVJlZ2lvblJlc3BvbnNlEmAKD0dldFNlcnZpY2VTdGF0cxIlLmNhcmRsb29rdXAudjEuR2V0U2VydmljZVN0YXRzUmVxdWVzdBomLmNhcmRsb29rdXAudjEuR2V0U2VydmljZVN0YXRzUmVzcG9uc2USYAoPTGlzdEF1ZGl0RXZlbnRzEiUuY2FyZGxvb2t1cC52MS5MaXN0QXVkaXRFdmVudHNSZXF1ZXN0GiYuY2FyZGxvb2t1cC52MS5MaXN0QXVkaXRFdmVudHNSZXNwb25zZWIGcHJvdG8z", [file_cardlookup_v1_card_action_service, file_google_protobuf_field_mask, file_google_protobuf_timestamp]);
 
 /**
  * A participating bank.
@@ -51,11 +51,28 @@ export type Bank = Message<"cardlookup.v1.Bank"> & {
   address: string;
 
   /**
-   * Whether new lookups query this bank.
+   * Whether new lookups query this bank. A bank that left the service is
+   * kept disabled, with its history.
    *
    * @generated from field: bool enabled = 5;
    */
   enabled: boolean;
+
+  /**
+   * The bank's three-digit code in the national interbank payment system
+   * (CNAPS), for example "102"; empty for banks registered before it was kept.
+   *
+   * @generated from field: string interbank_code = 6;
+   */
+  interbankCode: string;
+
+  /**
+   * The DNS name the bank's TLS certificate must carry for the union to
+   * accept its answers, for example "icbc.bank.cardlookup.test".
+   *
+   * @generated from field: string tls_name = 7;
+   */
+  tlsName: string;
 };
 
 /**
@@ -98,6 +115,25 @@ export type Region = Message<"cardlookup.v1.Region"> & {
    * @generated from field: google.protobuf.Timestamp open_time = 4;
    */
   openTime?: Timestamp | undefined;
+
+  /**
+   * The pilot batch that opened the region: 1 (December 2021: Shanghai,
+   * Yunnan) or 2 (March 2022: fourteen more provinces); 0 for a region that
+   * was not in the pilot.
+   *
+   * @generated from field: int32 pilot_batch = 5;
+   */
+  pilotBatch: number;
+
+  /**
+   * The first day of the pilot batch's opening month, 00:00 China Standard
+   * Time (2021-12-01 for batch 1, 2022-03-01 for batch 2); unset when
+   * pilot_batch is 0. Unlike open_time, it does not change when an operator
+   * closes and reopens the region.
+   *
+   * @generated from field: google.protobuf.Timestamp pilot_open_time = 6;
+   */
+  pilotOpenTime?: Timestamp | undefined;
 };
 
 /**
@@ -164,6 +200,52 @@ export const ListBanksResponseSchema: GenMessage<ListBanksResponse> = /*@__PURE_
   messageDesc(file_cardlookup_v1_admin_service, 3);
 
 /**
+ * Request for CreateBank.
+ *
+ * @generated from message cardlookup.v1.CreateBankRequest
+ */
+export type CreateBankRequest = Message<"cardlookup.v1.CreateBankRequest"> & {
+  /**
+   * The bank to add. code: 2-16 capital letters; name (Chinese) and
+   * english_name: required; interbank_code: three digits; address: host:port
+   * of its BankQueryService; tls_name: optional, defaults to
+   * "<code in lower case>.bank.cardlookup.test" (what the development CA
+   * issues). enabled is ignored: a new bank is enabled.
+   *
+   * @generated from field: cardlookup.v1.Bank bank = 1;
+   */
+  bank?: Bank | undefined;
+};
+
+/**
+ * Describes the message cardlookup.v1.CreateBankRequest.
+ * Use `create(CreateBankRequestSchema)` to create a new message.
+ */
+export const CreateBankRequestSchema: GenMessage<CreateBankRequest> = /*@__PURE__*/
+  messageDesc(file_cardlookup_v1_admin_service, 4);
+
+/**
+ * Response for CreateBank.
+ *
+ * @generated from message cardlookup.v1.CreateBankResponse
+ */
+export type CreateBankResponse = Message<"cardlookup.v1.CreateBankResponse"> & {
+  /**
+   * The bank as registered.
+   *
+   * @generated from field: cardlookup.v1.Bank bank = 1;
+   */
+  bank?: Bank | undefined;
+};
+
+/**
+ * Describes the message cardlookup.v1.CreateBankResponse.
+ * Use `create(CreateBankResponseSchema)` to create a new message.
+ */
+export const CreateBankResponseSchema: GenMessage<CreateBankResponse> = /*@__PURE__*/
+  messageDesc(file_cardlookup_v1_admin_service, 5);
+
+/**
  * Request for UpdateBank.
  *
  * @generated from message cardlookup.v1.UpdateBankRequest
@@ -206,7 +288,7 @@ export type UpdateBankRequest = Message<"cardlookup.v1.UpdateBankRequest"> & {
  * Use `create(UpdateBankRequestSchema)` to create a new message.
  */
 export const UpdateBankRequestSchema: GenMessage<UpdateBankRequest> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_admin_service, 4);
+  messageDesc(file_cardlookup_v1_admin_service, 6);
 
 /**
  * Response for UpdateBank.
@@ -227,7 +309,7 @@ export type UpdateBankResponse = Message<"cardlookup.v1.UpdateBankResponse"> & {
  * Use `create(UpdateBankResponseSchema)` to create a new message.
  */
 export const UpdateBankResponseSchema: GenMessage<UpdateBankResponse> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_admin_service, 5);
+  messageDesc(file_cardlookup_v1_admin_service, 7);
 
 /**
  * Request for ListRegions.
@@ -255,7 +337,7 @@ export type ListRegionsRequest = Message<"cardlookup.v1.ListRegionsRequest"> & {
  * Use `create(ListRegionsRequestSchema)` to create a new message.
  */
 export const ListRegionsRequestSchema: GenMessage<ListRegionsRequest> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_admin_service, 6);
+  messageDesc(file_cardlookup_v1_admin_service, 8);
 
 /**
  * Response for ListRegions.
@@ -283,7 +365,7 @@ export type ListRegionsResponse = Message<"cardlookup.v1.ListRegionsResponse"> &
  * Use `create(ListRegionsResponseSchema)` to create a new message.
  */
 export const ListRegionsResponseSchema: GenMessage<ListRegionsResponse> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_admin_service, 7);
+  messageDesc(file_cardlookup_v1_admin_service, 9);
 
 /**
  * Request for UpdateRegion.
@@ -320,7 +402,7 @@ export type UpdateRegionRequest = Message<"cardlookup.v1.UpdateRegionRequest"> &
  * Use `create(UpdateRegionRequestSchema)` to create a new message.
  */
 export const UpdateRegionRequestSchema: GenMessage<UpdateRegionRequest> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_admin_service, 8);
+  messageDesc(file_cardlookup_v1_admin_service, 10);
 
 /**
  * Response for UpdateRegion.
@@ -341,7 +423,7 @@ export type UpdateRegionResponse = Message<"cardlookup.v1.UpdateRegionResponse">
  * Use `create(UpdateRegionResponseSchema)` to create a new message.
  */
 export const UpdateRegionResponseSchema: GenMessage<UpdateRegionResponse> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_admin_service, 9);
+  messageDesc(file_cardlookup_v1_admin_service, 11);
 
 /**
  * Request for GetServiceStats.
@@ -356,7 +438,7 @@ export type GetServiceStatsRequest = Message<"cardlookup.v1.GetServiceStatsReque
  * Use `create(GetServiceStatsRequestSchema)` to create a new message.
  */
 export const GetServiceStatsRequestSchema: GenMessage<GetServiceStatsRequest> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_admin_service, 10);
+  messageDesc(file_cardlookup_v1_admin_service, 12);
 
 /**
  * Response for GetServiceStats.
@@ -398,7 +480,7 @@ export type GetServiceStatsResponse = Message<"cardlookup.v1.GetServiceStatsResp
  * Use `create(GetServiceStatsResponseSchema)` to create a new message.
  */
 export const GetServiceStatsResponseSchema: GenMessage<GetServiceStatsResponse> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_admin_service, 11);
+  messageDesc(file_cardlookup_v1_admin_service, 13);
 
 /**
  * Call statistics for one bank.
@@ -440,7 +522,7 @@ export type BankStats = Message<"cardlookup.v1.BankStats"> & {
  * Use `create(BankStatsSchema)` to create a new message.
  */
 export const BankStatsSchema: GenMessage<BankStats> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_admin_service, 12);
+  messageDesc(file_cardlookup_v1_admin_service, 14);
 
 /**
  * Request for ListAuditEvents.
@@ -493,7 +575,7 @@ export type ListAuditEventsRequest = Message<"cardlookup.v1.ListAuditEventsReque
  * Use `create(ListAuditEventsRequestSchema)` to create a new message.
  */
 export const ListAuditEventsRequestSchema: GenMessage<ListAuditEventsRequest> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_admin_service, 13);
+  messageDesc(file_cardlookup_v1_admin_service, 15);
 
 /**
  * Response for ListAuditEvents.
@@ -521,7 +603,7 @@ export type ListAuditEventsResponse = Message<"cardlookup.v1.ListAuditEventsResp
  * Use `create(ListAuditEventsResponseSchema)` to create a new message.
  */
 export const ListAuditEventsResponseSchema: GenMessage<ListAuditEventsResponse> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_admin_service, 14);
+  messageDesc(file_cardlookup_v1_admin_service, 16);
 
 /**
  * AdminService lets operators open regions, manage banks and read service
@@ -551,6 +633,32 @@ export const AdminService: GenService<{
     methodKind: "unary";
     input: typeof ListBanksRequestSchema;
     output: typeof ListBanksResponseSchema;
+  },
+  /**
+   * Adds a bank that joins the service (AIP-133); it is enabled at once, so
+   * the next lookup asks it, on every replica within the catalogue refresh,
+   * without a restart. The bank's code is its resource id. With mutual TLS
+   * the union accepts the bank's answers only from a peer whose certificate
+   * names `tls_name`. Banks leave by UpdateBank with `enabled` false (mask
+   * ["enabled"]): a bank is never deleted, so the reports and statistics that
+   * name it keep their history.
+   *
+   * Status codes:
+   * - OK: the bank was added.
+   * - INVALID_ARGUMENT: a missing or malformed field (google.rpc.BadRequest
+   *   names it): code, name, english_name, interbank_code, address, tls_name.
+   * - UNAUTHENTICATED: missing or wrong admin credential.
+   * - PERMISSION_DENIED: the credential is a viewer's (reason
+   *   ADMIN_ROLE_REQUIRED).
+   * - ALREADY_EXISTS: a bank with this code (or interbank code) exists,
+   *   enabled or not.
+   *
+   * @generated from rpc cardlookup.v1.AdminService.CreateBank
+   */
+  createBank: {
+    methodKind: "unary";
+    input: typeof CreateBankRequestSchema;
+    output: typeof CreateBankResponseSchema;
   },
   /**
    * Enables or disables a bank, or changes its address, changing only the

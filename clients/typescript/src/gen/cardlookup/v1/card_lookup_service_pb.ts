@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cardlookup/v1/card_lookup_service.proto.
  */
 export const file_cardlookup_v1_card_lookup_service: GenFile = /*@__PURE__*/
-  fileDesc("CidjYXJkbG9va3VwL3YxL2NhcmRfbG9va3VwX3NlcnZpY2UucHJvdG8SDWNhcmRsb29rdXAudjEigQIKBkxvb2t1cBIMCgRuYW1lGAEgASgJEhYKCnJlcXVlc3RfaWQYAiABKAlCAhgBEikKBXN0YXRlGAMgASgOMhouY2FyZGxvb2t1cC52MS5Mb29rdXBTdGF0ZRIyCg1iYW5rX3Byb2dyZXNzGAQgAygLMhsuY2FyZGxvb2t1cC52MS5CYW5rUHJvZ3Jlc3MSLwoLY3JlYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjEKDWRlYWRsaW5lX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBnJlcG9ydBgHIAEoCSKkAQoMQmFua1Byb2dyZXNzEhEKCWJhbmtfY29kZRgBIAEoCRIRCgliYW5rX25hbWUYAiABKAkSKwoHb3V0Y29tZRgDIAEoDjIaLmNhcmRsb29rdXAudjEuQmFua091dGNvbWUSFQoNYXR0ZW1wdF9jb3VudBgEIAEoBRISCgpjYXJkX2NvdW50GAUgASgFEhYKDmZhaWx1cmVfcmVhc29uGAYgASgJIsMCCgZSZXBvcnQSDAoEbmFtZRgBIAEoCRIOCgZsb29rdXAYAiABKAkSMQoNZ2VuZXJhdGVfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZXhwaXJlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjIKDmJhbmtfc3VtbWFyaWVzGAUgAygLMhouY2FyZGxvb2t1cC52MS5CYW5rU3VtbWFyeRIoCgVjYXJkcxgGIAMoCzIZLmNhcmRsb29rdXAudjEuUmVwb3J0Q2FyZBIYChB0b3RhbF9jYXJkX2NvdW50GAcgASgFEh4KFnRvdGFsX2RlYml0X2NhcmRfY291bnQYCCABKAUSHwoXdG90YWxfY3JlZGl0X2NhcmRfY291bnQYCSABKAUilQEKC0JhbmtTdW1tYXJ5EhEKCWJhbmtfY29kZRgBIAEoCRIRCgliYW5rX25hbWUYAiABKAkSGAoQZGViaXRfY2FyZF9jb3VudBgDIAEoBRIZChFjcmVkaXRfY2FyZF9jb3VudBgEIAEoBRIrCgdvdXRjb21lGAUgASgOMhouY2FyZGxvb2t1cC52MS5CYW5rT3V0Y29tZSKqAgoKUmVwb3J0Q2FyZBIQCghjYXJkX3JlZhgBIAEoCRIRCgliYW5rX2NvZGUYAiABKAkSEQoJYmFua19uYW1lGAMgASgJEioKCWNhcmRfdHlwZRgEIAEoDjIXLmNhcmRsb29rdXAudjEuQ2FyZFR5cGUSFQoNbWFza2VkX251bWJlchgFIAEoCRIVCg1udW1iZXJfbGVuZ3RoGAYgASgFEikKBnN0YXR1cxgHIAEoDjIZLmNhcmRsb29rdXAudjEuQ2FyZFN0YXR1cxIuCg1ub3RfbWluZV9mbGFnGAggASgLMhcuY2FyZGxvb2t1cC52MS5DYXJkRmxhZxIvCgdjbG9zdXJlGAkgASgLMh4uY2FyZGxvb2t1cC52MS5DYXJkQ2xvc3VyZUl0ZW0iPQoTQ3JlYXRlTG9va3VwUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhIKCmJhbmtfY29kZXMYAiADKAkiPQoUQ3JlYXRlTG9va3VwUmVzcG9uc2USJQoGbG9va3VwGAEgASgLMhUuY2FyZGxvb2t1cC52MS5Mb29rdXAiIAoQR2V0TG9va3VwUmVxdWVzdBIMCgRuYW1lGAEgASgJIjoKEUdldExvb2t1cFJlc3BvbnNlEiUKBmxvb2t1cBgBIAEoCzIVLmNhcmRsb29rdXAudjEuTG9va3VwIj4KEldhdGNoTG9va3VwUmVxdWVzdBIMCgRuYW1lGAEgASgJEhoKEmdyb3VwX2JhbmtfY2hhbmdlcxgCIAEoCCJ5ChNXYXRjaExvb2t1cFJlc3BvbnNlEiUKBmxvb2t1cBgBIAEoCzIVLmNhcmRsb29rdXAudjEuTG9va3VwEhEKCWJhbmtfY29kZRgCIAEoCRIUCgxyZXBvcnRfcmVhZHkYAyABKAgSEgoKYmFua19jb2RlcxgEIAMoCSIgChBHZXRSZXBvcnRSZXF1ZXN0EgwKBG5hbWUYASABKAkiOgoRR2V0UmVwb3J0UmVzcG9uc2USJQoGcmVwb3J0GAEgASgLMhUuY2FyZGxvb2t1cC52MS5SZXBvcnQiOwoSTGlzdFJlcG9ydHNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJIlYKE0xpc3RSZXBvcnRzUmVzcG9uc2USJgoHcmVwb3J0cxgBIAMoCzIVLmNhcmRsb29rdXAudjEuUmVwb3J0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIjChNEZWxldGVSZXBvcnRSZXF1ZXN0EgwKBG5hbWUYASABKAkiFgoURGVsZXRlUmVwb3J0UmVzcG9uc2UiOwoSTGlzdExvb2t1cHNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJIlYKE0xpc3RMb29rdXBzUmVzcG9uc2USJgoHbG9va3VwcxgBIAMoCzIVLmNhcmRsb29rdXAudjEuTG9va3VwEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSpQCghDYXJkVHlwZRIZChVDQVJEX1RZUEVfVU5TUEVDSUZJRUQQABITCg9DQVJEX1RZUEVfREVCSVQQARIUChBDQVJEX1RZUEVfQ1JFRElUEAIqcgoKQ2FyZFN0YXR1cxIbChdDQVJEX1NUQVRVU19VTlNQRUNJRklFRBAAEhYKEkNBUkRfU1RBVFVTX0FDVElWRRABEhcKE0NBUkRfU1RBVFVTX0RPUk1BTlQQAhIWChJDQVJEX1NUQVRVU19GUk9aRU4QAyphCgtMb29rdXBTdGF0ZRIcChhMT09LVVBfU1RBVEVfVU5TUEVDSUZJRUQQABIYChRMT09LVVBfU1RBVEVfUlVOTklORxABEhoKFkxPT0tVUF9TVEFURV9DT01QTEVURUQQAiqXAQoLQmFua091dGNvbWUSHAoYQkFOS19PVVRDT01FX1VOU1BFQ0lGSUVEEAASGAoUQkFOS19PVVRDT01FX1BFTkRJTkcQARIZChVCQU5LX09VVENPTUVfQU5TV0VSRUQQAhIXChNCQU5LX09VVENPTUVfRkFJTEVEEAMSHAoYQkFOS19PVVRDT01FX05PX1JFU1BPTlNFEAQy6QQKEUNhcmRMb29rdXBTZXJ2aWNlElcKDENyZWF0ZUxvb2t1cBIiLmNhcmRsb29rdXAudjEuQ3JlYXRlTG9va3VwUmVxdWVzdBojLmNhcmRsb29rdXAudjEuQ3JlYXRlTG9va3VwUmVzcG9uc2USTgoJR2V0TG9va3VwEh8uY2FyZGxvb2t1cC52MS5HZXRMb29rdXBSZXF1ZXN0GiAuY2FyZGxvb2t1cC52MS5HZXRMb29rdXBSZXNwb25zZRJWCgtXYXRjaExvb2t1cBIhLmNhcmRsb29rdXAudjEuV2F0Y2hMb29rdXBSZXF1ZXN0GiIuY2FyZGxvb2t1cC52MS5XYXRjaExvb2t1cFJlc3BvbnNlMAESTgoJR2V0UmVwb3J0Eh8uY2FyZGxvb2t1cC52MS5HZXRSZXBvcnRSZXF1ZXN0GiAuY2FyZGxvb2t1cC52MS5HZXRSZXBvcnRSZXNwb25zZRJUCgtMaXN0UmVwb3J0cxIhLmNhcmRsb29rdXAudjEuTGlzdFJlcG9ydHNSZXF1ZXN0GiIuY2FyZGxvb2t1cC52MS5MaXN0UmVwb3J0c1Jlc3BvbnNlElcKDERlbGV0ZVJlcG9ydBIiLmNhcmRsb29rdXAudjEuRGVsZXRlUmVwb3J0UmVxdWVzdBojLmNhcmRsb29rdXAudjEuRGVsZXRlUmVwb3J0UmVzcG9uc2USVAoLTGlzdExvb2t1cHMSIS5jYXJkbG9va3VwLnYxLkxpc3RMb29rdXBzUmVxdWVzdBoiLmNhcmRsb29rdXAudjEuTGlzdExvb2t1cHNSZXNwb25zZWIGcHJvdG8z", [file_cardlookup_v1_card_action_service, file_google_protobuf_timestamp]);
+  fileDesc("CidjYXJkbG9va3VwL3YxL2NhcmRfbG9va3VwX3NlcnZpY2UucHJvdG8SDWNhcmRsb29rdXAudjEitAIKBkxvb2t1cBIMCgRuYW1lGAEgASgJEhYKCnJlcXVlc3RfaWQYAiABKAlCAhgBEikKBXN0YXRlGAMgASgOMhouY2FyZGxvb2t1cC52MS5Mb29rdXBTdGF0ZRIyCg1iYW5rX3Byb2dyZXNzGAQgAygLMhsuY2FyZGxvb2t1cC52MS5CYW5rUHJvZ3Jlc3MSLwoLY3JlYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjEKDWRlYWRsaW5lX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBnJlcG9ydBgHIAEoCRIxCg11bmFza2VkX2JhbmtzGAggAygLMhouY2FyZGxvb2t1cC52MS5VbmFza2VkQmFuayKWAQoLVW5hc2tlZEJhbmsSEQoJYmFua19jb2RlGAEgASgJEhEKCWJhbmtfbmFtZRgCIAEoCRIsCgZyZWFzb24YAyABKA4yHC5jYXJkbG9va3VwLnYxLlVuYXNrZWRSZWFzb24SMwoPbmV4dF9xdWVyeV90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKkAQoMQmFua1Byb2dyZXNzEhEKCWJhbmtfY29kZRgBIAEoCRIRCgliYW5rX25hbWUYAiABKAkSKwoHb3V0Y29tZRgDIAEoDjIaLmNhcmRsb29rdXAudjEuQmFua091dGNvbWUSFQoNYXR0ZW1wdF9jb3VudBgEIAEoBRISCgpjYXJkX2NvdW50GAUgASgFEhYKDmZhaWx1cmVfcmVhc29uGAYgASgJIvYCCgZSZXBvcnQSDAoEbmFtZRgBIAEoCRIOCgZsb29rdXAYAiABKAkSMQoNZ2VuZXJhdGVfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZXhwaXJlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjIKDmJhbmtfc3VtbWFyaWVzGAUgAygLMhouY2FyZGxvb2t1cC52MS5CYW5rU3VtbWFyeRIoCgVjYXJkcxgGIAMoCzIZLmNhcmRsb29rdXAudjEuUmVwb3J0Q2FyZBIYChB0b3RhbF9jYXJkX2NvdW50GAcgASgFEh4KFnRvdGFsX2RlYml0X2NhcmRfY291bnQYCCABKAUSHwoXdG90YWxfY3JlZGl0X2NhcmRfY291bnQYCSABKAUSMQoNdW5hc2tlZF9iYW5rcxgKIAMoCzIaLmNhcmRsb29rdXAudjEuVW5hc2tlZEJhbmsiygEKC0JhbmtTdW1tYXJ5EhEKCWJhbmtfY29kZRgBIAEoCRIRCgliYW5rX25hbWUYAiABKAkSGAoQZGViaXRfY2FyZF9jb3VudBgDIAEoBRIZChFjcmVkaXRfY2FyZF9jb3VudBgEIAEoBRIrCgdvdXRjb21lGAUgASgOMhouY2FyZGxvb2t1cC52MS5CYW5rT3V0Y29tZRIzCg9uZXh0X3F1ZXJ5X3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIqoCCgpSZXBvcnRDYXJkEhAKCGNhcmRfcmVmGAEgASgJEhEKCWJhbmtfY29kZRgCIAEoCRIRCgliYW5rX25hbWUYAyABKAkSKgoJY2FyZF90eXBlGAQgASgOMhcuY2FyZGxvb2t1cC52MS5DYXJkVHlwZRIVCg1tYXNrZWRfbnVtYmVyGAUgASgJEhUKDW51bWJlcl9sZW5ndGgYBiABKAUSKQoGc3RhdHVzGAcgASgOMhkuY2FyZGxvb2t1cC52MS5DYXJkU3RhdHVzEi4KDW5vdF9taW5lX2ZsYWcYCCABKAsyFy5jYXJkbG9va3VwLnYxLkNhcmRGbGFnEi8KB2Nsb3N1cmUYCSABKAsyHi5jYXJkbG9va3VwLnYxLkNhcmRDbG9zdXJlSXRlbSJcChNDcmVhdGVMb29rdXBSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEgoKYmFua19jb2RlcxgCIAMoCRIdChVjb25zZW50X3Rlcm1zX3ZlcnNpb24YAyABKAkiPQoUQ3JlYXRlTG9va3VwUmVzcG9uc2USJQoGbG9va3VwGAEgASgLMhUuY2FyZGxvb2t1cC52MS5Mb29rdXAiIAoQR2V0TG9va3VwUmVxdWVzdBIMCgRuYW1lGAEgASgJIjoKEUdldExvb2t1cFJlc3BvbnNlEiUKBmxvb2t1cBgBIAEoCzIVLmNhcmRsb29rdXAudjEuTG9va3VwIj4KEldhdGNoTG9va3VwUmVxdWVzdBIMCgRuYW1lGAEgASgJEhoKEmdyb3VwX2JhbmtfY2hhbmdlcxgCIAEoCCJ5ChNXYXRjaExvb2t1cFJlc3BvbnNlEiUKBmxvb2t1cBgBIAEoCzIVLmNhcmRsb29rdXAudjEuTG9va3VwEhEKCWJhbmtfY29kZRgCIAEoCRIUCgxyZXBvcnRfcmVhZHkYAyABKAgSEgoKYmFua19jb2RlcxgEIAMoCSIgChBHZXRSZXBvcnRSZXF1ZXN0EgwKBG5hbWUYASABKAkiOgoRR2V0UmVwb3J0UmVzcG9uc2USJQoGcmVwb3J0GAEgASgLMhUuY2FyZGxvb2t1cC52MS5SZXBvcnQiOwoSTGlzdFJlcG9ydHNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJIlYKE0xpc3RSZXBvcnRzUmVzcG9uc2USJgoHcmVwb3J0cxgBIAMoCzIVLmNhcmRsb29rdXAudjEuUmVwb3J0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIjChNEZWxldGVSZXBvcnRSZXF1ZXN0EgwKBG5hbWUYASABKAkiFgoURGVsZXRlUmVwb3J0UmVzcG9uc2UiOwoSTGlzdExvb2t1cHNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJIlYKE0xpc3RMb29rdXBzUmVzcG9uc2USJgoHbG9va3VwcxgBIAMoCzIVLmNhcmRsb29rdXAudjEuTG9va3VwEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSpQCghDYXJkVHlwZRIZChVDQVJEX1RZUEVfVU5TUEVDSUZJRUQQABITCg9DQVJEX1RZUEVfREVCSVQQARIUChBDQVJEX1RZUEVfQ1JFRElUEAIqcgoKQ2FyZFN0YXR1cxIbChdDQVJEX1NUQVRVU19VTlNQRUNJRklFRBAAEhYKEkNBUkRfU1RBVFVTX0FDVElWRRABEhcKE0NBUkRfU1RBVFVTX0RPUk1BTlQQAhIWChJDQVJEX1NUQVRVU19GUk9aRU4QAyphCgtMb29rdXBTdGF0ZRIcChhMT09LVVBfU1RBVEVfVU5TUEVDSUZJRUQQABIYChRMT09LVVBfU1RBVEVfUlVOTklORxABEhoKFkxPT0tVUF9TVEFURV9DT01QTEVURUQQAiqXAQoLQmFua091dGNvbWUSHAoYQkFOS19PVVRDT01FX1VOU1BFQ0lGSUVEEAASGAoUQkFOS19PVVRDT01FX1BFTkRJTkcQARIZChVCQU5LX09VVENPTUVfQU5TV0VSRUQQAhIXChNCQU5LX09VVENPTUVfRkFJTEVEEAMSHAoYQkFOS19PVVRDT01FX05PX1JFU1BPTlNFEAQqlQEKDVVuYXNrZWRSZWFzb24SHgoaVU5BU0tFRF9SRUFTT05fVU5TUEVDSUZJRUQQABIdChlVTkFTS0VEX1JFQVNPTl9OT1RfQ0hPU0VOEAESIAocVU5BU0tFRF9SRUFTT05fQkFOS19ESVNBQkxFRBACEiMKH1VOQVNLRURfUkVBU09OX1JFUVVFUllfQ09PTERPV04QAzLpBAoRQ2FyZExvb2t1cFNlcnZpY2USVwoMQ3JlYXRlTG9va3VwEiIuY2FyZGxvb2t1cC52MS5DcmVhdGVMb29rdXBSZXF1ZXN0GiMuY2FyZGxvb2t1cC52MS5DcmVhdGVMb29rdXBSZXNwb25zZRJOCglHZXRMb29rdXASHy5jYXJkbG9va3VwLnYxLkdldExvb2t1cFJlcXVlc3QaIC5jYXJkbG9va3VwLnYxLkdldExvb2t1cFJlc3BvbnNlElYKC1dhdGNoTG9va3VwEiEuY2FyZGxvb2t1cC52MS5XYXRjaExvb2t1cFJlcXVlc3QaIi5jYXJkbG9va3VwLnYxLldhdGNoTG9va3VwUmVzcG9uc2UwARJOCglHZXRSZXBvcnQSHy5jYXJkbG9va3VwLnYxLkdldFJlcG9ydFJlcXVlc3QaIC5jYXJkbG9va3VwLnYxLkdldFJlcG9ydFJlc3BvbnNlElQKC0xpc3RSZXBvcnRzEiEuY2FyZGxvb2t1cC52MS5MaXN0UmVwb3J0c1JlcXVlc3QaIi5jYXJkbG9va3VwLnYxLkxpc3RSZXBvcnRzUmVzcG9uc2USVwoMRGVsZXRlUmVwb3J0EiIuY2FyZGxvb2t1cC52MS5EZWxldGVSZXBvcnRSZXF1ZXN0GiMuY2FyZGxvb2t1cC52MS5EZWxldGVSZXBvcnRSZXNwb25zZRJUCgtMaXN0TG9va3VwcxIhLmNhcmRsb29rdXAudjEuTGlzdExvb2t1cHNSZXF1ZXN0GiIuY2FyZGxvb2t1cC52MS5MaXN0TG9va3Vwc1Jlc3BvbnNlYgZwcm90bzM", [file_cardlookup_v1_card_action_service, file_google_protobuf_timestamp]);
 
 /**
  * A lookup: one person's query across the banks.
@@ -72,6 +72,13 @@ export type Lookup = Message<"cardlookup.v1.Lookup"> & {
    * @generated from field: string report = 7;
    */
   report: string;
+
+  /**
+   * The participating banks this lookup does not ask, and why, in bank order.
+   *
+   * @generated from field: repeated cardlookup.v1.UnaskedBank unasked_banks = 8;
+   */
+  unaskedBanks: UnaskedBank[];
 };
 
 /**
@@ -80,6 +87,48 @@ export type Lookup = Message<"cardlookup.v1.Lookup"> & {
  */
 export const LookupSchema: GenMessage<Lookup> = /*@__PURE__*/
   messageDesc(file_cardlookup_v1_card_lookup_service, 0);
+
+/**
+ * A participating bank that a lookup does not ask.
+ *
+ * @generated from message cardlookup.v1.UnaskedBank
+ */
+export type UnaskedBank = Message<"cardlookup.v1.UnaskedBank"> & {
+  /**
+   * Bank code, for example "CMB".
+   *
+   * @generated from field: string bank_code = 1;
+   */
+  bankCode: string;
+
+  /**
+   * The bank's display name.
+   *
+   * @generated from field: string bank_name = 2;
+   */
+  bankName: string;
+
+  /**
+   * Why it is not asked.
+   *
+   * @generated from field: cardlookup.v1.UnaskedReason reason = 3;
+   */
+  reason: UnaskedReason;
+
+  /**
+   * For REQUERY_COOLDOWN: when the bank may be asked again; else unset.
+   *
+   * @generated from field: google.protobuf.Timestamp next_query_time = 4;
+   */
+  nextQueryTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message cardlookup.v1.UnaskedBank.
+ * Use `create(UnaskedBankSchema)` to create a new message.
+ */
+export const UnaskedBankSchema: GenMessage<UnaskedBank> = /*@__PURE__*/
+  messageDesc(file_cardlookup_v1_card_lookup_service, 1);
 
 /**
  * One bank's part of a lookup.
@@ -135,7 +184,7 @@ export type BankProgress = Message<"cardlookup.v1.BankProgress"> & {
  * Use `create(BankProgressSchema)` to create a new message.
  */
 export const BankProgressSchema: GenMessage<BankProgress> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_card_lookup_service, 1);
+  messageDesc(file_cardlookup_v1_card_lookup_service, 2);
 
 /**
  * A masked report: every card found in the person's name.
@@ -206,6 +255,13 @@ export type Report = Message<"cardlookup.v1.Report"> & {
    * @generated from field: int32 total_credit_card_count = 9;
    */
   totalCreditCardCount: number;
+
+  /**
+   * The participating banks the lookup did not ask, and why, in bank order.
+   *
+   * @generated from field: repeated cardlookup.v1.UnaskedBank unasked_banks = 10;
+   */
+  unaskedBanks: UnaskedBank[];
 };
 
 /**
@@ -213,7 +269,7 @@ export type Report = Message<"cardlookup.v1.Report"> & {
  * Use `create(ReportSchema)` to create a new message.
  */
 export const ReportSchema: GenMessage<Report> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_card_lookup_service, 2);
+  messageDesc(file_cardlookup_v1_card_lookup_service, 3);
 
 /**
  * Per-bank counts in a report.
@@ -255,6 +311,15 @@ export type BankSummary = Message<"cardlookup.v1.BankSummary"> & {
    * @generated from field: cardlookup.v1.BankOutcome outcome = 5;
    */
   outcome: BankOutcome;
+
+  /**
+   * When this report lets the person ask this bank again: the generate time
+   * plus the re-query cooldown if the bank ANSWERED, the generate time itself
+   * (at once) if it FAILED or gave NO_RESPONSE.
+   *
+   * @generated from field: google.protobuf.Timestamp next_query_time = 6;
+   */
+  nextQueryTime?: Timestamp | undefined;
 };
 
 /**
@@ -262,7 +327,7 @@ export type BankSummary = Message<"cardlookup.v1.BankSummary"> & {
  * Use `create(BankSummarySchema)` to create a new message.
  */
 export const BankSummarySchema: GenMessage<BankSummary> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_card_lookup_service, 3);
+  messageDesc(file_cardlookup_v1_card_lookup_service, 4);
 
 /**
  * One card in a report. Only the first 4 and last 4 digits are ever known to
@@ -342,7 +407,7 @@ export type ReportCard = Message<"cardlookup.v1.ReportCard"> & {
  * Use `create(ReportCardSchema)` to create a new message.
  */
 export const ReportCardSchema: GenMessage<ReportCard> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_card_lookup_service, 4);
+  messageDesc(file_cardlookup_v1_card_lookup_service, 5);
 
 /**
  * Request for CreateLookup.
@@ -359,11 +424,23 @@ export type CreateLookupRequest = Message<"cardlookup.v1.CreateLookupRequest"> &
   requestId: string;
 
   /**
-   * Optional: query only these bank codes. Empty means every enabled bank.
+   * Optional: query only these bank codes. Empty means every enabled bank
+   * that is not in its re-query cooldown.
    *
    * @generated from field: repeated string bank_codes = 2;
    */
   bankCodes: string[];
+
+  /**
+   * The version of the union's terms the person accepted before asking, for
+   * example "2021-12". Required: the union refuses a lookup without the
+   * current version (FAILED_PRECONDITION, reason CONSENT_REQUIRED, whose
+   * ErrorInfo metadata "terms_version" names the current version) and records
+   * the version accepted in the audit trail.
+   *
+   * @generated from field: string consent_terms_version = 3;
+   */
+  consentTermsVersion: string;
 };
 
 /**
@@ -371,7 +448,7 @@ export type CreateLookupRequest = Message<"cardlookup.v1.CreateLookupRequest"> &
  * Use `create(CreateLookupRequestSchema)` to create a new message.
  */
 export const CreateLookupRequestSchema: GenMessage<CreateLookupRequest> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_card_lookup_service, 5);
+  messageDesc(file_cardlookup_v1_card_lookup_service, 6);
 
 /**
  * Response for CreateLookup.
@@ -392,7 +469,7 @@ export type CreateLookupResponse = Message<"cardlookup.v1.CreateLookupResponse">
  * Use `create(CreateLookupResponseSchema)` to create a new message.
  */
 export const CreateLookupResponseSchema: GenMessage<CreateLookupResponse> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_card_lookup_service, 6);
+  messageDesc(file_cardlookup_v1_card_lookup_service, 7);
 
 /**
  * Request for GetLookup.
@@ -413,7 +490,7 @@ export type GetLookupRequest = Message<"cardlookup.v1.GetLookupRequest"> & {
  * Use `create(GetLookupRequestSchema)` to create a new message.
  */
 export const GetLookupRequestSchema: GenMessage<GetLookupRequest> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_card_lookup_service, 7);
+  messageDesc(file_cardlookup_v1_card_lookup_service, 8);
 
 /**
  * Response for GetLookup.
@@ -434,7 +511,7 @@ export type GetLookupResponse = Message<"cardlookup.v1.GetLookupResponse"> & {
  * Use `create(GetLookupResponseSchema)` to create a new message.
  */
 export const GetLookupResponseSchema: GenMessage<GetLookupResponse> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_card_lookup_service, 8);
+  messageDesc(file_cardlookup_v1_card_lookup_service, 9);
 
 /**
  * Request for WatchLookup.
@@ -463,7 +540,7 @@ export type WatchLookupRequest = Message<"cardlookup.v1.WatchLookupRequest"> & {
  * Use `create(WatchLookupRequestSchema)` to create a new message.
  */
 export const WatchLookupRequestSchema: GenMessage<WatchLookupRequest> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_card_lookup_service, 9);
+  messageDesc(file_cardlookup_v1_card_lookup_service, 10);
 
 /**
  * One progress event of a watched lookup.
@@ -509,7 +586,7 @@ export type WatchLookupResponse = Message<"cardlookup.v1.WatchLookupResponse"> &
  * Use `create(WatchLookupResponseSchema)` to create a new message.
  */
 export const WatchLookupResponseSchema: GenMessage<WatchLookupResponse> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_card_lookup_service, 10);
+  messageDesc(file_cardlookup_v1_card_lookup_service, 11);
 
 /**
  * Request for GetReport.
@@ -530,7 +607,7 @@ export type GetReportRequest = Message<"cardlookup.v1.GetReportRequest"> & {
  * Use `create(GetReportRequestSchema)` to create a new message.
  */
 export const GetReportRequestSchema: GenMessage<GetReportRequest> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_card_lookup_service, 11);
+  messageDesc(file_cardlookup_v1_card_lookup_service, 12);
 
 /**
  * Response for GetReport.
@@ -551,7 +628,7 @@ export type GetReportResponse = Message<"cardlookup.v1.GetReportResponse"> & {
  * Use `create(GetReportResponseSchema)` to create a new message.
  */
 export const GetReportResponseSchema: GenMessage<GetReportResponse> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_card_lookup_service, 12);
+  messageDesc(file_cardlookup_v1_card_lookup_service, 13);
 
 /**
  * Request for ListReports.
@@ -580,7 +657,7 @@ export type ListReportsRequest = Message<"cardlookup.v1.ListReportsRequest"> & {
  * Use `create(ListReportsRequestSchema)` to create a new message.
  */
 export const ListReportsRequestSchema: GenMessage<ListReportsRequest> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_card_lookup_service, 13);
+  messageDesc(file_cardlookup_v1_card_lookup_service, 14);
 
 /**
  * Response for ListReports.
@@ -608,7 +685,7 @@ export type ListReportsResponse = Message<"cardlookup.v1.ListReportsResponse"> &
  * Use `create(ListReportsResponseSchema)` to create a new message.
  */
 export const ListReportsResponseSchema: GenMessage<ListReportsResponse> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_card_lookup_service, 14);
+  messageDesc(file_cardlookup_v1_card_lookup_service, 15);
 
 /**
  * Request for DeleteReport.
@@ -629,7 +706,7 @@ export type DeleteReportRequest = Message<"cardlookup.v1.DeleteReportRequest"> &
  * Use `create(DeleteReportRequestSchema)` to create a new message.
  */
 export const DeleteReportRequestSchema: GenMessage<DeleteReportRequest> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_card_lookup_service, 15);
+  messageDesc(file_cardlookup_v1_card_lookup_service, 16);
 
 /**
  * Response for DeleteReport.
@@ -644,7 +721,7 @@ export type DeleteReportResponse = Message<"cardlookup.v1.DeleteReportResponse">
  * Use `create(DeleteReportResponseSchema)` to create a new message.
  */
 export const DeleteReportResponseSchema: GenMessage<DeleteReportResponse> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_card_lookup_service, 16);
+  messageDesc(file_cardlookup_v1_card_lookup_service, 17);
 
 /**
  * Request for ListLookups.
@@ -673,7 +750,7 @@ export type ListLookupsRequest = Message<"cardlookup.v1.ListLookupsRequest"> & {
  * Use `create(ListLookupsRequestSchema)` to create a new message.
  */
 export const ListLookupsRequestSchema: GenMessage<ListLookupsRequest> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_card_lookup_service, 17);
+  messageDesc(file_cardlookup_v1_card_lookup_service, 18);
 
 /**
  * Response for ListLookups.
@@ -701,7 +778,7 @@ export type ListLookupsResponse = Message<"cardlookup.v1.ListLookupsResponse"> &
  * Use `create(ListLookupsResponseSchema)` to create a new message.
  */
 export const ListLookupsResponseSchema: GenMessage<ListLookupsResponse> = /*@__PURE__*/
-  messageDesc(file_cardlookup_v1_card_lookup_service, 18);
+  messageDesc(file_cardlookup_v1_card_lookup_service, 19);
 
 /**
  * Debit or credit.
@@ -862,6 +939,48 @@ export const BankOutcomeSchema: GenEnum<BankOutcome> = /*@__PURE__*/
   enumDesc(file_cardlookup_v1_card_lookup_service, 3);
 
 /**
+ * Why a lookup does not ask a participating bank.
+ *
+ * @generated from enum cardlookup.v1.UnaskedReason
+ */
+export enum UnaskedReason {
+  /**
+   * Not set.
+   *
+   * @generated from enum value: UNASKED_REASON_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The person chose other banks (CreateLookupRequest.bank_codes).
+   *
+   * @generated from enum value: UNASKED_REASON_NOT_CHOSEN = 1;
+   */
+  NOT_CHOSEN = 1,
+
+  /**
+   * The bank was disabled by the union when the lookup was created.
+   *
+   * @generated from enum value: UNASKED_REASON_BANK_DISABLED = 2;
+   */
+  BANK_DISABLED = 2,
+
+  /**
+   * The bank answered one of the person's lookups within the re-query
+   * cooldown.
+   *
+   * @generated from enum value: UNASKED_REASON_REQUERY_COOLDOWN = 3;
+   */
+  REQUERY_COOLDOWN = 3,
+}
+
+/**
+ * Describes the enum cardlookup.v1.UnaskedReason.
+ */
+export const UnaskedReasonSchema: GenEnum<UnaskedReason> = /*@__PURE__*/
+  enumDesc(file_cardlookup_v1_card_lookup_service, 4);
+
+/**
  * CardLookupService finds every card held in the caller's name at every
  * participating bank and keeps the masked report for 7 natural days.
  *
@@ -880,14 +999,29 @@ export const CardLookupService: GenService<{
    * Idempotent on request_id: a retry with the same request_id returns the
    * lookup the first call created.
    *
+   * The person must have accepted the union's current terms
+   * (consent_terms_version). The re-query cooldown applies per bank: a bank
+   * that answered one of the person's lookups is not asked again until the
+   * cooldown has passed, while a bank that failed or did not answer may be
+   * asked again at once (so asking again after a partial report is a new
+   * lookup with bank_codes set to the banks that failed; see
+   * BankSummary.next_query_time). Without bank_codes, the banks still in
+   * their cooldown are left out and listed in Lookup.unasked_banks.
+   *
    * Status codes:
    * - OK: the lookup exists (new, or the one created for this request_id).
    * - INVALID_ARGUMENT: malformed request_id or an unknown bank code.
    * - UNAUTHENTICATED: missing, invalid or expired session credential.
-   * - FAILED_PRECONDITION: the caller's region is not open (reason
-   *   REGION_NOT_OPEN), or none of the chosen banks is enabled.
-   * - RESOURCE_EXHAUSTED: a lookup is already in flight, or the re-query
-   *   cooldown has not passed; RetryInfo says when to try again.
+   * - FAILED_PRECONDITION: consent_terms_version is empty or not the current
+   *   terms version (reason CONSENT_REQUIRED; ErrorInfo metadata
+   *   "terms_version" names the current one), the caller's region is not
+   *   open (reason REGION_NOT_OPEN), or none of the chosen banks is enabled
+   *   (reason NO_ENABLED_BANK).
+   * - RESOURCE_EXHAUSTED: a lookup is already in flight (reason
+   *   LOOKUP_IN_PROGRESS), or a chosen bank (without bank_codes: every
+   *   enabled bank) is still in its re-query cooldown (reason
+   *   REQUERY_COOLDOWN, ErrorInfo metadata "bank_codes" lists them);
+   *   RetryInfo says when to try again.
    *
    * @generated from rpc cardlookup.v1.CardLookupService.CreateLookup
    */
