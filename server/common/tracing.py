@@ -20,9 +20,13 @@ and the peer; SQL spans the statement with its placeholders.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+import contextvars
+import functools
+import inspect
+from collections.abc import Callable, Mapping, MutableMapping
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -39,6 +43,8 @@ from sqlalchemy.engine import Engine
 
 INSTRUMENTATION_NAME = "cardlookup"
 _PROPAGATOR = TraceContextTextMapPropagator()
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -81,20 +87,40 @@ def server_interceptors(provider: trace.TracerProvider | None) -> list[Any]:
     """The grpc.aio server interceptor (a span per call, parent from the metadata), or none."""
     if provider is None:
         return []
-    return [aio_server_interceptor(tracer_provider=provider, filter_=negate(health_check()))]
+    return [aio_server_interceptor(tracer_provider=provider, filter_=negate(health_check()))]  # type: ignore[no-untyped-call]
 
 
 def client_interceptors(provider: trace.TracerProvider | None) -> list[Any]:
     """The grpc.aio channel interceptors (a span per call, trace context into the metadata), or none."""
     if provider is None:
         return []
-    interceptors: list[Any] = aio_client_interceptors(tracer_provider=provider, filter_=negate(health_check()))
+    interceptors: list[Any] = aio_client_interceptors(  # type: ignore[no-untyped-call]
+        tracer_provider=provider, filter_=negate(health_check())
+    )
     return interceptors
+
+
+def _in_a_trace() -> bool:
+    return trace.get_current_span().get_span_context().is_valid
+
+
+class _ChildSpansOnly:
+    """A tracer that starts spans only inside a trace: the orchestrator's polling (several
+    statements a second, with no request behind them) would otherwise be a trace per statement."""
+
+    def __init__(self, tracer_: Tracer) -> None:
+        self._tracer = tracer_
+
+    def start_span(self, name: str, *args: Any, **kwargs: Any) -> Span:
+        if not _in_a_trace():
+            return trace.INVALID_SPAN
+        return self._tracer.start_span(name, *args, **kwargs)
 
 
 def trace_engine(engine: Engine, provider: trace.TracerProvider | None) -> None:
     """A span per SQL statement on `engine` (this engine only, not every engine the process makes),
-    with the statement text and no bound values (no SQL commenter either)."""
+    with the statement text and its placeholders, never the bound values (no SQL commenter
+    either), for statements run inside a trace."""
     if provider is None:
         return
     from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
@@ -104,12 +130,56 @@ def trace_engine(engine: Engine, provider: trace.TracerProvider | None) -> None:
         .get_meter(INSTRUMENTATION_NAME)
         .create_up_down_counter("db.client.connections.usage")
     )
-    EngineTracer(
-        trace.get_tracer("opentelemetry.instrumentation.sqlalchemy", tracer_provider=provider),
-        engine,
-        connections,
-        enable_commenter=False,
+    sql_tracer = trace.get_tracer("opentelemetry.instrumentation.sqlalchemy", tracer_provider=provider)
+    EngineTracer(  # type: ignore[no-untyped-call]
+        _ChildSpansOnly(sql_tracer), engine, connections, enable_commenter=False
     )
+
+
+class ContextExecutor(Executor):
+    """Runs work in `pool` in the context of the code that submitted it (as asyncio.to_thread
+    does, and loop.run_in_executor does not), so a statement run for a request is in its trace."""
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self._pool = pool
+
+    def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
+        return self._pool.submit(contextvars.copy_context().run, functools.partial(fn, *args, **kwargs))
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._pool.shutdown(wait, cancel_futures=cancel_futures)
+
+
+class TracedCalls:
+    """`target` with a span around each of its public coroutine methods, inside a trace only:
+    "db.record_answer" covers what the lookup waited for, batching and thread hop included."""
+
+    def __init__(self, target: Any, tracer_: Tracer, prefix: str) -> None:
+        self._target = target
+        self._tracer = tracer_
+        self._prefix = prefix
+        self._wrapped: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        if name.startswith("_") or not inspect.iscoroutinefunction(value):
+            return value
+        wrapped = self._wrapped.get(name)
+        if wrapped is None:
+            wrapped = self._wrapped[name] = self._traced(value, f"{self._prefix}.{name}")
+        return wrapped
+
+    def _traced(self, method: Callable[..., Any], span_name: str) -> Callable[..., Any]:
+        tracer_ = self._tracer
+
+        @functools.wraps(method)
+        async def traced(*args: Any, **kwargs: Any) -> Any:
+            if not _in_a_trace():
+                return await method(*args, **kwargs)
+            with tracer_.start_as_current_span(span_name, kind=SpanKind.INTERNAL):
+                return await method(*args, **kwargs)
+
+        return traced
 
 
 def inject(carrier: MutableMapping[str, str]) -> None:

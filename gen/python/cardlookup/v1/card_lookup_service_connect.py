@@ -35,9 +35,6 @@ class CardLookupService(Protocol):
     async def delete_report(self, request: cardlookup_dot_v1_dot_card__lookup__service__pb2.DeleteReportRequest, ctx: RequestContext) -> cardlookup_dot_v1_dot_card__lookup__service__pb2.DeleteReportResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
-    async def list_lookups(self, request: cardlookup_dot_v1_dot_card__lookup__service__pb2.ListLookupsRequest, ctx: RequestContext) -> cardlookup_dot_v1_dot_card__lookup__service__pb2.ListLookupsResponse:
-        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
-
 
 class CardLookupServiceASGIApplication(ConnectASGIApplication[CardLookupService]):
     def __init__(self, service: CardLookupService | AsyncGenerator[CardLookupService], *, interceptors: Iterable[Interceptor]=(), read_max_bytes: int | None = None, compressions: Iterable[Compression] | None = None) -> None:
@@ -103,16 +100,6 @@ class CardLookupServiceASGIApplication(ConnectASGIApplication[CardLookupService]
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=svc.delete_report,
-                ),
-                "/cardlookup.v1.CardLookupService/ListLookups": Endpoint.unary(
-                    method=MethodInfo(
-                        name="ListLookups",
-                        service_name="cardlookup.v1.CardLookupService",
-                        input=cardlookup_dot_v1_dot_card__lookup__service__pb2.ListLookupsRequest,
-                        output=cardlookup_dot_v1_dot_card__lookup__service__pb2.ListLookupsResponse,
-                        idempotency_level=IdempotencyLevel.UNKNOWN,
-                    ),
-                    function=svc.list_lookups,
                 ),
             },
             interceptors=interceptors,
@@ -247,26 +234,6 @@ class CardLookupServiceClient(ConnectClient):
             timeout_ms=timeout_ms,
         )
 
-    async def list_lookups(
-        self,
-        request: cardlookup_dot_v1_dot_card__lookup__service__pb2.ListLookupsRequest,
-        *,
-        headers: Headers | Mapping[str, str] | None = None,
-        timeout_ms: int | None = None,
-    ) -> cardlookup_dot_v1_dot_card__lookup__service__pb2.ListLookupsResponse:
-        return await self.execute_unary(
-            request=request,
-            method=MethodInfo(
-                name="ListLookups",
-                service_name="cardlookup.v1.CardLookupService",
-                input=cardlookup_dot_v1_dot_card__lookup__service__pb2.ListLookupsRequest,
-                output=cardlookup_dot_v1_dot_card__lookup__service__pb2.ListLookupsResponse,
-                idempotency_level=IdempotencyLevel.UNKNOWN,
-            ),
-            headers=headers,
-            timeout_ms=timeout_ms,
-        )
-
 
 class CardLookupServiceSync(Protocol):
     def create_lookup(self, request: cardlookup_dot_v1_dot_card__lookup__service__pb2.CreateLookupRequest, ctx: RequestContext) -> cardlookup_dot_v1_dot_card__lookup__service__pb2.CreateLookupResponse:
@@ -280,8 +247,6 @@ class CardLookupServiceSync(Protocol):
     def list_reports(self, request: cardlookup_dot_v1_dot_card__lookup__service__pb2.ListReportsRequest, ctx: RequestContext) -> cardlookup_dot_v1_dot_card__lookup__service__pb2.ListReportsResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def delete_report(self, request: cardlookup_dot_v1_dot_card__lookup__service__pb2.DeleteReportRequest, ctx: RequestContext) -> cardlookup_dot_v1_dot_card__lookup__service__pb2.DeleteReportResponse:
-        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
-    def list_lookups(self, request: cardlookup_dot_v1_dot_card__lookup__service__pb2.ListLookupsRequest, ctx: RequestContext) -> cardlookup_dot_v1_dot_card__lookup__service__pb2.ListLookupsResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
 
@@ -348,16 +313,6 @@ class CardLookupServiceWSGIApplication(ConnectWSGIApplication):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=service.delete_report,
-                ),
-                "/cardlookup.v1.CardLookupService/ListLookups": EndpointSync.unary(
-                    method=MethodInfo(
-                        name="ListLookups",
-                        service_name="cardlookup.v1.CardLookupService",
-                        input=cardlookup_dot_v1_dot_card__lookup__service__pb2.ListLookupsRequest,
-                        output=cardlookup_dot_v1_dot_card__lookup__service__pb2.ListLookupsResponse,
-                        idempotency_level=IdempotencyLevel.UNKNOWN,
-                    ),
-                    function=service.list_lookups,
                 ),
             },
             interceptors=interceptors,
@@ -486,26 +441,6 @@ class CardLookupServiceClientSync(ConnectClientSync):
                 service_name="cardlookup.v1.CardLookupService",
                 input=cardlookup_dot_v1_dot_card__lookup__service__pb2.DeleteReportRequest,
                 output=cardlookup_dot_v1_dot_card__lookup__service__pb2.DeleteReportResponse,
-                idempotency_level=IdempotencyLevel.UNKNOWN,
-            ),
-            headers=headers,
-            timeout_ms=timeout_ms,
-        )
-
-    def list_lookups(
-        self,
-        request: cardlookup_dot_v1_dot_card__lookup__service__pb2.ListLookupsRequest,
-        *,
-        headers: Headers | Mapping[str, str] | None = None,
-        timeout_ms: int | None = None,
-    ) -> cardlookup_dot_v1_dot_card__lookup__service__pb2.ListLookupsResponse:
-        return self.execute_unary(
-            request=request,
-            method=MethodInfo(
-                name="ListLookups",
-                service_name="cardlookup.v1.CardLookupService",
-                input=cardlookup_dot_v1_dot_card__lookup__service__pb2.ListLookupsRequest,
-                output=cardlookup_dot_v1_dot_card__lookup__service__pb2.ListLookupsResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
             ),
             headers=headers,

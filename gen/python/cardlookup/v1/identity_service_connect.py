@@ -23,9 +23,6 @@ class IdentityService(Protocol):
     async def complete_verification(self, request: cardlookup_dot_v1_dot_identity__service__pb2.CompleteVerificationRequest, ctx: RequestContext) -> cardlookup_dot_v1_dot_identity__service__pb2.CompleteVerificationResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
-    async def sign_out(self, request: cardlookup_dot_v1_dot_identity__service__pb2.SignOutRequest, ctx: RequestContext) -> cardlookup_dot_v1_dot_identity__service__pb2.SignOutResponse:
-        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
-
 
 class IdentityServiceASGIApplication(ConnectASGIApplication[IdentityService]):
     def __init__(self, service: IdentityService | AsyncGenerator[IdentityService], *, interceptors: Iterable[Interceptor]=(), read_max_bytes: int | None = None, compressions: Iterable[Compression] | None = None) -> None:
@@ -51,16 +48,6 @@ class IdentityServiceASGIApplication(ConnectASGIApplication[IdentityService]):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=svc.complete_verification,
-                ),
-                "/cardlookup.v1.IdentityService/SignOut": Endpoint.unary(
-                    method=MethodInfo(
-                        name="SignOut",
-                        service_name="cardlookup.v1.IdentityService",
-                        input=cardlookup_dot_v1_dot_identity__service__pb2.SignOutRequest,
-                        output=cardlookup_dot_v1_dot_identity__service__pb2.SignOutResponse,
-                        idempotency_level=IdempotencyLevel.UNKNOWN,
-                    ),
-                    function=svc.sign_out,
                 ),
             },
             interceptors=interceptors,
@@ -115,33 +102,11 @@ class IdentityServiceClient(ConnectClient):
             timeout_ms=timeout_ms,
         )
 
-    async def sign_out(
-        self,
-        request: cardlookup_dot_v1_dot_identity__service__pb2.SignOutRequest,
-        *,
-        headers: Headers | Mapping[str, str] | None = None,
-        timeout_ms: int | None = None,
-    ) -> cardlookup_dot_v1_dot_identity__service__pb2.SignOutResponse:
-        return await self.execute_unary(
-            request=request,
-            method=MethodInfo(
-                name="SignOut",
-                service_name="cardlookup.v1.IdentityService",
-                input=cardlookup_dot_v1_dot_identity__service__pb2.SignOutRequest,
-                output=cardlookup_dot_v1_dot_identity__service__pb2.SignOutResponse,
-                idempotency_level=IdempotencyLevel.UNKNOWN,
-            ),
-            headers=headers,
-            timeout_ms=timeout_ms,
-        )
-
 
 class IdentityServiceSync(Protocol):
     def start_verification(self, request: cardlookup_dot_v1_dot_identity__service__pb2.StartVerificationRequest, ctx: RequestContext) -> cardlookup_dot_v1_dot_identity__service__pb2.StartVerificationResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def complete_verification(self, request: cardlookup_dot_v1_dot_identity__service__pb2.CompleteVerificationRequest, ctx: RequestContext) -> cardlookup_dot_v1_dot_identity__service__pb2.CompleteVerificationResponse:
-        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
-    def sign_out(self, request: cardlookup_dot_v1_dot_identity__service__pb2.SignOutRequest, ctx: RequestContext) -> cardlookup_dot_v1_dot_identity__service__pb2.SignOutResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
 
@@ -168,16 +133,6 @@ class IdentityServiceWSGIApplication(ConnectWSGIApplication):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=service.complete_verification,
-                ),
-                "/cardlookup.v1.IdentityService/SignOut": EndpointSync.unary(
-                    method=MethodInfo(
-                        name="SignOut",
-                        service_name="cardlookup.v1.IdentityService",
-                        input=cardlookup_dot_v1_dot_identity__service__pb2.SignOutRequest,
-                        output=cardlookup_dot_v1_dot_identity__service__pb2.SignOutResponse,
-                        idempotency_level=IdempotencyLevel.UNKNOWN,
-                    ),
-                    function=service.sign_out,
                 ),
             },
             interceptors=interceptors,
@@ -226,26 +181,6 @@ class IdentityServiceClientSync(ConnectClientSync):
                 service_name="cardlookup.v1.IdentityService",
                 input=cardlookup_dot_v1_dot_identity__service__pb2.CompleteVerificationRequest,
                 output=cardlookup_dot_v1_dot_identity__service__pb2.CompleteVerificationResponse,
-                idempotency_level=IdempotencyLevel.UNKNOWN,
-            ),
-            headers=headers,
-            timeout_ms=timeout_ms,
-        )
-
-    def sign_out(
-        self,
-        request: cardlookup_dot_v1_dot_identity__service__pb2.SignOutRequest,
-        *,
-        headers: Headers | Mapping[str, str] | None = None,
-        timeout_ms: int | None = None,
-    ) -> cardlookup_dot_v1_dot_identity__service__pb2.SignOutResponse:
-        return self.execute_unary(
-            request=request,
-            method=MethodInfo(
-                name="SignOut",
-                service_name="cardlookup.v1.IdentityService",
-                input=cardlookup_dot_v1_dot_identity__service__pb2.SignOutRequest,
-                output=cardlookup_dot_v1_dot_identity__service__pb2.SignOutResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
             ),
             headers=headers,
