@@ -29,8 +29,8 @@ import heapq
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -103,6 +103,8 @@ class ClientTls:
     root_ca: bytes
     cert_chain: bytes
     private_key: bytes
+    # Bank code → the name its certificate carries, where it is not bank_tls_name(code).
+    server_names: Mapping[str, str] = field(default_factory=dict)
 
 
 class _SessionUnsupported(Exception):
@@ -392,7 +394,8 @@ class GrpcBankGateway:
                 credentials = grpc.ssl_channel_credentials(
                     self._tls.root_ca, self._tls.private_key, self._tls.cert_chain
                 )
-                options.append(("grpc.ssl_target_name_override", bank_tls_name(bank.code)))
+                name = self._tls.server_names.get(bank.code) or bank_tls_name(bank.code)
+                options.append(("grpc.ssl_target_name_override", name))
                 channel = grpc.aio.secure_channel(
                     bank.address, credentials, options=options, interceptors=interceptors
                 )
