@@ -56,10 +56,13 @@ def _host_port(value: str) -> str:
     host, separator, port = value.rpartition(":")
     if not (separator and host and port.isdigit() and int(port) <= 65535):
         raise ValueError("expected host:port (port 0-65535)")
-    if host.startswith("["):
-        if not host.endswith("]"):
-            raise ValueError("expected host:port, with an IPv6 host in brackets")
-        ipaddress.IPv6Address(host[1:-1])
+    if host.startswith("[") or ":" in host:
+        try:
+            if not (host.startswith("[") and host.endswith("]")):
+                raise ValueError
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError("expected host:port, with an IPv6 host in brackets ([::1]:50051)") from None
     return value
 
 
