@@ -149,10 +149,35 @@ async def test_one_lookup_is_one_trace_with_a_span_per_bank_call_on_both_sides(
     assert all(s.context.trace_id != trace_id for s in streams)
 
 
+async def test_a_card_closure_is_a_traced_call_from_the_union_to_the_bank(
+    traced: UnionServer, exporter: InMemorySpanExporter
+) -> None:
+    client = await verified_client(traced, ZHANG)
+    async with client:
+        _, report = await run_lookup(client)
+        card = next(card for card in report.cards if card.bank_code == "CCB")
+        await client.close_cards(report.name, [card.card_ref])
+    spans = list(exporter.get_finished_spans())
+    close_card = "/bankquery.v1.BankQueryService/CloseCard"
+    [call] = [s for s in spans if s.name == close_card and s.kind == SpanKind.CLIENT]
+    [served] = [s for s in spans if s.name == close_card and s.kind == SpanKind.SERVER]
+    assert (_service(call), _service(served)) == ("cardlookup-union", "cardlookup-bank")
+    assert served.context.trace_id == call.context.trace_id
+    assert served.parent is not None
+    assert served.parent.span_id == call.context.span_id
+    assert (served.attributes or {})["rpc.grpc.status_code"] == 0
+
+
 async def test_no_span_attribute_carries_the_persons_details_or_a_bound_sql_value(
     traced: UnionServer, exporter: InMemorySpanExporter
 ) -> None:
-    lookup_id, spans = await _one_lookup(traced, exporter)
+    client = await verified_client(traced, ZHANG)
+    async with client:
+        _, report = await run_lookup(client)
+        await client.close_cards(report.name, [card.card_ref for card in report.cards])
+    lookup_id = str(report.lookup).removeprefix("lookups/")
+    spans = list(exporter.get_finished_spans())
+    assert any(s.name == "/bankquery.v1.BankQueryService/CloseCard" for s in spans)
     person = [ZHANG.resident_id_number, ZHANG.name, ZHANG.mobile_number]
     secrets = person + [card.number for card in cards_of(SEED, ZHANG)]
     assert len(secrets) > len(person)

@@ -107,7 +107,7 @@ async def _start(
         [SERVICE_NAME],
         register,
         tls=tls,
-        observers=[*tracing.server_interceptors(tracer_provider), observer],
+        observers=[observer, *tracing.server_interceptors(tracer_provider)],
     )
     # A bank in outage answers every call UNAVAILABLE; its own health says so while it lasts.
     server.follow_serving(lambda: not servicer.faults.outage)

@@ -226,8 +226,8 @@ class UnionServer:
             tls=config.tls,
             interceptors=[self.admission],
             observers=[
-                *tracing.server_interceptors(config.tracer_provider),
                 RpcObserver("union", RpcMetrics(self.metrics.registry)),
+                *tracing.server_interceptors(config.tracer_provider),
             ],
         )
         self._health_task: asyncio.Task[None] | None = None
