@@ -230,3 +230,16 @@ def test_the_process_exits_non_zero_before_listening(tmp_path: Path) -> None:
 def test_config_error_lists_every_problem() -> None:
     error = ConfigError(["a: unknown key", "b: required"])
     assert str(error) == "a: unknown key\nb: required"
+
+
+def test_the_readme_shows_the_configuration_and_its_commands_run_from_the_venv(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Configuration, in brief", 1)[1].split("\n## ", 1)[0]
+    assert "(docs/operations.md)" in section
+    assert "(config/union.example.toml)" in section
+    # The excerpt is valid TOML with keys the union knows.
+    excerpt = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    settings = load(UnionSettings, _write(tmp_path, excerpt), {}, {})
+    assert settings.banks["ICBC"].address == "127.0.0.1:50061"
+    # `python -m …` as written works on a fresh clone only with the project's interpreter.
+    assert re.findall(r"(?<!\.venv/bin/)python -m ", readme) == []
