@@ -5,6 +5,7 @@ reason (a wrong type, an unknown key, a bad address), never the value."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from datetime import timedelta
@@ -14,13 +15,19 @@ import pytest
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
+from server.bank.app import start_bank
 from server.bank.main import app as bank_app
 from server.bank.settings import BankSettings
+from server.common.dev_ca import bank_tls_files, create_dev_pki
 from server.common.settings import ConfigError, load
 from server.population.catalogue import BANKS
+from server.union.bank_gateway import GrpcBankGateway
+from server.union.domain.banks import BankCallFailed
+from server.union.domain.model import Bank
 from server.union.main import app as union_app
 from server.union.main import load_settings
 from server.union.settings import UnionSettings
+from tests.conftest import SEED, SIZE, ZHANG
 
 ROOT = Path(__file__).resolve().parent.parent
 UNION_EXAMPLE = ROOT / "config" / "union.example.toml"
@@ -105,8 +112,6 @@ def test_environment_variables_override_the_file_and_flags_override_both(
 
 
 def test_a_bank_certificate_name_reaches_the_gateway(tmp_path: Path) -> None:
-    from server.common.dev_ca import create_dev_pki
-
     pki = tmp_path / "pki"
     create_dev_pki(pki)
     path = _write(
@@ -118,6 +123,37 @@ def test_a_bank_certificate_name_reaches_the_gateway(tmp_path: Path) -> None:
     assert config.bank_tls is not None
     assert dict(config.bank_tls.server_names) == {"ICBC": "gateway.icbc.example"}
     assert config.bank_tls.root_ca == (pki / "ca.crt").read_bytes()
+
+
+async def test_the_union_holds_each_bank_to_the_certificate_name_its_table_gives(
+    tmp_path: Path, seeded_banks_template: Path
+) -> None:
+    """Under mutual TLS the gateway checks the bank's certificate against banks.<CODE>.tls_name: the
+    default (the bank code's name) passes, a name the certificate does not carry is refused."""
+    pki = tmp_path / "pki"
+    create_dev_pki(pki)
+    shutil.copytree(seeded_banks_template, tmp_path / "banks")
+    icbc = await start_bank(
+        "ICBC", data_dir=tmp_path / "banks", seed=SEED, size=SIZE, tls=bank_tls_files(pki, "ICBC")
+    )
+    bank = Bank("ICBC", "中国工商银行", "ICBC", icbc.address, enabled=True, position=0)
+
+    async def query(tls_name: str) -> int:
+        table = f'[banks.ICBC]\naddress = "{icbc.address}"\ntls_name = "{tls_name}"\n'
+        config = load(UnionSettings, _write(tmp_path, f'[bank_tls]\ndir = "{pki}"\n{table}'), {}, {})
+        gateway = GrpcBankGateway(config.union_config().bank_tls)
+        try:
+            cards = await gateway.query_cards(bank, "q-1", ZHANG.resident_id_number, ZHANG.name, 5)
+        finally:
+            await gateway.close()
+        return len(cards)
+
+    try:
+        assert await query("icbc.bank.cardlookup.test") > 0
+        with pytest.raises(BankCallFailed):
+            await query("cmb.bank.cardlookup.test")
+    finally:
+        await icbc.stop(0)
 
 
 @pytest.mark.parametrize(
