@@ -125,31 +125,32 @@ def serve(
             "CARDLOOKUP_BANK_<TABLE>__<KEY> variables override it, and flags override both.",
         ),
     ] = None,
-    host: Annotated[str | None, typer.Option(help="Interface to listen on [server.host].")] = None,
+    host: Annotated[str | None, typer.Option(help="Interface to listen on (config: server.host).")] = None,
     port: Annotated[
-        int | None, typer.Option(help="Port for --bank (0: any free port) [server.port].")
+        int | None, typer.Option(help="Port for --bank (0: any free port) (config: server.port).")
     ] = None,
     base_port: Annotated[
         int | None,
         typer.Option(
-            help="First port for --all; banks take consecutive ports in catalogue order [server.base_port]."
+            help="First port for --all; banks take consecutive ports in catalogue order "
+            "(config: server.base_port)."
         ),
     ] = None,
     data_dir: Annotated[
-        Path | None, typer.Option(help="Directory holding each bank's SQLite file [server.data_dir].")
+        Path | None, typer.Option(help="Directory holding each bank's SQLite file (config: server.data_dir).")
     ] = None,
     database_url: Annotated[
         str | None,
         typer.Option(
             help="SQLAlchemy URL of the bank's database (default: a SQLite file in --data-dir) "
-            "[database.url]."
+            "(config: database.url)."
         ),
     ] = None,
     seed: Annotated[
-        int | None, typer.Option(help="Seed of the synthetic population [population.seed].")
+        int | None, typer.Option(help="Seed of the synthetic population (config: population.seed).")
     ] = None,
     population: Annotated[
-        int | None, typer.Option(help="Size of the synthetic population [population.size].")
+        int | None, typer.Option(help="Size of the synthetic population (config: population.size).")
     ] = None,
     fault: Annotated[
         list[str] | None,
@@ -161,7 +162,8 @@ def serve(
     tls_dir: Annotated[
         Path | None,
         typer.Option(
-            help="Directory with <bank>.crt, <bank>.key and ca.crt (mutual TLS; see dev_ca) [server.tls_dir]."
+            help="Directory with <bank>.crt, <bank>.key and ca.crt (mutual TLS; see dev_ca) "
+            "(config: server.tls_dir)."
         ),
     ] = None,
     metrics_listen: Annotated[
@@ -169,10 +171,10 @@ def serve(
         typer.Option(
             envvar="CARDLOOKUP_BANK_METRICS_LISTEN",
             help="host:port to serve Prometheus metrics on (GET /metrics), one endpoint for every bank "
-            "this process serves; off when empty [metrics.listen].",
+            "this process serves; off when empty (config: metrics.listen).",
         ),
     ] = None,
-    log_level: Annotated[str | None, typer.Option(help="Logging level [logging.level].")] = None,
+    log_level: Annotated[str | None, typer.Option(help="Logging level (config: logging.level).")] = None,
 ) -> None:
     """Serve one bank (--bank) or all of them (--all) until SIGINT/SIGTERM, then drain and stop."""
     if (bank is None) == (not all_banks):

@@ -48,13 +48,15 @@ ConfigFile = Annotated[
 ]
 DataDir = Annotated[
     Path | None,
-    typer.Option(help="Directory for the SQLite database, keys and the SMS outbox [server.data_dir]."),
+    typer.Option(
+        help="Directory for the SQLite database, keys and the SMS outbox (config: server.data_dir)."
+    ),
 ]
 DatabaseUrl = Annotated[
     str | None,
     typer.Option(
         envvar="CARDLOOKUP_DATABASE_URL",
-        help="SQLAlchemy URL; default sqlite under --data-dir [database.url].",
+        help="SQLAlchemy URL; default sqlite under --data-dir (config: database.url).",
     ),
 ]
 
@@ -128,67 +130,79 @@ def _console_config(
 @app.command()
 def serve(
     config: ConfigFile = None,
-    listen: Annotated[str | None, typer.Option(help="host:port to listen on [server.listen].")] = None,
+    listen: Annotated[
+        str | None, typer.Option(help="host:port to listen on (config: server.listen).")
+    ] = None,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
     bank_base_port: Annotated[
-        int | None, typer.Option(help="Every bank on 127.0.0.1, on consecutive ports from here [banks].")
+        int | None,
+        typer.Option(help="Every bank on 127.0.0.1, on consecutive ports from here (config: banks)."),
     ] = None,
     bank: Annotated[
-        list[str], typer.Option(help="One bank's address: CODE=host:port [banks.CODE.address].")
+        list[str], typer.Option(help="One bank's address: CODE=host:port (config: banks.CODE.address).")
     ] = [],  # noqa: B006
     population_seed: Annotated[
-        int | None, typer.Option(help="Seed of the synthetic population [population.seed].")
+        int | None, typer.Option(help="Seed of the synthetic population (config: population.seed).")
     ] = None,
     population_size: Annotated[
-        int | None, typer.Option(help="People in the identity registry [population.size].")
+        int | None, typer.Option(help="People in the identity registry (config: population.size).")
     ] = None,
     requery_cooldown_hours: Annotated[
         float | None,
-        typer.Option(help="Hours before a person may look up again [lookups.requery_cooldown_hours]."),
+        typer.Option(
+            help="Hours before a person may look up again (config: lookups.requery_cooldown_hours)."
+        ),
     ] = None,
     deadline_hours: Annotated[
         float | None,
-        typer.Option(help="Lookup deadline (the SLA) in hours [orchestration.lookup_deadline_hours]."),
+        typer.Option(
+            help="Lookup deadline (the SLA) in hours (config: orchestration.lookup_deadline_hours)."
+        ),
     ] = None,
     report_retention_days: Annotated[
         int | None,
-        typer.Option(help="Natural days a report is kept after the day it was made [retention.report_days]."),
+        typer.Option(
+            help="Natural days a report is kept after the day it was made (config: retention.report_days)."
+        ),
     ] = None,
     calendar_timezone: Annotated[
-        str | None, typer.Option(help="Time zone of the retention calendar [retention.timezone].")
+        str | None, typer.Option(help="Time zone of the retention calendar (config: retention.timezone).")
     ] = None,
     audit_retention_days: Annotated[
-        int | None, typer.Option(help="Days the audit trail is kept [retention.audit_days].")
+        int | None, typer.Option(help="Days the audit trail is kept (config: retention.audit_days).")
     ] = None,
     call_timeout_seconds: Annotated[
         float | None,
-        typer.Option(help="Deadline of one call to a bank [orchestration.call_timeout_seconds]."),
+        typer.Option(help="Deadline of one call to a bank (config: orchestration.call_timeout_seconds)."),
     ] = None,
     lease_margin_seconds: Annotated[
         float | None,
         typer.Option(
             help="How long past the call deadline a dead replica's claim is held "
-            "[orchestration.lease_margin_seconds]."
+            "(config: orchestration.lease_margin_seconds)."
         ),
     ] = None,
-    log_level: Annotated[str | None, typer.Option(help="Logging level [logging.level].")] = None,
+    log_level: Annotated[str | None, typer.Option(help="Logging level (config: logging.level).")] = None,
     tls_dir: Annotated[
         Path | None,
-        typer.Option(help="Serve clients over TLS with union-server.crt/.key from here [server.tls_dir]."),
+        typer.Option(
+            help="Serve clients over TLS with union-server.crt/.key from here (config: server.tls_dir)."
+        ),
     ] = None,
     bank_tls_dir: Annotated[
         Path | None,
         typer.Option(
             help="Development PKI directory (ca.crt, union-client.crt/.key): mutual TLS towards the banks "
-            "[bank_tls.dir]."
+            "(config: bank_tls.dir)."
         ),
     ] = None,
     metrics_listen: Annotated[
         str | None,
         typer.Option(
             envvar="CARDLOOKUP_METRICS_LISTEN",
-            help="host:port to serve Prometheus metrics on (GET /metrics); off when empty [metrics.listen].",
+            help="host:port to serve Prometheus metrics on (GET /metrics); off when empty "
+            "(config: metrics.listen).",
         ),
     ] = None,
     http_listen: Annotated[
@@ -196,13 +210,14 @@ def serve(
         typer.Option(
             envvar="CARDLOOKUP_HTTP_LISTEN",
             help="host:port for Connect/gRPC-Web (browsers, curl) and the web page; off when empty "
-            "[http.listen].",
+            "(config: http.listen).",
         ),
     ] = None,
     http_allowed_origin: Annotated[
         list[str],
         typer.Option(
-            help="A browser origin besides the page's own that may call the HTTP API [http.allowed_origins]."
+            help="A browser origin besides the page's own that may call the HTTP API "
+            "(config: http.allowed_origins)."
         ),
     ] = [],  # noqa: B006
 ) -> None:
