@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -20,6 +23,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from server.bank.app import RunningBank, start_all_banks
+from server.common import tracing
+from server.common.tracing import TracingConfig, otlp_tracer_provider
 from server.population.catalogue import BANKS
 from server.population.generator import cards_of
 from server.union.app import UnionConfig, UnionServer
@@ -202,3 +207,66 @@ async def test_no_span_attribute_carries_the_persons_details_or_a_bound_sql_valu
     assert any("found_cards.lookup_id =" in statement for statement in statements)
     assert any(statement.startswith("INSERT INTO verifications") for statement in statements)
     assert not [statement for statement in statements for value in bound if value in statement]
+
+
+class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """A stand-in OpenTelemetry collector: keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def test_tracing_is_off_without_an_endpoint() -> None:
+    assert otlp_tracer_provider(TracingConfig(service_name="cardlookup-union")) is None
+
+
+async def test_spans_go_to_the_configured_otlp_endpoint(tmp_path: Path, seeded_banks_template: Path) -> None:
+    collector = _Collector()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    provider = otlp_tracer_provider(
+        TracingConfig(otlp_endpoint=f"http://127.0.0.1:{port}", service_name="cardlookup-union")
+    )
+    assert provider is not None
+    union = UnionServer(
+        UnionConfig(
+            listen="127.0.0.1:0",
+            data_dir=tmp_path / "union",
+            population_seed=SEED,
+            population_size=SIZE,
+            admin_token="test-admin-token",
+            tracer_provider=provider,
+        )
+    )
+    await union.start()
+    try:
+        client = await verified_client(union, ZHANG)
+        await client.close()
+    finally:
+        await union.stop(0)
+        tracing.shutdown(provider)  # sends what is batched
+        server.stop(0)
+    spans = [
+        (resource.resource, span)
+        for request in collector.requests
+        for resource in request.resource_spans
+        for scope in resource.scope_spans
+        for span in scope.spans
+    ]
+    names = {span.name for _, span in spans}
+    assert "/cardlookup.v1.IdentityService/CompleteVerification" in names
+    services = {
+        attribute.value.string_value
+        for resource, _ in spans
+        for attribute in resource.attributes
+        if attribute.key == SERVICE_NAME
+    }
+    assert services == {"cardlookup-union"}

@@ -206,7 +206,7 @@ def serve(
     configure_logging(settings.logging.level)
     registry = process_registry()
     rpc_metrics = RpcMetrics(registry)
-    tracer_provider = otlp_tracer_provider(settings.tracing.tracing("cardlookup-bank"), f"{host}:{port}")
+    tracer_provider = otlp_tracer_provider(settings.tracing.tracing("cardlookup-bank"))
 
     async def run() -> None:
         banks: list[RunningBank]

@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import os
+import socket
 from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,12 +59,13 @@ class TracingConfig:
     service_name: str = ""
 
 
-def otlp_tracer_provider(config: TracingConfig, instance: str) -> TracerProvider | None:
+def otlp_tracer_provider(config: TracingConfig) -> TracerProvider | None:
     """A provider that batches spans to the configured OTLP endpoint, or None when it is off."""
     if not config.otlp_endpoint:
         return None
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
+    instance = f"{socket.gethostname()}-{os.getpid()}"  # one process: replicas share a service name
     provider = TracerProvider(
         resource=Resource.create({SERVICE_NAME: config.service_name, SERVICE_INSTANCE_ID: instance}),
         sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)),

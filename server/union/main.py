@@ -247,7 +247,7 @@ def serve(
         _bank_flags(bank, bank_base_port),
     )
     configure_logging(settings.logging.level)
-    tracer_provider = otlp_tracer_provider(settings.tracing.tracing("cardlookup-union"), union_config.listen)
+    tracer_provider = otlp_tracer_provider(settings.tracing.tracing("cardlookup-union"))
     union_config = replace(union_config, tracer_provider=tracer_provider)
 
     async def run() -> None:
