@@ -65,6 +65,11 @@ BANK_BASE_PORT = 50061
 METRICS_PORT = 9464  # the union's /metrics under make serve (Prometheus exporters' customary range)
 WEB_PORT = 8080  # the person's web page and the Connect API under make serve (docs/web-and-connect.md)
 BANK_METRICS_PORT = 9465  # the bank process's (ops/prometheus/prometheus.yml scrapes both)
+# The configuration files the servers start from; the flags below add what changes per run (ports
+# that were free, the data directory, TLS, the demo's re-query cooldown).
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
+UNION_CONFIG = CONFIG_DIR / "union.example.toml"
+BANK_CONFIG = CONFIG_DIR / "bank.example.toml"
 LOCK_FILE = ".in-use"  # in the data directory: who uses it now (a demo, make serve)
 LOG_LINES_SHOWN = 5  # of a server that died
 
@@ -210,6 +215,8 @@ def processes(
             "server.bank.main",
             "serve",
             "--all",
+            "--config",
+            str(BANK_CONFIG),
             "--base-port",
             str(bank_base),
             "--data-dir",
@@ -220,6 +227,8 @@ def processes(
             "-m",
             "server.union.main",
             "serve",
+            "--config",
+            str(UNION_CONFIG),
             "--listen",
             f"127.0.0.1:{union_port}",
             "--data-dir",
@@ -233,17 +242,18 @@ def processes(
     if pki_dir is not None:
         commands["banks"] += ["--tls-dir", str(pki_dir)]
         commands["union"] += ["--bank-tls-dir", str(pki_dir)]
-    if metrics_port is not None:
-        commands["union"] += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
-    if bank_metrics_port is not None:
-        commands["banks"] += ["--metrics-listen", f"127.0.0.1:{bank_metrics_port}"]
+    # An endpoint whose port is taken (or a demo's) is off: "" overrides the file's address.
+    commands["union"] += ["--metrics-listen", f"127.0.0.1:{metrics_port}" if metrics_port is not None else ""]
+    commands["banks"] += [
+        "--metrics-listen",
+        f"127.0.0.1:{bank_metrics_port}" if bank_metrics_port is not None else "",
+    ]
     if population is not None:
         commands["banks"] += ["--population", str(population)]
         commands["union"] += ["--population-size", str(population)]
     stack = Stack(logs)
     running = stack.running
-    if web_port is not None:
-        commands["union"] += ["--http-listen", f"127.0.0.1:{web_port}"]
+    commands["union"] += ["--http-listen", f"127.0.0.1:{web_port}" if web_port is not None else ""]
     try:
         for name, command in commands.items():
             with (logs / f"{name}.log").open("ab") as log_file:

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import grpc
 from bankquery.v1 import bank_query_service_pb2_grpc as pb_grpc
+from opentelemetry.trace import TracerProvider
 
 from server.bank.faults import FaultControl, FaultSettings, control_file
 from server.bank.service import SERVICE_NAME, BankQueryServicer
 from server.bank.store import BankStore, default_database_url, seed_stores
+from server.common import tracing
 from server.common.grpc_runtime import GrpcServer, TlsFiles
 from server.common.rpc_metrics import RpcMetrics, RpcObserver
 from server.population.catalogue import BANKS, BANKS_BY_CODE, BankInfo
@@ -94,8 +96,10 @@ async def _start(
     faults: FaultSettings | None,
     data_dir: Path,
     rpc_metrics: RpcMetrics | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> RunningBank:
     servicer = BankQueryServicer(store.bank_code, store, faults)
+    servicer.tracer = tracing.tracer(tracer_provider)
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_BankQueryServiceServicer_to_server(servicer, server)
@@ -107,7 +111,13 @@ async def _start(
     control = FaultControl(control_file(data_dir, store.bank_code), apply, servicer.faults)
     control.check()
     observer = RpcObserver(store.bank_code, rpc_metrics)
-    server = GrpcServer(address, [SERVICE_NAME], register, tls=tls, observers=[observer])
+    server = GrpcServer(
+        address,
+        [SERVICE_NAME],
+        register,
+        tls=tls,
+        observers=[observer, *tracing.server_interceptors(tracer_provider)],
+    )
     # A bank in outage answers every call UNAVAILABLE; its own health says so while it lasts.
     server.follow_serving(lambda: not servicer.faults.outage)
     servicer.on_faults_changed(lambda _: server.serving_changed())
@@ -129,15 +139,17 @@ async def start_bank(
     faults: FaultSettings | None = None,
     rpc_metrics: RpcMetrics | None = None,
     bank_info: BankInfo | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> RunningBank:
     """Open (and seed, if empty) one bank's store and serve it at `address`; its calls are counted
-    in `rpc_metrics` when given, and logged on the access log either way. `bank_info` describes a
-    bank outside the built-in 16 (a bank that joins later: its names and BINs)."""
+    in `rpc_metrics` when given, and logged on the access log either way; traced with
+    `tracer_provider` when given. `bank_info` describes a bank outside the built-in 16 (a bank that
+    joins later: its names and BINs)."""
     urls = {bank_code: database_url} if database_url else {}
     joining = {bank_code: bank_info} if bank_info is not None else {}
     stores = await asyncio.to_thread(_prepare_stores, [bank_code], urls, data_dir, seed, size, joining)
     try:
-        return await _start(stores[bank_code], address, tls, faults, data_dir, rpc_metrics)
+        return await _start(stores[bank_code], address, tls, faults, data_dir, rpc_metrics, tracer_provider)
     except BaseException:
         stores[bank_code].close()
         raise
@@ -153,6 +165,7 @@ async def start_all_banks(
     faults: Mapping[str, FaultSettings] | None = None,
     bank_codes: list[str] | None = None,
     rpc_metrics: RpcMetrics | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> list[RunningBank]:
     """Every bank (in catalogue order) on its own port: base_port + i, or any free port if base_port is 0."""
     codes = bank_codes or [bank.code for bank in BANKS]
@@ -169,6 +182,7 @@ async def start_all_banks(
                     (faults or {}).get(code),
                     data_dir,
                     rpc_metrics,
+                    tracer_provider,
                 )
             )
     except BaseException:

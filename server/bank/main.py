@@ -10,7 +10,7 @@ import secrets
 import time
 from datetime import date
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -19,23 +19,24 @@ from sqlalchemy.exc import IntegrityError
 
 from server.bank.actions import format_yuan
 from server.bank.app import (
-    DEFAULT_BASE_PORT,
     DEFAULT_DATA_DIR,
-    DEFAULT_POPULATION,
-    DEFAULT_SEED,
     RunningBank,
     start_all_banks,
     start_bank,
 )
-from server.bank.faults import FaultSettings, control_file, write_control_file
+from server.bank.faults import control_file, write_control_file
 from server.bank.masking import mask_number
+from server.bank.settings import BankSettings
 from server.bank.store import BankStore, default_database_url
+from server.common import tracing
 from server.common.checks import is_luhn_valid, is_valid_resident_id, luhn_check_digit
 from server.common.dev_ca import bank_tls_files
 from server.common.grpc_runtime import TlsFiles, tune_garbage_collection, wait_for_shutdown_signal
 from server.common.logs import configure_logging
-from server.common.prometheus import MetricsEndpoint, listen_address_problem, process_registry
+from server.common.prometheus import MetricsEndpoint, process_registry
 from server.common.rpc_metrics import RpcMetrics
+from server.common.settings import ConfigError, load, nested
+from server.common.tracing import otlp_tracer_provider
 from server.population.catalogue import BANKS, BANKS_BY_CODE, BankInfo, Bin
 
 log = logging.getLogger("server.bank")
@@ -141,38 +142,97 @@ def _tls_for(tls_dir: Path | None, bank: str) -> TlsFiles | None:
         ) from error
 
 
+# Each flag of `serve` and the configuration key it overrides (a bad flag is reported as the flag).
+SERVE_FLAG_KEYS = {
+    "--host": "server.host",
+    "--port": "server.port",
+    "--base-port": "server.base_port",
+    "--data-dir": "server.data_dir",
+    "--database-url": "database.url",
+    "--seed": "population.seed",
+    "--population": "population.size",
+    "--tls-dir": "server.tls_dir",
+    "--metrics-listen": "metrics.listen",
+    "--log-level": "logging.level",
+}
+
+
+def load_settings(config: Path | None, flags: dict[str, Any]) -> BankSettings:
+    """The bank process's configuration from the file, the environment and `flags` ({"--host":
+    value}, None for a flag not given); a problem is reported on stderr, one line each, and exits 2."""
+    given = {flag: value for flag, value in flags.items() if value is not None}
+    names = {SERVE_FLAG_KEYS[flag]: flag for flag in given}
+    try:
+        return load(BankSettings, config, nested({SERVE_FLAG_KEYS[f]: v for f, v in given.items()}), names)
+    except ConfigError as error:
+        for problem in error.problems:
+            typer.echo(f"cardlookup-bank: {problem}", err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def serve(
     bank: Annotated[str | None, typer.Option(help="Serve this one bank (code, e.g. ICBC).")] = None,
     all_banks: Annotated[bool, typer.Option("--all", help="Serve all 16 banks, one port each.")] = False,
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port for --bank (0: any free port).")] = DEFAULT_BASE_PORT,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            envvar="CARDLOOKUP_BANK_CONFIG",
+            help="TOML configuration file (config/bank.example.toml shows every key); "
+            "CARDLOOKUP_BANK_<TABLE>__<KEY> variables override it, and flags override both.",
+        ),
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Interface to listen on (config: server.host).")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port for --bank (0: any free port) (config: server.port).")
+    ] = None,
     base_port: Annotated[
-        int, typer.Option(help="First port for --all; banks take consecutive ports in catalogue order.")
-    ] = DEFAULT_BASE_PORT,
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    database_url: DatabaseUrl = None,
-    seed: Annotated[int, typer.Option(help="Seed of the synthetic population.")] = DEFAULT_SEED,
-    population: Annotated[int, typer.Option(help="Size of the synthetic population.")] = DEFAULT_POPULATION,
+        int | None,
+        typer.Option(
+            help="First port for --all; banks take consecutive ports in catalogue order "
+            "(config: server.base_port)."
+        ),
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Directory holding each bank's SQLite file (config: server.data_dir).")
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            help="SQLAlchemy URL of the bank's database (default: a SQLite file in --data-dir) "
+            "(config: database.url)."
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the synthetic population (config: population.seed).")
+    ] = None,
+    population: Annotated[
+        int | None, typer.Option(help="Size of the synthetic population (config: population.size).")
+    ] = None,
     fault: Annotated[
         list[str] | None,
         typer.Option(
-            help="Fault knob key=value, repeatable (e.g. latency_ms=300, outage=1, query_session=0)."
+            help="Fault knob key=value, repeatable (e.g. latency_ms=300, outage=1, query_session=0), "
+            "over the file's [faults]."
         ),
     ] = None,
     tls_dir: Annotated[
         Path | None,
-        typer.Option(help="Directory with <bank>.crt, <bank>.key and ca.crt (mutual TLS; see dev_ca)."),
+        typer.Option(
+            help="Directory with <bank>.crt, <bank>.key and ca.crt (mutual TLS; see dev_ca) "
+            "(config: server.tls_dir)."
+        ),
     ] = None,
     metrics_listen: Annotated[
-        str,
+        str | None,
         typer.Option(
             envvar="CARDLOOKUP_BANK_METRICS_LISTEN",
             help="host:port to serve Prometheus metrics on (GET /metrics), one endpoint for every bank "
-            "this process serves; off when empty.",
+            "this process serves; off when empty (config: metrics.listen).",
         ),
-    ] = "",
-    log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="Logging level (config: logging.level).")] = None,
     name: Annotated[
         str | None, typer.Option(help="A bank outside the built-in 16: its Chinese name, e.g. 上海银行.")
     ] = None,
@@ -201,15 +261,34 @@ def serve(
         if bank is not None
         else None
     )
+    settings = load_settings(
+        config,
+        {
+            "--host": host,
+            "--port": port,
+            "--base-port": base_port,
+            "--data-dir": data_dir,
+            "--database-url": database_url,
+            "--seed": seed,
+            "--population": population,
+            "--tls-dir": tls_dir,
+            "--metrics-listen": metrics_listen,
+            "--log-level": log_level,
+        },
+    )
     try:
-        faults = FaultSettings.parse(fault or [])
+        faults = settings.fault_settings(fault or [])
     except ValueError as error:
-        raise typer.BadParameter(str(error)) from error
-    if metrics_listen and (problem := listen_address_problem(metrics_listen)):
-        raise typer.BadParameter(problem, param_hint="--metrics-listen")
-    configure_logging(log_level)
+        raise typer.BadParameter(str(error), param_hint="--fault") from error
+    host, port, base_port = settings.server.host, settings.server.port, settings.server.base_port
+    data_dir, tls_dir = settings.server.data_dir, settings.server.tls_dir
+    database_url = settings.database.url or None
+    seed, population = settings.population.seed, settings.population.size
+    metrics_listen = settings.metrics.listen
+    configure_logging(settings.logging.level)
     registry = process_registry()
     rpc_metrics = RpcMetrics(registry)
+    tracer_provider = otlp_tracer_provider(settings.tracing.tracing("cardlookup-bank"))
 
     async def run() -> None:
         banks: list[RunningBank]
@@ -227,6 +306,7 @@ def serve(
                     faults=faults,
                     rpc_metrics=rpc_metrics,
                     bank_info=joining,
+                    tracer_provider=tracer_provider,
                 )
             ]
         else:
@@ -239,6 +319,7 @@ def serve(
                 tls={b.code: tls for b in BANKS if (tls := _tls_for(tls_dir, b.code)) is not None},
                 faults={b.code: faults for b in BANKS},
                 rpc_metrics=rpc_metrics,
+                tracer_provider=tracer_provider,
             )
         endpoint = MetricsEndpoint(registry, metrics_listen) if metrics_listen else None
         for running in banks:
@@ -269,7 +350,10 @@ def serve(
                 },
             )
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        tracing.shutdown(tracer_provider)
 
 
 @app.command()

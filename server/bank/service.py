@@ -40,12 +40,13 @@ import grpc
 from bankquery.v1 import bank_query_service_pb2 as pb
 from bankquery.v1 import bank_query_service_pb2_grpc as pb_grpc
 from google.protobuf.message import DecodeError
+from opentelemetry.trace import Span, SpanKind, Tracer
 
 from server.bank import actions
 from server.bank.faults import FaultSettings, lie_about, other_bank_code
 from server.bank.masking import to_card_record
 from server.bank.store import ActionAnswer, ActionKind, BankStore, CardNotFound, RequestConflict, StoredCard
-from server.common import errors
+from server.common import errors, tracing
 from server.common.checks import is_valid_resident_id
 from server.common.grpc_errors import grpc_method
 
@@ -185,6 +186,11 @@ class _QuerySession:
         self._timers: set[asyncio.TimerHandle] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._ending = False
+        # With tracing on: a span per query, child of the union's span that the query names
+        # (its trace_context), not of the stream, which carries many lookups' queries.
+        self._tracer = servicer.tracer
+        self._span_name = f"{SERVICE_NAME}/{'QueryBatchSession' if batched else 'QuerySession'} query"
+        self._spans: dict[str, Span] = {}
         self.started = time.monotonic()
         self.received = 0  # queries
         self.messages = 0  # request messages (fewer than queries on a batched stream)
@@ -214,6 +220,9 @@ class _QuerySession:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for span in self._spans.values():
+            tracing.end_failed(span, "the stream ended before the answer")
+        self._spans.clear()
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -258,6 +267,8 @@ class _QuerySession:
         """Fault gate and validation in QueryCards' order: outage, validation, delay, injected error."""
         self.received += 1
         self.outstanding += 1
+        if self._tracer is not None:
+            self._trace(request)
         faults = self._servicer.faults  # one snapshot per query
         if not faults.query_session or (self.batched and not faults.query_batches):
             # Switched off at run time: the bank restarts as a version without this RPC.
@@ -278,6 +289,19 @@ class _QuerySession:
             self._later(delay, lambda: self._delayed(query))
         else:
             self._delayed(query)
+
+    def _trace(self, request: pb.QuerySessionRequest) -> None:
+        assert self._tracer is not None
+        span = tracing.start_child(
+            self._tracer,
+            self._span_name,
+            request.trace_context,
+            SpanKind.SERVER,
+            {"rpc.system": "grpc", "cardlookup.bank": self._bank},
+        )
+        if (earlier := self._spans.pop(request.query_id, None)) is not None:
+            tracing.end_failed(earlier, "the same query id was asked again")
+        self._spans[request.query_id] = span
 
     def _delayed(self, query: _Query) -> None:
         if query.faults.fails(self._rng):
@@ -342,6 +366,9 @@ class _QuerySession:
             answer.summary.record_count = count
         self.answered += 1
         self.outgoing.put_nowait(pb.QuerySessionResponse(query_id=query.query_id, answer=answer))
+        if (span := self._spans.pop(query.query_id, None)) is not None:
+            span.set_attribute("cardlookup.records", len(records))
+            span.end()
         if self._debug:
             log.debug(
                 "answered query",
@@ -351,6 +378,9 @@ class _QuerySession:
     def _fail(self, query_id: str, code: grpc.StatusCode, message: str) -> None:
         self.failed += 1
         self.outgoing.put_nowait(_error(query_id, code, message))
+        if (span := self._spans.pop(query_id, None)) is not None:
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            tracing.end_failed(span, code.name)
         if self._debug:
             log.debug("failed query", extra={"query_id": query_id, "bank": self._bank, "code": code.name})
 
@@ -394,6 +424,8 @@ class BankQueryServicer(pb_grpc.BankQueryServiceServicer):
         # Fault decisions only; nothing security-relevant is drawn from it.
         self._rng = random.Random()  # noqa: S311
         self._sessions: set[_QuerySession] = set()
+        # Spans per session query when the bank traces (server.common.tracing); None: off.
+        self.tracer: Tracer | None = None
 
     @property
     def faults(self) -> FaultSettings:

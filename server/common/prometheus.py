@@ -33,14 +33,6 @@ def process_registry() -> CollectorRegistry:
     return registry
 
 
-def listen_address_problem(listen: str) -> str | None:
-    """Why `listen` is not a host:port to serve metrics on (None if it is one)."""
-    _, separator, port = listen.rpartition(":")
-    if not (separator and port.isdigit() and int(port) <= 65535):
-        return "expected host:port (port 0-65535)"
-    return None
-
-
 class MetricsEndpoint:
     """prometheus_client's HTTP server (a thread of its own) for one registry."""
 

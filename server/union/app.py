@@ -14,13 +14,16 @@ import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 import grpc
 from cardlookup.v1 import admin_service_pb2_grpc as admin_grpc
 from cardlookup.v1 import card_action_service_pb2_grpc as action_grpc
 from cardlookup.v1 import card_lookup_service_pb2_grpc as lookup_grpc
 from cardlookup.v1 import identity_service_pb2_grpc as identity_grpc
+from opentelemetry.trace import TracerProvider
 
+from server.common import tracing
 from server.common.admission import AdmissionControl
 from server.common.grpc_runtime import GrpcServer, TlsFiles
 from server.common.prometheus import MetricsEndpoint
@@ -89,6 +92,8 @@ class UnionConfig:
     # Origins besides the page's own that may call the API from a browser (CORS).
     http_allowed_origins: tuple[str, ...] = ()
     web_root: Path | None = DEFAULT_WEB_ROOT  # the built page (make web); None: API only
+    # Traces (server/common/tracing.py): gRPC server and bank client spans, SQL statements. None: off.
+    tracer_provider: TracerProvider | None = None
 
     @property
     def effective_database_url(self) -> str:
@@ -141,6 +146,19 @@ async def seed_identity_registry(store: Store, keys: Keys, seed: int, size: int)
         await store.add_identities(batch)
 
 
+def traced_store(store: Store, provider: TracerProvider | None) -> Store:
+    """With tracing on: the store's calls as spans ("db.create_lookup", ...) and its SQL statements
+    as their children. The store runs statements in a thread pool of its own, which is handed the
+    caller's trace context here; writes that share one transaction (SQLite batches them) show up
+    under the call that started the batch, and each waiting call has its own db.* span."""
+    tracer = tracing.tracer(provider)
+    if tracer is None:
+        return store
+    tracing.trace_engine(store.engine, provider)
+    store._executor = tracing.ContextExecutor(store._executor)  # type: ignore[assignment]
+    return cast(Store, tracing.TracedCalls(store, tracer, "db"))
+
+
 class UnionServer:
     def __init__(
         self,
@@ -152,8 +170,8 @@ class UnionServer:
         self.config = config
         self.clock = clock or SystemClock()
         self.keys = Keys.load(config.data_dir)
-        self.store = open_store(config.effective_database_url)
-        self.gateway = gateway or GrpcBankGateway(config.bank_tls)
+        self.store = traced_store(open_store(config.effective_database_url), config.tracer_provider)
+        self.gateway = gateway or GrpcBankGateway(config.bank_tls, tracer_provider=config.tracer_provider)
         self.sms = sms or FileSmsSink(config.sms_sink_path, self.clock.now)
         self.events = LookupEvents()
         self.metrics = PrometheusMetrics()
@@ -207,7 +225,10 @@ class UnionServer:
             self._register,
             tls=config.tls,
             interceptors=[self.admission],
-            observers=[RpcObserver("union", RpcMetrics(self.metrics.registry))],
+            observers=[
+                RpcObserver("union", RpcMetrics(self.metrics.registry)),
+                *tracing.server_interceptors(config.tracer_provider),
+            ],
         )
         self._health_task: asyncio.Task[None] | None = None
         self._metrics_endpoint: MetricsEndpoint | None = None

@@ -29,15 +29,17 @@ import heapq
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from bankquery.v1 import bank_query_service_pb2 as pb
 from bankquery.v1 import bank_query_service_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.trace import SpanKind, TracerProvider
 
+from server.common import tracing
 from server.union.domain.banks import BankCallFailed, BankDecision, ReportedCard
 from server.union.domain.model import ActionState, Bank, CardStatus, CardType
 
@@ -101,6 +103,8 @@ class ClientTls:
     root_ca: bytes
     cert_chain: bytes
     private_key: bytes
+    # Bank code → the name its certificate carries, where it is not bank_tls_name(code).
+    server_names: Mapping[str, str] = field(default_factory=dict)
 
 
 class _SessionUnsupported(Exception):
@@ -192,7 +196,7 @@ class _QuerySessionLink:
                 timer.cancel()
             self._deadline_timer = loop.call_at(deadline, self._expire)
         try:
-            self._open().put_nowait(request)  # never blocks: the places bound the queue
+            self.open_detached().put_nowait(request)  # never blocks: the places bound the queue
             return await future
         finally:
             self._in_flight -= 1
@@ -256,6 +260,11 @@ class _QuerySessionLink:
                 self._read(call, outbox, batched), name=f"session-{self._bank_code}"
             )
         return self._outbox
+
+    def open_detached(self) -> _Outbox:
+        """`_open`, outside any trace: the stream serves every lookup, not the one asking now."""
+        with tracing.Detached():
+            return self._open()
 
     @staticmethod
     async def _requests(outbox: _Outbox) -> AsyncIterator[pb.QuerySessionRequest]:
@@ -358,9 +367,16 @@ class _QuerySessionLink:
 
 class GrpcBankGateway:
     def __init__(
-        self, tls: ClientTls | None = None, max_records: int = 500, max_outstanding_per_bank: int = 512
+        self,
+        tls: ClientTls | None = None,
+        max_records: int = 500,
+        max_outstanding_per_bank: int = 512,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self._tls = tls
+        # A client span per call (trace context in the metadata) and per session query; none when off.
+        self._interceptors = tracing.client_interceptors(tracer_provider)
+        self._tracer = tracing.tracer(tracer_provider)
         self._max_records = max_records
         self._max_outstanding = max_outstanding_per_bank
         self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
@@ -371,15 +387,20 @@ class GrpcBankGateway:
         channel = self._channels.get(key)
         if channel is None:
             options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 1024 * 1024)]
+            interceptors = self._interceptors or None
             if self._tls is None:
-                channel = grpc.aio.insecure_channel(bank.address, options=options)
+                channel = grpc.aio.insecure_channel(bank.address, options=options, interceptors=interceptors)
             else:
                 credentials = grpc.ssl_channel_credentials(
                     self._tls.root_ca, self._tls.private_key, self._tls.cert_chain
                 )
-                # The catalogue's name for a bank that joined with its own; the default otherwise.
-                options.append(("grpc.ssl_target_name_override", bank.tls_name or bank_tls_name(bank.code)))
-                channel = grpc.aio.secure_channel(bank.address, credentials, options=options)
+                # The configured name, else the catalogue's for a bank that joined with its own, else
+                # the default.
+                name = self._tls.server_names.get(bank.code) or bank.tls_name or bank_tls_name(bank.code)
+                options.append(("grpc.ssl_target_name_override", name))
+                channel = grpc.aio.secure_channel(
+                    bank.address, credentials, options=options, interceptors=interceptors
+                )
             self._channels[key] = channel
         return channel
 
@@ -394,7 +415,10 @@ class GrpcBankGateway:
                 query_id=query_id, resident_id_number=resident_id_number, name=name
             )
             try:
-                response = await link.query(request, call_timeout)
+                if self._tracer is None:
+                    response = await link.query(request, call_timeout)
+                else:
+                    response = await self._traced_query(link, bank, request, call_timeout)
             except TimeoutError as error:
                 # Worded like the per-call path's deadline, so a report reads the same either way.
                 raise _code_failure(grpc.StatusCode.DEADLINE_EXCEEDED) from error
@@ -403,6 +427,23 @@ class GrpcBankGateway:
             else:
                 return self._session_answer(bank, response)
         return await self._query_per_call(bank, query_id, resident_id_number, name, call_timeout)
+
+    async def _traced_query(
+        self, link: _QuerySessionLink, bank: Bank, request: pb.QuerySessionRequest, call_timeout: float
+    ) -> pb.QuerySessionResponse:
+        """One session query as a client span of the current trace, whose context the query carries."""
+        assert self._tracer is not None
+        method = "QueryBatchSession" if link.batched else "QuerySession"
+        with self._tracer.start_as_current_span(
+            f"bankquery.v1.BankQueryService/{method} query",
+            kind=SpanKind.CLIENT,
+            attributes={"rpc.system": "grpc", "rpc.method": method, "cardlookup.bank": bank.code},
+        ) as span:
+            tracing.inject(request.trace_context)
+            response = await link.query(request, call_timeout)
+            if response.WhichOneof("result") == "error":
+                span.set_attribute("rpc.grpc.status_code", response.error.code)
+            return response
 
     def uses_session(self, bank: Bank) -> bool:
         """Whether queries to `bank` currently go over a session stream (for operators and

@@ -7,37 +7,26 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
-from server.common.dev_ca import union_client_tls, union_server_tls
+from server.common import tracing
 from server.common.errors import DomainError
-from server.common.grpc_runtime import TlsFiles, tune_garbage_collection, wait_for_shutdown_signal
+from server.common.grpc_runtime import tune_garbage_collection, wait_for_shutdown_signal
 from server.common.logs import configure_logging
-from server.union.app import (
-    DEFAULT_POPULATION_SEED,
-    DEFAULT_POPULATION_SIZE,
-    UnionConfig,
-    UnionServer,
-    default_bank_addresses,
-)
-from server.union.bank_gateway import ClientTls
+from server.common.settings import ConfigError, load, nested
+from server.common.tracing import otlp_tracer_provider
+from server.union.app import UnionConfig, UnionServer, default_bank_addresses
 from server.union.clock import SystemClock
 from server.union.domain.admin import AdminService, UnknownBankCodes
 from server.union.domain.audit import AuditTrail
-from server.union.domain.lookups import LookupPolicy
-from server.union.domain.orchestrator import OrchestratorPolicy
 from server.union.domain.ports import AdminRole
-from server.union.domain.retention import (
-    DEFAULT_RETENTION_DAYS,
-    DEFAULT_TIMEZONE,
-    RetentionPolicy,
-    RetentionSweep,
-)
+from server.union.domain.retention import RetentionSweep
 from server.union.keyring import Keys
+from server.union.settings import UnionSettings
 from server.union.sms import FileSmsSink
 from server.union.storage.credentials import AdminCredentialRepository, SessionStore
 from server.union.storage.store import Store, open_store
@@ -48,135 +37,221 @@ log = logging.getLogger("server.union")
 
 app = typer.Typer(help="The 一键查卡 union server.", no_args_is_help=True, add_completion=False)
 
-DataDir = Annotated[Path, typer.Option(help="Directory for the SQLite database, keys and the SMS outbox.")]
+ConfigFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        envvar="CARDLOOKUP_UNION_CONFIG",
+        help="TOML configuration file (config/union.example.toml shows every key); "
+        "CARDLOOKUP_UNION_<TABLE>__<KEY> variables override it, and flags override both.",
+    ),
+]
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        help="Directory for the SQLite database, keys and the SMS outbox (config: server.data_dir)."
+    ),
+]
 DatabaseUrl = Annotated[
-    str,
-    typer.Option(envvar="CARDLOOKUP_DATABASE_URL", help="SQLAlchemy URL; default sqlite under --data-dir."),
+    str | None,
+    typer.Option(
+        envvar="CARDLOOKUP_DATABASE_URL",
+        help="SQLAlchemy URL; default sqlite under --data-dir (config: database.url).",
+    ),
 ]
 
+# Each flag and the configuration key it overrides (a bad flag is reported as the flag).
+FLAG_KEYS = {
+    "--listen": "server.listen",
+    "--data-dir": "server.data_dir",
+    "--database-url": "database.url",
+    "--population-seed": "population.seed",
+    "--population-size": "population.size",
+    "--requery-cooldown-hours": "lookups.requery_cooldown_hours",
+    "--deadline-hours": "orchestration.lookup_deadline_hours",
+    "--report-retention-days": "retention.report_days",
+    "--calendar-timezone": "retention.timezone",
+    "--audit-retention-days": "retention.audit_days",
+    "--call-timeout-seconds": "orchestration.call_timeout_seconds",
+    "--lease-margin-seconds": "orchestration.lease_margin_seconds",
+    "--log-level": "logging.level",
+    "--tls-dir": "server.tls_dir",
+    "--bank-tls-dir": "bank_tls.dir",
+    "--metrics-listen": "metrics.listen",
+    "--http-listen": "http.listen",
+    "--http-allowed-origin": "http.allowed_origins",
+}
 
-def _parse_bank_addresses(values: list[str], base_port: int) -> dict[str, str]:
-    addresses = default_bank_addresses(base_port=base_port)
+
+def _bank_flags(values: list[str], base_port: int | None) -> dict[str, str]:
+    """--bank-base-port (every catalogue bank on consecutive loopback ports), then each --bank."""
+    addresses: dict[str, str] = {}
+    if base_port is not None:
+        addresses = default_bank_addresses(base_port=base_port)
     for value in values:
         code, sep, address = value.partition("=")
         if not sep:
-            raise typer.BadParameter(f"expected CODE=host:port, got {value!r}")
+            raise typer.BadParameter("expected CODE=host:port", param_hint="--bank")
         addresses[code.upper()] = address
     return addresses
 
 
+def load_settings(
+    config: Path | None, flags: dict[str, Any], banks: dict[str, str] | None = None
+) -> tuple[UnionSettings, UnionConfig]:
+    """The union's configuration from the file, the environment and `flags` ({"--listen": value},
+    None for a flag not given); a problem is reported on stderr, one line each, and exits 2."""
+    given = {flag: value for flag, value in flags.items() if value is not None}
+    names = {FLAG_KEYS[flag]: flag for flag in given}
+    overrides = nested({FLAG_KEYS[flag]: value for flag, value in given.items()})
+    if banks:
+        overrides["banks"] = {code: {"address": address} for code, address in banks.items()}
+        names |= {f"banks.{code}.address": "--bank" for code in banks}
+
+    def source(key: str) -> str:
+        return names.get(key) or f"{config or 'defaults'}: {key}"
+
+    try:
+        settings = load(UnionSettings, config, overrides, names)
+        return settings, settings.union_config(source)
+    except ConfigError as error:
+        for problem in error.problems:
+            typer.echo(f"cardlookup-union: {problem}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _console_config(
+    config: Path | None, data_dir: Path | None, database_url: str | None = None
+) -> UnionConfig:
+    """What the one-off commands need of the configuration: the data directory and the database."""
+    return load_settings(config, {"--data-dir": data_dir, "--database-url": database_url})[1]
+
+
 @app.command()
 def serve(
-    listen: Annotated[str, typer.Option(help="host:port to listen on.")] = "127.0.0.1:50051",
-    data_dir: DataDir = Path("data"),
-    database_url: DatabaseUrl = "",
-    bank_base_port: Annotated[int, typer.Option(help="Banks listen on consecutive ports from here.")] = 50061,
-    bank: Annotated[list[str], typer.Option(help="Override one bank's address: CODE=host:port.")] = [],  # noqa: B006
+    config: ConfigFile = None,
+    listen: Annotated[
+        str | None, typer.Option(help="host:port to listen on (config: server.listen).")
+    ] = None,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+    bank_base_port: Annotated[
+        int | None,
+        typer.Option(help="Every bank on 127.0.0.1, on consecutive ports from here (config: banks)."),
+    ] = None,
+    bank: Annotated[
+        list[str], typer.Option(help="One bank's address: CODE=host:port (config: banks.CODE.address).")
+    ] = [],  # noqa: B006
     population_seed: Annotated[
-        int, typer.Option(help="Seed of the synthetic population.")
-    ] = DEFAULT_POPULATION_SEED,
+        int | None, typer.Option(help="Seed of the synthetic population (config: population.seed).")
+    ] = None,
     population_size: Annotated[
-        int, typer.Option(help="People in the identity registry.")
-    ] = DEFAULT_POPULATION_SIZE,
+        int | None, typer.Option(help="People in the identity registry (config: population.size).")
+    ] = None,
     requery_cooldown_hours: Annotated[
-        float, typer.Option(help="Hours before a person may look up again.")
-    ] = 168,
-    deadline_hours: Annotated[float, typer.Option(help="Lookup deadline (the SLA) in hours.")] = 24,
+        float | None,
+        typer.Option(
+            help="Hours before a person may look up again (config: lookups.requery_cooldown_hours)."
+        ),
+    ] = None,
+    deadline_hours: Annotated[
+        float | None,
+        typer.Option(
+            help="Lookup deadline (the SLA) in hours (config: orchestration.lookup_deadline_hours)."
+        ),
+    ] = None,
     report_retention_days: Annotated[
-        int,
-        typer.Option(min=1, help="Natural days a report (and its lookup) is kept after the day it was made."),
-    ] = DEFAULT_RETENTION_DAYS,
+        int | None,
+        typer.Option(
+            help="Natural days a report is kept after the day it was made (config: retention.report_days)."
+        ),
+    ] = None,
     calendar_timezone: Annotated[
-        str, typer.Option(help="Time zone whose calendar days count for report retention.")
-    ] = DEFAULT_TIMEZONE,
+        str | None, typer.Option(help="Time zone of the retention calendar (config: retention.timezone).")
+    ] = None,
     audit_retention_days: Annotated[
-        int, typer.Option(min=1, help="Days the audit trail (PII-free) is kept.")
-    ] = 180,
-    call_timeout_seconds: Annotated[float, typer.Option(help="Deadline of one call to a bank.")] = 10,
+        int | None, typer.Option(help="Days the audit trail is kept (config: retention.audit_days).")
+    ] = None,
+    call_timeout_seconds: Annotated[
+        float | None,
+        typer.Option(help="Deadline of one call to a bank (config: orchestration.call_timeout_seconds)."),
+    ] = None,
     lease_margin_seconds: Annotated[
-        float, typer.Option(help="How long past the call deadline a dead replica's claim is held.")
-    ] = 5,
-    log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
+        float | None,
+        typer.Option(
+            help="How long past the call deadline a dead replica's claim is held "
+            "(config: orchestration.lease_margin_seconds)."
+        ),
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="Logging level (config: logging.level).")] = None,
     tls_dir: Annotated[
         Path | None,
-        typer.Option(help="Serve clients over TLS with union-server.crt/.key from this PKI directory."),
+        typer.Option(
+            help="Serve clients over TLS with union-server.crt/.key from here (config: server.tls_dir)."
+        ),
     ] = None,
     bank_tls_dir: Annotated[
         Path | None,
         typer.Option(
-            help="Development PKI directory (ca.crt, union-client.crt/.key): mutual TLS towards the banks."
+            help="Development PKI directory (ca.crt, union-client.crt/.key): mutual TLS towards the banks "
+            "(config: bank_tls.dir)."
         ),
     ] = None,
     metrics_listen: Annotated[
-        str,
+        str | None,
         typer.Option(
             envvar="CARDLOOKUP_METRICS_LISTEN",
-            help="host:port to serve Prometheus metrics on (GET /metrics); off when empty.",
+            help="host:port to serve Prometheus metrics on (GET /metrics); off when empty "
+            "(config: metrics.listen).",
         ),
-    ] = "",
+    ] = None,
     http_listen: Annotated[
-        str,
+        str | None,
         typer.Option(
             envvar="CARDLOOKUP_HTTP_LISTEN",
-            help="host:port for Connect/gRPC-Web (browsers, curl) and the web page; off when empty.",
+            help="host:port for Connect/gRPC-Web (browsers, curl) and the web page; off when empty "
+            "(config: http.listen).",
         ),
-    ] = "",
+    ] = None,
     http_allowed_origin: Annotated[
         list[str],
-        typer.Option(help="A browser origin besides the page's own that may call the HTTP API (CORS)."),
+        typer.Option(
+            help="A browser origin besides the page's own that may call the HTTP API "
+            "(config: http.allowed_origins)."
+        ),
     ] = [],  # noqa: B006
 ) -> None:
     """Run the union server until SIGINT/SIGTERM, then shut down gracefully."""
-    bank_tls: ClientTls | None = None
-    if bank_tls_dir is not None:
-        try:
-            bank_tls = union_client_tls(bank_tls_dir)
-        except FileNotFoundError as error:
-            raise typer.BadParameter(f"{error.filename} is missing", param_hint="--bank-tls-dir") from error
-    server_tls: TlsFiles | None = None
-    if tls_dir is not None:
-        try:
-            server_tls = union_server_tls(tls_dir)
-        except FileNotFoundError as error:
-            raise typer.BadParameter(f"{error.filename} is missing", param_hint="--tls-dir") from error
-    _, _, metrics_port = metrics_listen.rpartition(":")
-    if metrics_listen and not (metrics_port.isdigit() and int(metrics_port) <= 65535):
-        raise typer.BadParameter(f"expected host:port, got {metrics_listen!r}", param_hint="--metrics-listen")
-    try:
-        retention = RetentionPolicy(
-            report_days=report_retention_days,
-            timezone=calendar_timezone,
-            audit=timedelta(days=audit_retention_days),
-        )
-    except (ValueError, KeyError) as error:  # ZoneInfoNotFoundError is a KeyError
-        raise typer.BadParameter("not a known IANA time zone", param_hint="--calendar-timezone") from error
-    _, _, http_port = http_listen.rpartition(":")
-    if http_listen and not (http_port.isdigit() and int(http_port) <= 65535):
-        raise typer.BadParameter(f"expected host:port, got {http_listen!r}", param_hint="--http-listen")
-    configure_logging(log_level)
-    config = UnionConfig(
-        listen=listen,
-        data_dir=data_dir,
-        database_url=database_url,
-        bank_addresses=_parse_bank_addresses(bank, bank_base_port),
-        population_seed=population_seed,
-        population_size=population_size,
-        lookups=LookupPolicy(requery_cooldown=timedelta(hours=requery_cooldown_hours)),
-        orchestration=OrchestratorPolicy(
-            lookup_deadline=timedelta(hours=deadline_hours),
-            call_timeout=timedelta(seconds=call_timeout_seconds),
-            lease_margin=timedelta(seconds=lease_margin_seconds),
-        ),
-        bank_tls=bank_tls,
-        tls=server_tls,
-        metrics_listen=metrics_listen,
-        retention=retention,
-        http_listen=http_listen,
-        http_allowed_origins=tuple(http_allowed_origin),
+    settings, union_config = load_settings(
+        config,
+        {
+            "--listen": listen,
+            "--data-dir": data_dir,
+            "--database-url": database_url,
+            "--population-seed": population_seed,
+            "--population-size": population_size,
+            "--requery-cooldown-hours": requery_cooldown_hours,
+            "--deadline-hours": deadline_hours,
+            "--report-retention-days": report_retention_days,
+            "--calendar-timezone": calendar_timezone,
+            "--audit-retention-days": audit_retention_days,
+            "--call-timeout-seconds": call_timeout_seconds,
+            "--lease-margin-seconds": lease_margin_seconds,
+            "--log-level": log_level,
+            "--tls-dir": tls_dir,
+            "--bank-tls-dir": bank_tls_dir,
+            "--metrics-listen": metrics_listen,
+            "--http-listen": http_listen,
+            "--http-allowed-origin": tuple(http_allowed_origin) or None,
+        },
+        _bank_flags(bank, bank_base_port),
     )
+    configure_logging(settings.logging.level)
+    tracer_provider = otlp_tracer_provider(settings.tracing.tracing("cardlookup-union"))
+    union_config = replace(union_config, tracer_provider=tracer_provider)
 
     async def run() -> None:
-        server = UnionServer(config)
+        server = UnionServer(union_config)
         try:
             await server.start()
         except UnknownBankCodes as error:
@@ -198,23 +273,26 @@ def serve(
                 },
             )
 
-    profile_to = os.environ.get("CARDLOOKUP_PROFILE")
-    if not profile_to:
-        asyncio.run(run())
-        return
-    # Profiling on request (make bench --profile): pyinstrument is a dev/bench dependency only.
-    from pyinstrument import Profiler
+    try:
+        profile_to = os.environ.get("CARDLOOKUP_PROFILE")
+        if not profile_to:
+            asyncio.run(run())
+            return
+        # Profiling on request (make bench --profile): pyinstrument is a dev/bench dependency only.
+        from pyinstrument import Profiler
 
-    with Profiler(interval=0.001) as profiler:
-        asyncio.run(run())
-    Path(profile_to).write_text(profiler.output_text(unicode=True, show_all=False))
+        with Profiler(interval=0.001) as profiler:
+            asyncio.run(run())
+        Path(profile_to).write_text(profiler.output_text(unicode=True, show_all=False))
+    finally:
+        tracing.shutdown(tracer_provider)
 
 
 @app.command()
-def purge(data_dir: DataDir = Path("data"), database_url: DatabaseUrl = "") -> None:
+def purge(config_file: ConfigFile = None, data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
     """Run the retention sweep now: expired reports with their lookups, and every other kind of
-    data past its retention (the server also does this periodically)."""
-    config = UnionConfig(data_dir=data_dir, database_url=database_url)
+    data past its retention (the server also does this periodically, with the same settings)."""
+    config = _console_config(config_file, data_dir, database_url)
 
     async def run() -> dict[str, int]:
         store = open_store(config.effective_database_url)
@@ -242,9 +320,8 @@ credential_app = typer.Typer(
 app.add_typer(credential_app, name="admin-credential")
 
 
-def _admin_console(data_dir: Path, database_url: str) -> tuple[Store, AdminService]:
+def _admin_console(config: UnionConfig) -> tuple[Store, AdminService]:
     """The admin domain on this installation's database and keys, acting as "admin:console"."""
-    config = UnionConfig(data_dir=data_dir, database_url=database_url)
     store = open_store(config.effective_database_url)
     keys = Keys.load(config.data_dir)
     clock = SystemClock()
@@ -252,9 +329,9 @@ def _admin_console(data_dir: Path, database_url: str) -> tuple[Store, AdminServi
     return store, AdminService(store, clock, keys, AdminCredentialRepository(store), audit)
 
 
-def _console_run(data_dir: Path, database_url: str, work: Callable[[AdminService], Awaitable[T]]) -> T:
+def _console_run(config: UnionConfig, work: Callable[[AdminService], Awaitable[T]]) -> T:
     async def run() -> T:
-        store, admin = _admin_console(data_dir, database_url)
+        store, admin = _admin_console(config)
         try:
             await asyncio.to_thread(store.migrate)
             return await work(admin)
@@ -272,19 +349,25 @@ def _console_run(data_dir: Path, database_url: str, work: Callable[[AdminService
 def credential_create(
     name: Annotated[str, typer.Option(help="Who holds it: 1-32 lowercase letters, digits, - or _.")],
     role: Annotated[AdminRole, typer.Option(help="viewer: read only; operator: changes too.")],
-    data_dir: DataDir = Path("data"),
-    database_url: DatabaseUrl = "",
+    config: ConfigFile = None,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
 ) -> None:
     """Create a named admin credential and print its token, once: only a keyed hash of it is kept."""
-    credential, token = _console_run(data_dir, database_url, lambda a: a.create_credential(name, role))
+    credential, token = _console_run(
+        _console_config(config, data_dir, database_url), lambda a: a.create_credential(name, role)
+    )
     typer.echo(f"created {credential.role.value} credential {credential.name} (id {credential.id})", err=True)
     typer.echo(token)
 
 
 @credential_app.command("list")
-def credential_list(data_dir: DataDir = Path("data"), database_url: DatabaseUrl = "") -> None:
+def credential_list(
+    config: ConfigFile = None, data_dir: DataDir = None, database_url: DatabaseUrl = None
+) -> None:
     """List the admin credentials (names, roles, ids; never tokens)."""
-    for credential in _console_run(data_dir, database_url, lambda a: a.list_credentials()):
+    console = _console_config(config, data_dir, database_url)
+    for credential in _console_run(console, lambda a: a.list_credentials()):
         typer.echo(
             f"{credential.id}  {credential.role.value:<8}  {credential.name}  "
             f"created {credential.create_time.isoformat(timespec='seconds')}"
@@ -294,22 +377,25 @@ def credential_list(data_dir: DataDir = Path("data"), database_url: DatabaseUrl 
 @credential_app.command("revoke")
 def credential_revoke(
     name: Annotated[str, typer.Option(help="The credential to revoke.")],
-    data_dir: DataDir = Path("data"),
-    database_url: DatabaseUrl = "",
+    config: ConfigFile = None,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
 ) -> None:
     """Revoke (delete) an admin credential; its changes stay in the audit trail under its id."""
-    credential = _console_run(data_dir, database_url, lambda a: a.revoke_credential(name))
+    credential = _console_run(
+        _console_config(config, data_dir, database_url), lambda a: a.revoke_credential(name)
+    )
     typer.echo(f"revoked {credential.name} (id {credential.id})")
 
 
 @app.command("rotate-key")
-def rotate_key(data_dir: DataDir = Path("data")) -> None:
+def rotate_key(config: ConfigFile = None, data_dir: DataDir = None) -> None:
     """Make a new key current (in the data directory's key file); restart the server to use it.
 
     Sessions, page tokens and sealed values made under older keys stay valid until they expire:
     the older keys stay in the keyring. Person hashes keep the first key, so nothing is re-keyed."""
     try:
-        keys = Keys.rotate(data_dir)
+        keys = Keys.rotate(_console_config(config, data_dir).data_dir)
     except RuntimeError as error:
         typer.echo(str(error), err=True)
         raise typer.Exit(1) from error
@@ -317,16 +403,16 @@ def rotate_key(data_dir: DataDir = Path("data")) -> None:
 
 
 @app.command("admin-token")
-def admin_token(data_dir: DataDir = Path("data")) -> None:
+def admin_token(config: ConfigFile = None, data_dir: DataDir = None) -> None:
     """Print the token of this installation's "bootstrap" operator credential (from
     $CARDLOOKUP_ADMIN_TOKEN or the data dir)."""
-    typer.echo(UnionConfig(data_dir=data_dir).resolve_admin_token())
+    typer.echo(_console_config(config, data_dir).resolve_admin_token())
 
 
 @app.command()
-def migrate(data_dir: DataDir = Path("data"), database_url: DatabaseUrl = "") -> None:
+def migrate(config: ConfigFile = None, data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
     """Apply database migrations and exit."""
-    store = open_store(UnionConfig(data_dir=data_dir, database_url=database_url).effective_database_url)
+    store = open_store(_console_config(config, data_dir, database_url).effective_database_url)
     store.migrate()
     asyncio.run(store.close())
     typer.echo("database is at the newest schema")

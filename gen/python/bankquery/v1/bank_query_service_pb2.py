@@ -25,19 +25,21 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%bankquery/v1/bank_query_service.proto\x12\x0c\x62\x61nkquery.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"b\n\x10\x43loseCardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61rd_ref\x18\x02 \x01(\t\x12\x1a\n\x12resident_id_number\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\"e\n\x11\x43loseCardResponse\x12\x11\n\tticket_id\x18\x01 \x01(\t\x12-\n\x07outcome\x18\x02 \x01(\x0e\x32\x1c.bankquery.v1.ClosureOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\"j\n\x18ReportCardNotMineRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61rd_ref\x18\x02 \x01(\t\x12\x1a\n\x12resident_id_number\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\"Z\n\x19ReportCardNotMineResponse\x12\x13\n\x0b\x63\x61se_number\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.bankquery.v1.CardStatus\"O\n\x11QueryCardsRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x1a\n\x12resident_id_number\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"w\n\x12QueryCardsResponse\x12(\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x18.bankquery.v1.CardRecordH\x00\x12-\n\x07summary\x18\x02 \x01(\x0b\x32\x1a.bankquery.v1.QuerySummaryH\x00\x42\x08\n\x06result\"Q\n\x13QuerySessionRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x1a\n\x12resident_id_number\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\x8a\x01\n\x14QuerySessionResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12+\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x19.bankquery.v1.QueryAnswerH\x00\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.bankquery.v1.QueryErrorH\x00\x42\x08\n\x06result\"N\n\x18QueryBatchSessionRequest\x12\x32\n\x07queries\x18\x01 \x03(\x0b\x32!.bankquery.v1.QuerySessionRequest\"P\n\x19QueryBatchSessionResponse\x12\x33\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\".bankquery.v1.QuerySessionResponse\"c\n\x0bQueryAnswer\x12\'\n\x05\x63\x61rds\x18\x01 \x03(\x0b\x32\x18.bankquery.v1.CardRecord\x12+\n\x07summary\x18\x02 \x01(\x0b\x32\x1a.bankquery.v1.QuerySummary\"+\n\nQueryError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xf3\x01\n\nCardRecord\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61rd_ref\x18\x02 \x01(\t\x12)\n\tcard_type\x18\x03 \x01(\x0e\x32\x16.bankquery.v1.CardType\x12\x12\n\nfirst_four\x18\x04 \x01(\t\x12\x11\n\tlast_four\x18\x05 \x01(\t\x12\x15\n\rnumber_length\x18\x06 \x01(\x05\x12(\n\x06status\x18\x07 \x01(\x0e\x32\x18.bankquery.v1.CardStatus\x12-\n\topen_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"7\n\x0cQuerySummary\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12\x14\n\x0crecord_count\x18\x02 \x01(\x05*\xb5\x01\n\x0e\x43losureOutcome\x12\x1f\n\x1b\x43LOSURE_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43LOSURE_OUTCOME_CLOSED\x10\x01\x12\x1d\n\x19\x43LOSURE_OUTCOME_SCHEDULED\x10\x02\x12)\n%CLOSURE_OUTCOME_BRANCH_VISIT_REQUIRED\x10\x03\x12\x1c\n\x18\x43LOSURE_OUTCOME_REJECTED\x10\x04*P\n\x08\x43\x61rdType\x12\x19\n\x15\x43\x41RD_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43\x41RD_TYPE_DEBIT\x10\x01\x12\x14\n\x10\x43\x41RD_TYPE_CREDIT\x10\x02*r\n\nCardStatus\x12\x1b\n\x17\x43\x41RD_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41RD_STATUS_ACTIVE\x10\x01\x12\x17\n\x13\x43\x41RD_STATUS_DORMANT\x10\x02\x12\x16\n\x12\x43\x41RD_STATUS_FROZEN\x10\x03\x32\xde\x03\n\x10\x42\x61nkQueryService\x12Q\n\nQueryCards\x12\x1f.bankquery.v1.QueryCardsRequest\x1a .bankquery.v1.QueryCardsResponse0\x01\x12Y\n\x0cQuerySession\x12!.bankquery.v1.QuerySessionRequest\x1a\".bankquery.v1.QuerySessionResponse(\x01\x30\x01\x12h\n\x11QueryBatchSession\x12&.bankquery.v1.QueryBatchSessionRequest\x1a\'.bankquery.v1.QueryBatchSessionResponse(\x01\x30\x01\x12L\n\tCloseCard\x12\x1e.bankquery.v1.CloseCardRequest\x1a\x1f.bankquery.v1.CloseCardResponse\x12\x64\n\x11ReportCardNotMine\x12&.bankquery.v1.ReportCardNotMineRequest\x1a\'.bankquery.v1.ReportCardNotMineResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%bankquery/v1/bank_query_service.proto\x12\x0c\x62\x61nkquery.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"b\n\x10\x43loseCardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61rd_ref\x18\x02 \x01(\t\x12\x1a\n\x12resident_id_number\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\"e\n\x11\x43loseCardResponse\x12\x11\n\tticket_id\x18\x01 \x01(\t\x12-\n\x07outcome\x18\x02 \x01(\x0e\x32\x1c.bankquery.v1.ClosureOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\"j\n\x18ReportCardNotMineRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61rd_ref\x18\x02 \x01(\t\x12\x1a\n\x12resident_id_number\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\"Z\n\x19ReportCardNotMineResponse\x12\x13\n\x0b\x63\x61se_number\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.bankquery.v1.CardStatus\"O\n\x11QueryCardsRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x1a\n\x12resident_id_number\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"w\n\x12QueryCardsResponse\x12(\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x18.bankquery.v1.CardRecordH\x00\x12-\n\x07summary\x18\x02 \x01(\x0b\x32\x1a.bankquery.v1.QuerySummaryH\x00\x42\x08\n\x06result\"\xd2\x01\n\x13QuerySessionRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x1a\n\x12resident_id_number\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12J\n\rtrace_context\x18\x04 \x03(\x0b\x32\x33.bankquery.v1.QuerySessionRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8a\x01\n\x14QuerySessionResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12+\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x19.bankquery.v1.QueryAnswerH\x00\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.bankquery.v1.QueryErrorH\x00\x42\x08\n\x06result\"N\n\x18QueryBatchSessionRequest\x12\x32\n\x07queries\x18\x01 \x03(\x0b\x32!.bankquery.v1.QuerySessionRequest\"P\n\x19QueryBatchSessionResponse\x12\x33\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\".bankquery.v1.QuerySessionResponse\"c\n\x0bQueryAnswer\x12\'\n\x05\x63\x61rds\x18\x01 \x03(\x0b\x32\x18.bankquery.v1.CardRecord\x12+\n\x07summary\x18\x02 \x01(\x0b\x32\x1a.bankquery.v1.QuerySummary\"+\n\nQueryError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xf3\x01\n\nCardRecord\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61rd_ref\x18\x02 \x01(\t\x12)\n\tcard_type\x18\x03 \x01(\x0e\x32\x16.bankquery.v1.CardType\x12\x12\n\nfirst_four\x18\x04 \x01(\t\x12\x11\n\tlast_four\x18\x05 \x01(\t\x12\x15\n\rnumber_length\x18\x06 \x01(\x05\x12(\n\x06status\x18\x07 \x01(\x0e\x32\x18.bankquery.v1.CardStatus\x12-\n\topen_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"7\n\x0cQuerySummary\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12\x14\n\x0crecord_count\x18\x02 \x01(\x05*\xb5\x01\n\x0e\x43losureOutcome\x12\x1f\n\x1b\x43LOSURE_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43LOSURE_OUTCOME_CLOSED\x10\x01\x12\x1d\n\x19\x43LOSURE_OUTCOME_SCHEDULED\x10\x02\x12)\n%CLOSURE_OUTCOME_BRANCH_VISIT_REQUIRED\x10\x03\x12\x1c\n\x18\x43LOSURE_OUTCOME_REJECTED\x10\x04*P\n\x08\x43\x61rdType\x12\x19\n\x15\x43\x41RD_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43\x41RD_TYPE_DEBIT\x10\x01\x12\x14\n\x10\x43\x41RD_TYPE_CREDIT\x10\x02*r\n\nCardStatus\x12\x1b\n\x17\x43\x41RD_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41RD_STATUS_ACTIVE\x10\x01\x12\x17\n\x13\x43\x41RD_STATUS_DORMANT\x10\x02\x12\x16\n\x12\x43\x41RD_STATUS_FROZEN\x10\x03\x32\xde\x03\n\x10\x42\x61nkQueryService\x12Q\n\nQueryCards\x12\x1f.bankquery.v1.QueryCardsRequest\x1a .bankquery.v1.QueryCardsResponse0\x01\x12Y\n\x0cQuerySession\x12!.bankquery.v1.QuerySessionRequest\x1a\".bankquery.v1.QuerySessionResponse(\x01\x30\x01\x12h\n\x11QueryBatchSession\x12&.bankquery.v1.QueryBatchSessionRequest\x1a\'.bankquery.v1.QueryBatchSessionResponse(\x01\x30\x01\x12L\n\tCloseCard\x12\x1e.bankquery.v1.CloseCardRequest\x1a\x1f.bankquery.v1.CloseCardResponse\x12\x64\n\x11ReportCardNotMine\x12&.bankquery.v1.ReportCardNotMineRequest\x1a\'.bankquery.v1.ReportCardNotMineResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bankquery.v1.bank_query_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CLOSUREOUTCOME']._serialized_start=1529
-  _globals['_CLOSUREOUTCOME']._serialized_end=1710
-  _globals['_CARDTYPE']._serialized_start=1712
-  _globals['_CARDTYPE']._serialized_end=1792
-  _globals['_CARDSTATUS']._serialized_start=1794
-  _globals['_CARDSTATUS']._serialized_end=1908
+  _globals['_QUERYSESSIONREQUEST_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_QUERYSESSIONREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_CLOSUREOUTCOME']._serialized_start=1659
+  _globals['_CLOSUREOUTCOME']._serialized_end=1840
+  _globals['_CARDTYPE']._serialized_start=1842
+  _globals['_CARDTYPE']._serialized_end=1922
+  _globals['_CARDSTATUS']._serialized_start=1924
+  _globals['_CARDSTATUS']._serialized_end=2038
   _globals['_CLOSECARDREQUEST']._serialized_start=88
   _globals['_CLOSECARDREQUEST']._serialized_end=186
   _globals['_CLOSECARDRESPONSE']._serialized_start=188
@@ -50,22 +52,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_QUERYCARDSREQUEST']._serialized_end=570
   _globals['_QUERYCARDSRESPONSE']._serialized_start=572
   _globals['_QUERYCARDSRESPONSE']._serialized_end=691
-  _globals['_QUERYSESSIONREQUEST']._serialized_start=693
-  _globals['_QUERYSESSIONREQUEST']._serialized_end=774
-  _globals['_QUERYSESSIONRESPONSE']._serialized_start=777
-  _globals['_QUERYSESSIONRESPONSE']._serialized_end=915
-  _globals['_QUERYBATCHSESSIONREQUEST']._serialized_start=917
-  _globals['_QUERYBATCHSESSIONREQUEST']._serialized_end=995
-  _globals['_QUERYBATCHSESSIONRESPONSE']._serialized_start=997
-  _globals['_QUERYBATCHSESSIONRESPONSE']._serialized_end=1077
-  _globals['_QUERYANSWER']._serialized_start=1079
-  _globals['_QUERYANSWER']._serialized_end=1178
-  _globals['_QUERYERROR']._serialized_start=1180
-  _globals['_QUERYERROR']._serialized_end=1223
-  _globals['_CARDRECORD']._serialized_start=1226
-  _globals['_CARDRECORD']._serialized_end=1469
-  _globals['_QUERYSUMMARY']._serialized_start=1471
-  _globals['_QUERYSUMMARY']._serialized_end=1526
-  _globals['_BANKQUERYSERVICE']._serialized_start=1911
-  _globals['_BANKQUERYSERVICE']._serialized_end=2389
+  _globals['_QUERYSESSIONREQUEST']._serialized_start=694
+  _globals['_QUERYSESSIONREQUEST']._serialized_end=904
+  _globals['_QUERYSESSIONREQUEST_TRACECONTEXTENTRY']._serialized_start=853
+  _globals['_QUERYSESSIONREQUEST_TRACECONTEXTENTRY']._serialized_end=904
+  _globals['_QUERYSESSIONRESPONSE']._serialized_start=907
+  _globals['_QUERYSESSIONRESPONSE']._serialized_end=1045
+  _globals['_QUERYBATCHSESSIONREQUEST']._serialized_start=1047
+  _globals['_QUERYBATCHSESSIONREQUEST']._serialized_end=1125
+  _globals['_QUERYBATCHSESSIONRESPONSE']._serialized_start=1127
+  _globals['_QUERYBATCHSESSIONRESPONSE']._serialized_end=1207
+  _globals['_QUERYANSWER']._serialized_start=1209
+  _globals['_QUERYANSWER']._serialized_end=1308
+  _globals['_QUERYERROR']._serialized_start=1310
+  _globals['_QUERYERROR']._serialized_end=1353
+  _globals['_CARDRECORD']._serialized_start=1356
+  _globals['_CARDRECORD']._serialized_end=1599
+  _globals['_QUERYSUMMARY']._serialized_start=1601
+  _globals['_QUERYSUMMARY']._serialized_end=1656
+  _globals['_BANKQUERYSERVICE']._serialized_start=2041
+  _globals['_BANKQUERYSERVICE']._serialized_end=2519
 # @@protoc_insertion_point(module_scope)

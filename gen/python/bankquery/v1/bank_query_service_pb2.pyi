@@ -313,9 +313,30 @@ class QuerySessionRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     QUERY_ID_FIELD_NUMBER: _builtins.int
     RESIDENT_ID_NUMBER_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     query_id: _builtins.str
     """Union-assigned identifier of this query, unique per lookup and bank; the
     answer carries it back. 1-64 characters of [A-Za-z0-9_-].
@@ -328,16 +349,26 @@ class QuerySessionRequest(_message.Message):
     """The person's name as verified by the union (1-64 characters). A mismatch
     is answered like an unknown person.
     """
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The W3C Trace Context of the union's call for this query ("traceparent",
+        and "tracestate" when set), so that the bank's work for it joins the
+        lookup's trace although many lookups share the stream (a per-call RPC
+        carries the same in its metadata). Empty when the union does not trace;
+        a bank that does not trace ignores it. Never carries personal data.
+        """
+
     def __init__(
         self,
         *,
         query_id: _builtins.str = ...,
         resident_id_number: _builtins.str = ...,
         name: _builtins.str = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "query_id", b"query_id", "resident_id_number", b"resident_id_number"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "query_id", b"query_id", "resident_id_number", b"resident_id_number", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
