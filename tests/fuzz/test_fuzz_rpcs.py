@@ -423,7 +423,9 @@ class World:
     # What each (person, request_id) asked: a closure's (report, sorted card_refs), a flag's
     # (report, card_ref). The same request_id with another ask is refused (AIP-155).
     closure_asks: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = field(default_factory=dict)
-    flag_asks: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    # Every (report, card_ref) a (person, request_id) was answered OK for: a flag's request_id is taken
+    # only when it made the flag (a card flagged before answers with that flag and takes no id).
+    flag_asks: dict[tuple[str, str], set[tuple[str, str]]] = field(default_factory=dict)
     # Real page tokens: token -> (family, scope). Families "audit", "closures", "banks"; scopes "*" (every
     # actor), "person:<name>" (ListMyAuditEvents, ListCardClosures), "actor:<hash>" (ListAuditEvents).
     page_tokens: dict[str, tuple[str, str]] = field(default_factory=dict)
@@ -941,9 +943,10 @@ def _expected_card_action(world: World, person: str, name: str, request: Any) ->
         own = world.report_cards[request.report]
         if not all(ref in own for ref in refs):
             return {C.INVALID_ARGUMENT}
-        asked_flag = world.flag_asks.get((person, request.request_id))
-        if name == "FlagCardNotMine" and asked_flag not in (None, (request.report, request.card_ref)):
-            # Refused if that request_id made a flag; kept by none if it met a card already flagged.
+        asked_flags = world.flag_asks.get((person, request.request_id), set())
+        if name == "FlagCardNotMine" and asked_flags - {(request.report, request.card_ref)}:
+            # Refused if that request_id made a flag for another card; taken by none if each time it
+            # met a card flagged before.
             return {C.OK, C.INVALID_ARGUMENT}
         return {C.OK}
     if name == "GetCardClosure":
@@ -1001,7 +1004,9 @@ def _check_card_action_answer(world: World, person: str, name: str, request: Any
     elif name == "FlagCardNotMine":
         flag = response.flag
         assert flag.card_ref == request.card_ref
-        world.flag_asks.setdefault((person, request.request_id), (request.report, request.card_ref))
+        world.flag_asks.setdefault((person, request.request_id), set()).add(
+            (request.report, request.card_ref)
+        )
         assert flag.state in _FLAG_STATES, flag
         if flag.state == action_pb.CARD_FLAG_STATE_FROZEN:
             assert flag.case_number.startswith(f"FR-{flag.bank_code}-"), flag
@@ -1219,8 +1224,18 @@ def test_fuzz_admin(fuzz_stack: FuzzStack, world: World) -> None:
 
             check()
     finally:
-        # Leave every bank enabled at its real address and the pilot regions open for what follows.
+        # Leave every bank enabled at its real address and the pilot regions open for what follows;
+        # a bank the fuzz registered (and may have enabled again with a fuzzed UpdateBank) is disabled.
         with Caller(fuzz_stack, "setup") as caller:
+            listed = caller.call("ListBanks", admin_pb.ListBanksRequest(), bearer(ADMIN_TOKEN), expect={C.OK})
+            for bank in listed.responses[0].banks:
+                if bank.code not in original and bank.enabled:
+                    caller.call(
+                        "UpdateBank",
+                        admin_pb.UpdateBankRequest(code=bank.code, update_mask={"paths": ["enabled"]}),
+                        bearer(ADMIN_TOKEN),
+                        expect={C.OK},
+                    )
             for code, address in original.items():
                 caller.call(
                     "UpdateBank",

@@ -341,6 +341,10 @@ async def test_a_reused_request_id_with_another_request_does_nothing(
         assert again.code == grpc.StatusCode.INVALID_ARGUMENT
         assert len((await client.get_closure(closure.name)).items) == 1
 
+        bank_store = banks["ICBC"].servicer.store
+        other_ref = _bank_ref(union, icbc[3])
+        other_before = bank_store.find_card(LIU.resident_id_number, LIU.name, other_ref)
+        assert other_before is not None
         flag = await client.flag_not_mine(report.name, icbc[2].card_ref, request_id="flag-1")
         other = await _error(client.flag_not_mine(report.name, icbc[3].card_ref, request_id="flag-1"))
         assert other.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -349,11 +353,9 @@ async def test_a_reused_request_id_with_another_request_does_nothing(
         assert (retried.card_ref, retried.create_time) == (flag.card_ref, flag.create_time)
     flagged = {row.card_ref for row in _action_rows(union) if row.kind == "flag"}
     assert flagged == {icbc[2].card_ref}
-    untouched = banks["ICBC"].servicer.store.find_card(
-        LIU.resident_id_number, LIU.name, _bank_ref(union, icbc[3])
-    )
+    untouched = bank_store.find_card(LIU.resident_id_number, LIU.name, other_ref)
     assert untouched is not None
-    assert untouched.status == "active"
+    assert untouched.status == other_before.status != "frozen"
 
 
 def _action_rows(union: UnionServer) -> list[CardActionRow]:
