@@ -70,7 +70,7 @@ def _columns(store: BankStore) -> set[str]:
 
 def test_migrations_are_numbered_in_order() -> None:
     assert [m.version for m in MIGRATIONS] == list(range(1, len(MIGRATIONS) + 1))
-    assert SCHEMA_VERSION == MIGRATIONS[-1].version
+    assert MIGRATIONS[-1].version == SCHEMA_VERSION
 
 
 def test_a_new_store_starts_at_the_newest_version(tmp_path: Path) -> None:
@@ -110,8 +110,8 @@ def test_the_card_read_on_sqlite_answers_what_sqlalchemy_answers(tmp_path: Path)
         store.create_schema()
         store.seed(seed=7, size=400)
         with store._engine.connect() as connection:
-            ids = [row[0] for row in connection.execute(select(_CARDS_OF_MANY.selected_columns[0])).all()]
-            ids = list(dict.fromkeys(ids))[:40] + ["000000000000000000"]  # and one unknown person
+            held = [row[0] for row in connection.execute(select(_CARDS_OF_MANY.selected_columns[0])).all()]
+            ids = [*list(dict.fromkeys(held))[:40], "000000000000000000"]  # and one unknown person
             expected = [tuple(row) for row in connection.execute(_CARDS_OF_MANY, {"ids": ids})]
         assert expected
         read = store._sqlite_card_read
