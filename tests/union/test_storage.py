@@ -37,7 +37,7 @@ async def test_queries_by_person_use_the_unique_index_on_person_and_request(data
         store.migrate()
         with store.engine.begin() as connection:
             for table, query in queries.items():
-                if store.is_sqlite:
+                if store.runner.is_sqlite:
                     plan = " ".join(
                         row.detail
                         for row in connection.execute(text(f"EXPLAIN QUERY PLAN {query}"), {"person": "p"})
