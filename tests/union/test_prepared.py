@@ -32,7 +32,7 @@ from server.union.storage.lookup_store import (
 )
 from server.union.storage.models import Base, UtcDateTime
 from server.union.storage.outbox_store import INSERT_NOTIFICATIONS
-from server.union.storage.prepared import _utc_text
+from server.union.storage.prepared import _utc_text, send_arrays_in_binary
 from server.union.storage.report_store import CARDS, INSERT_CARDS, INSERT_REPORTS
 from server.union.storage.runner import BatchItem
 from server.union.storage.stats_store import BUMP, COUNTERS, COUNTERS_TABLE
@@ -50,6 +50,7 @@ def engine(database_url: str) -> Iterator[Engine]:
     store.migrate()
     store.engine.dispose()
     migrated = create_engine(database_url, poolclass=NullPool)
+    send_arrays_in_binary(migrated)  # as the store's own engine does
     yield migrated
     migrated.dispose()
 
@@ -144,7 +145,7 @@ def _write(c: Connection, fast: bool) -> None:
             for i in range(3)
         ],
     )
-    many(COMPLETE_LOOKUP, [{"k_id": "l1", "v_time": NOW, "v_report_id": "r1"}])
+    many(COMPLETE_LOOKUP, [{"k_id": "l1", "v_complete_time": NOW, "v_report_id": "r1"}])
     many(
         INSERT_REPORTS,
         [
@@ -170,6 +171,23 @@ def _write(c: Connection, fast: bool) -> None:
             {"k_name": "lookups_created", "v_by": 1},
             {"k_name": "lookups_created", "v_by": 2},
             {"k_name": "reports_generated", "v_by": 5},
+        ],
+    )
+    # A keyed update naming the same row twice: each applies in turn, as executemany does (the
+    # PostgreSQL many-row form would apply one of them, so it is not used for these).
+    many(
+        RECORD_ANSWER,
+        [
+            {
+                "k_lookup_id": "l2",
+                "k_bank_code": "BOC",
+                "v_card_count": cards,
+                "v_debit_count": cards,
+                "v_credit_count": 0,
+                "v_latency_ms": 5,
+                "v_update_time": NOW,
+            }
+            for cards in (4, 7)
         ],
     )
     one(
@@ -226,6 +244,20 @@ def test_fast_writes_store_what_sqlalchemy_stores(engine: Engine) -> None:
     else:
         assert NOW in lookup  # timestamptz: the same instant
         assert ELSEWHERE in lookup
+
+
+def test_many_rows_go_in_one_statement_on_postgresql(engine: Engine) -> None:
+    """The many-row forms written out for PostgreSQL (one array per column) are the ones used for
+    inserts and keyed updates; SQLite runs the single statement for each row."""
+    rows = [_task("l1", "ICBC", 0), _task("l1", "ABC", 1)]
+    answers = [{"k_lookup_id": "l1", "k_bank_code": "ICBC", "v_card_count": 1, "v_debit_count": 1,
+                "v_credit_count": 0, "v_latency_ms": 3, "v_update_time": NOW}]  # fmt: skip
+    with engine.connect() as c:
+        forms = [INSERT_TASKS._for(c, rows[0]).many, RECORD_ANSWER._for(c, answers[0]).many]
+    if engine.dialect.name == "sqlite":
+        assert forms == [None, None]
+    else:
+        assert all(form is not None and "unnest(" in form.sql for form in forms)
 
 
 def test_many_rows_arrive_once_each(engine: Engine) -> None:

@@ -27,7 +27,7 @@ from server.union.domain.ports import PlanFactory
 from server.union.storage.aggregate import Aggregate
 from server.union.storage.lookup_store import LOOKUPS, TASKS
 from server.union.storage.outbox_store import INSERT_NOTIFICATIONS
-from server.union.storage.prepared import Prepared
+from server.union.storage.prepared import KeyedUpdate, Prepared
 from server.union.storage.report_store import INSERT_CARDS, INSERT_REPORTS
 from server.union.storage.runner import Runner, savepoint, settle
 from server.union.storage.stats_store import bump
@@ -50,18 +50,16 @@ LOCK_LOOKUPS = Prepared(
     .with_for_update()
 )
 RECORD_ANSWER = Prepared(
-    update(TASKS)
-    .where(TASKS.c.lookup_id == bindparam("k_lookup_id"), TASKS.c.bank_code == bindparam("k_bank_code"))
-    .values(
-        outcome=model.BankOutcome.ANSWERED,
-        card_count=bindparam("v_card_count"),
-        debit_count=bindparam("v_debit_count"),
-        credit_count=bindparam("v_credit_count"),
-        latency_ms=bindparam("v_latency_ms"),
-        failure_reason="",
-        lease_owner=None,
-        lease_until=None,
-        update_time=bindparam("v_update_time"),
+    KeyedUpdate(
+        TASKS,
+        keys=("lookup_id", "bank_code"),
+        values=("card_count", "debit_count", "credit_count", "latency_ms", "update_time"),
+        fixed={
+            "outcome": model.BankOutcome.ANSWERED,
+            "failure_reason": "",
+            "lease_owner": None,
+            "lease_until": None,
+        },
     )
 )
 RUNNING_OF_LOOKUPS = Prepared(
@@ -70,15 +68,13 @@ RUNNING_OF_LOOKUPS = Prepared(
         LOOKUPS.c.state == model.LookupState.RUNNING,
     )
 )
+# Erases the sealed identity and contact: the lookup is final.
 COMPLETE_LOOKUP = Prepared(
-    update(LOOKUPS)
-    .where(LOOKUPS.c.id == bindparam("k_id"))
-    .values(
-        state=model.LookupState.COMPLETED,
-        complete_time=bindparam("v_time"),
-        sealed_identity=None,
-        sealed_contact=None,
-        report_id=bindparam("v_report_id"),
+    KeyedUpdate(
+        LOOKUPS,
+        keys=("id",),
+        values=("complete_time", "report_id"),
+        fixed={"state": model.LookupState.COMPLETED, "sealed_identity": None, "sealed_contact": None},
     )
 )
 # PostgreSQL: a lookup's writers take turns (see _take_leased_task and _finalize).
@@ -337,7 +333,7 @@ def _write_reports(c: Connection, finished: dict[str, tuple[PlanFactory, datetim
     for lookup_id, person_hash, sealed_contact in running:
         plan_factory, now = finished[lookup_id]
         plan = plan_factory()
-        completions.append({"k_id": lookup_id, "v_time": now, "v_report_id": plan.report_id})
+        completions.append({"k_id": lookup_id, "v_complete_time": now, "v_report_id": plan.report_id})
         reports.append(
             {
                 "id": plan.report_id,

@@ -46,7 +46,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.union.domain.ports import StoreUnavailable
 from server.union.storage.models import Base
-from server.union.storage.prepared import Prepared, driver_connection
+from server.union.storage.prepared import Prepared, driver_connection, send_arrays_in_binary
 
 T = TypeVar("T")
 Q = TypeVar("Q")
@@ -92,7 +92,9 @@ def _make_engine(url: str) -> Engine:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_size=8, max_overflow=4, pool_pre_ping=True)
+    engine = create_engine(url, pool_size=8, max_overflow=4, pool_pre_ping=True)
+    send_arrays_in_binary(engine)
+    return engine
 
 
 @dataclass
