@@ -28,7 +28,7 @@ from server.union.storage.aggregate import Aggregate
 from server.union.storage.lookup_store import LOOKUPS, TASKS
 from server.union.storage.outbox_store import INSERT_NOTIFICATIONS
 from server.union.storage.prepared import KeyedUpdate, Prepared
-from server.union.storage.report_store import INSERT_CARDS, INSERT_REPORTS
+from server.union.storage.report_store import INSERT_CARDS, INSERT_REPORTS, found_card_rows
 from server.union.storage.runner import Runner, savepoint, settle
 from server.union.storage.stats_store import bump
 
@@ -292,21 +292,7 @@ def _record_answers_at_once(c: Connection, runner: Runner, answers: list[_Answer
                 "v_update_time": answer.now,
             }
         )
-        card_rows.extend(
-            {
-                "lookup_id": answer.lookup_id,
-                "card_ref": card.card_ref,
-                "bank_code": answer.bank_code,
-                "position": lease[1],
-                "bank_card_ref": bank_card_ref,
-                "card_type": card.card_type,
-                "first_four": card.first_four,
-                "last_four": card.last_four,
-                "number_length": card.number_length,
-                "status": card.status,
-            }
-            for bank_card_ref, card in answer.cards
-        )
+        card_rows.extend(found_card_rows(answer.lookup_id, answer.bank_code, lease[1], answer.cards))
     if updates:
         RECORD_ANSWER.run_many(c, updates)
     if card_rows:

@@ -6,9 +6,10 @@ bank's answer (answer_store), with the statements built here."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import Table, delete, insert, select
 from sqlalchemy.orm import Session
@@ -31,6 +32,28 @@ CARDS = cast(Table, FoundCardRow.__table__)
 REPORTS = cast(Table, ReportRow.__table__)
 INSERT_CARDS = Prepared(insert(CARDS))
 INSERT_REPORTS = Prepared(insert(REPORTS))
+
+
+def found_card_rows(
+    lookup_id: str, bank_code: str, position: int, cards: Sequence[tuple[str, model.MaskedCard]]
+) -> list[dict[str, Any]]:
+    """The found_cards rows of one bank's answer ((the bank's card reference, the card) pairs),
+    for INSERT_CARDS; _report reads them back."""
+    return [
+        {
+            "lookup_id": lookup_id,
+            "card_ref": card.card_ref,
+            "bank_code": bank_code,
+            "position": position,
+            "bank_card_ref": bank_card_ref,
+            "card_type": card.card_type,
+            "first_four": card.first_four,
+            "last_four": card.last_four,
+            "number_length": card.number_length,
+            "status": card.status,
+        }
+        for bank_card_ref, card in cards
+    ]
 
 
 class SqlReports(Aggregate):
