@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any
 
 import grpc
@@ -548,6 +549,7 @@ class GrpcBankGateway:
             last_four=card.last_four,
             number_length=card.number_length,
             status=status,
+            open_time=card.open_time.ToDatetime(tzinfo=UTC) if card.HasField("open_time") else None,
         )
 
     async def reachable(self, bank: Bank, call_timeout: float) -> bool:

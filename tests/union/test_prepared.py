@@ -141,6 +141,7 @@ def _write(c: Connection, fast: bool) -> None:
                 "last_four": f"{i:04d}",
                 "number_length": 19,
                 "status": model.CardStatus.ACTIVE,
+                "open_time": ELSEWHERE if i else None,  # a bank may not say
             }
             for i in range(3)
         ],

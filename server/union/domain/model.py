@@ -200,6 +200,7 @@ class MaskedCard:
     last_four: str
     number_length: int
     status: CardStatus
+    open_time: datetime | None = None  # when the bank opened it, if the bank said
 
     flag: CardAction | None = None
     closure: CardAction | None = None

@@ -478,6 +478,7 @@ class Orchestrator:
                     last_four=card.last_four,
                     number_length=card.number_length,
                     status=card.status,
+                    open_time=card.open_time,
                 ),
             )
             for card in cards

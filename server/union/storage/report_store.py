@@ -51,6 +51,7 @@ def found_card_rows(
             "last_four": card.last_four,
             "number_length": card.number_length,
             "status": card.status,
+            "open_time": card.open_time,
         }
         for bank_card_ref, card in cards
     ]
@@ -167,6 +168,7 @@ def _report(s: Session, row: ReportRow) -> model.Report:
             last_four=c.last_four,
             number_length=c.number_length,
             status=model.CardStatus(c.status),
+            open_time=c.open_time,
         )
         for c in s.scalars(
             select(FoundCardRow)

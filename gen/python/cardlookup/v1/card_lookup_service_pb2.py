@@ -26,7 +26,7 @@ from cardlookup.v1 import card_action_service_pb2 as cardlookup_dot_v1_dot_card_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'cardlookup/v1/card_lookup_service.proto\x12\rcardlookup.v1\x1a\'cardlookup/v1/card_action_service.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x02\n\x06Lookup\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\nrequest_id\x18\x02 \x01(\tB\x02\x18\x01\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.cardlookup.v1.LookupState\x12\x32\n\rbank_progress\x18\x04 \x03(\x0b\x32\x1b.cardlookup.v1.BankProgress\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rdeadline_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06report\x18\x07 \x01(\t\"\xa4\x01\n\x0c\x42\x61nkProgress\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12\x11\n\tbank_name\x18\x02 \x01(\t\x12+\n\x07outcome\x18\x03 \x01(\x0e\x32\x1a.cardlookup.v1.BankOutcome\x12\x15\n\rattempt_count\x18\x04 \x01(\x05\x12\x12\n\ncard_count\x18\x05 \x01(\x05\x12\x16\n\x0e\x66\x61ilure_reason\x18\x06 \x01(\t\"\xc3\x02\n\x06Report\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06lookup\x18\x02 \x01(\t\x12\x31\n\rgenerate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x62\x61nk_summaries\x18\x05 \x03(\x0b\x32\x1a.cardlookup.v1.BankSummary\x12(\n\x05\x63\x61rds\x18\x06 \x03(\x0b\x32\x19.cardlookup.v1.ReportCard\x12\x18\n\x10total_card_count\x18\x07 \x01(\x05\x12\x1e\n\x16total_debit_card_count\x18\x08 \x01(\x05\x12\x1f\n\x17total_credit_card_count\x18\t \x01(\x05\"\x95\x01\n\x0b\x42\x61nkSummary\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12\x11\n\tbank_name\x18\x02 \x01(\t\x12\x18\n\x10\x64\x65\x62it_card_count\x18\x03 \x01(\x05\x12\x19\n\x11\x63redit_card_count\x18\x04 \x01(\x05\x12+\n\x07outcome\x18\x05 \x01(\x0e\x32\x1a.cardlookup.v1.BankOutcome\"\xaa\x02\n\nReportCard\x12\x10\n\x08\x63\x61rd_ref\x18\x01 \x01(\t\x12\x11\n\tbank_code\x18\x02 \x01(\t\x12\x11\n\tbank_name\x18\x03 \x01(\t\x12*\n\tcard_type\x18\x04 \x01(\x0e\x32\x17.cardlookup.v1.CardType\x12\x15\n\rmasked_number\x18\x05 \x01(\t\x12\x15\n\rnumber_length\x18\x06 \x01(\x05\x12)\n\x06status\x18\x07 \x01(\x0e\x32\x19.cardlookup.v1.CardStatus\x12.\n\rnot_mine_flag\x18\x08 \x01(\x0b\x32\x17.cardlookup.v1.CardFlag\x12/\n\x07\x63losure\x18\t \x01(\x0b\x32\x1e.cardlookup.v1.CardClosureItem\"=\n\x13\x43reateLookupRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nbank_codes\x18\x02 \x03(\t\"=\n\x14\x43reateLookupResponse\x12%\n\x06lookup\x18\x01 \x01(\x0b\x32\x15.cardlookup.v1.Lookup\" \n\x10GetLookupRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\":\n\x11GetLookupResponse\x12%\n\x06lookup\x18\x01 \x01(\x0b\x32\x15.cardlookup.v1.Lookup\">\n\x12WatchLookupRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12group_bank_changes\x18\x02 \x01(\x08\"y\n\x13WatchLookupResponse\x12%\n\x06lookup\x18\x01 \x01(\x0b\x32\x15.cardlookup.v1.Lookup\x12\x11\n\tbank_code\x18\x02 \x01(\t\x12\x14\n\x0creport_ready\x18\x03 \x01(\x08\x12\x12\n\nbank_codes\x18\x04 \x03(\t\" \n\x10GetReportRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\":\n\x11GetReportResponse\x12%\n\x06report\x18\x01 \x01(\x0b\x32\x15.cardlookup.v1.Report\";\n\x12ListReportsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x13ListReportsResponse\x12&\n\x07reports\x18\x01 \x03(\x0b\x32\x15.cardlookup.v1.Report\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x13\x44\x65leteReportRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteReportResponse\";\n\x12ListLookupsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x13ListLookupsResponse\x12&\n\x07lookups\x18\x01 \x03(\x0b\x32\x15.cardlookup.v1.Lookup\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*P\n\x08\x43\x61rdType\x12\x19\n\x15\x43\x41RD_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43\x41RD_TYPE_DEBIT\x10\x01\x12\x14\n\x10\x43\x41RD_TYPE_CREDIT\x10\x02*r\n\nCardStatus\x12\x1b\n\x17\x43\x41RD_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41RD_STATUS_ACTIVE\x10\x01\x12\x17\n\x13\x43\x41RD_STATUS_DORMANT\x10\x02\x12\x16\n\x12\x43\x41RD_STATUS_FROZEN\x10\x03*a\n\x0bLookupState\x12\x1c\n\x18LOOKUP_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14LOOKUP_STATE_RUNNING\x10\x01\x12\x1a\n\x16LOOKUP_STATE_COMPLETED\x10\x02*\x97\x01\n\x0b\x42\x61nkOutcome\x12\x1c\n\x18\x42\x41NK_OUTCOME_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42\x41NK_OUTCOME_PENDING\x10\x01\x12\x19\n\x15\x42\x41NK_OUTCOME_ANSWERED\x10\x02\x12\x17\n\x13\x42\x41NK_OUTCOME_FAILED\x10\x03\x12\x1c\n\x18\x42\x41NK_OUTCOME_NO_RESPONSE\x10\x04\x32\xe9\x04\n\x11\x43\x61rdLookupService\x12W\n\x0c\x43reateLookup\x12\".cardlookup.v1.CreateLookupRequest\x1a#.cardlookup.v1.CreateLookupResponse\x12N\n\tGetLookup\x12\x1f.cardlookup.v1.GetLookupRequest\x1a .cardlookup.v1.GetLookupResponse\x12V\n\x0bWatchLookup\x12!.cardlookup.v1.WatchLookupRequest\x1a\".cardlookup.v1.WatchLookupResponse0\x01\x12N\n\tGetReport\x12\x1f.cardlookup.v1.GetReportRequest\x1a .cardlookup.v1.GetReportResponse\x12T\n\x0bListReports\x12!.cardlookup.v1.ListReportsRequest\x1a\".cardlookup.v1.ListReportsResponse\x12W\n\x0c\x44\x65leteReport\x12\".cardlookup.v1.DeleteReportRequest\x1a#.cardlookup.v1.DeleteReportResponse\x12T\n\x0bListLookups\x12!.cardlookup.v1.ListLookupsRequest\x1a\".cardlookup.v1.ListLookupsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'cardlookup/v1/card_lookup_service.proto\x12\rcardlookup.v1\x1a\'cardlookup/v1/card_action_service.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x02\n\x06Lookup\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\nrequest_id\x18\x02 \x01(\tB\x02\x18\x01\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.cardlookup.v1.LookupState\x12\x32\n\rbank_progress\x18\x04 \x03(\x0b\x32\x1b.cardlookup.v1.BankProgress\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rdeadline_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06report\x18\x07 \x01(\t\"\xa4\x01\n\x0c\x42\x61nkProgress\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12\x11\n\tbank_name\x18\x02 \x01(\t\x12+\n\x07outcome\x18\x03 \x01(\x0e\x32\x1a.cardlookup.v1.BankOutcome\x12\x15\n\rattempt_count\x18\x04 \x01(\x05\x12\x12\n\ncard_count\x18\x05 \x01(\x05\x12\x16\n\x0e\x66\x61ilure_reason\x18\x06 \x01(\t\"\xc3\x02\n\x06Report\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06lookup\x18\x02 \x01(\t\x12\x31\n\rgenerate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x62\x61nk_summaries\x18\x05 \x03(\x0b\x32\x1a.cardlookup.v1.BankSummary\x12(\n\x05\x63\x61rds\x18\x06 \x03(\x0b\x32\x19.cardlookup.v1.ReportCard\x12\x18\n\x10total_card_count\x18\x07 \x01(\x05\x12\x1e\n\x16total_debit_card_count\x18\x08 \x01(\x05\x12\x1f\n\x17total_credit_card_count\x18\t \x01(\x05\"\x95\x01\n\x0b\x42\x61nkSummary\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12\x11\n\tbank_name\x18\x02 \x01(\t\x12\x18\n\x10\x64\x65\x62it_card_count\x18\x03 \x01(\x05\x12\x19\n\x11\x63redit_card_count\x18\x04 \x01(\x05\x12+\n\x07outcome\x18\x05 \x01(\x0e\x32\x1a.cardlookup.v1.BankOutcome\"\xd9\x02\n\nReportCard\x12\x10\n\x08\x63\x61rd_ref\x18\x01 \x01(\t\x12\x11\n\tbank_code\x18\x02 \x01(\t\x12\x11\n\tbank_name\x18\x03 \x01(\t\x12*\n\tcard_type\x18\x04 \x01(\x0e\x32\x17.cardlookup.v1.CardType\x12\x15\n\rmasked_number\x18\x05 \x01(\t\x12\x15\n\rnumber_length\x18\x06 \x01(\x05\x12)\n\x06status\x18\x07 \x01(\x0e\x32\x19.cardlookup.v1.CardStatus\x12.\n\rnot_mine_flag\x18\x08 \x01(\x0b\x32\x17.cardlookup.v1.CardFlag\x12/\n\x07\x63losure\x18\t \x01(\x0b\x32\x1e.cardlookup.v1.CardClosureItem\x12-\n\topen_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"=\n\x13\x43reateLookupRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nbank_codes\x18\x02 \x03(\t\"=\n\x14\x43reateLookupResponse\x12%\n\x06lookup\x18\x01 \x01(\x0b\x32\x15.cardlookup.v1.Lookup\" \n\x10GetLookupRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\":\n\x11GetLookupResponse\x12%\n\x06lookup\x18\x01 \x01(\x0b\x32\x15.cardlookup.v1.Lookup\">\n\x12WatchLookupRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12group_bank_changes\x18\x02 \x01(\x08\"y\n\x13WatchLookupResponse\x12%\n\x06lookup\x18\x01 \x01(\x0b\x32\x15.cardlookup.v1.Lookup\x12\x11\n\tbank_code\x18\x02 \x01(\t\x12\x14\n\x0creport_ready\x18\x03 \x01(\x08\x12\x12\n\nbank_codes\x18\x04 \x03(\t\" \n\x10GetReportRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\":\n\x11GetReportResponse\x12%\n\x06report\x18\x01 \x01(\x0b\x32\x15.cardlookup.v1.Report\";\n\x12ListReportsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x13ListReportsResponse\x12&\n\x07reports\x18\x01 \x03(\x0b\x32\x15.cardlookup.v1.Report\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x13\x44\x65leteReportRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteReportResponse\";\n\x12ListLookupsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x13ListLookupsResponse\x12&\n\x07lookups\x18\x01 \x03(\x0b\x32\x15.cardlookup.v1.Lookup\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*P\n\x08\x43\x61rdType\x12\x19\n\x15\x43\x41RD_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43\x41RD_TYPE_DEBIT\x10\x01\x12\x14\n\x10\x43\x41RD_TYPE_CREDIT\x10\x02*r\n\nCardStatus\x12\x1b\n\x17\x43\x41RD_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41RD_STATUS_ACTIVE\x10\x01\x12\x17\n\x13\x43\x41RD_STATUS_DORMANT\x10\x02\x12\x16\n\x12\x43\x41RD_STATUS_FROZEN\x10\x03*a\n\x0bLookupState\x12\x1c\n\x18LOOKUP_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14LOOKUP_STATE_RUNNING\x10\x01\x12\x1a\n\x16LOOKUP_STATE_COMPLETED\x10\x02*\x97\x01\n\x0b\x42\x61nkOutcome\x12\x1c\n\x18\x42\x41NK_OUTCOME_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42\x41NK_OUTCOME_PENDING\x10\x01\x12\x19\n\x15\x42\x41NK_OUTCOME_ANSWERED\x10\x02\x12\x17\n\x13\x42\x41NK_OUTCOME_FAILED\x10\x03\x12\x1c\n\x18\x42\x41NK_OUTCOME_NO_RESPONSE\x10\x04\x32\xe9\x04\n\x11\x43\x61rdLookupService\x12W\n\x0c\x43reateLookup\x12\".cardlookup.v1.CreateLookupRequest\x1a#.cardlookup.v1.CreateLookupResponse\x12N\n\tGetLookup\x12\x1f.cardlookup.v1.GetLookupRequest\x1a .cardlookup.v1.GetLookupResponse\x12V\n\x0bWatchLookup\x12!.cardlookup.v1.WatchLookupRequest\x1a\".cardlookup.v1.WatchLookupResponse0\x01\x12N\n\tGetReport\x12\x1f.cardlookup.v1.GetReportRequest\x1a .cardlookup.v1.GetReportResponse\x12T\n\x0bListReports\x12!.cardlookup.v1.ListReportsRequest\x1a\".cardlookup.v1.ListReportsResponse\x12W\n\x0c\x44\x65leteReport\x12\".cardlookup.v1.DeleteReportRequest\x1a#.cardlookup.v1.DeleteReportResponse\x12T\n\x0bListLookups\x12!.cardlookup.v1.ListLookupsRequest\x1a\".cardlookup.v1.ListLookupsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,14 +35,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LOOKUP'].fields_by_name['request_id']._loaded_options = None
   _globals['_LOOKUP'].fields_by_name['request_id']._serialized_options = b'\030\001'
-  _globals['_CARDTYPE']._serialized_start=2198
-  _globals['_CARDTYPE']._serialized_end=2278
-  _globals['_CARDSTATUS']._serialized_start=2280
-  _globals['_CARDSTATUS']._serialized_end=2394
-  _globals['_LOOKUPSTATE']._serialized_start=2396
-  _globals['_LOOKUPSTATE']._serialized_end=2493
-  _globals['_BANKOUTCOME']._serialized_start=2496
-  _globals['_BANKOUTCOME']._serialized_end=2647
+  _globals['_CARDTYPE']._serialized_start=2245
+  _globals['_CARDTYPE']._serialized_end=2325
+  _globals['_CARDSTATUS']._serialized_start=2327
+  _globals['_CARDSTATUS']._serialized_end=2441
+  _globals['_LOOKUPSTATE']._serialized_start=2443
+  _globals['_LOOKUPSTATE']._serialized_end=2540
+  _globals['_BANKOUTCOME']._serialized_start=2543
+  _globals['_BANKOUTCOME']._serialized_end=2694
   _globals['_LOOKUP']._serialized_start=133
   _globals['_LOOKUP']._serialized_end=390
   _globals['_BANKPROGRESS']._serialized_start=393
@@ -52,35 +52,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BANKSUMMARY']._serialized_start=886
   _globals['_BANKSUMMARY']._serialized_end=1035
   _globals['_REPORTCARD']._serialized_start=1038
-  _globals['_REPORTCARD']._serialized_end=1336
-  _globals['_CREATELOOKUPREQUEST']._serialized_start=1338
-  _globals['_CREATELOOKUPREQUEST']._serialized_end=1399
-  _globals['_CREATELOOKUPRESPONSE']._serialized_start=1401
-  _globals['_CREATELOOKUPRESPONSE']._serialized_end=1462
-  _globals['_GETLOOKUPREQUEST']._serialized_start=1464
-  _globals['_GETLOOKUPREQUEST']._serialized_end=1496
-  _globals['_GETLOOKUPRESPONSE']._serialized_start=1498
-  _globals['_GETLOOKUPRESPONSE']._serialized_end=1556
-  _globals['_WATCHLOOKUPREQUEST']._serialized_start=1558
-  _globals['_WATCHLOOKUPREQUEST']._serialized_end=1620
-  _globals['_WATCHLOOKUPRESPONSE']._serialized_start=1622
-  _globals['_WATCHLOOKUPRESPONSE']._serialized_end=1743
-  _globals['_GETREPORTREQUEST']._serialized_start=1745
-  _globals['_GETREPORTREQUEST']._serialized_end=1777
-  _globals['_GETREPORTRESPONSE']._serialized_start=1779
-  _globals['_GETREPORTRESPONSE']._serialized_end=1837
-  _globals['_LISTREPORTSREQUEST']._serialized_start=1839
-  _globals['_LISTREPORTSREQUEST']._serialized_end=1898
-  _globals['_LISTREPORTSRESPONSE']._serialized_start=1900
-  _globals['_LISTREPORTSRESPONSE']._serialized_end=1986
-  _globals['_DELETEREPORTREQUEST']._serialized_start=1988
-  _globals['_DELETEREPORTREQUEST']._serialized_end=2023
-  _globals['_DELETEREPORTRESPONSE']._serialized_start=2025
-  _globals['_DELETEREPORTRESPONSE']._serialized_end=2047
-  _globals['_LISTLOOKUPSREQUEST']._serialized_start=2049
-  _globals['_LISTLOOKUPSREQUEST']._serialized_end=2108
-  _globals['_LISTLOOKUPSRESPONSE']._serialized_start=2110
-  _globals['_LISTLOOKUPSRESPONSE']._serialized_end=2196
-  _globals['_CARDLOOKUPSERVICE']._serialized_start=2650
-  _globals['_CARDLOOKUPSERVICE']._serialized_end=3267
+  _globals['_REPORTCARD']._serialized_end=1383
+  _globals['_CREATELOOKUPREQUEST']._serialized_start=1385
+  _globals['_CREATELOOKUPREQUEST']._serialized_end=1446
+  _globals['_CREATELOOKUPRESPONSE']._serialized_start=1448
+  _globals['_CREATELOOKUPRESPONSE']._serialized_end=1509
+  _globals['_GETLOOKUPREQUEST']._serialized_start=1511
+  _globals['_GETLOOKUPREQUEST']._serialized_end=1543
+  _globals['_GETLOOKUPRESPONSE']._serialized_start=1545
+  _globals['_GETLOOKUPRESPONSE']._serialized_end=1603
+  _globals['_WATCHLOOKUPREQUEST']._serialized_start=1605
+  _globals['_WATCHLOOKUPREQUEST']._serialized_end=1667
+  _globals['_WATCHLOOKUPRESPONSE']._serialized_start=1669
+  _globals['_WATCHLOOKUPRESPONSE']._serialized_end=1790
+  _globals['_GETREPORTREQUEST']._serialized_start=1792
+  _globals['_GETREPORTREQUEST']._serialized_end=1824
+  _globals['_GETREPORTRESPONSE']._serialized_start=1826
+  _globals['_GETREPORTRESPONSE']._serialized_end=1884
+  _globals['_LISTREPORTSREQUEST']._serialized_start=1886
+  _globals['_LISTREPORTSREQUEST']._serialized_end=1945
+  _globals['_LISTREPORTSRESPONSE']._serialized_start=1947
+  _globals['_LISTREPORTSRESPONSE']._serialized_end=2033
+  _globals['_DELETEREPORTREQUEST']._serialized_start=2035
+  _globals['_DELETEREPORTREQUEST']._serialized_end=2070
+  _globals['_DELETEREPORTRESPONSE']._serialized_start=2072
+  _globals['_DELETEREPORTRESPONSE']._serialized_end=2094
+  _globals['_LISTLOOKUPSREQUEST']._serialized_start=2096
+  _globals['_LISTLOOKUPSREQUEST']._serialized_end=2155
+  _globals['_LISTLOOKUPSRESPONSE']._serialized_start=2157
+  _globals['_LISTLOOKUPSRESPONSE']._serialized_end=2243
+  _globals['_CARDLOOKUPSERVICE']._serialized_start=2697
+  _globals['_CARDLOOKUPSERVICE']._serialized_end=3314
 # @@protoc_insertion_point(module_scope)
