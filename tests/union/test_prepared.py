@@ -24,6 +24,7 @@ from server.union.storage.answer_store import (
     RUNNING_OF_LOOKUPS,
 )
 from server.union.storage.audit_store import INSERT_AUDIT
+from server.union.storage.database import open_store
 from server.union.storage.lookup_store import (
     INSERT_LOOKUP,
     INSERT_TASKS,
@@ -36,7 +37,6 @@ from server.union.storage.prepared import _utc_text, send_arrays_in_binary
 from server.union.storage.report_store import CARDS, INSERT_CARDS, INSERT_REPORTS
 from server.union.storage.runner import BatchItem
 from server.union.storage.stats_store import BUMP, COUNTERS, COUNTERS_TABLE
-from server.union.storage.store import open_store
 
 NOW = datetime(2026, 11, 27, 9, 45, 49, 123456, tzinfo=UTC)
 # Not UTC, and on a whole second: both must be stored as SQLAlchemy stores them.

@@ -1,8 +1,9 @@
 """Recording what banks answered, and the report at the end of a lookup.
 
 Answers that arrive together are recorded by one set of statements (one SELECT of
-the leases, one UPDATE and one INSERT executed for many rows), in one transaction:
-statements per answer were most of the union's database time. Only the lease holder
+the leases, one UPDATE and one INSERT executed for many rows), in one transaction,
+rather than a set per answer: a lookup's banks answer within milliseconds of each
+other. Only the lease holder
 of a task may record it; the transaction that records a lookup's last answer (or
 gives up its last bank, or reaches its deadline) writes its one report, erases the
 sealed identity and queues the report-ready message."""
@@ -156,7 +157,7 @@ class SqlAnswers(Aggregate):
     async def _record_answers_together(self, answer: _Answer) -> tuple[bool, bool]:
         """Every bank answer waiting while the previous ones are written is recorded with them,
         by one set of statements (one SELECT of the leases, one UPDATE and one INSERT executed
-        for many rows): statements per answer were most of the union's database time."""
+        for many rows) instead of a set per answer."""
         future: asyncio.Future[tuple[bool, bool]] = asyncio.get_running_loop().create_future()
         with self._answers_lock:
             self._answers.append((answer, future))

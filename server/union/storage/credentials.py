@@ -16,9 +16,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from server.union.domain.ports import AdminCredential, AdminRole, DuplicateCredentialName
+from server.union.storage.database import Store
 from server.union.storage.models import AdminCredentialRow, SessionRow
 from server.union.storage.prepared import Prepared
-from server.union.storage.store import Store
 
 SESSIONS = cast(Table, SessionRow.__table__)
 # Asked on every authenticated call, so built once like the lookup hot path's statements.

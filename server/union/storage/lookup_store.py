@@ -2,9 +2,12 @@
 work queue of bank calls (claims with leases, deadlines, what falls due next).
 
 The hot path (create, the watch's re-read) is SQLAlchemy Core with its statements
-built once and run on the driver's connection (prepared.Prepared): at hundreds of
-lookups a second, the ORM's unit of work per row was most of the union's database
-time. Recording answers and writing the report is answer_store."""
+built once and run on the driver's connection (prepared.Prepared) rather than the
+ORM's unit of work per row: it runs hundreds of times a second. Recording answers
+and writing the report is answer_store.
+
+Retention: a lookup and its tasks go with its report (report_store's purge).
+"""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import pytest
 
 from server.population.catalogue import BANKS, REGIONS
 from server.union.domain import model
-from server.union.storage.store import Store, open_store
+from server.union.storage.database import Store, open_store
 
 NOW = datetime(2026, 12, 5, 8, 0, 0, 123456, tzinfo=UTC)
 DEADLINE = NOW + timedelta(hours=24)

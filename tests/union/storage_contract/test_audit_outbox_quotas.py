@@ -6,7 +6,7 @@ import asyncio
 from datetime import timedelta
 
 from server.union.domain import model
-from server.union.storage.store import Store
+from server.union.storage.database import Store
 from tests.union.storage_contract.conftest import NOW, OWNER, new_lookup, plan
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from server.union.domain import model
 from server.union.domain.ports import DuplicateRequest, RequestMismatch
-from server.union.storage.store import Store
+from server.union.storage.database import Store
 from tests.union.storage_contract.conftest import LEASE, NOW, OWNER, PERSON, STRANGER, card, new_lookup, plan
 
 DEADLINE = NOW + timedelta(days=1)

@@ -10,7 +10,7 @@ import pytest
 from server.union.domain.ports import AdminCredential, AdminRole, DuplicateCredentialName
 from server.union.keyring import Keys
 from server.union.storage.credentials import AdminCredentialRepository, SessionStore
-from server.union.storage.store import Store
+from server.union.storage.database import Store
 
 NOW = datetime(2026, 12, 5, 3, 0, tzinfo=UTC)
 ZHANG = "a" * 64

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from server.union.domain import model
 from server.union.domain.ports import IdentityStore
-from server.union.storage.store import Store
+from server.union.storage.database import Store
 from tests.union.storage_contract.conftest import NOW, PERSON
 
 

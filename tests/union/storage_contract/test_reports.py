@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from server.union.storage.store import Store
+from server.union.storage.database import Store
 from tests.union.storage_contract.conftest import NOW, OWNER, PERSON, STRANGER, card, new_lookup, plan
 
 EXPIRE = NOW + timedelta(days=7)

@@ -7,8 +7,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
 
+from server.union.storage.database import alembic_config, open_store
 from server.union.storage.models import Base
-from server.union.storage.store import alembic_config, open_store
 
 
 async def test_migrations_match_models(database_url: str) -> None:
