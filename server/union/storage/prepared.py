@@ -58,6 +58,7 @@ from sqlalchemy.types import TypeEngine
 from server.union.storage.models import UtcDateTime
 
 Params = Mapping[str, Any]
+_MISSING: Any = object()  # a parameter the caller must give
 _Processor = Callable[[Any], Any] | None
 
 _ERRORS: tuple[tuple[type[Exception], type[exc.DBAPIError]], ...] = (
@@ -122,16 +123,22 @@ class _Form:
             for name in self.names
             if name in binds and not binds[name].required and name not in self.arrays
         }
+        # Per parameter, in order: where its value comes from, and its converter.
+        self._plan = [
+            (*self.sources[name], processor, self.fixed.get(name, _MISSING))
+            for name, processor in zip(self.names, self.processors, strict=True)
+        ]
 
     def values(self, params: Params) -> list[Any] | dict[str, Any]:
         values: list[Any] = []
-        for name, processor in zip(self.names, self.processors, strict=True):
-            if name in self.fixed and name not in params:
-                value = self.fixed[name]
-            else:
-                source, index = self.sources[name]
-                value = params[source] if index is None else params[source][index]
-            values.append(processor(value) if processor else value)
+        append = values.append
+        for source, index, processor, default in self._plan:
+            value = params.get(source, default)
+            if value is _MISSING:
+                raise KeyError(source)
+            if index is not None:
+                value = value[index]
+            append(processor(value) if processor else value)
         return values if self.positional else dict(zip(self.names, values, strict=True))
 
     def many(self, rows: Sequence[Params]) -> list[list[Any]] | list[dict[str, Any]]:
@@ -141,10 +148,23 @@ class _Form:
             (name, processor, {} if processor else None)
             for name, processor in zip(self.names, self.processors, strict=True)
         ]
-        converted = [
-            [_convert(row, name, self.fixed, processor, seen) for name, processor, seen in columns]
-            for row in rows
-        ]
+        fixed = self.fixed
+        converted: list[list[Any]] = []
+        for row in rows:
+            values: list[Any] = []
+            for name, processor, seen in columns:
+                value = row[name] if name in row else fixed[name]
+                if processor is None or seen is None:
+                    values.append(value)
+                    continue
+                try:
+                    values.append(seen[value])
+                except (KeyError, TypeError):  # new, or unhashable (then converted every time)
+                    result = processor(value)
+                    with contextlib.suppress(TypeError):
+                        seen[value] = result
+                    values.append(result)
+            converted.append(values)
         if self.positional:
             return converted
         return [dict(zip(self.names, values, strict=True)) for values in converted]
