@@ -238,12 +238,14 @@ class _SqliteCardRead:
         self._compiled = _CARDS_OF_MANY.compile(dialect=dialect)
         # Per number of IDs: the SQL, its parameters, and where in them the IDs go.
         self._forms: dict[int, tuple[str, list[Any], list[int]]] = {}
-        self._processors = [
+        # The columns whose stored form differs from the Python value (dates), with their converter.
+        processors = [
             column.type.dialect_impl(dialect).result_processor(dialect, None)
             for column in _CARDS_OF_MANY.selected_columns
         ]
+        self._converting = [(index, p) for index, p in enumerate(processors) if p is not None]
 
-    def __call__(self, reader: sqlite3.Connection, ids: list[str]) -> Iterator[tuple[Any, ...]]:
+    def __call__(self, reader: sqlite3.Connection, ids: list[str]) -> Iterator[list[Any]]:
         form = self._forms.get(len(ids))
         if form is None:
             state = self._compiled.construct_expanded_state({"ids": ids})
@@ -254,9 +256,12 @@ class _SqliteCardRead:
         parameters = list(template)
         for slot, resident_id in zip(slots, ids, strict=True):
             parameters[slot] = resident_id
-        processors = self._processors
+        converting = self._converting
         for raw in reader.execute(sql, parameters):
-            yield tuple(value if p is None else p(value) for p, value in zip(processors, raw, strict=True))
+            row = list(raw)
+            for index, convert in converting:
+                row[index] = convert(row[index])
+            yield row
 
 
 def new_card_ref() -> str:

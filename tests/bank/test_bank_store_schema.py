@@ -116,7 +116,9 @@ def test_the_card_read_on_sqlite_answers_what_sqlalchemy_answers(tmp_path: Path)
         assert expected
         read = store._sqlite_card_read
         assert read is not None
-        assert list(read(store._reader(), ids)) == expected
-        assert list(read(store._reader(), ids[:3])) == [row for row in expected if row[0] in ids[:3]]
+        assert [tuple(row) for row in read(store._reader(), ids)] == expected
+        assert [tuple(row) for row in read(store._reader(), ids[:3])] == [
+            row for row in expected if row[0] in ids[:3]
+        ]
     finally:
         store.close()
