@@ -22,6 +22,9 @@ stream.
 CloseCard and ReportCardNotMine (unary) go through the same fault gate as
 QueryCards (outage, latency, injected errors; the stream-only knobs do not
 apply), then let server.bank.actions decide. Both are idempotent on request_id.
+
+Longer than most modules (~640 lines): the three query RPCs share their
+validation, fault gate and batching, which read best beside each other.
 """
 
 from __future__ import annotations

@@ -20,6 +20,10 @@ than Alembic, as the union uses: the bank's schema is two tables that only ever
 gain columns, each simulated bank opens its own store at start, and a list of
 statements in this file says all of it without an environment, a script
 template and a directory of revision files per bank.
+
+Longer than most modules (~640 lines) on purpose: it is the whole of one
+bank's storage (models, migrations, reads, card actions, seeding), the only
+place a full card number is stored, and reads best as one file.
 """
 
 from __future__ import annotations
