@@ -22,8 +22,8 @@ from bench.run import (
     table,
 )
 from server.union.sms import FileSmsSink, read_one_time_code
+from server.union.storage.database import open_store
 from server.union.storage.models import Base
-from server.union.storage.store import open_store
 
 
 def test_outbox_reader_finds_codes_written_by_the_unions_sink(tmp_path: Path) -> None:

@@ -22,6 +22,9 @@ stream.
 CloseCard and ReportCardNotMine (unary) go through the same fault gate as
 QueryCards (outage, latency, injected errors; the stream-only knobs do not
 apply), then let server.bank.actions decide. Both are idempotent on request_id.
+
+Longer than most modules (~640 lines): the three query RPCs share their
+validation, fault gate and batching, which read best beside each other.
 """
 
 from __future__ import annotations
@@ -60,8 +63,8 @@ _MAX_CARD_REF_LENGTH = 128
 # Unanswered queries one QuerySession stream may have before the bank stops reading it.
 MAX_OUTSTANDING_QUERIES = 512
 # A batch of at most this many people is read from a local SQLite store on the event loop: such a
-# read takes 0.03-0.2 ms, less than the hop to a worker thread and back, and 16 banks' threads
-# contending for the GIL made one bank process spend most of its time waiting for it. (A WAL
+# read costs less than the hop to a worker thread and back, and 16 banks' threads contending for
+# the GIL made one bank process spend most of its time waiting for it (docs/performance.md). (A WAL
 # reader is never blocked by the bank's writers.) Larger batches still go to a thread.
 INLINE_READ_LIMIT = 16
 # Queries (and answers) one QueryBatchSession message may carry, as the contract says.

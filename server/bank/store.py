@@ -13,18 +13,27 @@ the card belongs to the person, decides through a caller-supplied function
 under the request's idempotency key, all in one transaction, so a retry gets
 the first answer back without a second decision.
 
-Schema upgrades: `create_schema` (called whenever a store is opened) also adds
-columns that a store created by an older version lacks (`ALTER TABLE ... ADD
-COLUMN`), logging a warning; the cards it already holds get a balance of 0.
+Schema changes are migrations: `MIGRATIONS` below is the numbered list of
+them, and `create_schema` (called whenever a store is opened) applies those a
+store has not had yet, recording its version in `schema_version`. A list rather
+than Alembic, as the union uses: the bank's schema is two tables that only ever
+gain columns, each simulated bank opens its own store at start, and a list of
+statements in this file says all of it without an environment, a script
+template and a directory of revision files per bank.
+
+Longer than most modules (~640 lines) on purpose: it is the whole of one
+bank's storage (models, migrations, reads, card actions, seeding), the only
+place a full card number is stored, and reads best as one file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -32,6 +41,7 @@ from typing import Any, Literal
 
 from sqlalchemy import (
     CheckConstraint,
+    Connection,
     Date,
     DateTime,
     Engine,
@@ -41,6 +51,7 @@ from sqlalchemy import (
     String,
     bindparam,
     create_engine,
+    delete,
     event,
     func,
     insert,
@@ -48,6 +59,7 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -97,11 +109,39 @@ class BankCard(Base):
     closure_scheduled_on: Mapped[date | None] = mapped_column(Date, nullable=True, default=None)
 
 
-# Columns added after the first release: (name, DDL) for stores created before them.
-_ADDED_CARD_COLUMNS = (
-    ("balance_cents", "INTEGER NOT NULL DEFAULT 0"),
-    ("closure_scheduled_on", "DATE"),
+class SchemaVersion(Base):
+    """The one row saying which of MIGRATIONS this store has had."""
+
+    __tablename__ = "schema_version"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema change: what it is for, and its statements (constants, never input)."""
+
+    version: int
+    purpose: str
+    statements: tuple[str, ...]
+
+
+# Every schema change since the first release, in order; never edit one that shipped, add the next.
+# A new store is created from the models above at the newest version.
+MIGRATIONS = (
+    Migration(1, "the first release: customers, cards, answered requests", ()),
+    Migration(
+        2, "card balances", ("ALTER TABLE bank_cards ADD COLUMN balance_cents INTEGER NOT NULL DEFAULT 0",)
+    ),
+    Migration(
+        3,
+        "credit cards closing at the end of their cycle",
+        ("ALTER TABLE bank_cards ADD COLUMN closure_scheduled_on DATE",),
+    ),
 )
+SCHEMA_VERSION = MIGRATIONS[-1].version
+# Stores from before schema_version existed: the newest migration whose column they have.
+_LEGACY_MARKERS = ((3, "closure_scheduled_on"), (2, "balance_cents"))
 
 
 class AnsweredRequest(Base):
@@ -171,8 +211,9 @@ class RequestConflict(ValueError):
 _LOOKUP_CHUNK = 500
 _customers = Customer.__table__
 _cards = BankCard.__table__
-# Built once; the expanding IN keeps one cached compiled form whatever the batch size. Ordered
-# like _cards_of within each person (rows of different people may interleave).
+# The one card read of the union's queries. Ordered like _cards_of within each person (rows of
+# different people may interleave). Run by SQLAlchemy on PostgreSQL, and on SQLite in its
+# compiled form on the reading thread's own connection (_SqliteCardRead).
 _CARDS_OF_MANY = (
     select(
         _cards.c.customer_id,
@@ -192,21 +233,40 @@ _CARDS_OF_MANY = (
 )
 
 
-# The same read in SQLite's own SQL, run on the reading thread's sqlite3 connection: SQLAlchemy's
-# per-execution work (expanding IN, result processing) was 0.3 ms of a 0.34 ms read of one person,
-# and a bank process answering 16 banks' queries spent half its time there.
-_SQLITE_CARDS_OF_MANY = (
-    "SELECT c.customer_id, p.name, c.card_ref, c.number, c.card_type, c.status, c.open_date,"
-    " c.last_activity_date, c.balance_cents, c.closure_scheduled_on"
-    " FROM bank_cards AS c JOIN customers AS p ON c.customer_id = p.resident_id_number"
-    " WHERE c.customer_id IN ({ids}) AND c.status != 'closed'"
-    " ORDER BY c.open_date, c.card_ref"
-)
+class _SqliteCardRead:
+    """_CARDS_OF_MANY on the sqlite3 connection itself, without SQLAlchemy's per-execution work
+    (which cost more than the read): SQLAlchemy compiles it once, expands its IN list once per
+    number of IDs (`construct_expanded_state`), and the columns' own result processors convert
+    what sqlite3 returns, so the rows are the ones SQLAlchemy would give."""
 
+    def __init__(self, dialect: Dialect) -> None:
+        self._compiled = _CARDS_OF_MANY.compile(dialect=dialect)
+        # Per number of IDs: the SQL, its parameters, and where in them the IDs go.
+        self._forms: dict[int, tuple[str, list[Any], list[int]]] = {}
+        # The columns whose stored form differs from the Python value (dates), with their converter.
+        processors = [
+            column.type.dialect_impl(dialect).result_processor(dialect, None)
+            for column in _CARDS_OF_MANY.selected_columns
+        ]
+        self._converting = [(index, p) for index, p in enumerate(processors) if p is not None]
 
-def _sqlite_date(value: str | None) -> date | None:
-    """SQLAlchemy stores a Date in SQLite as ISO text ("2024-05-01")."""
-    return None if value is None else date.fromisoformat(value)
+    def __call__(self, reader: sqlite3.Connection, ids: list[str]) -> Iterator[list[Any]]:
+        form = self._forms.get(len(ids))
+        if form is None:
+            state = self._compiled.construct_expanded_state({"ids": ids})
+            expanded = state.parameter_expansion["ids"]
+            slots = [index for index, name in enumerate(state.positiontup or ()) if name in expanded]
+            form = self._forms[len(ids)] = (state.statement, list(state.positional_parameters), slots)
+        sql, template, slots = form
+        parameters = list(template)
+        for slot, resident_id in zip(slots, ids, strict=True):
+            parameters[slot] = resident_id
+        converting = self._converting
+        for raw in reader.execute(sql, parameters):
+            row = list(raw)
+            for index, convert in converting:
+                row[index] = convert(row[index])
+            yield row
 
 
 def new_card_ref() -> str:
@@ -281,6 +341,7 @@ class BankStore:
         if is_sqlite:
             event.listen(self._engine, "connect", _sqlite_pragmas)
         self._is_sqlite = is_sqlite
+        self._sqlite_card_read = _SqliteCardRead(self._engine.dialect) if is_sqlite else None
         # A local SQLite file answers a small read faster than a thread hop (see the bank service).
         self.reads_locally = is_sqlite and ":memory:" not in database_url
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
@@ -306,23 +367,36 @@ class BankStore:
         return driver
 
     def create_schema(self) -> None:
-        """Create missing tables, and add the columns a store from an older version lacks."""
-        Base.metadata.create_all(self._engine)
-        self._upgrade_cards_table()
-
-    def _upgrade_cards_table(self) -> None:
-        present = {column["name"] for column in inspect(self._engine).get_columns(BankCard.__tablename__)}
-        missing = [(name, ddl) for name, ddl in _ADDED_CARD_COLUMNS if name not in present]
-        if not missing:
-            return
+        """A new store at the newest schema; an existing one brought there by the MIGRATIONS it
+        has not had, in one transaction."""
         with self._engine.begin() as connection:
-            for name, ddl in missing:
-                # Names and DDL are the constants above, never input.
-                connection.execute(text(f"ALTER TABLE {BankCard.__tablename__} ADD COLUMN {name} {ddl}"))
+            tables = set(inspect(connection).get_table_names())
+            if BankCard.__tablename__ not in tables:
+                Base.metadata.create_all(connection)
+                connection.execute(insert(SchemaVersion).values(version=SCHEMA_VERSION))
+                return
+            version = self.schema_version(connection, tables)
+            pending = [m for m in MIGRATIONS if m.version > version]
+            if not pending:
+                return
+            for migration in pending:
+                for statement in migration.statements:
+                    connection.execute(text(statement))
+            Base.metadata.create_all(connection)  # tables added since (schema_version among them)
+            connection.execute(delete(SchemaVersion))
+            connection.execute(insert(SchemaVersion).values(version=SCHEMA_VERSION))
         log.warning(
-            "upgraded a bank store created by an older version; its cards have a balance of 0",
-            extra={"bank": self.bank_code, "added_columns": [name for name, _ in missing]},
+            "upgraded a bank store created by an older version; cards from before balances hold 0",
+            extra={"bank": self.bank_code, "migrations": [m.version for m in pending]},
         )
+
+    @staticmethod
+    def schema_version(connection: Connection, tables: set[str]) -> int:
+        """The store's version: recorded, or for a store from before it was, read off its columns."""
+        if SchemaVersion.__tablename__ in tables:
+            return connection.scalar(select(func.max(SchemaVersion.version))) or 1
+        present = {column["name"] for column in inspect(connection).get_columns(BankCard.__tablename__)}
+        return next((version for version, column in _LEGACY_MARKERS if column in present), 1)
 
     def close(self) -> None:
         with self._readers_lock:
@@ -379,45 +453,25 @@ class BankStore:
         wanted = list(dict.fromkeys(resident_id for resident_id, _ in people))
         names: dict[str, str] = {}
         cards: dict[str, list[StoredCard]] = {}
-        if self._is_sqlite:
-            reader = self._reader()
-            for start in range(0, len(wanted), _LOOKUP_CHUNK):
-                self._read_sqlite(reader, wanted[start : start + _LOOKUP_CHUNK], names, cards)
-        else:
-            with self._engine.connect() as connection:
-                for start in range(0, len(wanted), _LOOKUP_CHUNK):
-                    chunk = wanted[start : start + _LOOKUP_CHUNK]
-                    for row in connection.execute(_CARDS_OF_MANY, {"ids": chunk}):
-                        names[row.customer_id] = row.name
-                        cards.setdefault(row.customer_id, []).append(_stored(row))
+        chunks = [wanted[start : start + _LOOKUP_CHUNK] for start in range(0, len(wanted), _LOOKUP_CHUNK)]
+        with contextlib.ExitStack() as stack:
+            rows: Iterable[Sequence[Any]]
+            if self._sqlite_card_read is not None:
+                read, reader = self._sqlite_card_read, self._reader()
+                rows = (row for chunk in chunks for row in read(reader, chunk))
+            else:
+                connection = stack.enter_context(self._engine.connect())
+                rows = (row for chunk in chunks for row in connection.execute(_CARDS_OF_MANY, {"ids": chunk}))
+            for customer_id, name, *card in rows:
+                names[customer_id] = name
+                # The read selects StoredCard's fields, in its order, after the person's.
+                cards.setdefault(customer_id, []).append(StoredCard(*card))
         # A name that does not match answers like an unknown person, as in find_cards. The lists
         # are shared between repeated pairs; StoredCard is frozen and callers only read them.
         return [
             cards.get(resident_id, []) if names.get(resident_id) == name else []
             for resident_id, name in people
         ]
-
-    @staticmethod
-    def _read_sqlite(
-        reader: sqlite3.Connection, ids: list[str], names: dict[str, str], cards: dict[str, list[StoredCard]]
-    ) -> None:
-        """_CARDS_OF_MANY through the sqlite3 driver itself (same rows, same order)."""
-        sql = _SQLITE_CARDS_OF_MANY.format(ids=",".join("?" * len(ids)))
-        for customer_id, name, *card in reader.execute(sql, ids):
-            names[customer_id] = name
-            ref, number, card_type, status, opened, active, balance, closes = card
-            cards.setdefault(customer_id, []).append(
-                StoredCard(
-                    card_ref=ref,
-                    number=number,
-                    card_type=card_type,
-                    status=status,
-                    open_date=date.fromisoformat(opened),
-                    last_activity_date=date.fromisoformat(active),
-                    balance_cents=balance,
-                    closure_scheduled_on=_sqlite_date(closes),
-                )
-            )
 
     def cards_for_id(self, resident_id_number: str, include_closed: bool = True) -> list[StoredCard]:
         """Operator view by ID number alone (the bank's own tools, not the union contract)."""

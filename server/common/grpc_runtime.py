@@ -151,11 +151,10 @@ def tune_garbage_collection() -> None:
     ~108,000 in the union) are frozen out of the collector's sight, and the young generation is
     collected every 50,000 allocations instead of 700.
 
-    Why: a union at 32 lookups in flight spent ~9% of its CPU in the cycle collector (gc.callbacks:
-    1,427 young collections at ~0.5 ms, 12 full ones at ~94 ms, each a 94 ms pause for every call in
-    flight). Almost all of its garbage is freed by reference counting; the collector only finds the
-    few cycles (tracebacks, finished tasks), and finds them as well at this rhythm. The same run
-    with these settings: 0.5% of CPU in the collector, union CPU per lookup 8.4 -> 7.3 ms."""
+    Why: under load the default thresholds run the cycle collector thousands of times a minute,
+    and each full collection pauses every call in flight, while almost all of a server's garbage
+    is freed by reference counting; the collector only finds the few cycles (tracebacks,
+    finished tasks), and finds them as well at this rhythm. docs/performance.md has the figures."""
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
 

@@ -1,7 +1,7 @@
 """Assembles the union server: configuration → store, keys, domain services, orchestrator, gRPC.
 
 Where a request goes: `api/servicers.py` (proto ↔ domain) → `domain/*.py` (rules)
-→ `storage/store.py` (SQL). Bank calls: `domain/orchestrator.py` →
+→ `storage/` (SQL, behind the ports of `domain/ports.py`). Bank calls: `domain/orchestrator.py` →
 `bank_gateway.py` (bankquery.v1 client).
 """
 
@@ -48,7 +48,7 @@ from server.union.notify import SmsNotifier
 from server.union.prometheus_metrics import PrometheusMetrics
 from server.union.sms import FileSmsSink, SmsSender
 from server.union.storage.credentials import AdminCredentialRepository, SessionStore
-from server.union.storage.store import Store, StoreUnavailable, open_store
+from server.union.storage.database import Store, StoreUnavailable, open_store
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def traced_store(store: Store, provider: TracerProvider | None) -> Store:
     if tracer is None:
         return store
     tracing.trace_engine(store.engine, provider)
-    store._executor = tracing.ContextExecutor(store._executor)  # type: ignore[assignment]
+    store.runner.wrap_executor(tracing.ContextExecutor)
     return cast(Store, tracing.TracedCalls(store, tracer, "db"))
 
 

@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC
 from typing import Any
 
 import grpc
@@ -132,9 +133,9 @@ class _QuerySessionLink:
     stream.
 
     Deadlines are one heap and one timer per link rather than a timer per
-    query: with ten-second timeouts at a thousand queries a second, the event
-    loop's own timer heap held ten thousand cancelled timers, compared in
-    Python, and a third of each query's cost was its timeout.
+    query: with long timeouts at a high query rate, the event loop's own timer
+    heap would fill with cancelled timers, compared in Python
+    (docs/performance.md).
     """
 
     def __init__(self, channel: grpc.aio.Channel, bank_code: str, max_outstanding: int) -> None:
@@ -590,6 +591,7 @@ class GrpcBankGateway:
             last_four=card.last_four,
             number_length=card.number_length,
             status=status,
+            open_time=card.open_time.ToDatetime(tzinfo=UTC) if card.HasField("open_time") else None,
         )
 
     async def reachable(self, bank: Bank, call_timeout: float) -> bool:

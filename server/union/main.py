@@ -29,7 +29,7 @@ from server.union.keyring import Keys
 from server.union.settings import UnionSettings
 from server.union.sms import FileSmsSink
 from server.union.storage.credentials import AdminCredentialRepository, SessionStore
-from server.union.storage.store import Store, open_store
+from server.union.storage.database import Store, open_store
 
 T = TypeVar("T")
 

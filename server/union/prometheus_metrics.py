@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 
 from server.common.prometheus import process_registry
 from server.union.domain.metrics import BankCallOutcome
-from server.union.storage.store import MonitoringTotals
+from server.union.storage.database import MonitoringTotals
 
 log = logging.getLogger(__name__)
 

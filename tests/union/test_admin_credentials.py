@@ -110,7 +110,7 @@ async def test_credentials_are_stored_as_keyed_hashes_only(union: UnionServer) -
         assert token[4:] not in value
     # The name is the operator's label, never an actor in the audit trail.
     assert all("alice" not in str(v) for row in audit for v in row)
-    if union.store.is_sqlite:
+    if union.store.runner.is_sqlite:
         database = Path(union.store.engine.url.database or "")
         raw = b"".join(path.read_bytes() for path in database.parent.glob(database.name + "*"))
         assert token.encode() not in raw

@@ -23,7 +23,7 @@ from server.bank.app import RunningBank
 from server.bank.faults import FaultSettings
 from server.union.app import UnionServer
 from server.union.domain.lookups import CURRENT_TERMS_VERSION
-from server.union.storage.store import alembic_config
+from server.union.storage.database import alembic_config
 from tests.conftest import ZHANG, run_lookup, verified_client
 
 ROOT = Path(__file__).resolve().parents[2]

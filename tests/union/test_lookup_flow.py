@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
+from zoneinfo import ZoneInfo
 
 import grpc
 import pytest
@@ -16,9 +17,11 @@ from cardlookup.v1 import card_lookup_service_pb2 as pb
 from clients.client import CardLookupError
 from server.bank.app import RunningBank
 from server.bank.store import StoredCard
+from server.population.generator import DEMO_PEOPLE
 from server.union.app import UnionServer
 from tests.conftest import LI, LIU, ZHANG, UnionFactory, run_lookup, verified_client
 
+SHANGHAI = ZoneInfo("Asia/Shanghai")
 MASKED = re.compile(r"^\d{4}( \*{1,4})+ \d{4}$")
 
 
@@ -50,6 +53,13 @@ async def test_report_for_seeded_person(union: UnionServer) -> None:
         assert len(card.masked_number.replace(" ", "")) == card.number_length
         assert card.card_ref
         assert card.bank_name
+    # When each card was opened, as its bank said: the day's start in the bank's time zone.
+    opened = {(c.bank_code, c.number[-4:]): c.open_date for c in DEMO_PEOPLE[0].cards if c.status != "closed"}
+    assert {
+        (c.bank_code, c.masked_number[-4:]): c.open_time.ToDatetime(tzinfo=SHANGHAI).date()
+        for c in report.cards
+    } == opened
+    assert all(c.open_time.ToDatetime(tzinfo=SHANGHAI).hour == 0 for c in report.cards)
     # The report expires at the end of the 7th natural day (Asia/Shanghai midnight = 16:00 UTC).
     assert report.expire_time.ToDatetime().hour == 16
     assert (report.expire_time.ToDatetime() - report.generate_time.ToDatetime()).days in (7, 8)

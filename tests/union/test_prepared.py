@@ -17,9 +17,26 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.pool import NullPool
 
 from server.union.domain import model
+from server.union.storage.answer_store import (
+    COMPLETE_LOOKUP,
+    PENDING_OF_LOOKUPS,
+    RECORD_ANSWER,
+    RUNNING_OF_LOOKUPS,
+)
+from server.union.storage.audit_store import INSERT_AUDIT
+from server.union.storage.database import open_store
+from server.union.storage.lookup_store import (
+    INSERT_LOOKUP,
+    INSERT_TASKS,
+    LOOKUP_WITH_PROGRESS,
+    PERSON_ACTIVITY,
+)
 from server.union.storage.models import Base, UtcDateTime
-from server.union.storage.prepared import _utc_text
-from server.union.storage.store import CARDS, COUNTERS, COUNTERS_TABLE, _BatchItem, _Hot, open_store
+from server.union.storage.outbox_store import INSERT_NOTIFICATIONS
+from server.union.storage.prepared import _utc_text, send_arrays_in_binary
+from server.union.storage.report_store import CARDS, INSERT_CARDS, INSERT_REPORTS
+from server.union.storage.runner import BatchItem
+from server.union.storage.stats_store import BUMP, COUNTERS, COUNTERS_TABLE
 
 NOW = datetime(2026, 11, 27, 9, 45, 49, 123456, tzinfo=UTC)
 # Not UTC, and on a whole second: both must be stored as SQLAlchemy stores them.
@@ -33,6 +50,7 @@ def engine(database_url: str) -> Iterator[Engine]:
     store.migrate()
     store.engine.dispose()
     migrated = create_engine(database_url, poolclass=NullPool)
+    send_arrays_in_binary(migrated)  # as the store's own engine does
     yield migrated
     migrated.dispose()
 
@@ -91,11 +109,11 @@ def _write(c: Connection, fast: bool) -> None:
 
     c.execute(delete(COUNTERS_TABLE))  # the migrations seed some; start both paths from none
     c.execute(insert(COUNTERS_TABLE), [{"name": name, "value": 0} for name in COUNTERS])
-    one(_Hot.insert_lookup, _lookup("l1"))
-    one(_Hot.insert_lookup, _lookup("l2", state=model.LookupState.COMPLETED, complete_time=ELSEWHERE))
-    many(_Hot.insert_tasks, [_task("l1", "ICBC", 0), _task("l1", "ABC", 1), _task("l2", "BOC", 0)])
+    one(INSERT_LOOKUP, _lookup("l1"))
+    one(INSERT_LOOKUP, _lookup("l2", state=model.LookupState.COMPLETED, complete_time=ELSEWHERE))
+    many(INSERT_TASKS, [_task("l1", "ICBC", 0), _task("l1", "ABC", 1), _task("l2", "BOC", 0)])
     many(
-        _Hot.record_answer,
+        RECORD_ANSWER,
         [
             {
                 "k_lookup_id": "l1",
@@ -110,7 +128,7 @@ def _write(c: Connection, fast: bool) -> None:
         ],
     )
     many(
-        _Hot.insert_cards,
+        INSERT_CARDS,
         [
             {
                 "lookup_id": "l1",
@@ -123,13 +141,14 @@ def _write(c: Connection, fast: bool) -> None:
                 "last_four": f"{i:04d}",
                 "number_length": 19,
                 "status": model.CardStatus.ACTIVE,
+                "open_time": ELSEWHERE if i else None,  # a bank may not say
             }
             for i in range(3)
         ],
     )
-    many(_Hot.complete_lookup, [{"k_id": "l1", "v_time": NOW, "v_report_id": "r1"}])
+    many(COMPLETE_LOOKUP, [{"k_id": "l1", "v_complete_time": NOW, "v_report_id": "r1"}])
     many(
-        _Hot.insert_reports,
+        INSERT_REPORTS,
         [
             {
                 "id": "r1",
@@ -141,22 +160,39 @@ def _write(c: Connection, fast: bool) -> None:
         ],
     )
     many(
-        _Hot.insert_notifications,
+        INSERT_NOTIFICATIONS,
         [{"lookup_id": "l1", "report_id": "r1", "sealed_contact": "contact", "create_time": NOW}],
     )
-    one(_Hot.bump, {"k_name": "reports_generated", "v_by": 3})
+    one(BUMP, {"k_name": "reports_generated", "v_by": 3})
     # The same row twice: each change applies, as executemany applies them (on PostgreSQL the
     # one-statement UPDATE of many rows would apply one, so it is not used for these).
     many(
-        _Hot.bump,
+        BUMP,
         [
             {"k_name": "lookups_created", "v_by": 1},
             {"k_name": "lookups_created", "v_by": 2},
             {"k_name": "reports_generated", "v_by": 5},
         ],
     )
+    # A keyed update naming the same row twice: each applies in turn, as executemany does (the
+    # PostgreSQL many-row form would apply one of them, so it is not used for these).
+    many(
+        RECORD_ANSWER,
+        [
+            {
+                "k_lookup_id": "l2",
+                "k_bank_code": "BOC",
+                "v_card_count": cards,
+                "v_debit_count": cards,
+                "v_credit_count": 0,
+                "v_latency_ms": 5,
+                "v_update_time": NOW,
+            }
+            for cards in (4, 7)
+        ],
+    )
     one(
-        _Hot.insert_audit,
+        INSERT_AUDIT,
         {
             "time": ELSEWHERE,
             "actor": "a" * 64,
@@ -211,6 +247,20 @@ def test_fast_writes_store_what_sqlalchemy_stores(engine: Engine) -> None:
         assert ELSEWHERE in lookup
 
 
+def test_many_rows_go_in_one_statement_on_postgresql(engine: Engine) -> None:
+    """The many-row forms written out for PostgreSQL (one array per column) are the ones used for
+    inserts and keyed updates; SQLite runs the single statement for each row."""
+    rows = [_task("l1", "ICBC", 0), _task("l1", "ABC", 1)]
+    answers = [{"k_lookup_id": "l1", "k_bank_code": "ICBC", "v_card_count": 1, "v_debit_count": 1,
+                "v_credit_count": 0, "v_latency_ms": 3, "v_update_time": NOW}]  # fmt: skip
+    with engine.connect() as c:
+        forms = [INSERT_TASKS._for(c, rows[0]).many, RECORD_ANSWER._for(c, answers[0]).many]
+    if engine.dialect.name == "sqlite":
+        assert forms == [None, None]
+    else:
+        assert all(form is not None and "unnest(" in form.sql for form in forms)
+
+
 def test_many_rows_arrive_once_each(engine: Engine) -> None:
     """On PostgreSQL many rows go as one array per column: more values than one statement may
     carry as parameters (65,535) still arrive, each row once."""
@@ -230,8 +280,8 @@ def test_many_rows_arrive_once_each(engine: Engine) -> None:
         for i in range(7000)  # 70,000 parameters at 10 columns a row
     ]
     with engine.connect() as c, c.begin() as transaction:
-        _Hot.insert_lookup.run(c, _lookup("l1"))
-        _Hot.insert_cards.run_many(c, cards)
+        INSERT_LOOKUP.run(c, _lookup("l1"))
+        INSERT_CARDS.run_many(c, cards)
         refs = c.execute(select(CARDS.c.card_ref)).scalars().all()
         assert sorted(refs) == sorted(str(card["card_ref"]) for card in cards)
         assert c.execute(select(func.count()).select_from(CARDS)).scalar() == 7000
@@ -243,11 +293,11 @@ def test_fast_reads_return_what_sqlalchemy_returns(engine: Engine) -> None:
     with fast.begin() as c:
         _write(c, True)
     reads: list[tuple[Any, dict[str, Any]]] = [
-        (_Hot.lookup_with_progress, {"lookup_id": "l1"}),
-        (_Hot.lookup_with_progress, {"lookup_id": "missing"}),
-        (_Hot.person_activity, {"person_hash": "p" * 64, "request_id": "req-l2"}),
-        (_Hot.pending_of_lookups, {"lookup_ids": ["l1", "l2"]}),
-        (_Hot.running_of_lookups, {"lookup_ids": ["l1", "l2", "l3"]}),
+        (LOOKUP_WITH_PROGRESS, {"lookup_id": "l1"}),
+        (LOOKUP_WITH_PROGRESS, {"lookup_id": "missing"}),
+        (PERSON_ACTIVITY, {"person_hash": "p" * 64, "request_id": "req-l2"}),
+        (PENDING_OF_LOOKUPS, {"lookup_ids": ["l1", "l2"]}),
+        (RUNNING_OF_LOOKUPS, {"lookup_ids": ["l1", "l2", "l3"]}),
     ]
     with fast.connect() as c:
         for prepared, params in reads:
@@ -257,11 +307,11 @@ def test_fast_reads_return_what_sqlalchemy_returns(engine: Engine) -> None:
             for row, want in zip(got, expected, strict=True):
                 assert row._asdict() == want._asdict()  # the same names for attribute access
     with fast.connect() as c:
-        [row] = _Hot.person_activity.run(c, {"person_hash": "p" * 64, "request_id": "req-l2"})
+        [row] = PERSON_ACTIVITY.run(c, {"person_hash": "p" * 64, "request_id": "req-l2"})
         assert row.existing_id == "l2"
         assert row.last_complete == ELSEWHERE
         assert row.last_complete.tzinfo is not None  # aware UTC, as the column type reads it
-        first = _Hot.lookup_with_progress.run(c, {"lookup_id": "l1"})[0]
+        first = LOOKUP_WITH_PROGRESS.run(c, {"lookup_id": "l1"})[0]
         assert first.create_time == NOW
         assert first.state == model.LookupState.COMPLETED
 
@@ -269,18 +319,18 @@ def test_fast_reads_return_what_sqlalchemy_returns(engine: Engine) -> None:
 def test_fast_path_raises_sqlalchemy_errors(engine: Engine) -> None:
     fast = engine
     with fast.begin() as c:
-        _Hot.insert_lookup.run(c, _lookup("l1"))
+        INSERT_LOOKUP.run(c, _lookup("l1"))
     with pytest.raises(exc.IntegrityError), fast.begin() as c:
-        _Hot.insert_lookup.run(c, _lookup("l1"))  # the same id again
+        INSERT_LOOKUP.run(c, _lookup("l1"))  # the same id again
     with pytest.raises(exc.IntegrityError), fast.begin() as c:
-        _Hot.insert_lookup.run(c, _lookup("l9", request_id="req-l1"))  # person + request_id is unique
+        INSERT_LOOKUP.run(c, _lookup("l9", request_id="req-l1"))  # person + request_id is unique
 
 
 def test_an_insert_must_name_every_column(engine: Engine) -> None:
     fast = engine
     entry = {"time": NOW, "actor": "a" * 64, "action": "lookup.create", "outcome": "OK"}  # no resource
     with pytest.raises(ValueError, match="resource"), fast.begin() as c:
-        _Hot.insert_audit.run(c, entry)
+        INSERT_AUDIT.run(c, entry)
 
 
 async def test_a_core_batch_keeps_one_failed_write_in_its_savepoint(tmp_path: Path) -> None:
@@ -290,7 +340,7 @@ async def test_a_core_batch_keeps_one_failed_write_in_its_savepoint(tmp_path: Pa
 
     def insert(lookup_id: str, fail: bool = False) -> Any:
         def work(c: Connection) -> str:
-            _Hot.insert_lookup.run(c, _lookup(lookup_id))
+            INSERT_LOOKUP.run(c, _lookup(lookup_id))
             if fail:
                 raise ValueError("this write fails after its insert")
             return lookup_id
@@ -298,24 +348,24 @@ async def test_a_core_batch_keeps_one_failed_write_in_its_savepoint(tmp_path: Pa
         return work
 
     def read(c: Connection) -> list[str]:
-        return [row.id for row in _Hot.running_of_lookups.run(c, {"lookup_ids": ["l1", "l2", "l3"]})]
+        return [row.id for row in RUNNING_OF_LOOKUPS.run(c, {"lookup_ids": ["l1", "l2", "l3"]})]
 
     try:
         items = [
-            _BatchItem(insert("l1"), savepoint=True, core=True),
-            _BatchItem(insert("l2", fail=True), savepoint=True, core=True),
-            _BatchItem(insert("l3"), savepoint=True, core=True),
-            _BatchItem(read, savepoint=False, core=True),
+            BatchItem(insert("l1"), savepoint=True, core=True),
+            BatchItem(insert("l2", fail=True), savepoint=True, core=True),
+            BatchItem(insert("l3"), savepoint=True, core=True),
+            BatchItem(read, savepoint=False, core=True),
         ]
         loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(store._executor, store._drain_core, items)
+        results = await loop.run_in_executor(store.runner._executor, store.runner._drain_core, items)
         assert [value for _, value, _ in results] == ["l1", None, "l3", ["l1", "l3"]]
         assert isinstance(results[1][2], ValueError)
         with sqlite3.connect(tmp_path / "union.db") as raw:
             assert sorted(row[0] for row in raw.execute("SELECT id FROM lookups")) == ["l1", "l3"]
         # The next batch runs on the same connection, in a new transaction.
         again = await loop.run_in_executor(
-            store._executor, store._drain_core, [_BatchItem(read, False, True)]
+            store.runner._executor, store.runner._drain_core, [BatchItem(read, False, True)]
         )
         assert again[0][1] == ["l1", "l3"]
     finally:
@@ -357,19 +407,19 @@ async def test_queued_postgresql_reads_share_a_transaction(database_url: str) ->
         c.exec_driver_sql("SELECT * FROM no_such_table")
 
     try:
-        items = [_BatchItem(work, savepoint=False, core=True) for work in (transaction_id,) * 2]
-        items.append(_BatchItem(failing, savepoint=False, core=True))
-        items += [_BatchItem(transaction_id, savepoint=False, core=True) for _ in range(2)]
-        store._reads, store._reads_draining = list(items), True
+        items = [BatchItem(work, savepoint=False, core=True) for work in (transaction_id,) * 2]
+        items.append(BatchItem(failing, savepoint=False, core=True))
+        items += [BatchItem(transaction_id, savepoint=False, core=True) for _ in range(2)]
+        store.runner._reads, store.runner._reads_draining = list(items), True
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(store._executor, store._drain_reads, loop)
+        await loop.run_in_executor(store.runner._executor, store.runner._drain_reads, loop)
         await asyncio.sleep(0)  # the results are settled by a callback on this loop
         first, second, _, third, fourth = (item.future for item in items)
         assert first.result() == second.result()
         with pytest.raises(exc.ProgrammingError):
             items[2].future.result()
         assert third.result() == fourth.result() != first.result()
-        assert not store._reads_draining  # the next read starts a drain of its own
+        assert not store.runner._reads_draining  # the next read starts a drain of its own
         assert await store.find_lookup_by_request("p" * 64, "req-none", "fingerprint") is None
     finally:
         await store.close()

@@ -148,6 +148,7 @@ def report(value: model.Report) -> pb.Report:
                 status=_CARD_STATUSES[c.status],
                 not_mine_flag=flag(c.flag) if c.flag else None,
                 closure=closure_item(c.closure) if c.closure else None,
+                open_time=timestamp(c.open_time) if c.open_time else None,
             )
             for c in value.cards
         ],

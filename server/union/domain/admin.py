@@ -19,10 +19,10 @@ from server.union.domain.ports import (
     AdminCredential,
     AdminCredentialStore,
     AdminRole,
+    AdminServiceStore,
     DuplicateCredentialName,
 )
 from server.union.keyring import Keys
-from server.union.storage.store import Store
 
 REGION_CODE = re.compile(r"^[0-9]{6}$")
 BANK_CODE = re.compile(r"^[A-Z]{2,16}$")
@@ -64,7 +64,7 @@ def update_fields(mask: Sequence[str], populated: Sequence[str], allowed: Sequen
 class AdminService:
     def __init__(
         self,
-        store: Store,
+        store: AdminServiceStore,
         clock: Clock,
         keys: Keys,
         credentials: AdminCredentialStore,

@@ -18,8 +18,8 @@ from server.common import errors
 from server.union.clock import Clock
 from server.union.domain import model
 from server.union.domain.paging import Pager
+from server.union.domain.ports import AuditStore
 from server.union.keyring import Keys
-from server.union.storage.store import Store
 
 ADMIN_ACTOR = "admin"
 # What is recorded in place of a resource name that is not one of ours (never the text itself).
@@ -54,7 +54,7 @@ def refusal(error: errors.DomainError) -> str:
 
 
 class AuditTrail:
-    def __init__(self, store: Store, clock: Clock, keys: Keys) -> None:
+    def __init__(self, store: AuditStore, clock: Clock, keys: Keys) -> None:
         self._store = store
         self._clock = clock
         self._pager = Pager(keys, "audit", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from server.union.domain.model import ActionState, Bank, CardStatus, CardType
@@ -25,6 +26,7 @@ class ReportedCard:
     last_four: str
     number_length: int
     status: CardStatus
+    open_time: datetime | None = None  # when the bank opened it, if the bank says
 
 
 @dataclass(frozen=True)

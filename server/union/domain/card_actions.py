@@ -23,8 +23,8 @@ from server.union.domain.events import LookupEvents
 from server.union.domain.identity import Caller
 from server.union.domain.orchestrator import Orchestrator
 from server.union.domain.paging import Pager
+from server.union.domain.ports import CardActionServiceStore, DuplicateRequest, RequestMismatch
 from server.union.keyring import Keys
-from server.union.storage.store import DuplicateRequest, RequestMismatch, Store
 
 MAX_CARDS_PER_CLOSURE = 20
 DEFAULT_PAGE_SIZE = 10
@@ -42,7 +42,7 @@ class CardActionPolicy:
 class CardActionService:
     def __init__(
         self,
-        store: Store,
+        store: CardActionServiceStore,
         keys: Keys,
         clock: Clock,
         events: LookupEvents,

@@ -19,11 +19,9 @@ from server.common import errors, normalize
 from server.union.clock import Clock
 from server.union.domain import model, validation
 from server.union.domain.audit import AuditTrail
-from server.union.domain.ports import SessionRegistry
+from server.union.domain.ports import IdentityServiceStore, SessionRegistry
 from server.union.keyring import InvalidToken, Keys, UnreadableSealedValue
 from server.union.sms import SmsSender
-from server.union.storage.models import VerificationRow
-from server.union.storage.store import Store
 
 
 @dataclass(frozen=True)
@@ -92,7 +90,7 @@ def mask_mobile(mobile: str) -> str:
 class IdentityService:
     def __init__(
         self,
-        store: Store,
+        store: IdentityServiceStore,
         keys: Keys,
         sms: SmsSender,
         clock: Clock,
@@ -187,7 +185,7 @@ class IdentityService:
         return StartedVerification(verification_id, mask_mobile(mobile_number), expire)
 
     async def _take_quota(self, kind: str, subject: str, limit: int) -> timedelta | None:
-        """One atomic decision (see Store.take_quota_slot); None when within the limit."""
+        """One atomic decision (see QuotaStore.take_quota_slot); None when within the limit."""
         key = self._keys.attribute_hash("quota", f"{kind}:{subject}")
         return await self._store.take_quota_slot(key, limit, self.policy.start_window, self._clock.now())
 
@@ -203,7 +201,7 @@ class IdentityService:
         async with self._audit.action(row.person_hash if row else "unknown", "verification.complete"):
             return await self._complete(row, verification_id, code)
 
-    async def _complete(self, row: VerificationRow | None, verification_id: str, code: str) -> Session:
+    async def _complete(self, row: model.Verification | None, verification_id: str, code: str) -> Session:
         now = self._clock.now()
         if row is None or row.completed or row.expire_time <= now:
             raise errors.NotFound("no such verification, or it expired or was already used")

@@ -23,8 +23,8 @@ from server.union.domain.identity import Caller
 from server.union.domain.metrics import Metrics, NoMetrics
 from server.union.domain.orchestrator import Orchestrator
 from server.union.domain.paging import Pager
+from server.union.domain.ports import DuplicateRequest, LookupServiceStore, RequestMismatch
 from server.union.keyring import Keys
-from server.union.storage.store import DuplicateRequest, RequestMismatch, Store
 
 DEFAULT_PAGE_SIZE = 10
 MAX_PAGE_SIZE = 100
@@ -55,7 +55,7 @@ class WatchEvent:
 class LookupService:
     def __init__(
         self,
-        store: Store,
+        store: LookupServiceStore,
         keys: Keys,
         clock: Clock,
         events: LookupEvents,
@@ -124,7 +124,7 @@ class LookupService:
         now = self._clock.now()
 
         def admit(activity: model.PersonActivity) -> model.Admission:
-            # Runs in the creating transaction (see Store.create_lookup): raising writes nothing.
+            # Runs in the creating transaction (see LookupStore.create_lookup): raising writes nothing.
             if activity.running:
                 raise errors.ResourceExhausted(
                     "a lookup is already in progress",

@@ -233,6 +233,7 @@ class MaskedCard:
     last_four: str
     number_length: int
     status: CardStatus
+    open_time: datetime | None = None  # when the bank opened it, if the bank said
 
     flag: CardAction | None = None
     closure: CardAction | None = None
@@ -335,3 +336,28 @@ class NewVerification:
     code_hash: str
     create_time: datetime
     expire_time: datetime
+
+
+@dataclass(frozen=True)
+class Verification:
+    """A stored verification as the domain reads it back (never the code, only its keyed hash)."""
+
+    id: str
+    person_hash: str
+    region_code: str
+    sealed_identity: str | None  # erased once used, locked or expired
+    code_hash: str
+    failed_attempts: int
+    completed: bool
+    create_time: datetime
+    expire_time: datetime
+
+
+@dataclass(frozen=True)
+class RegisteredIdentity:
+    """A person in the identity registry, as keyed hashes: who may verify, and from where."""
+
+    person_hash: str
+    name_hash: str
+    mobile_hash: str
+    region_code: str

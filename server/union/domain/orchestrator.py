@@ -35,10 +35,10 @@ from server.union.domain.audit import AuditTrail
 from server.union.domain.banks import BankCallFailed, BankGateway, check_answer
 from server.union.domain.events import LookupEvents
 from server.union.domain.metrics import Metrics, NoMetrics
+from server.union.domain.ports import OrchestratorStore, StoreUnavailable
 from server.union.domain.retention import RetentionPolicy, RetentionSweep
 from server.union.keyring import Keys, UnreadableSealedValue
 from server.union.notify import Notifier
-from server.union.storage.store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class OrchestratorPolicy:
 class Orchestrator:
     def __init__(
         self,
-        store: Store,
+        store: OrchestratorStore,
         gateway: BankGateway,
         keys: Keys,
         clock: Clock,
@@ -478,6 +478,7 @@ class Orchestrator:
                     last_four=card.last_four,
                     number_length=card.number_length,
                     status=card.status,
+                    open_time=card.open_time,
                 ),
             )
             for card in cards

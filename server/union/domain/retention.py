@@ -15,6 +15,8 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
+from server.union.domain.ports import RetentionStore
+
 DEFAULT_TIMEZONE = "Asia/Shanghai"
 DEFAULT_RETENTION_DAYS = 7
 
@@ -62,19 +64,6 @@ class RetentionPolicy:
 
     def report_expire_time(self, generated: datetime) -> datetime:
         return report_expire_time(generated, self.timezone, self.report_days)
-
-
-class RetentionStore(Protocol):
-    """What the sweep needs from storage."""
-
-    async def purge_expired_reports(self, now: datetime, limit: int = ...) -> int: ...
-    async def erase_stale_verifications(self, now: datetime) -> int: ...
-    async def purge_verifications(self, before: datetime, limit: int = ...) -> int: ...
-    async def purge_card_actions(self, before: datetime, limit: int = ...) -> int: ...
-    async def purge_notifications(self, before: datetime, limit: int = ...) -> int: ...
-    async def purge_audit_events(self, before: datetime, limit: int = ...) -> int: ...
-    async def purge_verified_people(self, before: datetime, limit: int = ...) -> int: ...
-    async def purge_quota_slots(self, before: datetime, limit: int = ...) -> int: ...
 
 
 class Outbox(Protocol):

@@ -1,8 +1,9 @@
 """Storage of sessions (for revocation) and named admin credentials.
 
-Small and apart from the main Store: these tables are touched once per call
-(the session check) or by operators, never by the lookup hot path. The SQL runs
-in the Store's executor and transactions like everything else.
+These tables are touched once per call (the session check) or by operators,
+never by the lookup hot path. The SQL runs on the Store's runner like every
+other aggregate's. Retention: purge_expired_sessions; admin credentials are kept
+until an operator deletes them.
 """
 
 from __future__ import annotations
@@ -11,15 +12,13 @@ from datetime import datetime
 from typing import cast
 
 from sqlalchemy import Connection, Table, bindparam, delete, select, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from server.union.domain.ports import AdminCredential, AdminRole, DuplicateCredentialName
+from server.union.storage.database import Store
 from server.union.storage.models import AdminCredentialRow, SessionRow
 from server.union.storage.prepared import Prepared
-from server.union.storage.store import Store
 
 SESSIONS = cast(Table, SessionRow.__table__)
 # Asked on every authenticated call, so built once like the lookup hot path's statements.
@@ -36,16 +35,19 @@ class SessionStore:
     """server.union.domain.ports.SessionRegistry on the union's database."""
 
     def __init__(self, store: Store) -> None:
-        self._store = store
+        self._runner = store.runner
 
     async def start_session(self, person_hash: str, token_id: str, expire_time: datetime) -> None:
         values = {"person_hash": person_hash, "token_id": token_id, "expire_time": expire_time}
-        insert = sqlite_insert(SessionRow) if self._store.is_sqlite else postgresql_insert(SessionRow)
-        statement = insert.values(**values).on_conflict_do_update(
-            index_elements=[SessionRow.person_hash],
-            set_={"token_id": token_id, "expire_time": expire_time},
+        statement = (
+            self._runner.upsert(SessionRow)
+            .values(**values)
+            .on_conflict_do_update(
+                index_elements=[SessionRow.person_hash],
+                set_={"token_id": token_id, "expire_time": expire_time},
+            )
         )
-        await self._store._run(lambda s: s.execute(statement))
+        await self._runner.run(lambda s: s.execute(statement))
 
     async def live_session(self, person_hash: str) -> str | None:
         def work(c: Connection) -> str | None:
@@ -53,7 +55,7 @@ class SessionStore:
             return rows[0][0] if rows else None
 
         # Shares the batched read path with the lookup reads (one thread hop for many calls).
-        return await self._store._core_read(work)
+        return await self._runner.core_read(work)
 
     async def end_session(self, person_hash: str, token_id: str) -> bool:
         def work(s: Session) -> bool:
@@ -64,7 +66,7 @@ class SessionStore:
             )
             return bool(result.rowcount)  # type: ignore[attr-defined]
 
-        return await self._store._run(work)
+        return await self._runner.run(work)
 
     async def purge_expired_sessions(self, now: datetime, limit: int = 1000) -> int:
         def work(s: Session) -> int:
@@ -72,14 +74,14 @@ class SessionStore:
             result = s.execute(delete(SessionRow).where(SessionRow.person_hash.in_(expired)))
             return int(result.rowcount)  # type: ignore[attr-defined]
 
-        return await self._store._run(work)
+        return await self._runner.run(work)
 
 
 class AdminCredentialRepository:
     """server.union.domain.ports.AdminCredentialStore on the union's database."""
 
     def __init__(self, store: Store) -> None:
-        self._store = store
+        self._runner = store.runner
 
     async def add_credential(self, credential: AdminCredential, key_id: str, token_hash: str) -> None:
         def work(s: Session) -> None:
@@ -95,7 +97,7 @@ class AdminCredentialRepository:
             )
 
         try:
-            await self._store._run(work)
+            await self._runner.run(work)
         except IntegrityError as error:
             raise DuplicateCredentialName(credential.name) from error
 
@@ -107,7 +109,7 @@ class AdminCredentialRepository:
             # The hash must be the one under the key the credential was hashed with.
             return next((_credential(r) for r in rows if token_hashes.get(r.key_id) == r.token_hash), None)
 
-        return await self._store._run(work)
+        return await self._runner.run(work)
 
     async def set_credential(
         self, name: str, role: AdminRole, key_id: str, token_hash: str, now: datetime, new_id: str
@@ -133,17 +135,17 @@ class AdminCredentialRepository:
             return _credential(row), True
 
         try:
-            return await self._store._run(work)
+            return await self._runner.run(work)
         except IntegrityError:
             # Another replica starting at the same moment made it first: it is there now.
-            return await self._store._run(work)
+            return await self._runner.run(work)
 
     async def list_credentials(self) -> list[AdminCredential]:
         def work(s: Session) -> list[AdminCredential]:
             rows = s.scalars(select(AdminCredentialRow).order_by(AdminCredentialRow.name))
             return [_credential(r) for r in rows]
 
-        return await self._store._run(work)
+        return await self._runner.run(work)
 
     async def delete_credential(self, name: str) -> AdminCredential | None:
         def work(s: Session) -> AdminCredential | None:
@@ -153,4 +155,4 @@ class AdminCredentialRepository:
             s.delete(row)
             return _credential(row)
 
-        return await self._store._run(work)
+        return await self._runner.run(work)

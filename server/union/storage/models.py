@@ -197,6 +197,8 @@ class FoundCardRow(Base):
     last_four: Mapped[str] = mapped_column(String(4))
     number_length: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16))  # active | dormant | frozen
+    # When the bank opened the card (NULL if it did not say, and for cards found before 0006).
+    open_time: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
 
 
 class ReportRow(Base):

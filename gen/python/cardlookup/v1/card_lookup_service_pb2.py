@@ -26,7 +26,7 @@ from cardlookup.v1 import card_action_service_pb2 as cardlookup_dot_v1_dot_card_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'cardlookup/v1/card_lookup_service.proto\x12\rcardlookup.v1\x1a\'cardlookup/v1/card_action_service.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x02\n\x06Lookup\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\nrequest_id\x18\x02 \x01(\tB\x02\x18\x01\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.cardlookup.v1.LookupState\x12\x32\n\rbank_progress\x18\x04 \x03(\x0b\x32\x1b.cardlookup.v1.BankProgress\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rdeadline_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06report\x18\x07 \x01(\t\x12\x31\n\runasked_banks\x18\x08 \x03(\x0b\x32\x1a.cardlookup.v1.UnaskedBank\"\x96\x01\n\x0bUnaskedBank\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12\x11\n\tbank_name\x18\x02 \x01(\t\x12,\n\x06reason\x18\x03 \x01(\x0e\x32\x1c.cardlookup.v1.UnaskedReason\x12\x33\n\x0fnext_query_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa4\x01\n\x0c\x42\x61nkProgress\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12\x11\n\tbank_name\x18\x02 \x01(\t\x12+\n\x07outcome\x18\x03 \x01(\x0e\x32\x1a.cardlookup.v1.BankOutcome\x12\x15\n\rattempt_count\x18\x04 \x01(\x05\x12\x12\n\ncard_count\x18\x05 \x01(\x05\x12\x16\n\x0e\x66\x61ilure_reason\x18\x06 \x01(\t\"\xf6\x02\n\x06Report\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06lookup\x18\x02 \x01(\t\x12\x31\n\rgenerate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x62\x61nk_summaries\x18\x05 \x03(\x0b\x32\x1a.cardlookup.v1.BankSummary\x12(\n\x05\x63\x61rds\x18\x06 \x03(\x0b\x32\x19.cardlookup.v1.ReportCard\x12\x18\n\x10total_card_count\x18\x07 \x01(\x05\x12\x1e\n\x16total_debit_card_count\x18\x08 \x01(\x05\x12\x1f\n\x17total_credit_card_count\x18\t \x01(\x05\x12\x31\n\runasked_banks\x18\n \x03(\x0b\x32\x1a.cardlookup.v1.UnaskedBank\"\xca\x01\n\x0b\x42\x61nkSummary\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12\x11\n\tbank_name\x18\x02 \x01(\t\x12\x18\n\x10\x64\x65\x62it_card_count\x18\x03 \x01(\x05\x12\x19\n\x11\x63redit_card_count\x18\x04 \x01(\x05\x12+\n\x07outcome\x18\x05 \x01(\x0e\x32\x1a.cardlookup.v1.BankOutcome\x12\x33\n\x0fnext_query_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xaa\x02\n\nReportCard\x12\x10\n\x08\x63\x61rd_ref\x18\x01 \x01(\t\x12\x11\n\tbank_code\x18\x02 \x01(\t\x12\x11\n\tbank_name\x18\x03 \x01(\t\x12*\n\tcard_type\x18\x04 \x01(\x0e\x32\x17.cardlookup.v1.CardType\x12\x15\n\rmasked_number\x18\x05 \x01(\t\x12\x15\n\rnumber_length\x18\x06 \x01(\x05\x12)\n\x06status\x18\x07 \x01(\x0e\x32\x19.cardlookup.v1.CardStatus\x12.\n\rnot_mine_flag\x18\x08 \x01(\x0b\x32\x17.cardlookup.v1.CardFlag\x12/\n\x07\x63losure\x18\t \x01(\x0b\x32\x1e.cardlookup.v1.CardClosureItem\"\\\n\x13\x43reateLookupRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nbank_codes\x18\x02 \x03(\t\x12\x1d\n\x15\x63onsent_terms_version\x18\x03 \x01(\t\"=\n\x14\x43reateLookupResponse\x12%\n\x06lookup\x18\x01 \x01(\x0b\x32\x15.cardlookup.v1.Lookup\" \n\x10GetLookupRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\":\n\x11GetLookupResponse\x12%\n\x06lookup\x18\x01 \x01(\x0b\x32\x15.cardlookup.v1.Lookup\">\n\x12WatchLookupRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12group_bank_changes\x18\x02 \x01(\x08\"y\n\x13WatchLookupResponse\x12%\n\x06lookup\x18\x01 \x01(\x0b\x32\x15.cardlookup.v1.Lookup\x12\x11\n\tbank_code\x18\x02 \x01(\t\x12\x14\n\x0creport_ready\x18\x03 \x01(\x08\x12\x12\n\nbank_codes\x18\x04 \x03(\t\" \n\x10GetReportRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\":\n\x11GetReportResponse\x12%\n\x06report\x18\x01 \x01(\x0b\x32\x15.cardlookup.v1.Report\";\n\x12ListReportsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x13ListReportsResponse\x12&\n\x07reports\x18\x01 \x03(\x0b\x32\x15.cardlookup.v1.Report\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x13\x44\x65leteReportRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteReportResponse\";\n\x12ListLookupsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x13ListLookupsResponse\x12&\n\x07lookups\x18\x01 \x03(\x0b\x32\x15.cardlookup.v1.Lookup\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*P\n\x08\x43\x61rdType\x12\x19\n\x15\x43\x41RD_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43\x41RD_TYPE_DEBIT\x10\x01\x12\x14\n\x10\x43\x41RD_TYPE_CREDIT\x10\x02*r\n\nCardStatus\x12\x1b\n\x17\x43\x41RD_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41RD_STATUS_ACTIVE\x10\x01\x12\x17\n\x13\x43\x41RD_STATUS_DORMANT\x10\x02\x12\x16\n\x12\x43\x41RD_STATUS_FROZEN\x10\x03*a\n\x0bLookupState\x12\x1c\n\x18LOOKUP_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14LOOKUP_STATE_RUNNING\x10\x01\x12\x1a\n\x16LOOKUP_STATE_COMPLETED\x10\x02*\x97\x01\n\x0b\x42\x61nkOutcome\x12\x1c\n\x18\x42\x41NK_OUTCOME_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42\x41NK_OUTCOME_PENDING\x10\x01\x12\x19\n\x15\x42\x41NK_OUTCOME_ANSWERED\x10\x02\x12\x17\n\x13\x42\x41NK_OUTCOME_FAILED\x10\x03\x12\x1c\n\x18\x42\x41NK_OUTCOME_NO_RESPONSE\x10\x04*\x95\x01\n\rUnaskedReason\x12\x1e\n\x1aUNASKED_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19UNASKED_REASON_NOT_CHOSEN\x10\x01\x12 \n\x1cUNASKED_REASON_BANK_DISABLED\x10\x02\x12#\n\x1fUNASKED_REASON_REQUERY_COOLDOWN\x10\x03\x32\xe9\x04\n\x11\x43\x61rdLookupService\x12W\n\x0c\x43reateLookup\x12\".cardlookup.v1.CreateLookupRequest\x1a#.cardlookup.v1.CreateLookupResponse\x12N\n\tGetLookup\x12\x1f.cardlookup.v1.GetLookupRequest\x1a .cardlookup.v1.GetLookupResponse\x12V\n\x0bWatchLookup\x12!.cardlookup.v1.WatchLookupRequest\x1a\".cardlookup.v1.WatchLookupResponse0\x01\x12N\n\tGetReport\x12\x1f.cardlookup.v1.GetReportRequest\x1a .cardlookup.v1.GetReportResponse\x12T\n\x0bListReports\x12!.cardlookup.v1.ListReportsRequest\x1a\".cardlookup.v1.ListReportsResponse\x12W\n\x0c\x44\x65leteReport\x12\".cardlookup.v1.DeleteReportRequest\x1a#.cardlookup.v1.DeleteReportResponse\x12T\n\x0bListLookups\x12!.cardlookup.v1.ListLookupsRequest\x1a\".cardlookup.v1.ListLookupsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'cardlookup/v1/card_lookup_service.proto\x12\rcardlookup.v1\x1a\'cardlookup/v1/card_action_service.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x02\n\x06Lookup\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\nrequest_id\x18\x02 \x01(\tB\x02\x18\x01\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.cardlookup.v1.LookupState\x12\x32\n\rbank_progress\x18\x04 \x03(\x0b\x32\x1b.cardlookup.v1.BankProgress\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rdeadline_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06report\x18\x07 \x01(\t\x12\x31\n\runasked_banks\x18\x08 \x03(\x0b\x32\x1a.cardlookup.v1.UnaskedBank\"\x96\x01\n\x0bUnaskedBank\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12\x11\n\tbank_name\x18\x02 \x01(\t\x12,\n\x06reason\x18\x03 \x01(\x0e\x32\x1c.cardlookup.v1.UnaskedReason\x12\x33\n\x0fnext_query_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa4\x01\n\x0c\x42\x61nkProgress\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12\x11\n\tbank_name\x18\x02 \x01(\t\x12+\n\x07outcome\x18\x03 \x01(\x0e\x32\x1a.cardlookup.v1.BankOutcome\x12\x15\n\rattempt_count\x18\x04 \x01(\x05\x12\x12\n\ncard_count\x18\x05 \x01(\x05\x12\x16\n\x0e\x66\x61ilure_reason\x18\x06 \x01(\t\"\xf6\x02\n\x06Report\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06lookup\x18\x02 \x01(\t\x12\x31\n\rgenerate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x62\x61nk_summaries\x18\x05 \x03(\x0b\x32\x1a.cardlookup.v1.BankSummary\x12(\n\x05\x63\x61rds\x18\x06 \x03(\x0b\x32\x19.cardlookup.v1.ReportCard\x12\x18\n\x10total_card_count\x18\x07 \x01(\x05\x12\x1e\n\x16total_debit_card_count\x18\x08 \x01(\x05\x12\x1f\n\x17total_credit_card_count\x18\t \x01(\x05\x12\x31\n\runasked_banks\x18\n \x03(\x0b\x32\x1a.cardlookup.v1.UnaskedBank\"\xca\x01\n\x0b\x42\x61nkSummary\x12\x11\n\tbank_code\x18\x01 \x01(\t\x12\x11\n\tbank_name\x18\x02 \x01(\t\x12\x18\n\x10\x64\x65\x62it_card_count\x18\x03 \x01(\x05\x12\x19\n\x11\x63redit_card_count\x18\x04 \x01(\x05\x12+\n\x07outcome\x18\x05 \x01(\x0e\x32\x1a.cardlookup.v1.BankOutcome\x12\x33\n\x0fnext_query_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd9\x02\n\nReportCard\x12\x10\n\x08\x63\x61rd_ref\x18\x01 \x01(\t\x12\x11\n\tbank_code\x18\x02 \x01(\t\x12\x11\n\tbank_name\x18\x03 \x01(\t\x12*\n\tcard_type\x18\x04 \x01(\x0e\x32\x17.cardlookup.v1.CardType\x12\x15\n\rmasked_number\x18\x05 \x01(\t\x12\x15\n\rnumber_length\x18\x06 \x01(\x05\x12)\n\x06status\x18\x07 \x01(\x0e\x32\x19.cardlookup.v1.CardStatus\x12.\n\rnot_mine_flag\x18\x08 \x01(\x0b\x32\x17.cardlookup.v1.CardFlag\x12/\n\x07\x63losure\x18\t \x01(\x0b\x32\x1e.cardlookup.v1.CardClosureItem\x12-\n\topen_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\\\n\x13\x43reateLookupRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nbank_codes\x18\x02 \x03(\t\x12\x1d\n\x15\x63onsent_terms_version\x18\x03 \x01(\t\"=\n\x14\x43reateLookupResponse\x12%\n\x06lookup\x18\x01 \x01(\x0b\x32\x15.cardlookup.v1.Lookup\" \n\x10GetLookupRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\":\n\x11GetLookupResponse\x12%\n\x06lookup\x18\x01 \x01(\x0b\x32\x15.cardlookup.v1.Lookup\">\n\x12WatchLookupRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12group_bank_changes\x18\x02 \x01(\x08\"y\n\x13WatchLookupResponse\x12%\n\x06lookup\x18\x01 \x01(\x0b\x32\x15.cardlookup.v1.Lookup\x12\x11\n\tbank_code\x18\x02 \x01(\t\x12\x14\n\x0creport_ready\x18\x03 \x01(\x08\x12\x12\n\nbank_codes\x18\x04 \x03(\t\" \n\x10GetReportRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\":\n\x11GetReportResponse\x12%\n\x06report\x18\x01 \x01(\x0b\x32\x15.cardlookup.v1.Report\";\n\x12ListReportsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x13ListReportsResponse\x12&\n\x07reports\x18\x01 \x03(\x0b\x32\x15.cardlookup.v1.Report\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x13\x44\x65leteReportRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteReportResponse\";\n\x12ListLookupsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x13ListLookupsResponse\x12&\n\x07lookups\x18\x01 \x03(\x0b\x32\x15.cardlookup.v1.Lookup\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*P\n\x08\x43\x61rdType\x12\x19\n\x15\x43\x41RD_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43\x41RD_TYPE_DEBIT\x10\x01\x12\x14\n\x10\x43\x41RD_TYPE_CREDIT\x10\x02*r\n\nCardStatus\x12\x1b\n\x17\x43\x41RD_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41RD_STATUS_ACTIVE\x10\x01\x12\x17\n\x13\x43\x41RD_STATUS_DORMANT\x10\x02\x12\x16\n\x12\x43\x41RD_STATUS_FROZEN\x10\x03*a\n\x0bLookupState\x12\x1c\n\x18LOOKUP_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14LOOKUP_STATE_RUNNING\x10\x01\x12\x1a\n\x16LOOKUP_STATE_COMPLETED\x10\x02*\x97\x01\n\x0b\x42\x61nkOutcome\x12\x1c\n\x18\x42\x41NK_OUTCOME_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42\x41NK_OUTCOME_PENDING\x10\x01\x12\x19\n\x15\x42\x41NK_OUTCOME_ANSWERED\x10\x02\x12\x17\n\x13\x42\x41NK_OUTCOME_FAILED\x10\x03\x12\x1c\n\x18\x42\x41NK_OUTCOME_NO_RESPONSE\x10\x04*\x95\x01\n\rUnaskedReason\x12\x1e\n\x1aUNASKED_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19UNASKED_REASON_NOT_CHOSEN\x10\x01\x12 \n\x1cUNASKED_REASON_BANK_DISABLED\x10\x02\x12#\n\x1fUNASKED_REASON_REQUERY_COOLDOWN\x10\x03\x32\xe9\x04\n\x11\x43\x61rdLookupService\x12W\n\x0c\x43reateLookup\x12\".cardlookup.v1.CreateLookupRequest\x1a#.cardlookup.v1.CreateLookupResponse\x12N\n\tGetLookup\x12\x1f.cardlookup.v1.GetLookupRequest\x1a .cardlookup.v1.GetLookupResponse\x12V\n\x0bWatchLookup\x12!.cardlookup.v1.WatchLookupRequest\x1a\".cardlookup.v1.WatchLookupResponse0\x01\x12N\n\tGetReport\x12\x1f.cardlookup.v1.GetReportRequest\x1a .cardlookup.v1.GetReportResponse\x12T\n\x0bListReports\x12!.cardlookup.v1.ListReportsRequest\x1a\".cardlookup.v1.ListReportsResponse\x12W\n\x0c\x44\x65leteReport\x12\".cardlookup.v1.DeleteReportRequest\x1a#.cardlookup.v1.DeleteReportResponse\x12T\n\x0bListLookups\x12!.cardlookup.v1.ListLookupsRequest\x1a\".cardlookup.v1.ListLookupsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,16 +35,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LOOKUP'].fields_by_name['request_id']._loaded_options = None
   _globals['_LOOKUP'].fields_by_name['request_id']._serialized_options = b'\030\001'
-  _globals['_CARDTYPE']._serialized_start=2537
-  _globals['_CARDTYPE']._serialized_end=2617
-  _globals['_CARDSTATUS']._serialized_start=2619
-  _globals['_CARDSTATUS']._serialized_end=2733
-  _globals['_LOOKUPSTATE']._serialized_start=2735
-  _globals['_LOOKUPSTATE']._serialized_end=2832
-  _globals['_BANKOUTCOME']._serialized_start=2835
-  _globals['_BANKOUTCOME']._serialized_end=2986
-  _globals['_UNASKEDREASON']._serialized_start=2989
-  _globals['_UNASKEDREASON']._serialized_end=3138
+  _globals['_CARDTYPE']._serialized_start=2584
+  _globals['_CARDTYPE']._serialized_end=2664
+  _globals['_CARDSTATUS']._serialized_start=2666
+  _globals['_CARDSTATUS']._serialized_end=2780
+  _globals['_LOOKUPSTATE']._serialized_start=2782
+  _globals['_LOOKUPSTATE']._serialized_end=2879
+  _globals['_BANKOUTCOME']._serialized_start=2882
+  _globals['_BANKOUTCOME']._serialized_end=3033
+  _globals['_UNASKEDREASON']._serialized_start=3036
+  _globals['_UNASKEDREASON']._serialized_end=3185
   _globals['_LOOKUP']._serialized_start=133
   _globals['_LOOKUP']._serialized_end=441
   _globals['_UNASKEDBANK']._serialized_start=444
@@ -56,35 +56,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BANKSUMMARY']._serialized_start=1141
   _globals['_BANKSUMMARY']._serialized_end=1343
   _globals['_REPORTCARD']._serialized_start=1346
-  _globals['_REPORTCARD']._serialized_end=1644
-  _globals['_CREATELOOKUPREQUEST']._serialized_start=1646
-  _globals['_CREATELOOKUPREQUEST']._serialized_end=1738
-  _globals['_CREATELOOKUPRESPONSE']._serialized_start=1740
-  _globals['_CREATELOOKUPRESPONSE']._serialized_end=1801
-  _globals['_GETLOOKUPREQUEST']._serialized_start=1803
-  _globals['_GETLOOKUPREQUEST']._serialized_end=1835
-  _globals['_GETLOOKUPRESPONSE']._serialized_start=1837
-  _globals['_GETLOOKUPRESPONSE']._serialized_end=1895
-  _globals['_WATCHLOOKUPREQUEST']._serialized_start=1897
-  _globals['_WATCHLOOKUPREQUEST']._serialized_end=1959
-  _globals['_WATCHLOOKUPRESPONSE']._serialized_start=1961
-  _globals['_WATCHLOOKUPRESPONSE']._serialized_end=2082
-  _globals['_GETREPORTREQUEST']._serialized_start=2084
-  _globals['_GETREPORTREQUEST']._serialized_end=2116
-  _globals['_GETREPORTRESPONSE']._serialized_start=2118
-  _globals['_GETREPORTRESPONSE']._serialized_end=2176
-  _globals['_LISTREPORTSREQUEST']._serialized_start=2178
-  _globals['_LISTREPORTSREQUEST']._serialized_end=2237
-  _globals['_LISTREPORTSRESPONSE']._serialized_start=2239
-  _globals['_LISTREPORTSRESPONSE']._serialized_end=2325
-  _globals['_DELETEREPORTREQUEST']._serialized_start=2327
-  _globals['_DELETEREPORTREQUEST']._serialized_end=2362
-  _globals['_DELETEREPORTRESPONSE']._serialized_start=2364
-  _globals['_DELETEREPORTRESPONSE']._serialized_end=2386
-  _globals['_LISTLOOKUPSREQUEST']._serialized_start=2388
-  _globals['_LISTLOOKUPSREQUEST']._serialized_end=2447
-  _globals['_LISTLOOKUPSRESPONSE']._serialized_start=2449
-  _globals['_LISTLOOKUPSRESPONSE']._serialized_end=2535
-  _globals['_CARDLOOKUPSERVICE']._serialized_start=3141
-  _globals['_CARDLOOKUPSERVICE']._serialized_end=3758
+  _globals['_REPORTCARD']._serialized_end=1691
+  _globals['_CREATELOOKUPREQUEST']._serialized_start=1693
+  _globals['_CREATELOOKUPREQUEST']._serialized_end=1785
+  _globals['_CREATELOOKUPRESPONSE']._serialized_start=1787
+  _globals['_CREATELOOKUPRESPONSE']._serialized_end=1848
+  _globals['_GETLOOKUPREQUEST']._serialized_start=1850
+  _globals['_GETLOOKUPREQUEST']._serialized_end=1882
+  _globals['_GETLOOKUPRESPONSE']._serialized_start=1884
+  _globals['_GETLOOKUPRESPONSE']._serialized_end=1942
+  _globals['_WATCHLOOKUPREQUEST']._serialized_start=1944
+  _globals['_WATCHLOOKUPREQUEST']._serialized_end=2006
+  _globals['_WATCHLOOKUPRESPONSE']._serialized_start=2008
+  _globals['_WATCHLOOKUPRESPONSE']._serialized_end=2129
+  _globals['_GETREPORTREQUEST']._serialized_start=2131
+  _globals['_GETREPORTREQUEST']._serialized_end=2163
+  _globals['_GETREPORTRESPONSE']._serialized_start=2165
+  _globals['_GETREPORTRESPONSE']._serialized_end=2223
+  _globals['_LISTREPORTSREQUEST']._serialized_start=2225
+  _globals['_LISTREPORTSREQUEST']._serialized_end=2284
+  _globals['_LISTREPORTSRESPONSE']._serialized_start=2286
+  _globals['_LISTREPORTSRESPONSE']._serialized_end=2372
+  _globals['_DELETEREPORTREQUEST']._serialized_start=2374
+  _globals['_DELETEREPORTREQUEST']._serialized_end=2409
+  _globals['_DELETEREPORTRESPONSE']._serialized_start=2411
+  _globals['_DELETEREPORTRESPONSE']._serialized_end=2433
+  _globals['_LISTLOOKUPSREQUEST']._serialized_start=2435
+  _globals['_LISTLOOKUPSREQUEST']._serialized_end=2494
+  _globals['_LISTLOOKUPSRESPONSE']._serialized_start=2496
+  _globals['_LISTLOOKUPSRESPONSE']._serialized_end=2582
+  _globals['_CARDLOOKUPSERVICE']._serialized_start=3188
+  _globals['_CARDLOOKUPSERVICE']._serialized_end=3805
 # @@protoc_insertion_point(module_scope)

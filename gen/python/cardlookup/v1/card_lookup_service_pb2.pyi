@@ -452,6 +452,7 @@ class ReportCard(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     NOT_MINE_FLAG_FIELD_NUMBER: _builtins.int
     CLOSURE_FIELD_NUMBER: _builtins.int
+    OPEN_TIME_FIELD_NUMBER: _builtins.int
     card_ref: _builtins.str
     """Opaque reference to this card within the report."""
     bank_code: _builtins.str
@@ -477,6 +478,10 @@ class ReportCard(_message.Message):
     def closure(self) -> _card_action_service_pb2.CardClosureItem:
         """The latest closure request for this card, if any."""
 
+    @_builtins.property
+    def open_time(self) -> _timestamp_pb2.Timestamp:
+        """When the bank opened the card; unset if the bank did not say."""
+
     def __init__(
         self,
         *,
@@ -489,10 +494,11 @@ class ReportCard(_message.Message):
         status: Global___CardStatus.ValueType = ...,
         not_mine_flag: _card_action_service_pb2.CardFlag | None = ...,
         closure: _card_action_service_pb2.CardClosureItem | None = ...,
+        open_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["closure", b"closure", "not_mine_flag", b"not_mine_flag"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["closure", b"closure", "not_mine_flag", b"not_mine_flag", "open_time", b"open_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank_code", b"bank_code", "bank_name", b"bank_name", "card_ref", b"card_ref", "card_type", b"card_type", "closure", b"closure", "masked_number", b"masked_number", "not_mine_flag", b"not_mine_flag", "number_length", b"number_length", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank_code", b"bank_code", "bank_name", b"bank_name", "card_ref", b"card_ref", "card_type", b"card_type", "closure", b"closure", "masked_number", b"masked_number", "not_mine_flag", b"not_mine_flag", "number_length", b"number_length", "open_time", b"open_time", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

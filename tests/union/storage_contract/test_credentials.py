@@ -1,9 +1,8 @@
-"""The sessions and admin-credential tables (server.union.storage.credentials), on each backend."""
+"""SessionRegistry and AdminCredentialStore (server.union.storage.credentials), on each backend."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -11,19 +10,11 @@ import pytest
 from server.union.domain.ports import AdminCredential, AdminRole, DuplicateCredentialName
 from server.union.keyring import Keys
 from server.union.storage.credentials import AdminCredentialRepository, SessionStore
-from server.union.storage.store import Store, open_store
+from server.union.storage.database import Store
 
 NOW = datetime(2026, 12, 5, 3, 0, tzinfo=UTC)
 ZHANG = "a" * 64
 LI = "b" * 64
-
-
-@pytest.fixture
-async def store(database_url: str) -> AsyncIterator[Store]:
-    opened = open_store(database_url)
-    opened.migrate()
-    yield opened
-    await opened.close()
 
 
 async def test_one_live_session_per_person(store: Store) -> None:

@@ -7,8 +7,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
 
+from server.union.storage.database import alembic_config, open_store
 from server.union.storage.models import Base
-from server.union.storage.store import alembic_config, open_store
 
 
 async def test_migrations_match_models(database_url: str) -> None:
@@ -37,7 +37,7 @@ async def test_queries_by_person_use_the_unique_index_on_person_and_request(data
         store.migrate()
         with store.engine.begin() as connection:
             for table, query in queries.items():
-                if store.is_sqlite:
+                if store.runner.is_sqlite:
                     plan = " ".join(
                         row.detail
                         for row in connection.execute(text(f"EXPLAIN QUERY PLAN {query}"), {"person": "p"})
