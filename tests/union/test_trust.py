@@ -27,6 +27,7 @@ from server.union.domain.identity import IdentityPolicy
 from server.union.sms import read_one_time_code
 from server.union.storage.models import (
     AuditEventRow,
+    BankCooldownRow,
     BankTaskRow,
     Base,
     CardActionRow,
@@ -194,6 +195,29 @@ async def test_deleting_a_report_deletes_its_lookup(union: UnionServer) -> None:
         assert (await _error(client.get_lookup(events[-1].lookup.name))).code == grpc.StatusCode.NOT_FOUND
     assert _count(union, LookupRow) == 0
     assert _count(union, BankTaskRow) == 0
+
+
+async def test_deleting_a_report_does_not_reset_the_requery_cooldown(make_union: UnionFactory) -> None:
+    clock = FakeClock(datetime(2026, 11, 27, 15, 0, tzinfo=SHANGHAI).astimezone(UTC))
+    union = await make_union(clock=clock, identity=IdentityPolicy(session_ttl=timedelta(days=30)))
+    client = await verified_client(union, ZHANG)
+    async with client:
+        events, report = await run_lookup(client)
+        answered = [
+            b for b in events[-1].lookup.bank_progress if b.outcome == lookup_pb.BANK_OUTCOME_ANSWERED
+        ]
+        await client.delete_report(report.name)
+        # The lookup and its per-bank rows are gone; what the cooldown needs is kept apart.
+        assert _count(union, LookupRow) == 0
+        assert _count(union, BankCooldownRow) == len(answered) > 0
+        refused = await _error(client.create_lookup())
+        assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused.reason == "REQUERY_COOLDOWN"
+
+        clock.advance(union.config.lookups.requery_cooldown + timedelta(minutes=1))
+        await union.retention.sweep(clock.now())
+        assert _count(union, BankCooldownRow) == 0
+        assert (await client.create_lookup()).name.startswith("lookups/")
 
 
 async def test_every_kind_of_personal_data_is_purged_after_its_retention(make_union: UnionFactory) -> None:

@@ -350,7 +350,10 @@ class LookupService:
     async def delete_report(self, caller: Caller, name: str) -> None:
         async with self._audit.action(caller.person_hash, "report.delete") as audited:
             report_id = validation.parse_resource_name(name, "reports")
-            if not await self._store.delete_report(report_id, caller.person_hash, self._clock.now()):
+            deleted = await self._store.delete_report(
+                report_id, caller.person_hash, self._clock.now(), self.policy.requery_cooldown
+            )
+            if not deleted:
                 raise errors.NotFound("report not found")
             audited.resource = f"reports/{report_id}"
 

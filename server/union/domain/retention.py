@@ -98,6 +98,7 @@ class RetentionSweep:
             "audit_events": await self._store.purge_audit_events(now - policy.audit),
             "verified_people": await self._store.purge_verified_people(now - policy.audit),
             "quota_slots": await self._store.purge_quota_slots(now - policy.quota_window),
+            "bank_cooldowns": await self._store.purge_bank_cooldowns(now),
         }
         for kind, purge in self._extra.items():
             purged[kind] = await purge(now)

@@ -27,6 +27,7 @@ from server.union.storage.aggregate import Aggregate, same_request, utc
 from server.union.storage.audit_store import insert_audit
 from server.union.storage.card_action_store import earliest_action_due, earliest_due, release_action_leases
 from server.union.storage.models import (
+    BankCooldownRow,
     BankTaskRow,
     IdentityRow,
     LookupRow,
@@ -39,6 +40,7 @@ LOOKUPS = cast(Table, LookupRow.__table__)
 TASKS = cast(Table, BankTaskRow.__table__)
 REPORTS = cast(Table, ReportRow.__table__)
 IDENTITIES = cast(Table, IdentityRow.__table__)
+COOLDOWNS = cast(Table, BankCooldownRow.__table__)
 
 # Everything CreateLookup checks, in one statement: the lookup this request_id made (if any),
 # whether one is running, when the latest completed.
@@ -420,11 +422,24 @@ ANSWERED_BANKS = Prepared(
 )
 
 
+# The same for lookups whose report the person deleted (report_store keeps their cooldown).
+COOLDOWNS_KEPT = Prepared(
+    select(COOLDOWNS.c.bank_code, COOLDOWNS.c.answer_time).where(
+        COOLDOWNS.c.person_hash == bindparam("person_hash")
+    )
+)
+
+
 def answered_banks(c: Connection, person_hash: str) -> dict[str, datetime]:
     """What the per-bank re-query cooldown depends on, read in the creating transaction (after
     the person's row lock on PostgreSQL), so the decision is exact under concurrent requests."""
-    rows = ANSWERED_BANKS.run(c, {"person_hash": person_hash})
-    return {code: when for code, last in rows if (when := utc(last)) is not None}
+    answered: dict[str, datetime] = {}
+    for statement in (ANSWERED_BANKS, COOLDOWNS_KEPT):
+        for code, last in statement.run(c, {"person_hash": person_hash}):
+            when = utc(last)
+            if when is not None and (code not in answered or when > answered[code]):
+                answered[code] = when
+    return answered
 
 
 def unasked_to_json(unasked: Sequence[model.UnaskedBank]) -> str | None:

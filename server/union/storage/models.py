@@ -356,3 +356,16 @@ class AdminCredentialRow(Base):
     key_id: Mapped[str] = mapped_column(String(16))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     create_time: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class BankCooldownRow(Base):
+    """When a bank last answered a person whose report is gone: deleting a report takes its lookup,
+    but not the re-query cooldown that lookup started. Holds the person's keyed hash, a bank code
+    and two times; purged when the cooldown ends (`until`)."""
+
+    __tablename__ = "bank_cooldowns"
+
+    person_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    bank_code: Mapped[str] = mapped_column(String(16), primary_key=True)
+    answer_time: Mapped[datetime] = mapped_column(Timestamp)
+    until: Mapped[datetime] = mapped_column(Timestamp, index=True)

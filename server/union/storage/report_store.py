@@ -8,17 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import Table, delete, insert, select
 from sqlalchemy.orm import Session
 
 from server.union.domain import model
-from server.union.storage.aggregate import Aggregate
+from server.union.storage.aggregate import Aggregate, utc
 from server.union.storage.card_action_store import card_action
 from server.union.storage.lookup_store import read_lookup
 from server.union.storage.models import (
+    BankCooldownRow,
     BankTaskRow,
     CardActionRow,
     FoundCardRow,
@@ -87,13 +88,52 @@ class SqlReports(Aggregate):
 
         return await self.runner.run(work)
 
-    async def delete_report(self, report_id: str, person_hash: str, now: datetime) -> bool:
+    async def delete_report(
+        self, report_id: str, person_hash: str, now: datetime, cooldown: timedelta
+    ) -> bool:
+        """The person deletes their report: it goes with its lookup, but each bank that answered
+        keeps the person's re-query cooldown (`cooldown` from when the lookup completed) as a
+        bank_cooldowns row, so deleting a report never resets it."""
+
         def work(s: Session) -> bool:
             row = s.get(ReportRow, report_id)
             if row is None or row.person_hash != person_hash or row.expire_time <= now:
                 return False
+            answered = s.execute(
+                select(BankTaskRow.bank_code, LookupRow.complete_time)
+                .join(LookupRow, LookupRow.id == BankTaskRow.lookup_id)
+                .where(
+                    BankTaskRow.lookup_id == row.lookup_id,
+                    BankTaskRow.outcome == model.BankOutcome.ANSWERED,
+                )
+            ).all()
+            for bank_code, complete_time in answered:
+                answer_time = utc(complete_time) or now
+                until = answer_time + cooldown
+                if until <= now:
+                    continue
+                s.execute(
+                    self.runner.upsert(BankCooldownRow)
+                    .values(
+                        person_hash=person_hash, bank_code=bank_code, answer_time=answer_time, until=until
+                    )
+                    .on_conflict_do_update(
+                        index_elements=[BankCooldownRow.person_hash, BankCooldownRow.bank_code],
+                        set_={"answer_time": answer_time, "until": until},
+                        where=BankCooldownRow.until < until,
+                    )
+                )
             _delete_report_rows(s, row)
             return True
+
+        return await self.runner.run(work)
+
+    async def purge_bank_cooldowns(self, now: datetime, limit: int = 5000) -> int:
+        """Cooldowns of deleted reports that have ended."""
+
+        def work(s: Session) -> int:
+            result = s.execute(delete(BankCooldownRow).where(BankCooldownRow.until <= now))
+            return int(result.rowcount)  # type: ignore[attr-defined]
 
         return await self.runner.run(work)
 

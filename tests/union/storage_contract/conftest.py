@@ -56,6 +56,7 @@ async def new_lookup(
     person: str = PERSON,
     claim: bool = True,
     request_id: str | None = None,
+    admit: Callable[[model.PersonActivity], model.Admission | None] | None = None,
 ) -> tuple[model.Lookup, list[model.Claim], bool]:
     return await store.create_lookup(
         lookup_id=lookup_id,
@@ -69,4 +70,5 @@ async def new_lookup(
         now=NOW,
         deadline=DEADLINE,
         claim=model.ClaimRequest(OWNER, frozenset(b.code for b in banks), LEASE) if claim else None,
+        admit=admit,
     )

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from server.union.domain import model
 from server.union.storage.database import Store
 from tests.union.storage_contract.conftest import NOW, OWNER, PERSON, STRANGER, card, new_lookup, plan
 
 EXPIRE = NOW + timedelta(days=7)
+COOLDOWN = timedelta(days=7)
 
 
 async def _reported(store: Store, lookup_id: str, report_id: str, person: str = PERSON) -> None:
@@ -56,12 +58,28 @@ async def test_the_card_sources_name_the_banks_reference(store: Store) -> None:
 
 async def test_deleting_a_report_takes_its_lookup_with_it(store: Store) -> None:
     await _reported(store, "l1", "r1")
-    assert not await store.delete_report("r1", STRANGER, NOW)
-    assert await store.delete_report("r1", PERSON, NOW)
-    assert not await store.delete_report("r1", PERSON, NOW)
+    assert not await store.delete_report("r1", STRANGER, NOW, COOLDOWN)
+    assert await store.delete_report("r1", PERSON, NOW, COOLDOWN)
+    assert not await store.delete_report("r1", PERSON, NOW, COOLDOWN)
     assert await store.get_report("r1", PERSON, NOW) is None
     assert await store.get_lookup("l1", None) is None
     assert await store.pending_notifications() == []
+
+
+async def test_a_deleted_reports_banks_keep_the_requery_cooldown_until_it_ends(store: Store) -> None:
+    """What the cooldown needs outlives the deleted lookup: the bank that answered, and when."""
+    await _reported(store, "l1", "r1")
+    assert await store.delete_report("r1", PERSON, NOW, COOLDOWN)
+    icbc = next(b for b in await store.list_banks() if b.code == "ICBC")
+    seen: list[dict[str, object]] = []
+
+    def admit(activity: model.PersonActivity) -> None:
+        seen.append(dict(activity.answered_banks))
+
+    await new_lookup(store, "l2", [icbc], admit=admit)
+    assert list(seen[0]) == ["ICBC"]
+    assert await store.purge_bank_cooldowns(NOW + COOLDOWN - timedelta(seconds=1)) == 0
+    assert await store.purge_bank_cooldowns(NOW + COOLDOWN + timedelta(seconds=1)) == 1
 
 
 async def test_the_purge_removes_expired_reports_for_good(store: Store) -> None:
