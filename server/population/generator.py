@@ -72,6 +72,9 @@ person  bank   type    status   last  balance          CloseCard outcome
 cards (n = 7, 27, 47; last four 5371, 2775, 0176) are REJECTED whatever their
 balance; the active credit cards n = 0 (0031) and 33 (5996) owe nothing
 (SCHEDULED), n = 11 (1058) and 44 (5350) owe ¥500 and ¥300 (BRANCH_VISIT_REQUIRED).
+
+Longer than most modules (~630 lines): the population, its cards and the demo people are one
+set of guarantees (the uniqueness above), kept in one place.
 """
 
 from __future__ import annotations
