@@ -21,7 +21,6 @@ from server.union.storage.models import (
     BankTaskRow,
     CounterRow,
     LookupRow,
-    VerifiedPersonRow,
 )
 from server.union.storage.prepared import Prepared
 
@@ -124,7 +123,7 @@ class SqlStats(Aggregate):
                 .group_by(BankTaskRow.bank_code)
             )
             return MonitoringTotals(
-                people_verified=s.scalar(select(func.count()).select_from(VerifiedPersonRow)) or 0,
+                people_verified=counters.get("people_verified", 0),  # outlives the purged pseudonyms
                 lookups_created=counters.get("lookups_created", 0),
                 reports_generated=counters.get("reports_generated", 0),
                 lookups_overdue=s.scalar(select(func.count()).where(running, LookupRow.deadline_time <= now))
