@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 DieMode = Literal["abort", "end"]
 Truncate = Literal["none", "omit_summary", "wrong_count"]
-Lie = Literal["none", "wrong_bank", "long_last_four", "unknown_enum"]
+Lie = Literal["none", "wrong_bank", "long_last_four", "unknown_enum", "impossible_open_time"]
 
 # A value no CardType/CardStatus has; proto3 enums are open, so it goes on the wire as-is.
 UNKNOWN_ENUM_VALUE = 99
@@ -147,6 +147,8 @@ def lie_about(record: pb.CardRecord, card: StoredCard, lie: Lie) -> None:
     elif lie == "unknown_enum":
         record.card_type = pb.CardType.ValueType(UNKNOWN_ENUM_VALUE)
         record.status = pb.CardStatus.ValueType(UNKNOWN_ENUM_VALUE)
+    elif lie == "impossible_open_time":
+        record.open_time.seconds = 2**40  # tens of thousands of years from now: no real date
 
 
 # --- run-time control through a file ------------------------------------------------------

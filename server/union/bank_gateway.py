@@ -586,6 +586,12 @@ class GrpcBankGateway:
         status = _CARD_STATUSES.get(card.status)
         if card_type is None or status is None:
             raise BankCallFailed("bank sent an unknown card type or status", retryable=False)
+        open_time = None
+        if card.HasField("open_time"):
+            try:
+                open_time = card.open_time.ToDatetime(tzinfo=UTC)
+            except (ValueError, OverflowError) as error:  # out of the Timestamp range: a lying bank
+                raise BankCallFailed("bank sent an impossible open time", retryable=False) from error
         return ReportedCard(
             bank_code=card.bank_code,
             bank_card_ref=card.card_ref,
@@ -594,7 +600,7 @@ class GrpcBankGateway:
             last_four=card.last_four,
             number_length=card.number_length,
             status=status,
-            open_time=card.open_time.ToDatetime(tzinfo=UTC) if card.HasField("open_time") else None,
+            open_time=open_time,
         )
 
     async def reachable(self, bank: Bank, call_timeout: float) -> bool:

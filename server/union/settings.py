@@ -33,7 +33,7 @@ from server.common.settings import (
     Table,
     TracingSettings,
 )
-from server.population.catalogue import BANKS, BANKS_BY_CODE
+from server.population.catalogue import BANKS
 from server.union.app import DEFAULT_POPULATION_SEED, DEFAULT_POPULATION_SIZE, UnionConfig
 from server.union.bank_gateway import ClientTls
 from server.union.domain.card_actions import CardActionPolicy
@@ -61,6 +61,10 @@ def _tls_name(value: str) -> str:
     if value and not _TLS_NAME.match(value):
         raise ValueError("expected a DNS name, e.g. icbc.bank.cardlookup.test")
     return value
+
+
+# A bank code's shape (the catalogue decides which exist).
+BANK_CODE = re.compile(r"^[A-Z]{2,16}$")
 
 
 class ServerSettings(Table):
@@ -198,10 +202,11 @@ class UnionSettings(FileSettings):
     def _bank_codes(cls, value: Any) -> Any:
         if not isinstance(value, dict):
             return value
-        unknown = [code for code in value if str(code).upper() not in BANKS_BY_CODE]
-        if unknown:
-            named = ", ".join(str(code) for code in unknown)
-            raise ValueError(f"{named}: unknown bank code (known: {', '.join(BANKS_BY_CODE)})")
+        # A bank that joined through AdminService.CreateBank is in the catalogue, not in BANKS_BY_CODE:
+        # the shape is checked here, the catalogue itself when the union starts (UnknownBankCodes).
+        malformed = [code for code in value if not BANK_CODE.fullmatch(str(code).upper())]
+        if malformed:
+            raise ValueError(f"{len(malformed)} key(s): not a bank code (2-16 letters, e.g. ICBC)")
         return {str(code).upper(): entry for code, entry in value.items()}
 
     def bank_addresses(self) -> dict[str, str]:

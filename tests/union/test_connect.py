@@ -207,6 +207,29 @@ async def test_security_headers_and_foreign_origins(http_union: UnionServer) -> 
     )
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_an_origin_the_operator_adds_does_not_shut_out_the_page_itself(
+    make_union: UnionFactory, tmp_path: Path
+) -> None:
+    web_root = tmp_path / "web"
+    web_root.mkdir()
+    (web_root / "index.html").write_text("<!doctype html><title>一键查卡</title>\n", encoding="utf-8")
+    union = await make_union(
+        http_listen="127.0.0.1:0", web_root=web_root, http_allowed_origins=("https://app.example",)
+    )
+    base = _base(union)
+    url = f"{base}/cardlookup.v1.IdentityService/StartVerification"
+    for origin in (base, "https://app.example"):
+        status, _, _ = await asyncio.to_thread(
+            _post, url, b"{}", {"content-type": "application/json", "origin": origin}
+        )
+        assert status == 400, origin  # reached the service: the empty request is invalid
+    status, _, _ = await asyncio.to_thread(
+        _post, url, b"{}", {"content-type": "application/json", "origin": "https://evil.example"}
+    )
+    assert status == 403
+
+
 async def test_curl_flow_as_documented(http_union: UnionServer, tmp_path: Path) -> None:
     script = _curl_block(README.read_text(encoding="utf-8"))
     process = await asyncio.create_subprocess_exec(

@@ -79,6 +79,23 @@ async def test_lying_banks_fail_alone(make_union: UnionFactory, banks: dict[str,
     assert "unknown" in reasons["CCB"]
 
 
+async def test_an_impossible_open_time_fails_that_bank_at_once(
+    make_union: UnionFactory, banks: dict[str, RunningBank]
+) -> None:
+    """A date out of the Timestamp range used to raise where no bank failure was expected: the task
+    was retried until the lookup's deadline."""
+    banks["ICBC"].servicer.faults = FaultSettings(lie="impossible_open_time")
+    union = await make_union()
+    client = await verified_client(union, ZHANG)
+    async with client:
+        events, report = await run_lookup(client)
+    result = outcomes(report)
+    assert result["ICBC"] == pb.BANK_OUTCOME_FAILED
+    assert sum(1 for v in result.values() if v == pb.BANK_OUTCOME_ANSWERED) == 15
+    icbc = next(b for b in events[-1].lookup.bank_progress if b.bank_code == "ICBC")
+    assert "open time" in icbc.failure_reason
+
+
 async def test_truncated_and_dying_streams(make_union: UnionFactory, banks: dict[str, RunningBank]) -> None:
     banks["ICBC"].servicer.faults = FaultSettings(truncate="omit_summary")
     banks["CMB"].servicer.faults = FaultSettings(truncate="wrong_count")

@@ -213,8 +213,8 @@ class WebEndpoint:
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if family == socket.AF_INET6 else bound_host
         self.address = f"{shown}:{bound_port}"
-        if not self._app.allowed_origins:
-            self._app.allowed_origins = own_origins(self.address)
+        # The page's own origin always, besides any the operator named.
+        self._app.allowed_origins = self._app.allowed_origins | own_origins(self.address)
         config = uvicorn.Config(
             self._app,
             lifespan="off",

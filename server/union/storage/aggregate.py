@@ -1,7 +1,7 @@
 """What every aggregate's storage module shares: its runner, and a few row rules.
 
 An aggregate module (catalogue_store, lookup_store, ...) is a class of coroutines
-over one `Runner`; `Store` (store.py) is all of them on one database. The rules
+over one `Runner`; `Store` (database.py) is all of them on one database. The rules
 here are the ones several aggregates keep alike.
 """
 

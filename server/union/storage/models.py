@@ -86,7 +86,9 @@ class BankRow(Base):
     address: Mapped[str] = mapped_column(String(255))
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     # CNAPS code; NULL only for rows made before it was kept (migration 0006 fills the 16).
-    interbank_code: Mapped[str | None] = mapped_column(String(3))
+    # Unique: two banks joining at once with one CNAPS code cannot both get it (create_bank's
+    # check alone would let them on PostgreSQL).
+    interbank_code: Mapped[str | None] = mapped_column(String(3), unique=True)
     # The DNS name the bank's certificate must carry; NULL means bank_tls_name(code).
     tls_name: Mapped[str | None] = mapped_column(String(253))
 
