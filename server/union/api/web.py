@@ -97,10 +97,11 @@ class WebApp:
         service_path, _, _ = path.rpartition("/")
         service = self._services.get(service_path)
         if service is None:
-            await self._static(scope, _secured(send))
+            await self._static(scope, receive, _secured(send))
             return
         origin = _header(scope, b"origin")
         if origin is not None and origin not in self.allowed_origins:
+            await _drain(receive)
             await _plain(_secured(send), 403, b"origin not allowed\n")
             return
         send = _secured(send, origin)
@@ -120,8 +121,9 @@ class WebApp:
         await send({"type": "http.response.start", "status": 204, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
 
-    async def _static(self, scope: Scope, send: Send) -> None:
+    async def _static(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] not in ("GET", "HEAD"):
+            await _drain(receive)
             await _plain(send, 405, b"method not allowed\n")
             return
         if self._web_root is None or not (self._web_root / "index.html").is_file():
@@ -166,6 +168,15 @@ def _secured(send: Send, cors_origin: str | None = None) -> Send:
         await send(message)
 
     return secured
+
+
+async def _drain(receive: Receive) -> None:
+    """Read a refused request's body to its end: answering before it is read closes the connection
+    under the client while it still writes, and it sees a reset instead of the answer."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
 
 
 async def _plain(send: Send, status: int, text: bytes) -> None:
