@@ -47,7 +47,7 @@ class SqlQuotas(Aggregate):
 
         return await self.runner.run(work)
 
-    async def purge_quota_slots(self, before: datetime, limit: int = 5000) -> int:
+    async def purge_quota_slots(self, before: datetime) -> int:
         """Quota slots taken before `before` (a window's length ago: they limit nothing any more)."""
 
         def work(s: Session) -> int:

@@ -128,7 +128,7 @@ class SqlReports(Aggregate):
 
         return await self.runner.run(work)
 
-    async def purge_bank_cooldowns(self, now: datetime, limit: int = 5000) -> int:
+    async def purge_bank_cooldowns(self, now: datetime) -> int:
         """Cooldowns of deleted reports that have ended."""
 
         def work(s: Session) -> int:
