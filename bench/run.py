@@ -146,17 +146,29 @@ def postgres_cpu_seconds(postmaster: int) -> float:
     """User + system CPU of a PostgreSQL server so far: the postmaster, its live children (one
     backend per connection, the WAL writer, ...) and the children that have exited (added to the
     postmaster's own children's time once reaped)."""
-    ticks = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = _stat_fields(stat)
-        except OSError:  # exited while we looked
-            continue
-        if int(stat.parent.name) == postmaster:
-            ticks += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
-        elif int(fields[1]) == postmaster:
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+    clock_ticks = os.sysconf("SC_CLK_TCK")
+    reaped = _reaped_children_ticks(postmaster)
+    while True:
+        # A child reaped while the scan below runs would be in neither sum, so the scan is only
+        # taken when the reaped children's time did not move across it (one more try, mostly).
+        live = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = _stat_fields(stat)
+            except OSError:  # exited while we looked
+                continue
+            if int(fields[1]) == postmaster:
+                live += int(fields[11]) + int(fields[12])
+        fields = _stat_fields(Path(f"/proc/{postmaster}/stat"))
+        after = _reaped_children_ticks(postmaster)
+        if after == reaped:
+            return (int(fields[11]) + int(fields[12]) + reaped + live) / clock_ticks
+        reaped = after
+
+
+def _reaped_children_ticks(pid: int) -> int:
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    return int(fields[13]) + int(fields[14])
 
 
 def percentile(values: list[float], q: float) -> float:

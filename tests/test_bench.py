@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import threading
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.pool import NullPool
 
 from bench.run import (
     OPEN,
@@ -116,6 +119,35 @@ def test_a_local_postgresql_servers_cpu_is_attributed(database_url: str) -> None
     finally:
         engine.dispose()
     assert postgres_cpu_seconds(postmaster) > before
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_postgresql_servers_cpu_never_goes_back_while_backends_come_and_go(database_url: str) -> None:
+    """A backend reaped by the postmaster while /proc is read must be counted once: before its
+    reaping as a live child, after it in the postmaster's children's time, never in neither."""
+    postmaster = postgres_server_pid(database_url)
+    assert postmaster is not None
+    stop = threading.Event()
+
+    def connect_and_leave() -> None:
+        engine = create_engine(database_url, poolclass=NullPool)
+        while not stop.is_set():
+            with engine.connect() as connection:
+                connection.execute(text("SELECT count(*) FROM generate_series(1, 300000)")).scalar_one()
+        engine.dispose()
+
+    churners = [threading.Thread(target=connect_and_leave) for _ in range(2)]
+    for churner in churners:
+        churner.start()
+    try:
+        readings = [postgres_cpu_seconds(postmaster) for _ in range(400)]
+    finally:
+        stop.set()
+        for churner in churners:
+            churner.join()
+    went_back = [(a, b) for a, b in itertools.pairwise(readings) if b < a]
+    assert not went_back
+    assert readings[-1] > readings[0]  # the backends did work, and it was seen
 
 
 def test_hold_only_needs_a_hold_count() -> None:
