@@ -18,8 +18,9 @@ from cardlookup.v1 import card_lookup_service_pb2 as lookup_pb
 from google.protobuf.json_format import MessageToJson
 from sqlalchemy import func, select
 
-from clients.client import CardLookupClient, CardLookupError
+from clients.client import TERMS_VERSION, CardLookupClient, CardLookupError
 from server.bank.app import RunningBank
+from server.bank.store import StoredCard
 from server.population.generator import cards_of
 from server.union.app import UnionServer
 from server.union.clock import FakeClock
@@ -97,7 +98,9 @@ async def test_refused_requests_keep_and_echo_nothing_the_client_typed(union: Un
             await _error(client.close_cards(typed_names[1], [report.cards[0].card_ref])),
             await _error(client.flag_not_mine(typed_names[1], report.cards[0].card_ref)),
             await _error(client.flag_not_mine(report.name, TYPED_PAN)),
-            await _error(client.create_lookup(request_id=f"{TYPED_ID}-张伟")),
+            await _error(
+                client.create_lookup(request_id=f"{TYPED_ID}-张伟", consent_terms_version=TERMS_VERSION)
+            ),
         ]
         assert {r.code for r in refusals} == {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
         answers = "\n".join(f"{r} {r.field_violations} {r.reason}" for r in refusals)
@@ -125,7 +128,9 @@ async def test_a_request_id_is_kept_only_as_a_keyed_hash(union: UnionServer) -> 
         flag = await client.flag_not_mine(report.name, report.cards[1].card_ref, request_id=TYPED_ID)
         answers = "".join(MessageToJson(m) for m in [*events, report, closure, flag])
         # A retry with the same request_id still finds what it made.
-        assert (await client.create_lookup(request_id=TYPED_PAN)).name == events[-1].lookup.name
+        assert (
+            await client.create_lookup(request_id=TYPED_PAN, consent_terms_version=TERMS_VERSION)
+        ).name == events[-1].lookup.name
         assert (
             await client.close_cards(report.name, [report.cards[0].card_ref], request_id=TYPED_ID)
         ).name == (closure.name)
@@ -210,14 +215,14 @@ async def test_deleting_a_report_does_not_reset_the_requery_cooldown(make_union:
         # The lookup and its per-bank rows are gone; what the cooldown needs is kept apart.
         assert _count(union, LookupRow) == 0
         assert _count(union, BankCooldownRow) == len(answered) > 0
-        refused = await _error(client.create_lookup())
+        refused = await _error(client.create_lookup(consent_terms_version=TERMS_VERSION))
         assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert refused.reason == "REQUERY_COOLDOWN"
 
         clock.advance(union.config.lookups.requery_cooldown + timedelta(minutes=1))
         await union.retention.sweep(clock.now())
         assert _count(union, BankCooldownRow) == 0
-        assert (await client.create_lookup()).name.startswith("lookups/")
+        assert (await client.create_lookup(consent_terms_version=TERMS_VERSION)).name.startswith("lookups/")
 
 
 async def test_every_kind_of_personal_data_is_purged_after_its_retention(make_union: UnionFactory) -> None:
@@ -296,7 +301,7 @@ async def test_a_burst_of_creates_makes_exactly_one_lookup(union: UnionServer) -
 
         async def create() -> grpc.StatusCode:
             try:
-                await client.create_lookup(request_id=uuid.uuid4().hex)
+                await client.create_lookup(request_id=uuid.uuid4().hex, consent_terms_version=TERMS_VERSION)
             except CardLookupError as error:
                 return error.code
             return grpc.StatusCode.OK
@@ -330,7 +335,7 @@ async def test_a_stranger_cannot_lock_a_person_out(union: UnionServer) -> None:
     # ZHANG verifies and looks up as if nothing had happened.
     client = await verified_client(union, ZHANG)
     async with client:
-        await client.create_lookup()
+        await client.create_lookup(consent_terms_version=TERMS_VERSION)
 
 
 async def test_wrong_codes_lock_the_verification_not_the_person(union: UnionServer) -> None:
@@ -355,7 +360,9 @@ async def test_a_reused_request_id_with_another_request_does_nothing(
     client = await verified_client(union, LIU)
     async with client:
         _, report = await run_lookup(client, request_id="first", bank_codes=["ICBC", "CMB"])
-        reused = await _error(client.create_lookup(request_id="first", bank_codes=["ICBC"]))
+        reused = await _error(
+            client.create_lookup(request_id="first", bank_codes=["ICBC"], consent_terms_version=TERMS_VERSION)
+        )
         assert reused.code == grpc.StatusCode.INVALID_ARGUMENT
         assert [f for f, _ in reused.field_violations] == ["request_id"]
 
@@ -366,20 +373,25 @@ async def test_a_reused_request_id_with_another_request_does_nothing(
         assert len((await client.get_closure(closure.name)).items) == 1
 
         bank_store = banks["ICBC"].servicer.store
-        other_ref = _bank_ref(union, icbc[3])
-        other_before = bank_store.find_card(LIU.resident_id_number, LIU.name, other_ref)
-        assert other_before is not None
-        flag = await client.flag_not_mine(report.name, icbc[2].card_ref, request_id="flag-1")
-        other = await _error(client.flag_not_mine(report.name, icbc[3].card_ref, request_id="flag-1"))
+
+        def at_bank(card: lookup_pb.ReportCard) -> StoredCard:
+            stored = bank_store.find_card(LIU.resident_id_number, LIU.name, _bank_ref(union, card))
+            assert stored is not None
+            return stored
+
+        # Two cards a flag would freeze: the population has frozen cards too, and the report's
+        # order follows card references that are new with every lookup.
+        mine, other_card = [card for card in icbc[2:] if at_bank(card).status == "active"][:2]
+        other_before = at_bank(other_card)
+        flag = await client.flag_not_mine(report.name, mine.card_ref, request_id="flag-1")
+        other = await _error(client.flag_not_mine(report.name, other_card.card_ref, request_id="flag-1"))
         assert other.code == grpc.StatusCode.INVALID_ARGUMENT
         # The same request again is the same flag (a retry), and the other card was never touched.
-        retried = await client.flag_not_mine(report.name, icbc[2].card_ref, request_id="flag-1")
+        retried = await client.flag_not_mine(report.name, mine.card_ref, request_id="flag-1")
         assert (retried.card_ref, retried.create_time) == (flag.card_ref, flag.create_time)
     flagged = {row.card_ref for row in _action_rows(union) if row.kind == "flag"}
-    assert flagged == {icbc[2].card_ref}
-    untouched = bank_store.find_card(LIU.resident_id_number, LIU.name, other_ref)
-    assert untouched is not None
-    assert untouched.status == other_before.status != "frozen"
+    assert flagged == {mine.card_ref}
+    assert at_bank(other_card).status == other_before.status == "active"
 
 
 def _action_rows(union: UnionServer) -> list[CardActionRow]:
