@@ -64,7 +64,7 @@ from cardlookup.v1 import card_lookup_service_pb2 as lookup_pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import create_engine, text
 
-from clients.client import CardLookupClient, CardLookupError
+from clients.client import TERMS_VERSION, CardLookupClient, CardLookupError
 from server.common.grpc_runtime import tune_garbage_collection
 from server.population.catalogue import PILOT_REGIONS
 from server.population.generator import Person, person_at
@@ -508,7 +508,9 @@ async def drive_union(
             turn += 1
             started = time.monotonic()
             try:
-                lookup = await client.create_lookup(request_id=uuid.uuid4().hex)
+                lookup = await client.create_lookup(
+                    request_id=uuid.uuid4().hex, consent_terms_version=TERMS_VERSION
+                )
                 async for event in client.watch_lookup(
                     lookup.name, stream_timeout=60, group_bank_changes=True
                 ):
@@ -729,7 +731,9 @@ async def create_lookups(addresses: list[str], tokens: list[str], concurrency: i
         for token in todo:
             client.session_token = token
             try:
-                lookup = await client.create_lookup(request_id=uuid.uuid4().hex)
+                lookup = await client.create_lookup(
+                    request_id=uuid.uuid4().hex, consent_terms_version=TERMS_VERSION
+                )
             except CardLookupError as error:
                 hold.errors[error.code.name] += 1
                 continue

@@ -202,13 +202,15 @@ class CardLookupClient:
         self,
         bank_codes: list[str] | None = None,
         request_id: str | None = None,
-        consent_terms_version: str = TERMS_VERSION,
+        *,
+        consent_terms_version: str,
     ) -> lookup_pb.Lookup:
         """Ask the banks (all of them, or `bank_codes`) for the cards in the person's name.
 
-        `consent_terms_version` is the version of the union's terms the person accepted; an
-        application shows those terms and passes what its user agreed to (the default is the
-        version this client knows). A refusal with reason CONSENT_REQUIRED names the current one."""
+        `consent_terms_version` is the version of the union's terms the person accepted. It has no
+        default on purpose: an application shows the terms (`TERMS_VERSION` is the version this
+        client knows) and passes what its user agreed to, so a library call never consents for
+        anyone. A refusal with reason CONSENT_REQUIRED names the current version."""
         # A fixed request_id makes the create safe to retry (AIP-155).
         request = lookup_pb.CreateLookupRequest(
             request_id=request_id or uuid.uuid4().hex,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import grpc
 from cardlookup.v1 import card_lookup_service_pb2 as lookup_pb
 
-from clients.client import TERMS_VERSION, CardLookupClient, CardLookupError
+from clients.client import CardLookupClient, CardLookupError
 
 
 def lookup_report(
@@ -23,14 +23,16 @@ def lookup_report(
     resident_id_number: str,
     mobile_number: str,
     read_code: Callable[[str], str],
+    *,
+    consent_terms_version: str,
     bank_codes: list[str] | None = None,
     root_certificates: bytes | None = None,
     timeout: float = 600.0,
-    consent_terms_version: str = TERMS_VERSION,
 ) -> lookup_pb.Report:
     """Verify (asking `read_code(masked_mobile)` for the SMS code), run one lookup, return its report.
 
-    `consent_terms_version`: the version of the union's terms the person accepted.
+    `consent_terms_version`: the version of the union's terms the person accepted (required: the
+    caller shows the terms, `clients.client.TERMS_VERSION`, and passes what was agreed to).
 
     Raises CardLookupError with the server's explanation (field violations, retry-after)."""
 

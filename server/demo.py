@@ -45,11 +45,12 @@ from rich.console import Console
 from rich.live import Live
 
 from clients.cli import progress_table, report_table
-from clients.client import CardLookupClient, CardLookupError
+from clients.client import TERMS_VERSION, CardLookupClient, CardLookupError
 from server.common.dev_ca import create_dev_pki, union_client_tls
+from server.common.grpc_runtime import ClientTls
+from server.common.shapes import bank_tls_name
 from server.population.catalogue import BANKS
 from server.population.generator import DEMO_PEOPLE
-from server.union.bank_gateway import ClientTls, bank_tls_name
 from server.union.sms import read_one_time_code
 
 console = Console()
@@ -326,8 +327,9 @@ async def run_lookup(target: str, sms_outbox: Path, person_index: int) -> None:
         )
         session = await client.complete_verification(started.verification_id, code)
         console.print(f"2. verified; session credential valid until {session.expire_time.ToJsonString()}")
-        lookup = await client.create_lookup(request_id=uuid.uuid4().hex)
-        console.print(f"3. {lookup.name} created; following its progress:")
+        # The demo person agrees to the terms; a real application shows them first (the CLI does).
+        lookup = await client.create_lookup(request_id=uuid.uuid4().hex, consent_terms_version=TERMS_VERSION)
+        console.print(f"3. terms {TERMS_VERSION} accepted; {lookup.name} created; following its progress:")
         report_name = ""
         with Live(progress_table(lookup), console=console) as live:
             async for event in client.watch_lookup(lookup.name, stream_timeout=120):

@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from clients.client import CardLookupClient
+from clients.client import TERMS_VERSION, CardLookupClient
 from server.bank.app import RunningBank, start_all_banks
 from server.bank.store import BankStore, default_database_url, seed_stores
 from server.population.catalogue import BANKS
@@ -179,7 +179,9 @@ async def verified_client(union: UnionServer, person: Person) -> CardLookupClien
 
 
 async def run_lookup(client: CardLookupClient, request_id: str | None = None, **kwargs: Any) -> Any:
-    """Create a lookup, follow it to the end, return (events, report)."""
+    """Create a lookup (the person agreeing to the current terms), follow it to the end, return
+    (events, report)."""
+    kwargs.setdefault("consent_terms_version", TERMS_VERSION)
     lookup = await client.create_lookup(request_id=request_id or uuid.uuid4().hex, **kwargs)
     events = [event async for event in client.watch_lookup(lookup.name, stream_timeout=60)]
     assert events[-1].report_ready

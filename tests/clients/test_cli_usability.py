@@ -26,7 +26,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from typer.testing import CliRunner, Result
 
 from clients import cli
-from clients.client import CardLookupClient
+from clients.client import TERMS_VERSION, CardLookupClient
 from server.common import errors
 from server.union.app import UnionServer
 from server.union.sms import read_one_time_code
@@ -145,7 +145,7 @@ async def test_status_and_watch_find_a_running_lookup(make_union: UnionFactory, 
 
     await union.orchestrator.stop(0)  # the lookup stays in flight while we look at it
     async with run.client() as client:
-        running = await client.create_lookup(request_id=uuid.uuid4().hex)
+        running = await client.create_lookup(request_id=uuid.uuid4().hex, consent_terms_version=TERMS_VERSION)
     status = await run("status")
     assert status.exit_code == 0, status.output
     assert running.name in status.stdout

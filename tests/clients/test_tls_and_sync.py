@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from clients.client import TERMS_VERSION
 from clients.sync import lookup_report
 from server.common.dev_ca import create_dev_pki, union_server_tls
 from server.union.sms import read_one_time_code
@@ -31,6 +32,7 @@ async def test_tls_union_with_the_cli_and_the_sync_client(make_union: UnionFacto
         ZHANG.mobile_number,
         lambda masked: read_one_time_code(outbox, ZHANG.mobile_number) or "",
         root_certificates=(pki / "ca.crt").read_bytes(),
+        consent_terms_version=TERMS_VERSION,
     )
     assert report.total_card_count == 5
 

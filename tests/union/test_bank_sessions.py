@@ -15,6 +15,7 @@ import grpc
 import pytest
 from cardlookup.v1 import card_lookup_service_pb2 as pb
 
+from clients.client import TERMS_VERSION
 from server.bank.app import RunningBank
 from server.bank.faults import FaultSettings
 from server.population.generator import people
@@ -82,7 +83,7 @@ async def test_a_broken_stream_is_reopened_and_its_queries_retried(
     union = await make_union()
     client = await verified_client(union, ZHANG)
     async with client:
-        lookup = await client.create_lookup()
+        lookup = await client.create_lookup(consent_terms_version=TERMS_VERSION)
         for _ in range(400):
             current = await client.get_lookup(lookup.name)
             icbc = next(b for b in current.bank_progress if b.bank_code == "ICBC")

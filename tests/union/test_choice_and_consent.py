@@ -5,6 +5,7 @@ that failed, and the pilot's facts on regions: end to end through the public gRP
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import re
 import sys
@@ -19,6 +20,7 @@ from google.protobuf import field_mask_pb2
 from sqlalchemy import create_engine, text
 
 from clients.client import TERMS_VERSION, CardLookupClient, CardLookupError
+from clients.sync import lookup_report
 from server.bank.app import RunningBank
 from server.bank.faults import FaultSettings
 from server.union.app import UnionServer
@@ -146,6 +148,15 @@ def test_migration_gives_existing_regions_their_pilot_batch(database_url: str) -
 # -- 2. consent -------------------------------------------------------------------------------------
 
 
+def test_the_python_library_never_consents_for_its_caller() -> None:
+    """Consent is what a person gave, so the library has no default for it: a script that does not
+    say which terms its user accepted fails before anything is sent."""
+    for function in (CardLookupClient.create_lookup, lookup_report):
+        consent = inspect.signature(function).parameters["consent_terms_version"]
+        assert consent.default is inspect.Parameter.empty
+        assert consent.kind is inspect.Parameter.KEYWORD_ONLY
+
+
 async def test_a_lookup_needs_consent_to_the_current_terms(union: UnionServer) -> None:
     assert TERMS_VERSION == CURRENT_TERMS_VERSION  # the clients show the terms the union asks for
     for path in ("clients/typescript/src/lookup.ts", "clients/web/src/main.ts"):
@@ -188,7 +199,9 @@ async def test_the_chosen_banks_are_asked_and_the_cooldown_runs_per_bank(union: 
         assert _time(summary.next_query_time) == _time(icbc_only.generate_time) + COOLDOWN
 
         # ICBC answered: asking it again waits for its cooldown...
-        again = await _refusal(person.create_lookup(bank_codes=["ICBC", "CMB"]))
+        again = await _refusal(
+            person.create_lookup(bank_codes=["ICBC", "CMB"], consent_terms_version=TERMS_VERSION)
+        )
         assert (again.code, again.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "REQUERY_COOLDOWN")
         assert again.metadata == {"bank_codes": "ICBC"}
         assert again.retry_after is not None
@@ -210,7 +223,7 @@ async def test_the_chosen_banks_are_asked_and_the_cooldown_runs_per_bank(union: 
         assert _time(cooling["CMB"].next_query_time) == _time(cmb_only.generate_time) + COOLDOWN
 
         # Every bank has answered within the cooldown: nothing is left to ask.
-        none_left = await _refusal(person.create_lookup())
+        none_left = await _refusal(person.create_lookup(consent_terms_version=TERMS_VERSION))
         assert none_left.reason == "REQUERY_COOLDOWN"
         assert none_left.metadata["bank_codes"].split(",") == every_bank
 
@@ -221,7 +234,11 @@ async def test_a_burst_of_lookups_for_one_bank_makes_one(union: UnionServer) -> 
     person = await verified_client(union, ZHANG)
     async with person:
         outcomes = await asyncio.gather(
-            *(person.create_lookup(bank_codes=["CMB"]) for _ in range(8)), return_exceptions=True
+            *(
+                person.create_lookup(bank_codes=["CMB"], consent_terms_version=TERMS_VERSION)
+                for _ in range(8)
+            ),
+            return_exceptions=True,
         )
         created = [o for o in outcomes if isinstance(o, lookup_pb.Lookup)]
         refused = [o for o in outcomes if isinstance(o, CardLookupError)]
@@ -231,7 +248,11 @@ async def test_a_burst_of_lookups_for_one_bank_makes_one(union: UnionServer) -> 
         events = [e async for e in person.watch_lookup(created[0].name, stream_timeout=60)]
         assert events[-1].report_ready
         outcomes = await asyncio.gather(
-            *(person.create_lookup(bank_codes=["CMB"]) for _ in range(8)), return_exceptions=True
+            *(
+                person.create_lookup(bank_codes=["CMB"], consent_terms_version=TERMS_VERSION)
+                for _ in range(8)
+            ),
+            return_exceptions=True,
         )
         assert {o.reason for o in outcomes if isinstance(o, CardLookupError)} == {"REQUERY_COOLDOWN"}
         assert not [o for o in outcomes if isinstance(o, lookup_pb.Lookup)]

@@ -21,7 +21,7 @@ from cardlookup.v1 import card_lookup_service_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import Connection, create_engine, func, select
 
-from clients.client import CardLookupClient
+from clients.client import TERMS_VERSION, CardLookupClient
 from server.bank.app import RunningBank
 from server.bank.faults import FaultSettings
 from server.population.catalogue import PILOT_REGIONS
@@ -124,7 +124,9 @@ async def start_lookup(union: UnionProcess, person: Person, outbox: Path) -> tup
         code = read_one_time_code(outbox, person.mobile_number)
         assert code is not None
         await client.complete_verification(started.verification_id, code)
-        lookup = await client.create_lookup(request_id=f"crash-{person.index}")
+        lookup = await client.create_lookup(
+            request_id=f"crash-{person.index}", consent_terms_version=TERMS_VERSION
+        )
         assert client.session_token is not None
         return client.session_token, lookup.name
 

@@ -14,7 +14,7 @@ from cardlookup.v1 import identity_service_pb2 as identity_pb
 from sqlalchemy import func, insert, select, text
 from typer.testing import CliRunner
 
-from clients.client import CardLookupClient, CardLookupError
+from clients.client import TERMS_VERSION, CardLookupClient, CardLookupError
 from server.union.app import UnionServer
 from server.union.clock import FakeClock
 from server.union.domain.retention import RetentionPolicy
@@ -60,7 +60,7 @@ async def test_a_session_whose_sealed_identity_cannot_be_opened_is_unauthenticat
         for pii in unreadable:
             client.session_token = _resigned(union, token, pii=pii)
             calls = (
-                client.create_lookup(),
+                client.create_lookup(consent_terms_version=TERMS_VERSION),
                 client.close_cards(report.name, [report.cards[0].card_ref]),
                 client.flag_not_mine(report.name, report.cards[0].card_ref),
             )
@@ -146,7 +146,7 @@ async def test_signing_out_revokes_the_session_everywhere(union: UnionServer) ->
         revoked = (grpc.StatusCode.UNAUTHENTICATED, "SESSION_REVOKED")
         assert await _refusal(client.list_reports()) == revoked
         assert await _refusal(client.get_report(report.name)) == revoked
-        assert await _refusal(client.create_lookup()) == revoked
+        assert await _refusal(client.create_lookup(consent_terms_version=TERMS_VERSION)) == revoked
         assert await _refusal(client.delete_report(report.name)) == revoked
         assert await _refusal(client.my_audit_events()) == revoked
         assert await _refusal(client.list_closures()) == revoked

@@ -9,6 +9,7 @@ import grpc
 from cardlookup.v1 import card_lookup_service_pb2 as pb
 from sqlalchemy import func, select
 
+from clients.client import TERMS_VERSION
 from server.bank.app import RunningBank
 from server.bank.faults import FaultSettings
 from server.union.storage.models import ReportRow
@@ -42,7 +43,7 @@ async def test_bank_down_then_back_is_retried(
     union = await make_union()
     client = await verified_client(union, ZHANG)
     async with client:
-        lookup = await client.create_lookup()
+        lookup = await client.create_lookup(consent_terms_version=TERMS_VERSION)
         for _ in range(400):  # generous: a loaded CI machine schedules retries late
             current = await client.get_lookup(lookup.name)
             icbc = next(b for b in current.bank_progress if b.bank_code == "ICBC")
@@ -122,7 +123,7 @@ async def test_restart_mid_lookup_resumes_and_reports_once(
     first = await make_union()
     client = await verified_client(first, ZHANG)
     async with client:
-        lookup = await client.create_lookup(request_id="restart-me")
+        lookup = await client.create_lookup(request_id="restart-me", consent_terms_version=TERMS_VERSION)
         for _ in range(100):
             current = await client.get_lookup(lookup.name)
             done = [b for b in current.bank_progress if b.outcome != pb.BANK_OUTCOME_PENDING]
@@ -139,7 +140,9 @@ async def test_restart_mid_lookup_resumes_and_reports_once(
         # The session from before the restart is still valid too (same keys), and the lookup is found.
         events = [e async for e in client.watch_lookup(lookup.name)]
         report = await client.get_report(events[-1].lookup.report)
-        assert (await client.create_lookup(request_id="restart-me")).name == lookup.name
+        assert (
+            await client.create_lookup(request_id="restart-me", consent_terms_version=TERMS_VERSION)
+        ).name == lookup.name
     assert all(v == pb.BANK_OUTCOME_ANSWERED for v in outcomes(report).values())
     assert report.total_card_count == 5
     with second.store.engine.connect() as connection:
@@ -165,7 +168,7 @@ async def test_slow_and_hung_banks_do_not_delay_the_others(
     union = await make_union(orchestration={"lookup_deadline": timedelta(seconds=4)})
     client = await verified_client(union, ZHANG)
     async with client:
-        lookup = await client.create_lookup()
+        lookup = await client.create_lookup(consent_terms_version=TERMS_VERSION)
         all_healthy_answered = None
         last = None
         async for event in client.watch_lookup(lookup.name):

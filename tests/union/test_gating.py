@@ -7,7 +7,7 @@ import pytest
 from cardlookup.v1 import admin_service_pb2 as admin_pb
 from google.protobuf import field_mask_pb2
 
-from clients.client import CardLookupClient, CardLookupError
+from clients.client import TERMS_VERSION, CardLookupClient, CardLookupError
 from server.population.catalogue import PILOT_REGIONS
 from server.union.app import UnionServer
 from server.union.sms import read_last_message
@@ -61,11 +61,13 @@ async def test_closed_region_refused_until_opened(union: UnionServer) -> None:
                 ),
             )
             with pytest.raises(CardLookupError) as closed:
-                await person.create_lookup()
+                await person.create_lookup(consent_terms_version=TERMS_VERSION)
             assert closed.value.reason == "REGION_NOT_OPEN"
             # AIP-155: a retry of the request that made a lookup still gets that lookup, region closed
             # or not.
-            assert (await person.create_lookup(request_id="wang-first")).name == first.name
+            assert (
+                await person.create_lookup(request_id="wang-first", consent_terms_version=TERMS_VERSION)
+            ).name == first.name
 
 
 async def test_disabled_bank_is_not_queried(union: UnionServer) -> None:

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from cardlookup.v1 import card_lookup_service_pb2 as pb
 
-from clients.client import CardLookupError
+from clients.client import TERMS_VERSION, CardLookupError
 from server.union.clock import FakeClock
 from server.union.domain.identity import IdentityPolicy
 from tests.conftest import LI, ZHANG, UnionFactory, run_lookup, verified_client
@@ -34,7 +34,7 @@ async def test_list_lookups_is_owner_only_paged_and_forgets_expired_reports(make
         _, li_report = await run_lookup(li)
 
         await union.orchestrator.stop(0)  # the next lookup stays in flight
-        running = await zhang.create_lookup(request_id=uuid.uuid4().hex)
+        running = await zhang.create_lookup(request_id=uuid.uuid4().hex, consent_terms_version=TERMS_VERSION)
 
         first = await zhang.list_lookups(page_size=2)
         assert [lookup.name for lookup in first.lookups] == [running.name, completed[2].lookup]

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from cardlookup.v1 import card_lookup_service_pb2 as pb
 
-from clients.client import CardLookupError
+from clients.client import TERMS_VERSION, CardLookupError
 from server.bank.app import RunningBank
 from server.bank.store import StoredCard
 from server.population.generator import DEMO_PEOPLE
@@ -97,7 +97,9 @@ async def test_watch_reports_every_bank_change_one_by_one_or_grouped(
     client = await verified_client(union, ZHANG)
     async with client:
         with banks_held(banks) as released:
-            lookup = await client.create_lookup(request_id=uuid.uuid4().hex)
+            lookup = await client.create_lookup(
+                request_id=uuid.uuid4().hex, consent_terms_version=TERMS_VERSION
+            )
             watch = aiter(client.watch_lookup(lookup.name, stream_timeout=60, group_bank_changes=grouped))
             first = await anext(watch)
             released.set()  # only now can any bank answer: every answer is a change this watch sees
@@ -136,8 +138,8 @@ async def test_create_is_idempotent_and_rate_limited(union: UnionServer) -> None
     client = await verified_client(union, LI)
     async with client:
         request_id = uuid.uuid4().hex
-        first = await client.create_lookup(request_id=request_id)
-        again = await client.create_lookup(request_id=request_id)
+        first = await client.create_lookup(request_id=request_id, consent_terms_version=TERMS_VERSION)
+        again = await client.create_lookup(request_id=request_id, consent_terms_version=TERMS_VERSION)
         assert again.name == first.name
 
         _, report = await run_lookup(client, request_id=request_id)
@@ -145,14 +147,16 @@ async def test_create_is_idempotent_and_rate_limited(union: UnionServer) -> None
 
         # A new request inside the 7-day cooldown: RESOURCE_EXHAUSTED with RetryInfo.
         with pytest.raises(CardLookupError) as refused:
-            await client.create_lookup(request_id=uuid.uuid4().hex)
+            await client.create_lookup(request_id=uuid.uuid4().hex, consent_terms_version=TERMS_VERSION)
         assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert refused.value.reason == "REQUERY_COOLDOWN"
         assert refused.value.retry_after is not None
         assert refused.value.retry_after.days >= 6
 
         # The same request_id still answers with the original lookup.
-        assert (await client.create_lookup(request_id=request_id)).name == first.name
+        assert (
+            await client.create_lookup(request_id=request_id, consent_terms_version=TERMS_VERSION)
+        ).name == first.name
 
 
 async def test_second_lookup_while_one_is_running(make_union: UnionFactory) -> None:
@@ -161,9 +165,9 @@ async def test_second_lookup_while_one_is_running(make_union: UnionFactory) -> N
     async with client:
         # Pause the orchestrator so the first lookup is certainly in flight.
         await union.orchestrator.stop(0)
-        await client.create_lookup(request_id="first")
+        await client.create_lookup(request_id="first", consent_terms_version=TERMS_VERSION)
         with pytest.raises(CardLookupError) as refused:
-            await client.create_lookup(request_id="second")
+            await client.create_lookup(request_id="second", consent_terms_version=TERMS_VERSION)
         assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert refused.value.reason == "LOOKUP_IN_PROGRESS"
         assert refused.value.retry_after is not None
@@ -176,7 +180,7 @@ async def test_lookup_limited_to_chosen_banks(union: UnionServer) -> None:
         assert [s.bank_code for s in report.bank_summaries] == ["CCB", "CMB"]
         assert report.total_card_count == 3
         with pytest.raises(CardLookupError) as bad:
-            await client.create_lookup(bank_codes=["NOPE"])
+            await client.create_lookup(bank_codes=["NOPE"], consent_terms_version=TERMS_VERSION)
         assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert bad.value.field_violations[0][0] == "bank_codes[0]"
 

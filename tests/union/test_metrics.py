@@ -88,7 +88,9 @@ async def test_failed_calls_are_counted_by_outcome(
     assert union.metrics_address is not None
     client = await verified_client(union, ZHANG)
     async with client:
-        lookup = await client.create_lookup(request_id="metrics-outcomes")
+        lookup = await client.create_lookup(
+            request_id="metrics-outcomes", consent_terms_version=TERMS_VERSION
+        )
         for _ in range(100):
             samples = _samples(await _scrape(union.metrics_address))
             if _calls(samples, "ICBC", "retried") >= 2:
@@ -250,7 +252,7 @@ async def test_an_overdue_lookup_and_the_fan_out_backlog_are_read_from_the_datab
     union = await make_union()
     client = await verified_client(union, ZHANG)
     async with client:
-        await client.create_lookup(request_id="overdue")
+        await client.create_lookup(request_id="overdue", consent_terms_version=TERMS_VERSION)
     # Read as if a day had passed and no replica had run since: every bank call is due and unclaimed,
     # and the lookup is past its deadline.
     later = union.clock.now() + timedelta(days=1)
@@ -284,7 +286,7 @@ async def test_streams_the_caller_gives_up_on_are_counted_cancelled_or_past_thei
     assert union.metrics_address is not None
     client = await verified_client(union, ZHANG)
     async with client:
-        lookup = await client.create_lookup(request_id="watch-and-leave")
+        lookup = await client.create_lookup(request_id="watch-and-leave", consent_terms_version=TERMS_VERSION)
         metadata = (("authorization", f"Bearer {client.session_token}"),)
         async with grpc.aio.insecure_channel(union.address) as channel:
             stub = lookup_grpc.CardLookupServiceStub(channel)

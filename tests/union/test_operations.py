@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
-from clients.client import CardLookupError
+from clients.client import TERMS_VERSION, CardLookupError
 from server.bank.app import RunningBank
 from server.bank.faults import FaultSettings
 from server.population.generator import person_at
@@ -30,7 +30,7 @@ async def test_health_not_serving_while_database_is_unreachable(
     # Banks slow enough that the lookup is in flight when the database goes away.
     for bank in banks.values():
         bank.servicer.faults = FaultSettings(latency_ms=1000)
-    lookup = await client.create_lookup(request_id="through-the-outage")
+    lookup = await client.create_lookup(request_id="through-the-outage", consent_terms_version=TERMS_VERSION)
     admin = create_engine(os.environ[POSTGRES_ENV], isolation_level="AUTOCOMMIT")
     name = make_url(database_url).database
     try:

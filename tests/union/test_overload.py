@@ -35,7 +35,7 @@ async def test_ten_times_the_normal_concurrency(make_union: UnionFactory) -> Non
     client = await verified_client(union, ZHANG)
     async with client:
         await union.orchestrator.stop(0)  # keep the lookup running so watches stay open
-        lookup = await client.create_lookup()
+        lookup = await client.create_lookup(consent_terms_version=TERMS_VERSION)
         metadata = (("authorization", f"Bearer {client.session_token}"),)
         before = rss_mb()
         async with grpc.aio.insecure_channel(union.address) as channel:
@@ -89,7 +89,7 @@ async def test_cancelled_watches_and_creates_leak_nothing(union: UnionServer) ->
     client = await verified_client(union, ZHANG)
     async with client:
         await union.orchestrator.stop(0)
-        lookup = await client.create_lookup(request_id="resumed")
+        lookup = await client.create_lookup(request_id="resumed", consent_terms_version=TERMS_VERSION)
         baseline_tasks = len(asyncio.all_tasks())
         metadata = (("authorization", f"Bearer {client.session_token}"),)
         async with grpc.aio.insecure_channel(union.address) as channel:

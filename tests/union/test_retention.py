@@ -9,7 +9,7 @@ import grpc
 import pytest
 from sqlalchemy import func, select
 
-from clients.client import CardLookupError
+from clients.client import TERMS_VERSION, CardLookupError
 from server.union.clock import FakeClock
 from server.union.domain.identity import IdentityPolicy
 from server.union.domain.retention import report_expire_time
@@ -64,7 +64,7 @@ async def test_lookup_forgets_the_id_number_when_final(make_union: UnionFactory)
     client = await verified_client(union, ZHANG)
     async with client:
         await union.orchestrator.stop(0)  # hold the lookup in flight
-        lookup = await client.create_lookup()
+        lookup = await client.create_lookup(consent_terms_version=TERMS_VERSION)
         with union.store.engine.connect() as connection:
             sealed = connection.scalar(select(LookupRow.sealed_identity))
         assert sealed  # kept, encrypted, while in flight

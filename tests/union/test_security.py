@@ -8,7 +8,7 @@ import grpc
 import pytest
 from cardlookup.v1 import admin_service_pb2 as admin_pb
 
-from clients.client import CardLookupClient, CardLookupError
+from clients.client import TERMS_VERSION, CardLookupClient, CardLookupError
 from server.union.app import UnionServer
 from server.union.clock import FakeClock
 from server.union.sms import read_one_time_code
@@ -45,7 +45,10 @@ async def test_nobody_sees_another_persons_lookup_or_report(union: UnionServer) 
 
 async def test_credentials_are_required_and_checked(union: UnionServer) -> None:
     async with CardLookupClient(union.address) as anonymous:
-        assert await _code(anonymous.create_lookup()) == grpc.StatusCode.UNAUTHENTICATED
+        assert (
+            await _code(anonymous.create_lookup(consent_terms_version=TERMS_VERSION))
+            == grpc.StatusCode.UNAUTHENTICATED
+        )
         anonymous.session_token = "v1.e30.AAAA"
         assert await _code(anonymous.list_reports()) == grpc.StatusCode.UNAUTHENTICATED
         anonymous.session_token = "garbage"

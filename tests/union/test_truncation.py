@@ -17,6 +17,7 @@ from datetime import timedelta
 import pytest
 from cardlookup.v1 import card_lookup_service_pb2 as pb
 
+from clients.client import TERMS_VERSION
 from server.bank.app import RunningBank
 from server.bank.faults import FaultSettings
 from server.union.domain.banks import BankCallFailed
@@ -92,7 +93,7 @@ async def test_a_bank_that_stops_truncating_is_answered(
     union = await make_union(orchestration={"lookup_deadline": NEVER, "truncated_answer_attempts": 1000})
     client = await verified_client(union, ZHANG)
     async with client:
-        lookup = await client.create_lookup()
+        lookup = await client.create_lookup(consent_terms_version=TERMS_VERSION)
         for _ in range(400):  # generous: a loaded CI machine schedules retries late
             current = await client.get_lookup(lookup.name)
             icbc = next(b for b in current.bank_progress if b.bank_code == "ICBC")
