@@ -290,7 +290,6 @@ class PersonActivity:
     """What admitting a person's new lookup depends on, read in the transaction that creates it."""
 
     running: bool  # one of the person's lookups is running
-    last_complete_time: datetime | None  # when the latest one completed
     # Per bank: when the latest of the person's completed lookups that this bank answered completed
     # (the re-query cooldown runs per bank from there).
     answered_banks: dict[str, datetime] = field(default_factory=dict)

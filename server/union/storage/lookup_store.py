@@ -48,7 +48,6 @@ PERSON_ACTIVITY = Prepared(
     select(
         func.max(case((LOOKUPS.c.request_id == bindparam("request_id"), LOOKUPS.c.id))).label("existing_id"),
         func.count(case((LOOKUPS.c.state == model.LookupState.RUNNING, 1))).label("running"),
-        func.max(LOOKUPS.c.complete_time).label("last_complete"),
         func.max(
             case((LOOKUPS.c.request_id == bindparam("request_id"), LOOKUPS.c.request_fingerprint))
         ).label("existing_fingerprint"),
@@ -370,11 +369,11 @@ def person_activity(
 ) -> tuple[model.Lookup | None, model.PersonActivity, str | None]:
     """In one statement: the lookup this person's `request_id` made (if any) with the fingerprint
     of the request that made it, and what admitting a new one depends on."""
-    [(existing_id, running, last, fingerprint)] = PERSON_ACTIVITY.run(
+    [(existing_id, running, fingerprint)] = PERSON_ACTIVITY.run(
         c, {"person_hash": person_hash, "request_id": request_id}
     )
     found = read_lookup(c, existing_id) if existing_id is not None else None
-    return (found[1] if found else None), model.PersonActivity(bool(running), utc(last)), fingerprint
+    return (found[1] if found else None), model.PersonActivity(bool(running)), fingerprint
 
 
 def read_lookup(c: Connection, lookup_id: str) -> tuple[str, model.Lookup] | None:

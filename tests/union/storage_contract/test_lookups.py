@@ -72,7 +72,7 @@ async def test_a_refused_admission_writes_nothing(store: Store) -> None:
             "l1", PERSON, "r", "fp", "310000", "sealed", None, await _banks(store, "ICBC"), NOW, DEADLINE,
             admit=refuse,
         )  # fmt: skip
-    assert seen == [model.PersonActivity(running=False, last_complete_time=None)]
+    assert seen == [model.PersonActivity(running=False)]
     assert await store.get_lookup("l1", None) is None
 
 
