@@ -167,6 +167,13 @@ async def test_the_union_holds_each_bank_to_the_certificate_name_its_table_gives
         ('[sever]\nlisten = "127.0.0.1:50051"\n', "sever: unknown key"),
         ('[server]\nlisten = "127.0.0.1"\n', "server.listen: expected host:port"),
         ('[banks.ICBC]\naddress = "icbc:https"\n', "banks.ICBC.address: expected host:port"),
+        # A bank's address and TLS name are held to what AdminService.CreateBank accepts.
+        ('[banks.ICBC]\naddress = "127.0.0.1:0"\n', "banks.ICBC.address: expected host:port (a port 1-65535"),
+        ('[banks.ICBC]\naddress = "::1:50061"\n', "banks.ICBC.address: expected host:port"),
+        (
+            '[banks.ICBC]\naddress = "127.0.0.1:1"\ntls_name = "ICBC Bank"\n',
+            "banks.ICBC.tls_name: expected a lower-case DNS name",
+        ),
         # A code of the right shape is checked against the catalogue at start-up (UnknownBankCodes,
         # tests/union/test_joining_bank.py); a malformed one here.
         ('[banks."IC-BK"]\naddress = "127.0.0.1:1"\n', "banks: 1 key(s): not a bank code"),

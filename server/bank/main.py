@@ -36,6 +36,7 @@ from server.common.logs import configure_logging
 from server.common.prometheus import MetricsEndpoint, process_registry
 from server.common.rpc_metrics import RpcMetrics
 from server.common.settings import ConfigError, load, nested
+from server.common.shapes import BANK_CODE
 from server.common.tracing import otlp_tracer_provider
 from server.population.catalogue import BANKS, BANKS_BY_CODE, BankInfo, Bin
 
@@ -55,7 +56,6 @@ DatabaseUrl = Annotated[
 ]
 
 
-BANK_CODE = re.compile(r"^[A-Z]{2,16}$")
 BIN_SPEC = re.compile(r"^([0-9]{6,8}):(1[6-9])$")
 
 

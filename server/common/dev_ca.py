@@ -25,7 +25,6 @@ import argparse
 import datetime as dt
 import ipaddress
 import os
-import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,9 +35,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from server.common.grpc_runtime import TlsFiles
+from server.common.grpc_runtime import ClientTls, TlsFiles
+from server.common.shapes import BANK_CODE, DNS_NAME, bank_tls_name
 from server.population.catalogue import BANKS
-from server.union.bank_gateway import ClientTls, bank_tls_name
 
 CA_VALIDITY = dt.timedelta(days=3650)
 LEAF_VALIDITY = dt.timedelta(days=365)
@@ -231,15 +230,14 @@ def create_dev_pki(directory: Path, overwrite: bool = False) -> None:
         _write(cert_path, _cert_pem(cert), 0o644)
 
 
-BANK_CODE = re.compile(r"^[A-Z]{2,16}$")
-
-
 def issue_bank_certificate(directory: Path, code: str, tls_name: str | None = None) -> Path:
     """Issue one more bank's certificate and key (`<code>.crt`/`.key`) from the PKI's existing CA:
     a bank that joins later gets its identity without a new CA (which would cut off every other
     bank). Returns the certificate's path; FileNotFoundError if the directory has no CA yet."""
     if not BANK_CODE.fullmatch(code):
         raise ValueError("a bank code is 2-16 capital letters")
+    if tls_name is not None and not DNS_NAME.fullmatch(tls_name):
+        raise ValueError("a TLS name is a lower-case DNS name, e.g. bosc.bank.cardlookup.test")
     loaded = _load_ca(directory)
     if loaded is None:
         raise FileNotFoundError(str(directory / CA_CERT))

@@ -12,8 +12,8 @@ import asyncio
 import gc
 import logging
 import signal
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -37,6 +37,17 @@ class TlsFiles:
     cert_chain: bytes
     private_key: bytes
     client_ca: bytes | None = None
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """PEM files for the union's client side of mutual TLS towards the banks."""
+
+    root_ca: bytes
+    cert_chain: bytes
+    private_key: bytes
+    # Bank code → the name its certificate carries, where it is not shapes.bank_tls_name(code).
+    server_names: Mapping[str, str] = field(default_factory=dict)
 
 
 def server_options() -> list[tuple[str, Any]]:

@@ -25,14 +25,14 @@ from opentelemetry.trace import TracerProvider
 
 from server.common import tracing
 from server.common.admission import AdmissionControl
-from server.common.grpc_runtime import GrpcServer, TlsFiles
+from server.common.grpc_runtime import ClientTls, GrpcServer, TlsFiles
 from server.common.prometheus import MetricsEndpoint
 from server.common.rpc_metrics import RpcMetrics, RpcObserver
 from server.population.catalogue import BANKS, REGIONS
 from server.union.api import connect
 from server.union.api.servicers import AdminServicer, CardActionServicer, CardLookupServicer, IdentityServicer
 from server.union.api.web import DEFAULT_WEB_ROOT, WebApp, WebEndpoint
-from server.union.bank_gateway import ClientTls, GrpcBankGateway
+from server.union.bank_gateway import GrpcBankGateway
 from server.union.clock import Clock, SystemClock
 from server.union.domain.admin import AdminService, check_bank_addresses
 from server.union.domain.audit import AuditTrail

@@ -32,8 +32,7 @@ import heapq
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from datetime import UTC
 from typing import Any
 
@@ -44,6 +43,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.trace import SpanKind, TracerProvider
 
 from server.common import tracing
+from server.common.grpc_runtime import ClientTls
+from server.common.shapes import bank_tls_name
 from server.union.domain.banks import BankCallFailed, BankDecision, ReportedCard
 from server.union.domain.model import ActionState, Bank, CardStatus, CardType
 
@@ -95,20 +96,6 @@ def _code_failure(code: grpc.StatusCode) -> BankCallFailed:
     if code == grpc.StatusCode.NOT_FOUND:
         return BankCallFailed("the bank does not know this card for this person", retryable=False)
     return BankCallFailed(f"bank call failed: {code.name}", retryable=code in RETRYABLE)
-
-
-def bank_tls_name(bank_code: str) -> str:
-    """The name a bank's certificate must carry."""
-    return f"{bank_code.lower()}.bank.cardlookup.test"
-
-
-@dataclass(frozen=True)
-class ClientTls:
-    root_ca: bytes
-    cert_chain: bytes
-    private_key: bytes
-    # Bank code → the name its certificate carries, where it is not bank_tls_name(code).
-    server_names: Mapping[str, str] = field(default_factory=dict)
 
 
 class _SessionUnsupported(Exception):

@@ -10,7 +10,6 @@ regions at the first start, and operators open and close regions at run time (Ad
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -22,7 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from server.common.dev_ca import union_client_tls, union_server_tls
-from server.common.grpc_runtime import TlsFiles
+from server.common.grpc_runtime import ClientTls, TlsFiles
 from server.common.settings import (
     ConfigError,
     FileSettings,
@@ -33,9 +32,9 @@ from server.common.settings import (
     Table,
     TracingSettings,
 )
+from server.common.shapes import BANK_CODE, DNS_NAME, is_bank_address
 from server.population.catalogue import BANKS
 from server.union.app import DEFAULT_POPULATION_SEED, DEFAULT_POPULATION_SIZE, UnionConfig
-from server.union.bank_gateway import ClientTls
 from server.union.domain.card_actions import CardActionPolicy
 from server.union.domain.identity import IdentityPolicy
 from server.union.domain.lookups import LookupPolicy
@@ -45,7 +44,6 @@ from server.union.domain.retention import DEFAULT_RETENTION_DAYS, DEFAULT_TIMEZO
 ENV_PREFIX = "CARDLOOKUP_UNION_"
 DEFAULT_BANK_HOST = "127.0.0.1"
 DEFAULT_BANK_BASE_PORT = 50061
-_TLS_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 
 
 def _database_url(value: str) -> str:
@@ -58,13 +56,15 @@ def _database_url(value: str) -> str:
 
 
 def _tls_name(value: str) -> str:
-    if value and not _TLS_NAME.match(value):
-        raise ValueError("expected a DNS name, e.g. icbc.bank.cardlookup.test")
+    if value and not DNS_NAME.fullmatch(value):
+        raise ValueError("expected a lower-case DNS name, e.g. icbc.bank.cardlookup.test")
     return value
 
 
-# A bank code's shape (the catalogue decides which exist).
-BANK_CODE = re.compile(r"^[A-Z]{2,16}$")
+def _bank_address(value: str) -> str:
+    if not is_bank_address(value):
+        raise ValueError("expected host:port (a port 1-65535; an IPv6 host in brackets, [::1]:50061)")
+    return value
 
 
 class ServerSettings(Table):
@@ -100,8 +100,8 @@ class PopulationSettings(Table):
 
 
 class BankSettings(Table):
-    # Where the bank's bankquery.v1 server listens.
-    address: HostPort
+    # Where the bank's bankquery.v1 server listens (checked as AdminService.UpdateBank checks it).
+    address: Annotated[str, AfterValidator(_bank_address)]
     # The name the bank's certificate must carry under mutual TLS; "" for <code>.bank.cardlookup.test.
     tls_name: Annotated[str, AfterValidator(_tls_name)] = ""
 

@@ -13,7 +13,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from server.common import errors
-from server.union.bank_gateway import bank_tls_name
+from server.common.shapes import bank_tls_name
 from server.union.domain import model
 
 _OUTCOMES = {

@@ -12,6 +12,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 
 from server.common import errors
+from server.common.shapes import BANK_CODE, DNS_NAME, is_bank_address
 from server.union.clock import Clock
 from server.union.domain import model
 from server.union.domain.audit import AuditTrail
@@ -25,8 +26,6 @@ from server.union.domain.ports import (
 from server.union.keyring import Keys
 
 REGION_CODE = re.compile(r"^[0-9]{6}$")
-BANK_CODE = re.compile(r"^[A-Z]{2,16}$")
-ADDRESS = re.compile(r"^[A-Za-z0-9.\-\[\]:]{1,253}:[0-9]{1,5}$")
 CREDENTIAL_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 # The credential the server's configured admin token is (the demo's and the tests').
 BOOTSTRAP_NAME = "bootstrap"
@@ -40,9 +39,6 @@ BANK_FIELDS = ("enabled", "address")
 BANK_NAME = re.compile(r"^[\u3400-\u9fff（）()·A-Za-z0-9]{2,32}$")
 BANK_ENGLISH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 .,&'()-]{1,127}$")
 INTERBANK_CODE = re.compile(r"^[0-9]{3}$")
-DNS_NAME = re.compile(
-    r"^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+$"
-)
 REGION_FIELDS = ("open",)
 MAX_TOKEN_LENGTH = 256
 
@@ -172,7 +168,7 @@ class AdminService:
                     "must be 2-128 letters, digits, spaces or .,&'()-",
                 ),
                 ("interbank_code", INTERBANK_CODE.fullmatch(bank.interbank_code), "must be 3 digits"),
-                ("address", _valid_address(bank.address), "must be host:port"),
+                ("address", is_bank_address(bank.address), "must be host:port"),
                 (
                     "tls_name",
                     not bank.tls_name or DNS_NAME.fullmatch(bank.tls_name),
@@ -201,7 +197,7 @@ class AdminService:
             violations = []
             if not BANK_CODE.fullmatch(code):
                 violations.append(errors.FieldViolation("code", "must be 2-16 capital letters"))
-            if "address" in fields and not _valid_address(address):
+            if "address" in fields and not is_bank_address(address):
                 violations.append(errors.FieldViolation("address", "must be host:port"))
             if violations:
                 raise errors.InvalidArgument(violations)
@@ -240,10 +236,6 @@ class AdminService:
 
     async def stats(self) -> model.ServiceStats:
         return await self._store.stats()
-
-
-def _valid_address(address: str) -> bool:
-    return bool(ADDRESS.fullmatch(address)) and 0 < int(address.rsplit(":", 1)[1]) < 65536
 
 
 class UnknownBankCodes(ValueError):
