@@ -39,7 +39,7 @@ class Bank:
     enabled: bool
     position: int
     interbank_code: str = ""
-    tls_name: str = ""  # empty: the default name for its code (bank_gateway.bank_tls_name)
+    tls_name: str = ""  # empty: the default name for its code (server.common.shapes.bank_tls_name)
 
 
 @dataclass(frozen=True)

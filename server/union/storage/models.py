@@ -89,7 +89,7 @@ class BankRow(Base):
     # Unique: two banks joining at once with one CNAPS code cannot both get it (create_bank's
     # check alone would let them on PostgreSQL).
     interbank_code: Mapped[str | None] = mapped_column(String(3), unique=True)
-    # The DNS name the bank's certificate must carry; NULL means bank_tls_name(code).
+    # The DNS name the bank's certificate must carry; NULL means shapes.bank_tls_name(code).
     tls_name: Mapped[str | None] = mapped_column(String(253))
 
 
