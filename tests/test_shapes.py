@@ -6,10 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cardlookup.v1 import admin_service_pb2 as admin_pb
+from google.protobuf import field_mask_pb2
 
+from clients.client import CardLookupClient, CardLookupError
 from server.common.dev_ca import create_dev_pki, issue_bank_certificate
 from server.common.settings import ConfigError, load
 from server.common.shapes import BANK_CODE, DNS_NAME, is_bank_address
+from server.union.app import UnionServer
 from server.union.settings import UnionSettings
 
 ADDRESSES = {
@@ -51,6 +55,37 @@ def test_a_tls_name_is_a_lower_case_dns_name(name: str, valid: bool) -> None:
 @pytest.mark.parametrize(("code", "valid"), CODES.items())
 def test_a_bank_code_is_capital_letters(code: str, valid: bool) -> None:
     assert bool(BANK_CODE.fullmatch(code)) is valid
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_the_admin_api_takes_these_addresses_and_tls_names(union: UnionServer) -> None:
+    async with CardLookupClient(union.address, admin_token=union.config.admin_token) as operator:
+        for address, valid in ADDRESSES.items():
+            update = admin_pb.UpdateBankRequest(
+                code="ICBC", address=address, update_mask=field_mask_pb2.FieldMask(paths=["address"])
+            )
+            if valid:
+                assert (await operator.admin("UpdateBank", update)).bank.address == address
+            else:
+                with pytest.raises(CardLookupError) as refused:
+                    await operator.admin("UpdateBank", update)
+                assert [field for field, _ in refused.value.field_violations] == ["address"]
+        for index, (name, valid) in enumerate(TLS_NAMES.items()):
+            joining = admin_pb.Bank(
+                code=f"BK{chr(ord('A') + index)}",
+                name="测试银行",
+                english_name="Test Bank",
+                interbank_code=f"9{index:02d}",
+                address="127.0.0.1:1",
+                tls_name=name,
+            )
+            create = admin_pb.CreateBankRequest(bank=joining)
+            if valid:
+                assert (await operator.admin("CreateBank", create)).bank.tls_name == name
+            else:
+                with pytest.raises(CardLookupError) as refused:
+                    await operator.admin("CreateBank", create)
+                assert [field for field, _ in refused.value.field_violations] == ["bank.tls_name"]
 
 
 @pytest.mark.parametrize(("address", "valid"), ADDRESSES.items())
