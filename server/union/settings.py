@@ -283,8 +283,6 @@ class UnionSettings(FileSettings):
                 notifications=timedelta(hours=retention.notifications_hours),
                 audit=timedelta(days=retention.audit_days),
                 sms_outbox=timedelta(hours=retention.sms_outbox_hours),
-                # Quota slots are kept as long as the quota's window (the only one) needs them.
-                quota_window=timedelta(seconds=identity.start_window_seconds),
                 interval=timedelta(minutes=retention.sweep_interval_minutes),
             ),
             tls=self._server_tls(source),

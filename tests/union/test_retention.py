@@ -9,7 +9,7 @@ import grpc
 import pytest
 from sqlalchemy import func, select
 
-from clients.client import TERMS_VERSION, CardLookupError
+from clients.client import TERMS_VERSION, CardLookupClient, CardLookupError
 from server.union.clock import FakeClock
 from server.union.domain.identity import IdentityPolicy
 from server.union.domain.retention import report_expire_time
@@ -75,3 +75,24 @@ async def test_lookup_forgets_the_id_number_when_final(make_union: UnionFactory)
         assert last.report_ready
         with union.store.engine.connect() as connection:
             assert connection.scalar(select(LookupRow.sealed_identity)) is None
+
+
+async def test_quota_slots_are_kept_for_the_identity_policys_own_window(make_union: UnionFactory) -> None:
+    """The purge keeps a quota's slots as long as its window: a union configured with a two-hour
+    window (here built directly, as tests, the demo and the bench do) must not forget an SMS sent
+    90 minutes ago, or the limit would quietly loosen."""
+    clock = FakeClock(datetime(2026, 11, 27, 9, 0, tzinfo=UTC))
+    union = await make_union(
+        clock=clock, identity=IdentityPolicy(start_window=timedelta(hours=2), max_starts_per_window=1)
+    )
+    async with CardLookupClient(union.address) as client:
+        await client.start_verification(ZHANG.name, ZHANG.resident_id_number, ZHANG.mobile_number)
+        clock.advance(timedelta(minutes=90))
+        await union.retention.sweep(clock.now())
+        with pytest.raises(CardLookupError) as limited:
+            await client.start_verification(ZHANG.name, ZHANG.resident_id_number, ZHANG.mobile_number)
+        assert limited.value.reason == "VERIFICATION_RATE_LIMITED"
+
+        clock.advance(timedelta(minutes=31))
+        await union.retention.sweep(clock.now())
+        await client.start_verification(ZHANG.name, ZHANG.resident_id_number, ZHANG.mobile_number)

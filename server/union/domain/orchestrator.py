@@ -36,7 +36,7 @@ from server.union.domain.banks import BankCallFailed, BankGateway, check_answer
 from server.union.domain.events import LookupEvents
 from server.union.domain.metrics import Metrics, NoMetrics
 from server.union.domain.ports import OrchestratorStore, StoreUnavailable
-from server.union.domain.retention import RetentionPolicy, RetentionSweep
+from server.union.domain.retention import RetentionSweep
 from server.union.keyring import Keys, UnreadableSealedValue
 from server.union.notify import Notifier
 
@@ -84,13 +84,13 @@ class Orchestrator:
         clock: Clock,
         events: LookupEvents,
         policy: OrchestratorPolicy,
+        retention: RetentionSweep,
         notifier: Notifier | None = None,
         audit: AuditTrail | None = None,
         metrics: Metrics | None = None,
-        retention: RetentionSweep | None = None,
     ) -> None:
         # Reports' expiry and the purges follow one policy (reports expire at generation + N days).
-        self._retention = retention or RetentionSweep(store, RetentionPolicy())
+        self._retention = retention
         self._notifier = notifier
         self._audit = audit
         self._metrics: Metrics = metrics or NoMetrics()

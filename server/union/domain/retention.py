@@ -52,8 +52,6 @@ class RetentionPolicy:
     audit: timedelta = timedelta(days=180)
     # The development SMS outbox file.
     sms_outbox: timedelta = timedelta(hours=24)
-    # Quota slots outlive their window by nothing; the longest window any quota uses.
-    quota_window: timedelta = timedelta(hours=1)
     # How often the sweep runs.
     interval: timedelta = timedelta(minutes=10)
 
@@ -78,10 +76,14 @@ class RetentionSweep:
         self,
         store: RetentionStore,
         policy: RetentionPolicy,
+        quota_window: timedelta,
         outbox: Outbox | None = None,
         extra: Mapping[str, Purge] | None = None,
     ) -> None:
         self._store = store
+        # Quota slots outlive the quotas' window by nothing. It is the identity policy's own window,
+        # handed over where both are wired, so a longer window can never be purged early.
+        self._quota_window = quota_window
         self._outbox = outbox
         # Purges kept by other stores (e.g. sessions past their expiry): kind → purge(now).
         self._extra = dict(extra or {})
@@ -97,7 +99,7 @@ class RetentionSweep:
             "notifications": await self._store.purge_notifications(now - policy.notifications),
             "audit_events": await self._store.purge_audit_events(now - policy.audit),
             "verified_people": await self._store.purge_verified_people(now - policy.audit),
-            "quota_slots": await self._store.purge_quota_slots(now - policy.quota_window),
+            "quota_slots": await self._store.purge_quota_slots(now - self._quota_window),
             "bank_cooldowns": await self._store.purge_bank_cooldowns(now),
         }
         for kind, purge in self._extra.items():
