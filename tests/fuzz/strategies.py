@@ -85,7 +85,8 @@ def mutated(base: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
         if how == "delete":
             return value[:index] + value[index + 1 :]
         if how == "insert":
-            return value[:index] + draw(st.characters()) + value[index:]
+            # Any character a string field can carry: a lone surrogate cannot be encoded at all.
+            return value[:index] + draw(st.characters(codec="utf-8")) + value[index:]
         if how == "truncate":
             return value[:index]
         if how == "extend":
