@@ -67,6 +67,7 @@ async def test_a_viewer_reads_and_an_operator_changes(union: UnionServer) -> Non
     # Each change, and each refused one, is in the audit trail under the credential's id.
     viewed = await _audit(union, f"admin:{viewer.id}")
     assert [(e.action, e.outcome, e.resource) for e in reversed(viewed)] == [
+        ("admin.audit.read", "ok", ""),  # reading the trail is itself audited
         ("admin.bank.update", "refused:ADMIN_ROLE_REQUIRED", ""),
         ("admin.region.update", "refused:ADMIN_ROLE_REQUIRED", ""),
     ]

@@ -110,7 +110,10 @@ async def test_verification_input_and_limits(union: UnionServer) -> None:
         with pytest.raises(CardLookupError) as locked:
             await client.complete_verification(started.verification_id, right)
         assert locked.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert locked.value.retry_after is not None
+        assert locked.value.reason == "VERIFICATION_LOCKED"
+        # Locked for good: no RetryInfo (retrying this call cannot succeed); a new one starts at once.
+        assert locked.value.retry_after is None
+        await client.start_verification(LI.name, LI.resident_id_number, LI.mobile_number)
 
         # A used verification cannot be completed twice.
         again = await client.start_verification(ZHANG.name, ZHANG.resident_id_number, ZHANG.mobile_number)

@@ -7,6 +7,7 @@ and reads the union's own tables where the promise is about what is kept.
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -14,6 +15,7 @@ from zoneinfo import ZoneInfo
 import grpc
 import pytest
 from cardlookup.v1 import admin_service_pb2 as admin_pb
+from cardlookup.v1 import card_action_service_pb2 as action_pb
 from cardlookup.v1 import card_lookup_service_pb2 as lookup_pb
 from google.protobuf.json_format import MessageToJson
 from sqlalchemy import func, select
@@ -24,6 +26,7 @@ from server.bank.store import StoredCard
 from server.population.generator import cards_of
 from server.union.app import UnionServer
 from server.union.clock import FakeClock
+from server.union.domain.audit import safe_resource
 from server.union.domain.identity import IdentityPolicy
 from server.union.sms import read_one_time_code
 from server.union.storage.models import (
@@ -159,6 +162,56 @@ async def test_every_read_of_a_persons_data_is_audited(union: UnionServer) -> No
     assert by_action["report.read"] == report.name
     assert by_action["closure.read"] == closure.name
     assert "closure.list" in by_action
+
+
+async def test_reading_an_audit_trail_is_itself_audited(union: UnionServer) -> None:
+    """A trail is data about a person: the person's own read and an operator's read of it both
+    leave an event, the operator's naming whose trail (by keyed hash, never an ID number)."""
+    client = await verified_client(union, ZHANG)
+    async with client:
+        first = (await client.my_audit_events()).events
+        assert "audit.read" not in {e.action for e in first}  # a read never shows itself
+        again = (await client.my_audit_events()).events
+        [own_read] = [e for e in again if e.action == "audit.read"]
+        person = own_read.actor
+    assert (own_read.outcome, own_read.resource) == ("ok", "")
+    async with CardLookupClient(union.address, admin_token="test-admin-token") as operator:
+        read = await operator.admin("ListAuditEvents", admin_pb.ListAuditEventsRequest(actor=person))
+        assert read.events
+        await operator.admin("ListAuditEvents", admin_pb.ListAuditEventsRequest())
+    admin_reads = [
+        (outcome, resource)
+        for action, outcome, resource in _audit_rows(union)
+        if action == "admin.audit.read"
+    ]
+    assert admin_reads == [("ok", f"people/{person}"), ("ok", "")]
+    assert ZHANG.resident_id_number not in _all_text(union)
+
+
+async def test_the_bank_decision_names_the_card_action_and_no_resource_is_a_number(
+    union: UnionServer,
+) -> None:
+    # Every resource has its id's exact shape, so a card or ID number never passes for one.
+    assert safe_resource("reports/6222021234567890128") == "(invalid)"
+    assert safe_resource(f"people/{ZHANG.resident_id_number}") == "(invalid)"
+    assert safe_resource("reports/r" + "0" * 24) == "reports/r" + "0" * 24
+    client = await verified_client(union, ZHANG)
+    async with client:
+        _, report = await run_lookup(client)
+        closure = await client.close_cards(report.name, [report.cards[0].card_ref])
+        for _ in range(100):  # bounded by attempts: the bank's answer arrives on its own time
+            if all(item.state != action_pb.CARD_CLOSURE_STATE_PENDING for item in closure.items):
+                break
+            await asyncio.sleep(0.1)
+            closure = await client.get_closure(closure.name)
+    for _ in range(100):
+        decided = [(o, r) for action, o, r in _audit_rows(union) if action == "card.closed"]
+        if decided:
+            break
+        await asyncio.sleep(0.1)
+    [(outcome, resource)] = decided
+    assert outcome.startswith(f"{report.cards[0].bank_code}:")
+    assert re.fullmatch(r"cardActions/a[0-9a-f]{24}", resource)
 
 
 async def test_watching_a_finished_lookup_says_report_ready_once(union: UnionServer) -> None:
@@ -331,6 +384,9 @@ async def test_a_stranger_cannot_lock_a_person_out(union: UnionServer) -> None:
         limit = union.config.identity.max_mismatches_per_window
         assert answers[:limit] == ["IDENTITY_MISMATCH"] * limit
         assert set(answers[limit:]) == {"started"}  # the limit cannot be probed
+    # ... but ZHANG's trail says what each attempt was: none of them started a verification.
+    starts = [outcome for action, outcome, _ in _audit_rows(union) if action == "verification.start"]
+    assert starts == ["refused:IDENTITY_MISMATCH"] * limit + ["refused:IDENTITY_MISMATCH_LIMIT"] * (2 * limit)
     assert read_one_time_code(union.config.sms_sink_path, ZHANG.mobile_number) is None
     # ZHANG verifies and looks up as if nothing had happened.
     client = await verified_client(union, ZHANG)

@@ -322,7 +322,7 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
     async def ListAuditEvents(
         self, request: admin_pb.ListAuditEventsRequest, context: Context
     ) -> admin_pb.ListAuditEventsResponse:
-        await self._credential(context)
+        credential = await self._credential(context)
         if request.actor and not AUDIT_ACTOR.fullmatch(request.actor):
             raise errors.InvalidArgument(
                 [
@@ -332,7 +332,8 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
                     )
                 ]
             )
-        events, token = await self._audit.list(
+        events, token = await self._audit.read(
+            credential.actor,
             request.actor or None,
             convert.optional_datetime(request, "start_time"),
             convert.optional_datetime(request, "end_time"),

@@ -24,8 +24,16 @@ from server.union.keyring import Keys
 ADMIN_ACTOR = "admin"
 # What is recorded in place of a resource name that is not one of ours (never the text itself).
 INVALID_RESOURCE = "(invalid)"
-# The shape of every resource name the union itself makes: collection/id.
-RESOURCE_NAME = re.compile(r"^[a-z][A-Za-z]{0,31}/[A-Za-z0-9_-]{1,40}$")
+# Every resource name the union itself makes, each with its id's exact shape (so a card number
+# cannot pass for an id): lookups, reports, closures, card actions, admin credentials, banks,
+# regions, the terms a person accepted, and a person (their keyed hash) whose trail was read.
+RESOURCE_NAME = re.compile(
+    r"^(?:lookups/l[0-9a-f]{24}|reports/r[0-9a-f]{24}|closures/k[0-9a-f]{24}|cardActions/a[0-9a-f]{24}"
+    r"|adminCredentials/c[0-9a-f]{16}|banks/[A-Z]{2,16}|regions/[0-9]{6}|terms/[0-9]{4}-[0-9]{2}"
+    r"|people/[0-9a-f]{64})$"
+)
+# A person as an actor: their keyed hash.
+PERSON_ACTOR = re.compile(r"^[0-9a-f]{64}$")
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 
@@ -79,6 +87,26 @@ class AuditTrail:
     def entry(self, actor: str, action: str, resource: str) -> model.AuditEntry:
         """An "ok" event for a store call to write in its own transaction (see Outcome.recorded)."""
         return model.AuditEntry(self._clock.now(), actor, action, "ok", safe_resource(resource))
+
+    async def read(
+        self,
+        reader: str,
+        actor: str | None,
+        start: datetime | None,
+        end: datetime | None,
+        page_size: int,
+        page_token: str,
+    ) -> tuple[list[model.AuditEvent], str]:
+        """`list`, itself audited: a trail is data about people. A person reading their own is
+        "audit.read"; anyone else's read is "admin.audit.read", naming the person read (by keyed
+        hash) when the read was of one person. The event is written after the page is read, so
+        a read never shows itself."""
+        own = reader == actor
+        async with self.action(reader, "audit.read" if own else "admin.audit.read") as audited:
+            page = await self.list(actor, start, end, page_size, page_token)
+            if not own and actor is not None and PERSON_ACTOR.fullmatch(actor):
+                audited.resource = f"people/{actor}"
+        return page
 
     async def list(
         self,

@@ -209,4 +209,6 @@ class CardActionService:
     async def list_my_audit_events(
         self, caller: Caller, page_size: int, page_token: str
     ) -> tuple[list[model.AuditEvent], str]:
-        return await self._audit.list(caller.person_hash, None, None, page_size, page_token)
+        return await self._audit.read(
+            caller.person_hash, caller.person_hash, None, None, page_size, page_token
+        )

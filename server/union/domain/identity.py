@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from server.common import errors, normalize
 from server.union.clock import Clock
 from server.union.domain import model, validation
-from server.union.domain.audit import AuditTrail
+from server.union.domain.audit import AuditTrail, Outcome
 from server.union.domain.ports import IdentityServiceStore, SessionRegistry
 from server.union.keyring import InvalidToken, Keys, UnreadableSealedValue
 from server.union.sms import SmsSender
@@ -117,11 +117,11 @@ class IdentityService:
         validation.require([errors.FieldViolation(field, problem) for field, problem in typed.problems])
         name, resident_id_number, mobile_number = typed.name, typed.resident_id_number, typed.mobile_number
         person_hash = self._keys.person_hash(resident_id_number)
-        async with self._audit.action(person_hash, "verification.start"):
-            return await self._start(person_hash, name, resident_id_number, mobile_number)
+        async with self._audit.action(person_hash, "verification.start") as audited:
+            return await self._start(person_hash, name, resident_id_number, mobile_number, audited)
 
     async def _start(
-        self, person_hash: str, name: str, resident_id_number: str, mobile_number: str
+        self, person_hash: str, name: str, resident_id_number: str, mobile_number: str, audited: Outcome
     ) -> StartedVerification:
         """Lock the verification, never the person: what a stranger who knows only someone's ID
         number can do must not stop that person from verifying. So the limits are keyed apart:
@@ -143,6 +143,9 @@ class IdentityService:
                     "the name, ID number and mobile number do not match a registered identity",
                     reason="IDENTITY_MISMATCH",
                 )
+            # The caller cannot tell this answer from a real start; the trail, which only the person
+            # and operators read, says what it was.
+            audited.value = "refused:IDENTITY_MISMATCH_LIMIT"
             return StartedVerification(
                 "v" + secrets.token_hex(16), mask_mobile(mobile_number), now + policy.code_ttl
             )
@@ -206,19 +209,11 @@ class IdentityService:
         if row is None or row.completed or row.expire_time <= now:
             raise errors.NotFound("no such verification, or it expired or was already used")
         if row.failed_attempts >= self.policy.max_code_attempts or row.sealed_identity is None:
-            raise errors.ResourceExhausted(
-                "too many wrong codes; start a new verification later",
-                reason="VERIFICATION_LOCKED",
-                retry_after=max(row.create_time + self.policy.start_window - now, timedelta(seconds=1)),
-            )
+            raise _locked()
         if not hmac.compare_digest(row.code_hash, self._code_hash(verification_id, code)):
             left = await self._store.fail_verification_attempt(verification_id, self.policy.max_code_attempts)
             if left == 0:
-                raise errors.ResourceExhausted(
-                    "too many wrong codes; start a new verification later",
-                    reason="VERIFICATION_LOCKED",
-                    retry_after=self.policy.start_window,
-                )
+                raise _locked()
             raise errors.Unauthenticated(
                 "wrong code", reason="WRONG_CODE", metadata={"attempts_left": str(left)}
             )
@@ -277,3 +272,11 @@ class IdentityService:
     async def purge_expired_sessions(self, now: datetime) -> int:
         """Retention: a session's revocation record goes once the session would have expired."""
         return await self._sessions.purge_expired_sessions(now)
+
+
+def _locked() -> errors.ResourceExhausted:
+    # The verification is locked, not the person: a new one may start at once (StartVerification
+    # has limits of its own), so there is no RetryInfo: retrying this call can never succeed.
+    return errors.ResourceExhausted(
+        "too many wrong codes; this verification is locked, start a new one", reason="VERIFICATION_LOCKED"
+    )

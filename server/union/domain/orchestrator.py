@@ -408,7 +408,8 @@ class Orchestrator:
         )
         if self._audit is not None and person_hash is not None:
             verb = "card.closed" if action.kind == model.ActionKind.CLOSE else "card.frozen"
-            await self._audit.record(person_hash, verb, f"{action.bank_code}:{action.state.value}", action.id)
+            outcome = f"{action.bank_code}:{action.state.value}"
+            await self._audit.record(person_hash, verb, outcome, f"cardActions/{action.id}")
 
     def _retry_time(self, attempt: int) -> datetime:
         ceiling = min(

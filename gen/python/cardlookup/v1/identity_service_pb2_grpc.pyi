@@ -60,8 +60,10 @@ class IdentityServiceStub:
     - INVALID_ARGUMENT: malformed verification_id or code.
     - NOT_FOUND: no such verification, or it expired or was already used.
     - UNAUTHENTICATED: wrong code (ErrorInfo metadata `attempts_left`).
-    - RESOURCE_EXHAUSTED: too many wrong codes; the verification is locked and
-      RetryInfo says when a new one may start.
+    - RESOURCE_EXHAUSTED: too many wrong codes (ErrorInfo reason
+      VERIFICATION_LOCKED): this verification is locked for good, with no
+      RetryInfo; a new one may start at once, within StartVerification's
+      own limits.
 
     Completing a verification revokes the person's older sessions: a person
     holds one live session at a time.
@@ -109,8 +111,10 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     - INVALID_ARGUMENT: malformed verification_id or code.
     - NOT_FOUND: no such verification, or it expired or was already used.
     - UNAUTHENTICATED: wrong code (ErrorInfo metadata `attempts_left`).
-    - RESOURCE_EXHAUSTED: too many wrong codes; the verification is locked and
-      RetryInfo says when a new one may start.
+    - RESOURCE_EXHAUSTED: too many wrong codes (ErrorInfo reason
+      VERIFICATION_LOCKED): this verification is locked for good, with no
+      RetryInfo; a new one may start at once, within StartVerification's
+      own limits.
 
     Completing a verification revokes the person's older sessions: a person
     holds one live session at a time.
@@ -167,8 +171,10 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         - INVALID_ARGUMENT: malformed verification_id or code.
         - NOT_FOUND: no such verification, or it expired or was already used.
         - UNAUTHENTICATED: wrong code (ErrorInfo metadata `attempts_left`).
-        - RESOURCE_EXHAUSTED: too many wrong codes; the verification is locked and
-          RetryInfo says when a new one may start.
+        - RESOURCE_EXHAUSTED: too many wrong codes (ErrorInfo reason
+          VERIFICATION_LOCKED): this verification is locked for good, with no
+          RetryInfo; a new one may start at once, within StartVerification's
+          own limits.
 
         Completing a verification revokes the person's older sessions: a person
         holds one live session at a time.

@@ -219,8 +219,10 @@ export const IdentityService: GenService<{
    * - INVALID_ARGUMENT: malformed verification_id or code.
    * - NOT_FOUND: no such verification, or it expired or was already used.
    * - UNAUTHENTICATED: wrong code (ErrorInfo metadata `attempts_left`).
-   * - RESOURCE_EXHAUSTED: too many wrong codes; the verification is locked and
-   *   RetryInfo says when a new one may start.
+   * - RESOURCE_EXHAUSTED: too many wrong codes (ErrorInfo reason
+   *   VERIFICATION_LOCKED): this verification is locked for good, with no
+   *   RetryInfo; a new one may start at once, within StartVerification's
+   *   own limits.
    *
    * Completing a verification revokes the person's older sessions: a person
    * holds one live session at a time.
