@@ -179,7 +179,7 @@ class UnionServer:
         self.retention = RetentionSweep(
             self.store,
             config.retention,
-            config.identity.start_window,
+            max(config.identity.start_window, config.card_actions.closure_window),
             self.sms if isinstance(self.sms, FileSmsSink) else None,
             extra={"sessions": self._purge_expired_sessions},
         )

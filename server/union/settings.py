@@ -151,6 +151,7 @@ class CardActionSettings(Table):
 
     answer_wait_seconds: float = Field(default=3, ge=0)
     deadline_hours: PositiveFloat = 24
+    max_closures_per_hour: PositiveInt = 10
 
 
 class RetentionSettings(Table):
@@ -274,6 +275,7 @@ class UnionSettings(FileSettings):
             card_actions=CardActionPolicy(
                 answer_wait=timedelta(seconds=self.card_actions.answer_wait_seconds),
                 deadline=timedelta(hours=self.card_actions.deadline_hours),
+                max_closures_per_window=self.card_actions.max_closures_per_hour,
             ),
             retention=RetentionPolicy(
                 report_days=retention.report_days,

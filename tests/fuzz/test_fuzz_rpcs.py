@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from math import ceil
+from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -216,7 +217,7 @@ RPCS = {
         ACTION + "CreateCardClosure",
         action_pb.CreateCardClosureRequest,
         action_pb.CreateCardClosureResponse,
-        [C.INVALID_ARGUMENT, C.UNAUTHENTICATED, C.NOT_FOUND],
+        [C.INVALID_ARGUMENT, C.UNAUTHENTICATED, C.NOT_FOUND, C.RESOURCE_EXHAUSTED],
     ),
     "GetCardClosure": _rpc(
         ACTION + "GetCardClosure",
@@ -1792,6 +1793,29 @@ def test_every_served_rpc_is_fuzzed() -> None:
     }
     missing = served - {rpc.path for rpc in RPCS.values()}
     assert not missing, f"RPCs served but not fuzzed (add them to RPCS and a strategy): {sorted(missing)}"
+
+
+def test_every_accepted_code_is_documented_in_the_protos() -> None:
+    """RPCS is a copy of the protos' "Status codes:" lists (it may accept fewer, where the fuzzing
+    cannot cause a code): a code the servers may answer must be in the RPC's own comment too."""
+    documented: dict[str, set[str]] = {}
+    for proto in (Path(__file__).parents[2] / "protos").rglob("*.proto"):
+        lines = proto.read_text().splitlines()
+        for index, line in enumerate(lines):
+            if (rpc := re.match(r"\s*rpc (\w+)\(", line)) is None:
+                continue
+            comment = []
+            for above in reversed(lines[:index]):
+                if not above.strip().startswith("//"):
+                    break
+                comment.append(above)
+            documented[rpc.group(1)] = set(re.findall(r"//\s*- ([A-Z_]+)[:.]", "\n".join(comment)))
+    # The client's own doing, on a stream it follows: it cancels, or its deadline passes.
+    client_side = {"CANCELLED", "DEADLINE_EXCEEDED"}
+    for name, rpc in RPCS.items():
+        accepted = {code.name for code in rpc.documented}
+        extra = accepted - documented[name] - (client_side if rpc.stream else set())
+        assert not extra, f"{name} accepts {sorted(extra)}, which its comment in protos/ does not list"
 
 
 # -- afterwards: still healthy, still working, and enough requests were sent ------------------------

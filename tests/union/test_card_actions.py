@@ -279,3 +279,46 @@ async def test_audit_trail_without_pii_and_one_notification_per_report(union: Un
     finally:
         await actions.aclose()
         await client.close()
+
+
+async def test_closures_per_person_are_limited_exactly_under_a_burst(make_union: UnionFactory) -> None:
+    """Each closure calls banks, and a new request_id makes a new one: 50 at once for one person
+    get exactly the limit through, on SQLite and PostgreSQL alike; a retry of one of those is
+    still answered (it makes nothing new), and nobody else is affected."""
+    limit = 4
+    union = await make_union(
+        card_actions=CardActionPolicy(answer_wait=timedelta(0), max_closures_per_window=limit)
+    )
+    client = await verified_client(union, ZHANG)
+    actions = Actions(union, client)
+    try:
+        _, report = await run_lookup(client)
+        ref = report.cards[0].card_ref
+
+        async def close(request_id: str) -> str:
+            try:
+                await actions.close(report.name, [ref], request_id=request_id)
+            except grpc.aio.AioRpcError as error:
+                return error.code().name
+            return "OK"
+
+        outcomes = await asyncio.gather(*(close(f"burst-{n}") for n in range(50)))
+        assert outcomes.count("OK") == limit
+        assert outcomes.count("RESOURCE_EXHAUSTED") == 50 - limit
+        accepted = [n for n, outcome in enumerate(outcomes) if outcome == "OK"]
+        assert await close(f"burst-{accepted[0]}") == "OK"  # a retry makes nothing new
+        with pytest.raises(grpc.aio.AioRpcError) as limited:
+            await actions.close(report.name, [ref])
+        assert limited.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "CLOSURE_RATE_LIMITED" in str(limited.value.trailing_metadata())
+    finally:
+        await actions.aclose()
+        await client.close()
+    other = await verified_client(union, LI)
+    other_actions = Actions(union, other)
+    try:
+        _, theirs = await run_lookup(other)
+        assert (await other_actions.close(theirs.name, [theirs.cards[0].card_ref])).items
+    finally:
+        await other_actions.aclose()
+        await other.close()

@@ -37,6 +37,10 @@ class CardActionPolicy:
     answer_wait: timedelta = timedelta(seconds=3)
     # After this, an action whose bank never answered is FAILED.
     deadline: timedelta = timedelta(hours=24)
+    # Closures a person may request per window: each one calls banks, and unlike a flag (one per
+    # card) a closure can be asked for again and again under new request ids.
+    max_closures_per_window: int = 10
+    closure_window: timedelta = timedelta(hours=1)
 
 
 class CardActionService:
@@ -106,8 +110,18 @@ class CardActionService:
                         if ref not in cards
                     ]
                 )
-                closure_id = "k" + secrets.token_hex(12)
                 now = self._clock.now()
+                quota = self._keys.attribute_hash("quota", f"closure:{caller.person_hash}")
+                retry_after = await self._store.take_quota_slot(
+                    quota, self.policy.max_closures_per_window, self.policy.closure_window, now
+                )
+                if retry_after is not None:
+                    raise errors.ResourceExhausted(
+                        "too many card closures requested; try again later",
+                        reason="CLOSURE_RATE_LIMITED",
+                        retry_after=retry_after,
+                    )
+                closure_id = "k" + secrets.token_hex(12)
                 items = []
                 for ref in card_refs:
                     action_id = "a" + secrets.token_hex(12)

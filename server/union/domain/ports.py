@@ -332,7 +332,7 @@ class AdminServiceStore(CatalogueStore, StatsStore, Protocol):
     """What the admin surface reads and changes."""
 
 
-class CardActionServiceStore(CardActionStore, ReportStore, Protocol):
+class CardActionServiceStore(CardActionStore, ReportStore, QuotaStore, Protocol):
     """What closing and flagging cards reads and writes."""
 
 

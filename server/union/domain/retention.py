@@ -81,8 +81,8 @@ class RetentionSweep:
         extra: Mapping[str, Purge] | None = None,
     ) -> None:
         self._store = store
-        # Quota slots outlive the quotas' window by nothing. It is the identity policy's own window,
-        # handed over where both are wired, so a longer window can never be purged early.
+        # Quota slots outlive the quotas' window by nothing: the longest window any policy uses,
+        # handed over where they are wired, so a longer window can never be purged early.
         self._quota_window = quota_window
         self._outbox = outbox
         # Purges kept by other stores (e.g. sessions past their expiry): kind → purge(now).

@@ -99,6 +99,9 @@ class CardActionServiceServicer:
         many, duplicates, or a card_ref that is not in the report.
         - UNAUTHENTICATED: missing, invalid or expired session credential.
         - NOT_FOUND: no such report for this caller (or it expired).
+        - RESOURCE_EXHAUSTED: more closures than a person may request per hour
+        (ErrorInfo reason CLOSURE_RATE_LIMITED; RetryInfo says when), or the
+        server is busy.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -56,6 +56,9 @@ class CardActionServiceStub:
       many, duplicates, or a card_ref that is not in the report.
     - UNAUTHENTICATED: missing, invalid or expired session credential.
     - NOT_FOUND: no such report for this caller (or it expired).
+    - RESOURCE_EXHAUSTED: more closures than a person may request per hour
+      (ErrorInfo reason CLOSURE_RATE_LIMITED; RetryInfo says when), or the
+      server is busy.
     """
     GetCardClosure: _grpc.UnaryUnaryMultiCallable[_card_action_service_pb2.GetCardClosureRequest, _card_action_service_pb2.GetCardClosureResponse]
     """Returns a closure request with each card's outcome.
@@ -126,6 +129,9 @@ class CardActionServiceAsyncStub(CardActionServiceStub):
       many, duplicates, or a card_ref that is not in the report.
     - UNAUTHENTICATED: missing, invalid or expired session credential.
     - NOT_FOUND: no such report for this caller (or it expired).
+    - RESOURCE_EXHAUSTED: more closures than a person may request per hour
+      (ErrorInfo reason CLOSURE_RATE_LIMITED; RetryInfo says when), or the
+      server is busy.
     """
     GetCardClosure: _aio.UnaryUnaryMultiCallable[_card_action_service_pb2.GetCardClosureRequest, _card_action_service_pb2.GetCardClosureResponse]  # type: ignore[assignment]
     """Returns a closure request with each card's outcome.
@@ -199,6 +205,9 @@ class CardActionServiceServicer(metaclass=_abc_1.ABCMeta):
           many, duplicates, or a card_ref that is not in the report.
         - UNAUTHENTICATED: missing, invalid or expired session credential.
         - NOT_FOUND: no such report for this caller (or it expired).
+        - RESOURCE_EXHAUSTED: more closures than a person may request per hour
+          (ErrorInfo reason CLOSURE_RATE_LIMITED; RetryInfo says when), or the
+          server is busy.
         """
 
     @_abc_1.abstractmethod

@@ -631,6 +631,9 @@ export const CardActionService: GenService<{
    *   many, duplicates, or a card_ref that is not in the report.
    * - UNAUTHENTICATED: missing, invalid or expired session credential.
    * - NOT_FOUND: no such report for this caller (or it expired).
+   * - RESOURCE_EXHAUSTED: more closures than a person may request per hour
+   *   (ErrorInfo reason CLOSURE_RATE_LIMITED; RetryInfo says when), or the
+   *   server is busy.
    *
    * @generated from rpc cardlookup.v1.CardActionService.CreateCardClosure
    */
