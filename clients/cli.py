@@ -272,20 +272,23 @@ def _interactive() -> bool:
     return sys.stdin.isatty()
 
 
-def _confirm(question: str, yes: bool) -> None:
-    """Ask before acting; --yes answers for the person. Without a terminal, refuse rather than guess."""
+def _confirm(question: str, yes: bool, flag: str = "--yes") -> None:
+    """Ask before acting; `flag` (--yes) answers for the person. Without a terminal, refuse rather
+    than guess."""
     if yes:
         return
     if not _interactive():
-        raise Refusal(["this asks for confirmation, and there is no terminal to ask on: pass --yes"], 2)
+        raise Refusal([f"this asks for confirmation, and there is no terminal to ask on: pass {flag}"], 2)
     if not typer.confirm(question, default=False, err=True):
         raise Refusal(["not confirmed; nothing was changed"], EXIT_DECLINED, "CANCELLED")
 
 
-def _ask_early(yes: bool) -> None:
+def _ask_early(yes: bool, flag: str = "--yes") -> None:
     """Refuse before any call when nobody can answer the question asked later."""
     if not yes and not _interactive():
-        raise _refuse(Refusal(["this asks for confirmation, and there is no terminal to ask on: pass --yes"]))
+        raise _refuse(
+            Refusal([f"this asks for confirmation, and there is no terminal to ask on: pass {flag}"])
+        )
 
 
 def local_time(value: Timestamp | datetime, seconds: bool = False) -> str:
@@ -722,7 +725,8 @@ def lookup(
     ] = None,
     agree_terms: Annotated[
         bool,
-        typer.Option("--agree-terms", "--yes", help=f"You accept the union's terms ({TERMS_VERSION})."),
+        # Consent is its own flag: the generic --yes (skip a confirmation) must never give it.
+        typer.Option("--agree-terms", help=f"You accept the union's terms ({TERMS_VERSION})."),
     ] = False,
     request_id: Annotated[
         str | None, typer.Option(help="Idempotency key; a retry with it returns the same lookup.")
@@ -739,7 +743,7 @@ def lookup(
     as_json = _remember_json(as_json or stream)
     if again is not None and bank:
         raise _refuse(Refusal(["--again asks the banks that failed in a report: leave out --bank"]))
-    _ask_early(agree_terms)
+    _ask_early(agree_terms, "--agree-terms")
 
     async def work() -> lookup_pb.Report:
         async with _client(target, tls, ca, session=_load_session(session_file)) as client:
@@ -755,7 +759,7 @@ def lookup(
                 ]
                 if not chosen:
                     raise Refusal([f"every bank answered in {report.name}: there is nothing to ask again"], 3)
-            _confirm(f"{TERMS}\nDo you accept these terms?", agree_terms)
+            _confirm(f"{TERMS}\nDo you accept these terms?", agree_terms, "--agree-terms")
             created = await client.create_lookup(chosen, request_id, consent_terms_version=TERMS_VERSION)
             return await _follow(client, created, as_json, stream)
 

@@ -216,6 +216,20 @@ def test_progress_shows_banks_answered_and_elapsed_time() -> None:
 
 
 @SQLITE
+async def test_only_agree_terms_gives_consent(run: Cli) -> None:
+    """--yes skips a confirmation; it must not accept the terms of a lookup for the person."""
+    await run.verify()
+    refused = await run("lookup")
+    assert refused.exit_code == 2
+    assert error_lines(refused) == [
+        "error: this asks for confirmation, and there is no terminal to ask on: pass --agree-terms"
+        " (INVALID_ARGUMENT)"
+    ]
+    assert (await run("lookup", "--yes")).exit_code == 2  # no such option on lookup
+    assert json.loads((await run("status", "--json")).stdout).get("lookups", []) == []  # nothing was asked
+
+
+@SQLITE
 async def test_destructive_commands_ask_first(run: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
     await run.verify()
     report = await run.report()
