@@ -47,6 +47,7 @@ from rich.live import Live
 from clients.cli import progress_table, report_table
 from clients.client import TERMS_VERSION, CardLookupClient, CardLookupError
 from server.common.dev_ca import create_dev_pki, union_client_tls
+from server.common.dir_lock import DirectoryServing, nobody_serving_from
 from server.common.grpc_runtime import ClientTls
 from server.common.shapes import bank_tls_name
 from server.population.catalogue import BANKS
@@ -95,6 +96,15 @@ def data_dir_in_use(data_dir: Path, user: str) -> Iterator[None]:
         handle.write(f"{user} (pid {os.getpid()})\n")
         handle.flush()
         yield
+
+
+@contextlib.contextmanager
+def _no_union_serving(union_dir: Path) -> Iterator[None]:
+    try:
+        with nobody_serving_from(union_dir):
+            yield
+    except DirectoryServing as error:
+        raise DemoFailed(str(error)) from None
 
 
 class Stack:
@@ -345,7 +355,7 @@ async def run_lookup(target: str, sms_outbox: Path, person_index: int) -> None:
 
 def reset(data_dir: Path) -> int:
     """Delete the demo state under `data_dir` (never anything outside it, such as .venv)."""
-    with data_dir_in_use(data_dir, "make reset"):
+    with data_dir_in_use(data_dir, "make reset"), _no_union_serving(data_dir / "union"):
         removed = [path.name for path in sorted(data_dir.iterdir()) if path.name != LOCK_FILE]
         for path in data_dir.iterdir():
             if path.name == LOCK_FILE:
@@ -398,8 +408,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if not args.serve:
-        # Each demo starts with a fresh union (the banks' seeded stores are kept: they never change).
-        shutil.rmtree(args.data_dir / "union", ignore_errors=True)
+        # Each demo starts with a fresh union (the banks' seeded stores are kept: they never change),
+        # unless a union started by hand serves from that directory (config/union.example.toml
+        # points there too).
+        with _no_union_serving(args.data_dir / "union"):
+            shutil.rmtree(args.data_dir / "union", ignore_errors=True)
     pki_dir: Path | None = None
     bank_tls: ClientTls | None = None
     if args.secure:

@@ -146,6 +146,41 @@ def test_reset_clears_the_demo_state_and_nothing_else(tmp_path: Path) -> None:
     assert _demo("--reset", "--data-dir", str(tmp_path / "never-used")).returncode == 0
 
 
+def test_a_demo_or_reset_leaves_a_union_serving_from_its_directory_alone(tmp_path: Path) -> None:
+    """config/union.example.toml serves from data/demo/union, as the demo does: a union started by
+    hand there must not lose its keys, admin token and database to `make demo` or `make reset`."""
+    data_dir = tmp_path / "data" / "demo"
+    config = tmp_path / "union.toml"
+    config.write_text(
+        f'[server]\nlisten = "127.0.0.1:0"\ndata_dir = "{data_dir / "union"}"\n'
+        f"[population]\nsize = {POPULATION}\n"
+    )
+    log = tmp_path / "union.log"
+    with log.open("wb") as output:
+        union = subprocess.Popen(
+            [sys.executable, "-m", "server.union.main", "serve", "--config", str(config)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=ENV,
+            cwd=ROOT,
+        )
+    try:
+        _wait_for_output(log, "union started", union)
+        kept = sorted(path.name for path in (data_dir / "union").iterdir())
+        for arguments in (["--reset"], ["--person", "0"]):
+            refused = _demo(*arguments, "--data-dir", str(data_dir), "--population", POPULATION)
+            assert refused.returncode == 1, refused.stdout + refused.stderr
+            assert f"a union is serving from {data_dir / 'union'}" in refused.stdout
+            assert sorted(path.name for path in (data_dir / "union").iterdir()) == kept
+        assert "admin.token" in kept
+    finally:
+        union.send_signal(signal.SIGTERM)
+        assert union.wait(timeout=60) == 0
+    # Once it stopped, the reset goes ahead.
+    assert _demo("--reset", "--data-dir", str(data_dir)).returncode == 0
+    assert list(data_dir.iterdir()) == []
+
+
 def test_make_reset_runs_the_demos_reset_only() -> None:
     recipe = subprocess.run(
         ["make", "-n", "-W", "pyproject.toml", "reset"], capture_output=True, text=True, cwd=ROOT, check=True

@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from server.common import tracing
+from server.common.dir_lock import DirectoryServing, serving_from
 from server.common.errors import DomainError
 from server.common.grpc_runtime import tune_garbage_collection, wait_for_shutdown_signal
 from server.common.logs import configure_logging
@@ -251,6 +252,14 @@ def serve(
     union_config = replace(union_config, tracer_provider=tracer_provider)
 
     async def run() -> None:
+        # Marks the data directory as served from, so `make demo` / `make reset` leave it alone.
+        try:
+            with serving_from(union_config.data_dir):
+                await serve_until_signalled()
+        except DirectoryServing as error:
+            raise typer.BadParameter(str(error), param_hint="--data-dir") from error
+
+    async def serve_until_signalled() -> None:
         server = UnionServer(union_config)
         try:
             await server.start()
