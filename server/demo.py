@@ -446,12 +446,20 @@ def run(args: argparse.Namespace) -> int:
             console.print(
                 f"admin token: {token}   SMS outbox: {args.data_dir / 'union' / 'sms-outbox.jsonl'}"
             )
+            # A documented port that was taken is said, not silently dropped.
+            taken = "[yellow]off[/]: 127.0.0.1:{} is in use by another program"
             if metrics_port is not None:
                 console.print(f"metrics: curl -s 127.0.0.1:{metrics_port}/metrics | grep cardlookup_")
+            else:
+                console.print("metrics: " + taken.format(METRICS_PORT))
             if bank_metrics_port is not None:
                 console.print(f"bank metrics: curl -s 127.0.0.1:{bank_metrics_port}/metrics")
+            else:
+                console.print("bank metrics: " + taken.format(BANK_METRICS_PORT))
             if web_port is not None:
                 console.print(f"web page: http://127.0.0.1:{web_port}/   (and the Connect API, for curl)")
+            else:
+                console.print("web page and Connect API: " + taken.format(WEB_PORT))
             console.print(f"try: {_grpcurl()} -plaintext {target} list    (Ctrl-C stops everything)")
             exit_code = serve_until_stopped(stack)
         else:

@@ -6,9 +6,11 @@ reset clears the demo's state and nothing else; grpcurl comes with make serve; t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -65,6 +67,11 @@ def _running(pid: int) -> bool:
 def test_serve_keeps_its_data_from_a_demo_and_stops_non_zero_when_a_server_dies(tmp_path: Path) -> None:
     data_dir = tmp_path / "demo"
     output = tmp_path / "serve.out"
+    # The web page's documented port, taken by another program (here, or already by someone else).
+    web_port_taker = socket.socket()
+    with contextlib.suppress(OSError):
+        web_port_taker.bind(("127.0.0.1", demo.WEB_PORT))
+        web_port_taker.listen()
     with output.open("wb") as out:
         serve = subprocess.Popen(
             [
@@ -83,7 +90,8 @@ def test_serve_keeps_its_data_from_a_demo_and_stops_non_zero_when_a_server_dies(
             cwd=ROOT,
         )
     try:
-        _wait_for_output(output, "serving", serve)
+        with web_port_taker:  # until the stack has chosen its ports
+            _wait_for_output(output, "serving", serve)
         token = (data_dir / "union" / "admin.token").read_text()
 
         # make demo and make reset on the same data directory refuse, naming who holds it.
@@ -104,6 +112,7 @@ def test_serve_keeps_its_data_from_a_demo_and_stops_non_zero_when_a_server_dies(
             serve.send_signal(signal.SIGTERM)
             serve.wait(timeout=60)
     said = output.read_text()
+    assert f"web page and Connect API: off: 127.0.0.1:{demo.WEB_PORT} is in use by another program" in said
     assert "banks was killed by SIGKILL" in said
     assert f"the end of {data_dir / 'logs' / 'banks.log'}" in said
     assert "servers stopped." in said
