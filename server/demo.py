@@ -223,7 +223,7 @@ def processes(
         "banks": [
             sys.executable,
             "-m",
-            "server.bank.main",
+            "server.bank",
             "serve",
             "--all",
             "--config",
@@ -236,7 +236,7 @@ def processes(
         "union": [
             sys.executable,
             "-m",
-            "server.union.main",
+            "server.union",
             "serve",
             "--config",
             str(UNION_CONFIG),

@@ -24,16 +24,16 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from clients.client import TERMS_VERSION, CardLookupClient
-from server.bank.app import RunningBank, start_all_banks
+from server.bank.bank_server import RunningBank, start_all_banks
 from server.bank.store import BankStore, default_database_url, seed_stores
 from server.population.catalogue import BANKS
 from server.population.generator import DEMO_PEOPLE, Person
-from server.union.app import UnionConfig, UnionServer
 from server.union.clock import Clock
 from server.union.domain.identity import IdentityPolicy
 from server.union.domain.lookups import LookupPolicy
 from server.union.domain.orchestrator import OrchestratorPolicy
 from server.union.sms import read_one_time_code
+from server.union.union_server import UnionConfig, UnionServer
 
 SEED = 20211201
 SIZE = 300

@@ -104,7 +104,7 @@ def test_serve_keeps_its_data_from_a_demo_and_stops_non_zero_when_a_server_dies(
         children = {
             Path(f"/proc/{pid}/cmdline").read_text().split("\0")[2]: pid for pid in _children(serve.pid)
         }
-        banks, union = children["server.bank.main"], children["server.union.main"]
+        banks, union = children["server.bank"], children["server.union"]
         os.kill(banks, signal.SIGKILL)
         assert serve.wait(timeout=60) == 1
     finally:
@@ -167,7 +167,7 @@ def test_a_demo_or_reset_leaves_a_union_serving_from_its_directory_alone(tmp_pat
     log = tmp_path / "union.log"
     with log.open("wb") as output:
         union = subprocess.Popen(
-            [sys.executable, "-m", "server.union.main", "serve", "--config", str(config)],
+            [sys.executable, "-m", "server.union", "serve", "--config", str(config)],
             stdout=output,
             stderr=subprocess.STDOUT,
             env=ENV,

@@ -112,7 +112,7 @@ def test_a_bank_process_logs_json_lines_a_start_an_access_line_per_call_and_a_st
     log_path = tmp_path / "bank.log"
     process = _start(
         [
-            "server.bank.main",
+            "server.bank",
             "serve",
             "--bank",
             "ICBC",
@@ -170,7 +170,7 @@ def test_the_union_process_logs_a_start_an_access_line_per_call_and_a_stop(tmp_p
     log_path = tmp_path / "union.log"
     process = _start(
         [
-            "server.union.main",
+            "server.union",
             "serve",
             "--listen",
             "127.0.0.1:0",

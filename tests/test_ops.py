@@ -21,7 +21,7 @@ from bankquery.v1 import bank_query_service_pb2_grpc as bank_grpc
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.bank.app import RunningBank, start_bank
+from server.bank.bank_server import RunningBank, start_bank
 from server.common.prometheus import process_registry
 from server.common.rpc_metrics import RpcMetrics
 from tests.conftest import SEED, SIZE, ZHANG, UnionFactory, run_lookup, verified_client

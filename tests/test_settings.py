@@ -15,18 +15,18 @@ import pytest
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
-from server.bank.app import start_bank
-from server.bank.main import app as bank_app
-from server.bank.settings import BankSettings
+from server.bank.__main__ import app as bank_app
+from server.bank.bank_server import start_bank
+from server.bank.bank_settings import BankSettings
+from server.common.config_file import ConfigError, load
 from server.common.dev_ca import bank_tls_files, create_dev_pki
-from server.common.settings import ConfigError, load
 from server.population.catalogue import BANKS
+from server.union.__main__ import app as union_app
+from server.union.__main__ import load_settings
 from server.union.bank_gateway import GrpcBankGateway
 from server.union.domain.banks import BankCallFailed
 from server.union.domain.model import Bank
-from server.union.main import app as union_app
-from server.union.main import load_settings
-from server.union.settings import UnionSettings
+from server.union.union_settings import UnionSettings
 from tests.conftest import SEED, SIZE, ZHANG
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -257,7 +257,7 @@ def test_the_process_exits_non_zero_before_listening(tmp_path: Path) -> None:
     """As an operator meets it: a real process, a bad file, one line on stderr, exit status 2."""
     path = _write(tmp_path, '[server]\nlisten = "127.0.0.1:50051:1"\n[metrics]\nlisten = 9464\n')
     result = subprocess.run(
-        [sys.executable, "-m", "server.union.main", "serve", "--config", str(path)],
+        [sys.executable, "-m", "server.union", "serve", "--config", str(path)],
         capture_output=True,
         text=True,
         timeout=60,

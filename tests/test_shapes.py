@@ -10,11 +10,11 @@ from cardlookup.v1 import admin_service_pb2 as admin_pb
 from google.protobuf import field_mask_pb2
 
 from clients.client import CardLookupClient, CardLookupError
+from server.common.config_file import ConfigError, load
 from server.common.dev_ca import create_dev_pki, issue_bank_certificate
-from server.common.settings import ConfigError, load
 from server.common.shapes import BANK_CODE, DNS_NAME, is_bank_address
-from server.union.app import UnionServer
-from server.union.settings import UnionSettings
+from server.union.union_server import UnionServer
+from server.union.union_settings import UnionSettings
 
 ADDRESSES = {
     "127.0.0.1:50061": True,

@@ -22,12 +22,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from server.bank.app import RunningBank, start_all_banks
+from server.bank.bank_server import RunningBank, start_all_banks
 from server.common import tracing
 from server.common.tracing import TracingConfig, otlp_tracer_provider
 from server.population.catalogue import BANKS
 from server.population.generator import cards_of
-from server.union.app import UnionConfig, UnionServer
+from server.union.union_server import UnionConfig, UnionServer
 from tests.conftest import SEED, SIZE, ZHANG, fast_policies, run_lookup, verified_client
 
 CREATE_LOOKUP = "/cardlookup.v1.CardLookupService/CreateLookup"

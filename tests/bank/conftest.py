@@ -14,7 +14,7 @@ import grpc
 import pytest
 from bankquery.v1 import bank_query_service_pb2_grpc as pb_grpc
 
-from server.bank.app import RunningBank, start_bank
+from server.bank.bank_server import RunningBank, start_bank
 from server.bank.store import StoredCard
 
 SEED = 20211201

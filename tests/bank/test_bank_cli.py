@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from server.bank.main import app
+from server.bank.__main__ import app
 from server.bank.store import BankStore, default_database_url
 from server.common.checks import is_luhn_valid
 from server.population.generator import make_resident_id

@@ -13,9 +13,9 @@ from bankquery.v1 import bank_query_service_pb2_grpc as pb_grpc
 from prometheus_client import CollectorRegistry
 from typer.testing import CliRunner
 
-from server.bank.app import start_all_banks
+from server.bank.__main__ import app
+from server.bank.bank_server import start_all_banks
 from server.bank.faults import FaultSettings
-from server.bank.main import app
 from server.common.prometheus import process_registry
 from server.common.rpc_metrics import RpcMetrics
 from tests.conftest import SEED, SIZE, ZHANG

@@ -16,7 +16,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from server.bank.app import RunningBank, start_all_banks, start_bank
+from server.bank.bank_server import RunningBank, start_all_banks, start_bank
 from server.bank.faults import FaultSettings
 from server.bank.store import BankStore, default_database_url
 from server.common.checks import is_valid_resident_id

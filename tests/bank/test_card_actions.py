@@ -27,7 +27,7 @@ from server.bank.actions import (
     decide_closure,
     format_yuan,
 )
-from server.bank.app import RunningBank, start_all_banks, start_bank
+from server.bank.bank_server import RunningBank, start_all_banks, start_bank
 from server.bank.faults import FaultSettings
 from server.bank.store import StoredCard
 from server.population.generator import DEMO_PEOPLE, DemoPerson

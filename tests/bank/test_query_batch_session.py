@@ -19,7 +19,7 @@ import pytest
 from bankquery.v1 import bank_query_service_pb2 as pb
 from bankquery.v1 import bank_query_service_pb2_grpc as pb_grpc
 
-from server.bank.app import RunningBank
+from server.bank.bank_server import RunningBank
 from server.bank.faults import FaultSettings, control_file, write_control_file
 from server.bank.service import MAX_BATCH
 from server.population.generator import people

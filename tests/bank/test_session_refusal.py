@@ -21,7 +21,7 @@ import pytest
 from bankquery.v1 import bank_query_service_pb2 as pb
 from bankquery.v1 import bank_query_service_pb2_grpc as pb_grpc
 
-from server.bank.app import RunningBank
+from server.bank.bank_server import RunningBank
 from server.bank.faults import FaultSettings
 from tests.bank.test_query_session import ZHANG, of
 

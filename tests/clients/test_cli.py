@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from server.union.app import UnionServer
+from server.union.union_server import UnionServer
 from tests.conftest import ZHANG
 
 BIN = Path(sys.executable).parent

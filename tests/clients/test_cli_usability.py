@@ -28,8 +28,8 @@ from typer.testing import CliRunner, Result
 from clients import cli
 from clients.client import TERMS_VERSION, CardLookupClient
 from server.common import errors
-from server.union.app import UnionServer
 from server.union.sms import read_one_time_code
+from server.union.union_server import UnionServer
 from tests.conftest import WANG, ZHANG, UnionFactory
 
 BIN = Path(sys.executable).parent

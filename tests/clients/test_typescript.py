@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from server.union.app import UnionServer
+from server.union.union_server import UnionServer
 from tests.conftest import ZHANG
 
 ROOT = Path(__file__).resolve().parents[2]

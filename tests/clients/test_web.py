@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from playwright.async_api import Page, Response, async_playwright, expect
 
-from server.bank.app import RunningBank
+from server.bank.bank_server import RunningBank
 from server.bank.faults import FaultSettings
 from server.population.generator import DEMO_PEOPLE
 from server.union.api.web import DEFAULT_WEB_ROOT

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from server.bank.app import RunningBank
-from server.union.app import UnionServer
+from server.bank.bank_server import RunningBank
 from server.union.sms import read_one_time_code
+from server.union.union_server import UnionServer
 from tests.conftest import ZHANG
 
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")

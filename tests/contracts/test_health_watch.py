@@ -23,9 +23,9 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from server.bank.app import RunningBank, start_bank
+from server.bank.bank_server import RunningBank, start_bank
 from server.bank.faults import FaultSettings
-from server.union.app import UnionServer
+from server.union.union_server import UnionServer
 from tests.conftest import SEED, SIZE, ZHANG, UnionFactory, run_lookup, verified_client
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -25,12 +25,12 @@ import pytest
 from cardlookup.v1 import identity_service_pb2 as identity_pb
 from cardlookup.v1 import identity_service_pb2_grpc as identity_grpc
 
-from server.bank.app import RunningBank, start_all_banks
+from server.bank.bank_server import RunningBank, start_all_banks
 from server.population.generator import Person
-from server.union.app import UnionConfig, UnionServer
 from server.union.domain.card_actions import CardActionPolicy
 from server.union.domain.identity import IdentityPolicy
 from server.union.sms import read_one_time_code
+from server.union.union_server import UnionConfig, UnionServer
 from tests.conftest import SEED, SIZE, fast_policies
 
 T = TypeVar("T")

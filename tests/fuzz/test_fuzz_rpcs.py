@@ -1783,7 +1783,7 @@ def test_every_served_rpc_is_fuzzed() -> None:
     from google.protobuf import descriptor_pool
 
     from server.bank.service import SERVICE_NAME as BANK_SERVICE
-    from server.union.app import SERVICE_NAMES
+    from server.union.union_server import SERVICE_NAMES
 
     pool = descriptor_pool.Default()
     served = {

@@ -16,17 +16,17 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from typer.testing import CliRunner
 
-from server.bank.app import RunningBank, start_bank
-from server.bank.main import _tls_for
+from server.bank.__main__ import _tls_for
+from server.bank.bank_server import RunningBank, start_bank
 from server.common.dev_ca import bank_tls_files, create_dev_pki, main, union_client_tls, union_server_tls
 from server.common.grpc_runtime import ClientTls, TlsFiles
 from server.common.shapes import bank_tls_name
 from server.population.catalogue import BANKS, BANKS_BY_CODE, BankInfo, Bin
 from server.population.generator import DEMO_PEOPLE
+from server.union.__main__ import app as union_app
 from server.union.bank_gateway import GrpcBankGateway
 from server.union.domain.banks import BankCallFailed, ReportedCard
 from server.union.domain.model import Bank, CardStatus, CardType
-from server.union.main import app as union_app
 
 SEED = 20211201
 SIZE = 50

@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 
 from clients.cli import app as cli_app
 from clients.client import CardLookupClient, CardLookupError
-from server.union.app import UnionServer
+from server.union.__main__ import app as union_app
 from server.union.domain.ports import AdminRole
-from server.union.main import app as union_app
+from server.union.union_server import UnionServer
 
 BOOTSTRAP_TOKEN = "test-admin-token"  # tests/conftest.py's admin_token
 

@@ -16,13 +16,13 @@ import pytest
 from cardlookup.v1 import card_lookup_service_pb2 as pb
 
 from clients.client import TERMS_VERSION
-from server.bank.app import RunningBank
+from server.bank.bank_server import RunningBank
 from server.bank.faults import FaultSettings
 from server.population.generator import people
-from server.union.app import UnionServer
 from server.union.bank_gateway import GrpcBankGateway, _QuerySessionLink
 from server.union.domain.banks import BankCallFailed
 from server.union.domain.model import Bank
+from server.union.union_server import UnionServer
 from tests.conftest import LI, LIU, SEED, SIZE, ZHANG, UnionFactory, run_lookup, verified_client
 
 

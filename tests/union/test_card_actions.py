@@ -17,14 +17,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import select
 
 from clients.client import CardLookupClient, CardLookupError
-from server.bank.app import RunningBank
+from server.bank.bank_server import RunningBank
 from server.bank.faults import FaultSettings
 from server.population.generator import DEMO_PEOPLE, cards_of
-from server.union.app import UnionServer
 from server.union.domain.card_actions import CardActionPolicy
 from server.union.domain.orchestrator import ANNOUNCE_INTERVAL
 from server.union.notify import report_ready_text
 from server.union.storage.models import AuditEventRow
+from server.union.union_server import UnionServer
 from tests.conftest import LI, LIU, SEED, ZHANG, UnionFactory, run_lookup, verified_client
 
 C = grpc.StatusCode

@@ -21,11 +21,11 @@ from sqlalchemy import create_engine, text
 
 from clients.client import TERMS_VERSION, CardLookupClient, CardLookupError
 from clients.sync import lookup_report
-from server.bank.app import RunningBank
+from server.bank.bank_server import RunningBank
 from server.bank.faults import FaultSettings
-from server.union.app import UnionServer
 from server.union.domain.lookups import CURRENT_TERMS_VERSION
 from server.union.storage.database import alembic_config
+from server.union.union_server import UnionServer
 from tests.conftest import ZHANG, run_lookup, verified_client
 
 ROOT = Path(__file__).resolve().parents[2]

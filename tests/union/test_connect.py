@@ -31,8 +31,8 @@ from google.rpc import error_details_pb2
 
 from clients.client import TERMS_VERSION
 from server.population.generator import Person
-from server.union.app import UnionServer
 from server.union.sms import read_one_time_code
+from server.union.union_server import UnionServer
 from tests.conftest import LI, ZHANG, UnionFactory
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import Connection, create_engine, func, select
 
 from clients.client import TERMS_VERSION, CardLookupClient
-from server.bank.app import RunningBank
+from server.bank.bank_server import RunningBank
 from server.bank.faults import FaultSettings
 from server.population.catalogue import PILOT_REGIONS
 from server.population.generator import Person, person_at
@@ -51,7 +51,7 @@ class UnionProcess:
         self.command = [
             sys.executable,
             "-m",
-            "server.union.main",
+            "server.union",
             "serve",
             "--listen",
             self.address,

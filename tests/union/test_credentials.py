@@ -15,13 +15,13 @@ from sqlalchemy import func, insert, select, text
 from typer.testing import CliRunner
 
 from clients.client import TERMS_VERSION, CardLookupClient, CardLookupError
-from server.union.app import UnionServer
+from server.union.__main__ import app as union_app
 from server.union.clock import FakeClock
 from server.union.domain.retention import RetentionPolicy
 from server.union.keyring import Keys
-from server.union.main import app as union_app
 from server.union.notify import report_ready_text
 from server.union.storage.models import NotificationRow
+from server.union.union_server import UnionServer
 from tests.conftest import LI, ZHANG, UnionFactory, run_lookup, verified_client
 
 

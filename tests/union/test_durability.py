@@ -10,7 +10,7 @@ from cardlookup.v1 import card_lookup_service_pb2 as pb
 from sqlalchemy import func, select
 
 from clients.client import TERMS_VERSION
-from server.bank.app import RunningBank
+from server.bank.bank_server import RunningBank
 from server.bank.faults import FaultSettings
 from server.union.storage.models import ReportRow
 from tests.conftest import ZHANG, UnionFactory, run_lookup, verified_client

@@ -9,8 +9,8 @@ from google.protobuf import field_mask_pb2
 
 from clients.client import TERMS_VERSION, CardLookupClient, CardLookupError
 from server.population.catalogue import PILOT_REGIONS
-from server.union.app import UnionServer
 from server.union.sms import read_last_message
+from server.union.union_server import UnionServer
 from tests.conftest import WANG, ZHANG, run_lookup, verified_client
 
 

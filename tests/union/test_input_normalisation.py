@@ -10,8 +10,8 @@ from clients.client import CardLookupClient, CardLookupError
 from server.common import normalize
 from server.population.catalogue import PILOT_REGIONS
 from server.population.generator import Person, people
-from server.union.app import UnionServer
 from server.union.sms import read_one_time_code
+from server.union.union_server import UnionServer
 from tests.conftest import SEED, SIZE, ZHANG
 
 FULL_WIDTH = str.maketrans("0123456789Xx+-", "０１２３４５６７８９Ｘｘ＋－")

@@ -23,13 +23,13 @@ from typer.testing import CliRunner
 
 from clients.cli import app as cli_app
 from clients.client import CardLookupClient, CardLookupError
-from server.bank.app import RunningBank, start_all_banks, start_bank
+from server.bank.bank_server import RunningBank, start_all_banks, start_bank
 from server.common.dev_ca import bank_tls_files, create_dev_pki, main, union_client_tls
 from server.population.catalogue import BANKS, PILOT_REGIONS, BankInfo, Bin
 from server.population.generator import Person, cards_at_joining_bank, cards_of, people
-from server.union.app import UnionConfig, UnionServer
 from server.union.domain.admin import UnknownBankCodes
 from server.union.domain.ports import AdminRole
+from server.union.union_server import UnionConfig, UnionServer
 from tests.conftest import SEED, SIZE, UnionFactory, fast_policies, run_lookup, verified_client
 
 BIN = Path(sys.executable).parent

@@ -15,10 +15,10 @@ import pytest
 from cardlookup.v1 import card_lookup_service_pb2 as pb
 
 from clients.client import TERMS_VERSION, CardLookupError
-from server.bank.app import RunningBank
+from server.bank.bank_server import RunningBank
 from server.bank.store import StoredCard
 from server.population.generator import DEMO_PEOPLE
-from server.union.app import UnionServer
+from server.union.union_server import UnionServer
 from tests.conftest import LI, LIU, ZHANG, UnionFactory, run_lookup, verified_client
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")

@@ -21,11 +21,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from clients.client import TERMS_VERSION
-from server.bank.app import RunningBank
+from server.bank.bank_server import RunningBank
 from server.bank.faults import FaultSettings
 from server.population.generator import cards_of
 from server.union import prometheus_metrics
-from server.union.main import app as union_app
+from server.union.__main__ import app as union_app
 from tests.conftest import SEED, ZHANG, UnionFactory, health_status, run_lookup, verified_client, wait_health
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -12,7 +12,7 @@ from cardlookup.v1 import card_lookup_service_pb2 as pb
 from cardlookup.v1 import card_lookup_service_pb2_grpc as pb_grpc
 
 from clients.client import TERMS_VERSION, CardLookupError
-from server.union.app import UnionServer
+from server.union.union_server import UnionServer
 from tests.conftest import ZHANG, UnionFactory, run_lookup, verified_client
 
 NORMAL_WATCHES = 8

@@ -16,7 +16,7 @@ import pytest
 from google.protobuf.json_format import MessageToJson
 
 from clients.client import CardLookupClient, CardLookupError
-from server.bank.app import RunningBank
+from server.bank.bank_server import RunningBank
 from server.bank.faults import FaultSettings
 from server.common.checks import is_luhn_valid, is_valid_resident_id
 from server.common.logs import record_fields

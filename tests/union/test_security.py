@@ -9,9 +9,9 @@ import pytest
 from cardlookup.v1 import admin_service_pb2 as admin_pb
 
 from clients.client import TERMS_VERSION, CardLookupClient, CardLookupError
-from server.union.app import UnionServer
 from server.union.clock import FakeClock
 from server.union.sms import read_one_time_code
+from server.union.union_server import UnionServer
 from tests.conftest import LI, ZHANG, UnionFactory, run_lookup, verified_client
 
 

@@ -22,10 +22,10 @@ from bankquery.v1 import bank_query_service_pb2 as pb
 from bankquery.v1 import bank_query_service_pb2_grpc as pb_grpc
 from cardlookup.v1 import card_lookup_service_pb2 as lookup_pb
 
-from server.bank.app import RunningBank
+from server.bank.bank_server import RunningBank
 from server.union import bank_gateway
-from server.union.app import UnionServer
 from server.union.bank_gateway import GrpcBankGateway
+from server.union.union_server import UnionServer
 from tests.conftest import ZHANG, UnionFactory, run_lookup, verified_client
 
 # Long enough for the older bank (on its own threads) to refuse and its status to reach the union's

@@ -18,7 +18,7 @@ import pytest
 from cardlookup.v1 import card_lookup_service_pb2 as pb
 
 from clients.client import TERMS_VERSION
-from server.bank.app import RunningBank
+from server.bank.bank_server import RunningBank
 from server.bank.faults import FaultSettings
 from server.union.domain.banks import BankCallFailed
 from tests.bank.test_query_session import eventually

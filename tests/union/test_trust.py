@@ -21,10 +21,9 @@ from google.protobuf.json_format import MessageToJson
 from sqlalchemy import func, select
 
 from clients.client import TERMS_VERSION, CardLookupClient, CardLookupError
-from server.bank.app import RunningBank
+from server.bank.bank_server import RunningBank
 from server.bank.store import StoredCard
 from server.population.generator import cards_of
-from server.union.app import UnionServer
 from server.union.clock import FakeClock
 from server.union.domain.audit import safe_resource
 from server.union.domain.identity import IdentityPolicy
@@ -43,6 +42,7 @@ from server.union.storage.models import (
     ReportRow,
     VerificationRow,
 )
+from server.union.union_server import UnionServer
 from tests.conftest import LI, LIU, SEED, ZHANG, UnionFactory, run_lookup, verified_client
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")

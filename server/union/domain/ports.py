@@ -5,7 +5,7 @@ The domain services depend on these, never on a concrete store: the rules read
 pyproject.toml keeps server.union.domain from importing server.union.storage or
 SQLAlchemy. server.union.storage implements every port (one module per
 aggregate; `Store` is all of them on one database), and the composition root
-(server.union.app) wires it in. The storage contract suite
+(server.union.union_server) wires it in. The storage contract suite
 (tests/union/storage_contract/) says what an implementation must do.
 """
 

@@ -4,7 +4,7 @@
 default) or PostgreSQL (production, several replicas on one database). `Store` is
 the composition of the aggregates' storage modules over one `Runner`, which owns
 everything that differs between the two backends; the domain sees it only through
-the ports of server.union.domain.ports, wired in server.union.app.
+the ports of server.union.domain.ports, wired in server.union.union_server.
 
 | aggregate | module | tables |
 |---|---|---|

@@ -18,24 +18,24 @@ from rich.table import Table
 from sqlalchemy.exc import IntegrityError
 
 from server.bank.actions import format_yuan
-from server.bank.app import (
+from server.bank.bank_server import (
     DEFAULT_DATA_DIR,
     RunningBank,
     start_all_banks,
     start_bank,
 )
+from server.bank.bank_settings import BankSettings
 from server.bank.faults import control_file, write_control_file
 from server.bank.masking import mask_number
-from server.bank.settings import BankSettings
 from server.bank.store import BankStore, default_database_url
 from server.common import tracing
 from server.common.checks import is_luhn_valid, is_valid_resident_id, luhn_check_digit
+from server.common.config_file import ConfigError, load, nested
 from server.common.dev_ca import bank_tls_files
 from server.common.grpc_runtime import TlsFiles, tune_garbage_collection, wait_for_shutdown_signal
 from server.common.logs import configure_logging
 from server.common.prometheus import MetricsEndpoint, process_registry
 from server.common.rpc_metrics import RpcMetrics
-from server.common.settings import ConfigError, load, nested
 from server.common.shapes import BANK_CODE
 from server.common.tracing import otlp_tracer_provider
 from server.population.catalogue import BANKS, BANKS_BY_CODE, BankInfo, Bin

@@ -4,7 +4,7 @@ dataclasses the rest of the union already takes: UnionConfig and its policies.
 Tables: [server] [http] [database] [population] [banks.<CODE>] [bank_tls] [identity] [lookups]
 [orchestration] [card_actions] [retention] [metrics] [tracing] [logging]; environment variables
 `CARDLOOKUP_UNION_<TABLE>__<KEY>` override the file, and `cardlookup-union serve`'s flags override
-both (server/common/settings.py). Regions are not configured here: the catalogue opens the pilot
+both (server/common/config_file.py). Regions are not configured here: the catalogue opens the pilot
 regions at the first start, and operators open and close regions at run time (AdminService).
 """
 
@@ -20,9 +20,7 @@ from pydantic_settings import SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from server.common.dev_ca import union_client_tls, union_server_tls
-from server.common.grpc_runtime import ClientTls, TlsFiles
-from server.common.settings import (
+from server.common.config_file import (
     ConfigError,
     FileSettings,
     HostPort,
@@ -32,14 +30,16 @@ from server.common.settings import (
     Table,
     TracingSettings,
 )
+from server.common.dev_ca import union_client_tls, union_server_tls
+from server.common.grpc_runtime import ClientTls, TlsFiles
 from server.common.shapes import BANK_CODE, DNS_NAME, is_bank_address
 from server.population.catalogue import BANKS
-from server.union.app import DEFAULT_POPULATION_SEED, DEFAULT_POPULATION_SIZE, UnionConfig
 from server.union.domain.card_actions import CardActionPolicy
 from server.union.domain.identity import IdentityPolicy
 from server.union.domain.lookups import LookupPolicy
 from server.union.domain.orchestrator import OrchestratorPolicy
 from server.union.domain.retention import DEFAULT_RETENTION_DAYS, DEFAULT_TIMEZONE, RetentionPolicy
+from server.union.union_server import DEFAULT_POPULATION_SEED, DEFAULT_POPULATION_SIZE, UnionConfig
 
 ENV_PREFIX = "CARDLOOKUP_UNION_"
 DEFAULT_BANK_HOST = "127.0.0.1"

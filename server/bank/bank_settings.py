@@ -2,7 +2,7 @@
 
 Tables: [server] [database] [population] [faults] [metrics] [tracing] [logging]; environment
 variables `CARDLOOKUP_BANK_<TABLE>__<KEY>` override the file, and `cardlookup-bank serve`'s flags
-override both (server/common/settings.py). Which banks a process serves (--bank CODE or --all) is
+override both (server/common/config_file.py). Which banks a process serves (--bank CODE or --all) is
 chosen per run, on the command line.
 """
 
@@ -14,9 +14,9 @@ from typing import Annotated
 from pydantic import AfterValidator, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from server.bank.app import DEFAULT_BASE_PORT, DEFAULT_DATA_DIR, DEFAULT_POPULATION, DEFAULT_SEED
+from server.bank.bank_server import DEFAULT_BASE_PORT, DEFAULT_DATA_DIR, DEFAULT_POPULATION, DEFAULT_SEED
 from server.bank.faults import FaultSettings
-from server.common.settings import (
+from server.common.config_file import (
     FileSettings,
     LoggingSettings,
     MetricsSettings,

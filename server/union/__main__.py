@@ -14,23 +14,23 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from server.common import tracing
+from server.common.config_file import ConfigError, load, nested
 from server.common.dir_lock import DirectoryServing, serving_from
 from server.common.errors import DomainError
 from server.common.grpc_runtime import tune_garbage_collection, wait_for_shutdown_signal
 from server.common.logs import configure_logging
-from server.common.settings import ConfigError, load, nested
 from server.common.tracing import otlp_tracer_provider
-from server.union.app import UnionConfig, UnionServer, default_bank_addresses
 from server.union.clock import SystemClock
 from server.union.domain.admin import AdminService, UnknownBankCodes
 from server.union.domain.audit import AuditTrail
 from server.union.domain.ports import AdminRole
 from server.union.domain.retention import RetentionSweep
 from server.union.keyring import Keys
-from server.union.settings import UnionSettings
 from server.union.sms import FileSmsSink
 from server.union.storage.credentials import AdminCredentialRepository, SessionStore
 from server.union.storage.database import Store, open_store
+from server.union.union_server import UnionConfig, UnionServer, default_bank_addresses
+from server.union.union_settings import UnionSettings
 
 T = TypeVar("T")
 
