@@ -149,19 +149,24 @@ def postgres_cpu_seconds(postmaster: int) -> float:
     clock_ticks = os.sysconf("SC_CLK_TCK")
     reaped = _reaped_children_ticks(postmaster)
     while True:
-        # A child reaped while the scan below runs would be in neither sum, so the scan is only
-        # taken when the reaped children's time did not move across it (one more try, mostly).
+        # Each child must be counted once: live (or a zombie) in the scan, or reaped in the
+        # postmaster's children's time. A child reaped while the scan runs would be in neither, and
+        # one being reaped right now (state X: the kernel adds its time to the parent's before it
+        # leaves /proc) could be in both. So a scan is kept only if the reaped time did not move
+        # across it and no child was caught in the middle of being reaped (one more try, mostly).
         live = 0
+        being_reaped = False
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
                 fields = _stat_fields(stat)
             except OSError:  # exited while we looked
                 continue
             if int(fields[1]) == postmaster:
+                being_reaped = being_reaped or fields[0] == "X"
                 live += int(fields[11]) + int(fields[12])
         fields = _stat_fields(Path(f"/proc/{postmaster}/stat"))
         after = _reaped_children_ticks(postmaster)
-        if after == reaped:
+        if after == reaped and not being_reaped:
             return (int(fields[11]) + int(fields[12]) + reaped + live) / clock_ticks
         reaped = after
 
@@ -295,7 +300,7 @@ class Banks:
         command = [
             sys.executable,
             "-m",
-            "server.bank.main",
+            "server.bank",
             "serve",
             "--all",
             "--base-port",
@@ -359,7 +364,7 @@ class Unions:
             command = [
                 sys.executable,
                 "-m",
-                "server.union.main",
+                "server.union",
                 "serve",
                 "--listen",
                 address,
