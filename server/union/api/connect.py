@@ -315,6 +315,7 @@ class _Answer:
         self.body = bytearray()  # an error answer's body
         self.last_chunk = b""  # a stream's last piece: its end-of-stream message
         self.trailers: dict[str, str] = {}
+        self._trailers_follow = False  # gRPC proper ends with trailers, not with its body
         self.complete = False
         self.client_left = False
 
@@ -329,6 +330,7 @@ class _Answer:
             kind = message["type"]
             if kind == "http.response.start":
                 self.http_status = int(message["status"])
+                self._trailers_follow = bool(message.get("trailers", False))
                 self.headers = {
                     bytes(k).decode("latin-1").lower(): bytes(v).decode("latin-1")
                     for k, v in message.get("headers", ())
@@ -339,7 +341,7 @@ class _Answer:
                     self.body += chunk
                 if chunk:
                     self.last_chunk = chunk
-                self.complete = not message.get("more_body", False) and not message.get("trailers")
+                self.complete = not message.get("more_body", False) and not self._trailers_follow
             elif kind == "http.response.trailers":
                 self.trailers = {
                     bytes(k).decode("latin-1").lower(): bytes(v).decode("latin-1")
