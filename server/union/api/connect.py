@@ -467,7 +467,9 @@ class ObservedService:
             if span is None:
                 await self._application(scope, receive, send)
             else:
-                with trace.use_span(span, end_on_exit=False, record_exception=False):
+                with trace.use_span(
+                    span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+                ):
                     await self._application(scope, receive, send)
         except BaseException as raised:
             error = raised
