@@ -402,7 +402,10 @@ class _Answer:
             )
             if compression is None:
                 return None
-            data = compression.decompress(data)
+            try:
+                data = compression.decompress(data)
+            except Exception:  # a frame the library wrote and cannot read back: say UNKNOWN
+                return None
         return data
 
     def _grpc_web_end(self) -> grpc.StatusCode:
