@@ -7,6 +7,7 @@ queries on a shared session stream, in the query itself.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent import futures
@@ -15,19 +16,28 @@ from typing import Any
 
 import grpc
 import pytest
+from cardlookup.v1 import card_lookup_service_connect as lookup_connect
+from cardlookup.v1 import card_lookup_service_pb2 as lookup_pb
+from cardlookup.v1 import identity_service_connect as identity_connect
+from cardlookup.v1 import identity_service_pb2 as identity_pb
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+from connectrpc.protocol import ProtocolType
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 
+from clients.client import TERMS_VERSION
 from server.bank.bank_server import RunningBank, start_all_banks
 from server.common import tracing
 from server.common.tracing import TracingConfig, otlp_tracer_provider
 from server.population.catalogue import BANKS
 from server.population.generator import cards_of
 from server.union.union_server import UnionConfig, UnionServer
+from server.union.sms import read_one_time_code
 from tests.conftest import SEED, SIZE, ZHANG, fast_policies, run_lookup, verified_client
 
 CREATE_LOOKUP = "/cardlookup.v1.CardLookupService/CreateLookup"
@@ -52,6 +62,29 @@ async def traced(
     exporter: InMemorySpanExporter, seeded_banks_template: Path, tmp_path: Path, database_url: str
 ) -> AsyncIterator[UnionServer]:
     """16 banks and a union, each traced into `exporter`."""
+    async with _traced_union(exporter, seeded_banks_template, tmp_path, database_url) as union:
+        yield union
+
+
+@pytest.fixture
+async def traced_http(
+    exporter: InMemorySpanExporter, seeded_banks_template: Path, tmp_path: Path, database_url: str
+) -> AsyncIterator[UnionServer]:
+    """The same, with the union's HTTP port (Connect and gRPC-Web) open."""
+    async with _traced_union(
+        exporter, seeded_banks_template, tmp_path, database_url, http_listen="127.0.0.1:0", web_root=None
+    ) as union:
+        yield union
+
+
+@contextlib.asynccontextmanager
+async def _traced_union(
+    exporter: InMemorySpanExporter,
+    seeded_banks_template: Path,
+    tmp_path: Path,
+    database_url: str,
+    **overrides: Any,
+) -> AsyncIterator[UnionServer]:
     shutil.copytree(seeded_banks_template, tmp_path / "banks")
     banks: list[RunningBank] = await start_all_banks(
         data_dir=tmp_path / "banks",
@@ -71,6 +104,7 @@ async def traced(
             admin_token="test-admin-token",
             tracer_provider=_provider(exporter, "cardlookup-union"),
             **fast_policies(),
+            **overrides,
         )
     )
     await union.start()
@@ -152,6 +186,93 @@ async def test_one_lookup_is_one_trace_with_a_span_per_bank_call_on_both_sides(
     # The session streams themselves are not part of any one lookup's trace.
     streams = [s for s in spans if s.name.endswith("/QueryBatchSession")]
     assert all(s.context.trace_id != trace_id for s in streams)
+
+
+@pytest.mark.parametrize("protocol", [ProtocolType.CONNECT, ProtocolType.GRPC_WEB])
+async def test_a_lookup_created_over_http_continues_the_callers_trace(
+    traced_http: UnionServer, exporter: InMemorySpanExporter, protocol: ProtocolType
+) -> None:
+    base = f"http://{traced_http.http_address}"
+    async with identity_connect.IdentityServiceClient(base, protocol=protocol) as identity:
+        started = await identity.start_verification(
+            identity_pb.StartVerificationRequest(
+                name=ZHANG.name,
+                resident_id_number=ZHANG.resident_id_number,
+                mobile_number=ZHANG.mobile_number,
+            )
+        )
+        code = read_one_time_code(traced_http.config.sms_sink_path, ZHANG.mobile_number)
+        assert code is not None
+        done = await identity.complete_verification(
+            identity_pb.CompleteVerificationRequest(verification_id=started.verification_id, code=code)
+        )
+    # The web page's own span: the caller's trace, which the union's spans must join.
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    headers = {
+        "authorization": f"Bearer {done.session_token}",
+        "traceparent": f"00-{trace_id}-{parent_id}-01",
+    }
+    async with lookup_connect.CardLookupServiceClient(base, protocol=protocol) as lookups:
+        created = await lookups.create_lookup(
+            lookup_pb.CreateLookupRequest(request_id="traced-over-http", consent_terms_version=TERMS_VERSION),
+            headers=headers,
+        )
+        events = [
+            event
+            async for event in lookups.watch_lookup(
+                lookup_pb.WatchLookupRequest(name=created.lookup.name), headers=headers
+            )
+        ]
+        assert events[-1].report_ready
+        with pytest.raises(ConnectError) as refused:
+            await lookups.create_lookup(
+                lookup_pb.CreateLookupRequest(request_id="not valid!"), headers=headers
+            )
+        assert refused.value.code == Code.INVALID_ARGUMENT
+    spans = list(exporter.get_finished_spans())
+    in_trace = [s for s in spans if s.context.trace_id == int(trace_id, 16)]
+    created_spans = [s for s in in_trace if s.name == CREATE_LOOKUP]
+    assert [s.kind for s in created_spans] == [SpanKind.SERVER, SpanKind.SERVER]
+    create, invalid = sorted(created_spans, key=lambda s: s.start_time or 0)
+    for span in (create, invalid):
+        assert _service(span) == "cardlookup-union"
+        assert span.parent is not None
+        assert span.parent.span_id == int(parent_id, 16)
+        assert span.parent.is_remote
+    attributes = dict(create.attributes or {})
+    assert attributes["rpc.system"] == "grpc"
+    assert (attributes["rpc.service"], attributes["rpc.method"]) == (
+        "cardlookup.v1.CardLookupService",
+        "CreateLookup",
+    )
+    assert attributes["rpc.grpc.status_code"] == grpc.StatusCode.OK.value[0]
+    assert (invalid.attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    # The caller's mistake is not the server's fault: no error status, as on a gRPC span.
+    assert invalid.status.status_code == StatusCode.UNSET
+    [watch] = [s for s in in_trace if s.name == "/cardlookup.v1.CardLookupService/WatchLookup"]
+    assert (watch.kind, (watch.attributes or {})["rpc.grpc.status_code"]) == (SpanKind.SERVER, 0)
+
+    # The lookup's database writes nest under the call, and every bank call is in the same trace.
+    ids = {s.context.span_id: s for s in in_trace}
+    [record] = [s for s in in_trace if s.name == "db.create_lookup"]
+    assert record.parent is not None
+    assert record.parent.span_id == create.context.span_id
+    assert "db.record_answer" in {s.name for s in in_trace}
+    union_calls = [s for s in in_trace if s.name == SESSION_QUERY and s.kind == SpanKind.CLIENT]
+    bank_calls = [s for s in in_trace if s.name == SESSION_QUERY and s.kind == SpanKind.SERVER]
+    every_bank = sorted(bank.code for bank in BANKS)
+    assert sorted(str((s.attributes or {})["cardlookup.bank"]) for s in union_calls) == every_bank
+    assert sorted(str((s.attributes or {})["cardlookup.bank"]) for s in bank_calls) == every_bank
+    assert all(s.parent is not None and s.parent.span_id == create.context.span_id for s in union_calls)
+    assert all(s.parent is not None and s.parent.span_id in ids for s in bank_calls)
+    print(f"\na lookup's trace over {protocol.name} ({len(in_trace)} spans):\n{span_tree(in_trace)}")
+
+    person = [ZHANG.resident_id_number, ZHANG.name, ZHANG.mobile_number, "not valid!"]
+    secrets = person + [card.number for card in cards_of(SEED, ZHANG)]
+    texts = [
+        str(value) for s in spans for value in [s.name, s.status.description, *(s.attributes or {}).values()]
+    ]
+    assert not [secret for secret in secrets for text in texts if secret in text]
 
 
 async def test_a_card_closure_is_a_traced_call_from_the_union_to_the_bank(

@@ -11,6 +11,9 @@ The method is a registered one (a handler was found for it); a call to anything 
 and logged as `unregistered`, since its path is whatever the caller typed. Health checks and
 reflection are logged at DEBUG: load balancers and the union's bank health watch ask several times
 a second, and their lines would drown the others.
+
+The union's Connect and gRPC-Web calls (server/union/api/connect.py) are recorded through the same
+`RpcObserver.finished`, with the same labels, plus a `protocol` field on their access line.
 """
 
 from __future__ import annotations
@@ -99,6 +102,11 @@ def _code_of(
     return "OK" if error is None else "UNKNOWN"
 
 
+def peer_of(host: str, port: int) -> str:
+    """An HTTP client's address spelled as grpc.aio spells a peer, so access lines read alike."""
+    return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+
+
 def _call_facts(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, float | None]:
     """The peer and the deadline (on the perf_counter clock), read while the call is surely alive."""
     remaining = context.time_remaining()
@@ -113,24 +121,33 @@ class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self.server = server
         self.metrics = metrics
 
-    def _finished(self, full_method: str, code: str, started: float, peer: str, quiet: bool = False) -> None:
+    def finished(
+        self,
+        full_method: str,
+        code: str,
+        started: float,
+        peer: str,
+        quiet: bool = False,
+        protocol: str | None = None,
+    ) -> None:
+        """One call ended: `code` is the gRPC status code's name, `started` its perf_counter start.
+        `protocol` names the HTTP protocol (connect, grpc-web) of a call that did not come over gRPC."""
         seconds = time.perf_counter() - started
         if self.metrics is not None:
             service, method = (
                 _split(full_method) if full_method != UNREGISTERED else (UNREGISTERED, UNREGISTERED)
             )
             self.metrics.observe(self.server, service, method, code, seconds)
-        access_log.log(
-            logging.DEBUG if quiet else logging.INFO,
-            "rpc",
-            extra={
-                "server": self.server,
-                "method": full_method,
-                "code": code,
-                "duration_ms": round(seconds * 1000, 3),
-                "peer": peer,
-            },
-        )
+        fields: dict[str, Any] = {
+            "server": self.server,
+            "method": full_method,
+            "code": code,
+            "duration_ms": round(seconds * 1000, 3),
+            "peer": peer,
+        }
+        if protocol is not None:
+            fields["protocol"] = protocol
+        access_log.log(logging.DEBUG if quiet else logging.INFO, "rpc", extra=fields)
 
     async def intercept_service(
         self,
@@ -141,7 +158,7 @@ class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None:
             # grpcio answers UNIMPLEMENTED itself; the path the caller sent is not repeated anywhere.
-            self._finished(UNREGISTERED, "UNIMPLEMENTED", started, peer="")
+            self.finished(UNREGISTERED, "UNIMPLEMENTED", started, peer="")
             return handler
         method: str = handler_call_details.method
         quiet = method.startswith(QUIET_PREFIXES)
@@ -189,7 +206,7 @@ class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     error = raised
                     raise
                 finally:
-                    self._finished(method, _code_of(context, error, deadline), started, peer, quiet)
+                    self.finished(method, _code_of(context, error, deadline), started, peer, quiet)
 
             return observed_stream
 
@@ -203,6 +220,6 @@ class RpcObserver(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 error = raised
                 raise
             finally:
-                self._finished(method, _code_of(context, error, deadline), started, peer, quiet)
+                self.finished(method, _code_of(context, error, deadline), started, peer, quiet)
 
         return observed

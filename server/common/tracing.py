@@ -5,7 +5,9 @@ sends nothing, so tracing costs nothing it does not use. With a provider (OTLP w
 is configured; an in-memory exporter in tests):
 
 - every gRPC server span comes from opentelemetry-instrumentation-grpc's grpc.aio interceptor,
-  which reads the caller's W3C trace context from the call's metadata;
+  which reads the caller's W3C trace context from the call's metadata; a Connect or gRPC-Web call
+  on the union's HTTP port gets the same span (`start_server_span`: same name, kind and
+  attributes, parent from the request's `traceparent` header);
 - the union's calls to the banks are client spans with the trace context in the metadata;
   queries that travel on a shared session stream carry it in the query itself
   (`QuerySessionRequest.trace_context`), so each bank query is a span of its own lookup's trace on
@@ -30,6 +32,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
+import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
@@ -196,6 +199,43 @@ def start_child(
     """A span whose parent is the trace context in `carrier`, or the current span without one."""
     parent = _PROPAGATOR.extract(carrier) if carrier else None
     return tracer_.start_span(name, context=parent, kind=kind, attributes=attributes)
+
+
+# What the gRPC instrumentation marks as an error on a server span: the server's failures. A code
+# the caller earned (INVALID_ARGUMENT, UNAUTHENTICATED...) leaves the status unset, as there.
+SERVER_FAULTS = frozenset(
+    {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"}
+)
+
+
+def start_server_span(
+    tracer_: Tracer, full_method: str, carrier: Mapping[str, str], peer: tuple[str, int] | None
+) -> Span:
+    """A server span for a call that did not come over gRPC, as the grpc.aio instrumentation makes
+    one (name '/pkg.Service/Method', its rpc.* and net.peer.* attributes, but no user agent),
+    continuing the W3C trace context in `carrier` (a new trace without one)."""
+    service, _, method = full_method.lstrip("/").partition("/")
+    attributes: dict[str, str | int] = {
+        "rpc.system": "grpc",
+        "rpc.service": service,
+        "rpc.method": method,
+        "rpc.grpc.status_code": 0,
+    }
+    if peer is not None:
+        attributes["net.peer.ip"], attributes["net.peer.port"] = peer[0], str(peer[1])
+        if peer[0] in ("127.0.0.1", "::1"):
+            attributes["net.peer.name"] = "localhost"
+    parent = _PROPAGATOR.extract(carrier)
+    return tracer_.start_span(full_method, context=parent, kind=SpanKind.SERVER, attributes=attributes)
+
+
+def end_server_span(span: Span, code: grpc.StatusCode) -> None:
+    """The status the call ended with, recorded as the gRPC instrumentation records it (the code's
+    number; an error status for the server's faults, named by the code only, no message)."""
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code.name in SERVER_FAULTS:
+        span.set_status(Status(StatusCode.ERROR, str(code)))
+    span.end()
 
 
 def end_failed(span: Span, reason: str) -> None:

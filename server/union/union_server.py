@@ -220,6 +220,8 @@ class UnionServer:
             self.store, self.clock, self.keys, AdminCredentialRepository(self.store), self.audit
         )
         self.admission = AdmissionControl(config.max_concurrent_calls, config.max_concurrent_watches)
+        # One observer for both ports: a call is counted alike whichever way it came.
+        self.rpc_observer = RpcObserver("union", RpcMetrics(self.metrics.registry))
         self.grpc = GrpcServer(
             config.listen,
             SERVICE_NAMES,
@@ -227,7 +229,7 @@ class UnionServer:
             tls=config.tls,
             interceptors=[self.admission],
             observers=[
-                RpcObserver("union", RpcMetrics(self.metrics.registry)),
+                self.rpc_observer,
                 *tracing.server_interceptors(config.tracer_provider),
             ],
         )
@@ -265,6 +267,8 @@ class UnionServer:
             CardLookupServicer(self.identity, self.lookups),
             CardActionServicer(self.identity, self.card_actions),
             self.admission,
+            self.rpc_observer,
+            tracing.tracer(self.config.tracer_provider),
         )
         app = WebApp(services, self.config.web_root, self.config.http_allowed_origins)
         self._web = WebEndpoint(app, self.config.http_listen)

@@ -2,13 +2,15 @@
 
 The same session check, validation and error mapping as gRPC (codes and google.rpc details),
 WatchLookup as an HTTP/1.1 server stream, the README's curl flow run as written, and the HTTP
-port's own rules: the security headers, and no API for a foreign browser origin.
+port's own rules: the security headers, and no API for a foreign browser origin. Every call on it
+is counted, timed and logged as the same gRPC call would be (the trace is in tests/test_tracing.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import urllib.error
@@ -28,17 +30,23 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.protocol import ProtocolType
 from google.rpc import error_details_pb2
+from prometheus_client import generate_latest
 
 from clients.client import TERMS_VERSION
-from server.population.generator import Person
-from server.union.sms import read_one_time_code
+from server.bank.bank_server import RunningBank
+from server.bank.faults import FaultSettings
+from server.population.generator import Person, cards_of
 from server.union.union_server import UnionServer
-from tests.conftest import LI, ZHANG, UnionFactory
+from server.union.sms import read_one_time_code
+from tests.conftest import LI, SEED, ZHANG, UnionFactory
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 MASKED = re.compile(r"^\d{4}( \*{1,4})+ \d{4}$")
 PAN = re.compile(r"(?<!\d)\d{16,19}(?!\d)")
+IDENTITY = "cardlookup.v1.IdentityService"
+LOOKUPS = "cardlookup.v1.CardLookupService"
+WIRE_NAMES = {ProtocolType.CONNECT: "connect", ProtocolType.GRPC_WEB: "grpc-web"}
 
 
 @pytest.fixture
@@ -286,3 +294,143 @@ def _curl_block(markdown: str) -> str:
     match = re.search(r"```sh\n(.*?)```", section, re.DOTALL)
     assert match is not None, "the curl flow's sh block is missing from the README"
     return match.group(1)
+
+
+def _rpc_count(union: UnionServer, service: str, method: str, code: str) -> float:
+    """Calls in the union's own Prometheus registry, by the labels a gRPC call gets."""
+    labels = {"server": "union", "grpc_service": service, "grpc_method": method, "grpc_code": code}
+    return union.metrics.registry.get_sample_value("cardlookup_rpc_duration_seconds_count", labels) or 0.0
+
+
+def _access_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str, str]]:
+    return [
+        (getattr(r, "method", ""), getattr(r, "code", ""), getattr(r, "protocol", ""))
+        for r in caplog.records
+        if r.name == "cardlookup.access"
+    ]
+
+
+async def _until_logged(caplog: pytest.LogCaptureFixture, line: tuple[str, str, str]) -> None:
+    """A call is recorded once its answer is on the wire; the client may read it a moment before."""
+    for _ in range(500):
+        if line in _access_lines(caplog):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no access line {line}: {_access_lines(caplog)}")
+
+
+def _persons_details(person: Person) -> list[str]:
+    return [person.resident_id_number, person.name, person.mobile_number] + [
+        card.number for card in cards_of(SEED, person)
+    ]
+
+
+@pytest.mark.parametrize("protocol", [ProtocolType.CONNECT, ProtocolType.GRPC_WEB])
+async def test_every_http_call_is_counted_and_logged_as_the_same_grpc_call(
+    http_union: UnionServer, protocol: ProtocolType, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="cardlookup.access")
+    wire = WIRE_NAMES[protocol]
+    token = await _session(http_union, ZHANG, protocol)
+    auth = {"authorization": f"Bearer {token}"}
+    async with lookup_connect.CardLookupServiceClient(_base(http_union), protocol=protocol) as lookups:
+        created = await lookups.create_lookup(
+            lookup_pb.CreateLookupRequest(request_id=uuid.uuid4().hex, consent_terms_version=TERMS_VERSION),
+            headers=auth,
+        )
+        with pytest.raises(ConnectError) as invalid:
+            await lookups.create_lookup(lookup_pb.CreateLookupRequest(request_id="not valid!"), headers=auth)
+        assert invalid.value.code == Code.INVALID_ARGUMENT
+        with pytest.raises(ConnectError) as anonymous:
+            await lookups.list_reports(lookup_pb.ListReportsRequest())
+        assert anonymous.value.code == Code.UNAUTHENTICATED
+        events = [
+            event
+            async for event in lookups.watch_lookup(
+                lookup_pb.WatchLookupRequest(name=created.lookup.name), headers=auth
+            )
+        ]
+        assert events[-1].report_ready
+    await _until_logged(caplog, (f"/{LOOKUPS}/WatchLookup", "OK", wire))
+
+    assert _rpc_count(http_union, IDENTITY, "StartVerification", "OK") == 1
+    assert _rpc_count(http_union, IDENTITY, "CompleteVerification", "OK") == 1
+    assert _rpc_count(http_union, LOOKUPS, "CreateLookup", "OK") == 1
+    assert _rpc_count(http_union, LOOKUPS, "CreateLookup", "INVALID_ARGUMENT") == 1
+    assert _rpc_count(http_union, LOOKUPS, "ListReports", "UNAUTHENTICATED") == 1
+    assert _rpc_count(http_union, LOOKUPS, "WatchLookup", "OK") == 1
+    assert sorted(_access_lines(caplog)) == sorted(
+        [
+            (f"/{IDENTITY}/StartVerification", "OK", wire),
+            (f"/{IDENTITY}/CompleteVerification", "OK", wire),
+            (f"/{LOOKUPS}/CreateLookup", "OK", wire),
+            (f"/{LOOKUPS}/CreateLookup", "INVALID_ARGUMENT", wire),
+            (f"/{LOOKUPS}/ListReports", "UNAUTHENTICATED", wire),
+            (f"/{LOOKUPS}/WatchLookup", "OK", wire),
+        ]
+    )
+    for record in caplog.records:
+        assert record.levelno == logging.INFO
+        fields = vars(record)
+        assert fields["server"] == "union"
+        assert fields["duration_ms"] >= 0
+        assert str(fields["peer"]).startswith("ipv4:127.0.0.1:")
+    exposed = caplog.text + " ".join(str(vars(r)) for r in caplog.records)
+    exposed += generate_latest(http_union.metrics.registry).decode()
+    assert "not valid!" not in exposed
+    assert not [value for value in _persons_details(ZHANG) if value in exposed]
+
+
+async def test_calls_refused_before_any_handler_are_counted_and_an_unknown_path_is_not_repeated(
+    http_union: UnionServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="cardlookup.access")
+    secret = ZHANG.resident_id_number
+    status, _, _ = await asyncio.to_thread(
+        _post,
+        f"{_base(http_union)}/{IDENTITY}/StartVerification",
+        f'{{"residentIdNumber": {secret}}}'.encode(),
+        {"content-type": "application/json"},
+    )
+    assert status == 400
+    status, _, _ = await asyncio.to_thread(
+        _post, f"{_base(http_union)}/{LOOKUPS}/{secret}", b"{}", {"content-type": "application/json"}
+    )
+    assert status == 404
+    await _until_logged(caplog, ("unregistered", "UNIMPLEMENTED", "connect"))
+    assert sorted(_access_lines(caplog)) == [
+        (f"/{IDENTITY}/StartVerification", "INVALID_ARGUMENT", "connect"),
+        ("unregistered", "UNIMPLEMENTED", "connect"),
+    ]
+    assert _rpc_count(http_union, IDENTITY, "StartVerification", "INVALID_ARGUMENT") == 1
+    assert _rpc_count(http_union, "unregistered", "unregistered", "UNIMPLEMENTED") == 1
+    exposed = caplog.text + " ".join(str(vars(r)) for r in caplog.records)
+    exposed += generate_latest(http_union.metrics.registry).decode()
+    assert secret not in exposed
+
+
+@pytest.mark.parametrize("protocol", [ProtocolType.CONNECT, ProtocolType.GRPC_WEB])
+async def test_a_watch_the_client_leaves_mid_stream_is_cancelled(
+    make_union: UnionFactory,
+    banks: dict[str, RunningBank],
+    protocol: ProtocolType,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="cardlookup.access")
+    # One slow bank keeps the lookup going after the watcher has left; its answer is the next event.
+    banks["ICBC"].servicer.faults = FaultSettings(latency_ms=2000)
+    union = await make_union(http_listen="127.0.0.1:0", web_root=None)
+    token = await _session(union, ZHANG, protocol)
+    auth = {"authorization": f"Bearer {token}"}
+    async with lookup_connect.CardLookupServiceClient(_base(union), protocol=protocol) as lookups:
+        created = await lookups.create_lookup(
+            lookup_pb.CreateLookupRequest(request_id=uuid.uuid4().hex, consent_terms_version=TERMS_VERSION),
+            headers=auth,
+        )
+        stream = lookups.watch_lookup(lookup_pb.WatchLookupRequest(name=created.lookup.name), headers=auth)
+        first = await anext(aiter(stream))
+        assert not first.report_ready
+        await stream.aclose()  # type: ignore[attr-defined]
+    await _until_logged(caplog, (f"/{LOOKUPS}/WatchLookup", "CANCELLED", WIRE_NAMES[protocol]))
+    assert _rpc_count(union, LOOKUPS, "WatchLookup", "CANCELLED") == 1
+    assert _rpc_count(union, LOOKUPS, "WatchLookup", "OK") == 0

@@ -15,10 +15,9 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import uvicorn
-from connectrpc.server import ConnectASGIApplication
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +60,15 @@ STATIC_TYPES = {
 }
 
 
+class Service(Protocol):
+    """An ASGI application answering the calls under one service path (api/connect.py)."""
+
+    @property
+    def path(self) -> str: ...
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None: ...
+
+
 def own_origins(address: str) -> frozenset[str]:
     """The origins the page itself has when served from `address` (host:port as bound)."""
     host, _, port = address.rpartition(":")
@@ -82,7 +90,7 @@ class WebApp:
 
     def __init__(
         self,
-        services: Iterable[ConnectASGIApplication[Any]],
+        services: Iterable[Service],
         web_root: Path | None,
         allowed_origins: Iterable[str] = (),
     ) -> None:
