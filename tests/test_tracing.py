@@ -36,8 +36,8 @@ from server.common import tracing
 from server.common.tracing import TracingConfig, otlp_tracer_provider
 from server.population.catalogue import BANKS
 from server.population.generator import cards_of
-from server.union.union_server import UnionConfig, UnionServer
 from server.union.sms import read_one_time_code
+from server.union.union_server import UnionConfig, UnionServer
 from tests.conftest import SEED, SIZE, ZHANG, fast_policies, run_lookup, verified_client
 
 CREATE_LOOKUP = "/cardlookup.v1.CardLookupService/CreateLookup"

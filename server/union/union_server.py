@@ -31,7 +31,7 @@ from server.common.rpc_metrics import RpcMetrics, RpcObserver
 from server.population.catalogue import BANKS, REGIONS
 from server.union.api import connect
 from server.union.api.servicers import AdminServicer, CardActionServicer, CardLookupServicer, IdentityServicer
-from server.union.api.web import DEFAULT_WEB_ROOT, WebApp, WebEndpoint
+from server.union.api.web import DEFAULT_WEB_ROOT, PagePolicy, WebApp, WebEndpoint
 from server.union.bank_gateway import GrpcBankGateway
 from server.union.clock import Clock, SystemClock
 from server.union.domain.admin import AdminService, check_bank_addresses
@@ -270,7 +270,8 @@ class UnionServer:
             self.rpc_observer,
             tracing.tracer(self.config.tracer_provider),
         )
-        app = WebApp(services, self.config.web_root, self.config.http_allowed_origins)
+        policy = PagePolicy(self.config.retention.report_days, self.config.lookups.requery_cooldown)
+        app = WebApp(services, self.config.web_root, self.config.http_allowed_origins, policy)
         self._web = WebEndpoint(app, self.config.http_listen)
         await self._web.start()
 

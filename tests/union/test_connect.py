@@ -36,8 +36,8 @@ from clients.client import TERMS_VERSION
 from server.bank.bank_server import RunningBank
 from server.bank.faults import FaultSettings
 from server.population.generator import Person, cards_of
-from server.union.union_server import UnionServer
 from server.union.sms import read_one_time_code
+from server.union.union_server import UnionServer
 from tests.conftest import LI, SEED, ZHANG, UnionFactory
 
 ROOT = Path(__file__).resolve().parents[2]

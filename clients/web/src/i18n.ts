@@ -1,4 +1,6 @@
-// The page's words, Chinese first (the people this is for), English on request.
+// The page's words, Chinese first (the people this is for), English on request. A policy number
+// (how long a report is kept, the re-query cooldown) is an argument, never written here: it is the
+// union's configuration, and null when the union did not say, so the words then state no number.
 
 export type Lang = "zh" | "en";
 
@@ -20,10 +22,15 @@ const zh = {
   startOver: "重新填写",
   attemptsLeft: (n: string) => `验证码错误，还可尝试 ${n} 次。`,
   lookupTitle: "查询名下银行卡",
-  lookupIntro: "验证通过。点击下方按钮，一次查询所有参与银行；报告中卡号只显示前 4 位和后 4 位。",
+  lookupIntro: (wait: string | null) =>
+    "验证通过。点击下方按钮，一次查询所有参与银行；报告中卡号只显示前 4 位和后 4 位。" +
+    (wait ? `已答复的银行 ${wait}内不会再次查询，未答复的银行可随时重新查询。` : ""),
   startLookup: "一键查卡",
-  terms: (v: string) =>
-    `我已阅读并同意《一键查卡服务条款》（${v} 版）：为查询我名下的银行卡，银联将我的姓名和身份证号发送给参与银行；报告只保留卡号前 4 位和后 4 位，7 天后自动删除。`,
+  terms: (v: string, kept: string | null) =>
+    `我已阅读并同意《一键查卡服务条款》（${v} 版）：为查询我名下的银行卡，银联将我的姓名和身份证号发送给参与银行；报告只保留卡号前 4 位和后 4 位，${kept ? `${kept}后自动删除` : "到期后自动删除"}。`,
+  days: (n: number) => `${n} 天`,
+  hours: (n: number) => `${n} 小时`,
+  listSeparator: "、",
   termsRequired: "请先阅读并同意服务条款。",
   existingReports: "已有的报告",
   openReport: "查看",
@@ -48,7 +55,18 @@ const zh = {
   noCards: "未查到您名下的银行卡。",
   banksWithout: (n: number) => `其余 ${n} 家银行未查到卡片。`,
   bankNotAnswered: "该银行未能答复，结果可能不完整",
-  askAgainIntro: (banks: string) => `${banks} 未能答复。未答复的银行可以立即重新查询，无需等待 7 天。`,
+  nextQueryAt: (t: string) => `${t} 起可再次查询`,
+  nextQueryNow: "现在即可重新查询",
+  theseNextQueryAt: (t: string, names: string | null) => `${names ?? "这些银行"} ${t} 起可再次查询。`,
+  theseNextQueryNow: (names: string | null) => `${names ?? "这些银行"}现在即可重新查询。`,
+  unaskedNote: (asked: number, unasked: number) => `本次查询了 ${asked} 家银行，另有 ${unasked} 家银行本次未查询，见下方。`,
+  unaskedTitle: (n: number) => `本次未查询的银行（${n} 家）`,
+  unaskedNotChosen: "本次未选择（结果见此前的报告）",
+  unaskedDisabled: "银联已暂停查询该银行",
+  unaskedCooldown: (t: string | null) => (t ? `近期已答复，${t} 起可再次查询` : "近期已答复，暂不再次查询"),
+  unaskedOther: "未查询",
+  askAgainIntro: (banks: string, wait: string | null) =>
+    `${banks} 未能答复。未答复的银行可以立即重新查询${wait ? `，无需等待 ${wait}` : ""}。`,
   askAgain: "重新查询这些银行",
   cardActive: "正常",
   cardDormant: "久悬",
@@ -100,6 +118,7 @@ const zh = {
     INVALID_CREDENTIAL: "登录已失效，请重新验证。",
     MISSING_CREDENTIAL: "请先完成实名验证。",
     SERVER_BUSY: "服务繁忙，请稍后再试。",
+    SESSION_REVOKED: "您已退出，请重新验证。",
   } as Record<string, string>,
   notFound: "报告不存在或已过期。",
   unavailable: "服务暂时不可用，请稍后再试。",
@@ -133,11 +152,15 @@ const en: Words = {
   startOver: "Start over",
   attemptsLeft: (n) => `Wrong code: ${n} attempts left.`,
   lookupTitle: "Look up my bank cards",
-  lookupIntro:
-    "You are verified. One tap asks every participating bank; the report shows only the first 4 and last 4 digits of a card.",
+  lookupIntro: (wait) =>
+    "You are verified. One tap asks every participating bank; the report shows only the first 4 and last 4 digits of a card." +
+    (wait ? ` A bank that answered is not asked again for ${wait}; one that did not answer can be asked again at once.` : ""),
   startLookup: "Look up my cards",
-  terms: (v: string) =>
-    `I have read and accept the 一键查卡 terms (version ${v}): to find the cards in my name, the card union sends my name and resident ID number to the participating banks; the report keeps only the first 4 and last 4 digits of each card and is deleted after 7 days.`,
+  terms: (v, kept) =>
+    `I have read and accept the 一键查卡 terms (version ${v}): to find the cards in my name, the card union sends my name and resident ID number to the participating banks; the report keeps only the first 4 and last 4 digits of each card and is deleted ${kept ? `after ${kept}` : "when it expires"}.`,
+  days: (n) => `${n} day${n === 1 ? "" : "s"}`,
+  hours: (n) => `${n} hour${n === 1 ? "" : "s"}`,
+  listSeparator: ", ",
   termsRequired: "Please read and accept the terms first.",
   existingReports: "Your reports",
   openReport: "Open",
@@ -160,10 +183,21 @@ const en: Words = {
   perBank: "Cards per bank",
   cardList: "Cards",
   noCards: "No bank card was found in your name.",
-  banksWithout: (n) => `The other ${n} banks hold no card in your name.`,
+  banksWithout: (n) => (n === 1 ? "The other bank holds no card in your name." : `The other ${n} banks hold no card in your name.`),
   bankNotAnswered: "this bank did not answer: the report may be incomplete",
-  askAgainIntro: (banks: string) =>
-    `${banks} did not answer. A bank that did not answer can be asked again now, without waiting 7 days.`,
+  nextQueryAt: (t) => `can be asked again from ${t}`,
+  nextQueryNow: "can be asked again now",
+  theseNextQueryAt: (t, names) => `${names ?? "They"} can be asked again from ${t}.`,
+  theseNextQueryNow: (names) => `${names ?? "They"} can be asked again now.`,
+  unaskedNote: (asked, unasked) =>
+    `This lookup asked ${asked} bank${asked === 1 ? "" : "s"}; ${unasked} other bank${unasked === 1 ? " was" : "s were"} not asked (see below).`,
+  unaskedTitle: (n) => `Banks not asked by this lookup (${n})`,
+  unaskedNotChosen: "not chosen for this lookup (see your earlier report)",
+  unaskedDisabled: "paused by the card union",
+  unaskedCooldown: (t) => (t ? `answered recently; can be asked again from ${t}` : "answered recently; not asked again yet"),
+  unaskedOther: "not asked",
+  askAgainIntro: (banks, wait) =>
+    `${banks} did not answer. A bank that did not answer can be asked again now${wait ? `, without waiting ${wait}` : ""}.`,
   askAgain: "Ask these banks again",
   cardActive: "active",
   cardDormant: "dormant",
@@ -215,6 +249,7 @@ const en: Words = {
     INVALID_CREDENTIAL: "Your session is no longer valid: please verify again.",
     MISSING_CREDENTIAL: "Please verify first.",
     SERVER_BUSY: "The service is busy: please try again shortly.",
+    SESSION_REVOKED: "You signed out: please verify again.",
   },
   notFound: "The report does not exist or has expired.",
   unavailable: "The service is unavailable; please try again later.",

@@ -4,6 +4,8 @@
 //
 // The session token lives in this module only: no localStorage, sessionStorage or cookie, so a
 // reload or a closed tab ends the session. Everything shown is set with textContent, never as HTML.
+// The policy numbers the page states (report retention, re-query cooldown) are the union's
+// configuration, written into index.html as <meta> tags by the union (server/union/api/web.py).
 
 import { timestampDate, type Timestamp } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
@@ -22,10 +24,13 @@ import {
   CardLookupService,
   CardStatus,
   CardType,
+  UnaskedReason,
   type BankProgress,
+  type BankSummary,
   type Lookup,
   type Report,
   type ReportCard,
+  type UnaskedBank,
 } from "../../typescript/src/gen/cardlookup/v1/card_lookup_service_pb.js";
 import { IdentityService } from "../../typescript/src/gen/cardlookup/v1/identity_service_pb.js";
 import { WORDS, type Lang, type Words } from "./i18n.js";
@@ -40,6 +45,34 @@ const locale = (): string => (lang === "zh" ? "zh-CN" : "en-GB");
 
 /** The version of the union's terms this page shows; CreateLookup needs the person's consent to it. */
 const TERMS_VERSION = "2021-12";
+
+/**
+ * The union strips spaces, dashes, a +86 or 0086 prefix and full-width forms from what is typed
+ * (server/common/normalize.py) and checks the rest, so the fields take what people paste, such
+ * as "+86 139-1728-5036"; the bound only stops a runaway paste.
+ */
+const TYPED_MAX_CHARS = "32";
+
+/** A number the union wrote into index.html, or null: the page then states none rather than a wrong one. */
+function configured(name: string): number | null {
+  const content = document.querySelector(`meta[name="${name}"]`)?.getAttribute("content") ?? "";
+  const value = Number(content);
+  return content.trim() !== "" && Number.isFinite(value) && value >= 0 ? value : null;
+}
+const REPORT_DAYS = configured("cardlookup-report-days");
+const REQUERY_COOLDOWN_HOURS = configured("cardlookup-requery-cooldown-hours");
+
+/** How long a report is kept, in the person's words, if the union said. */
+function reportKept(): string | null {
+  return REPORT_DAYS !== null && Number.isInteger(REPORT_DAYS) && REPORT_DAYS > 0 ? w().days(REPORT_DAYS) : null;
+}
+
+/** How long a bank that answered is not asked again, in whole days when it is some, else hours. */
+function requeryCooldown(): string | null {
+  if (REQUERY_COOLDOWN_HOURS === null || REQUERY_COOLDOWN_HOURS === 0) return null;
+  const days = REQUERY_COOLDOWN_HOURS / 24;
+  return Number.isInteger(days) ? w().days(days) : w().hours(REQUERY_COOLDOWN_HOURS);
+}
 
 const withSession: Interceptor = (next) => async (request) => {
   if (token !== null) request.header.set("authorization", `Bearer ${token}`);
@@ -143,9 +176,21 @@ function page(render: () => void): void {
   render();
 }
 
-function signOut(): void {
+/**
+ * Forgets the session here first, whatever happens next, then asks the union to revoke it, so the
+ * token is refused from now on rather than at its expiry. The call carries the token explicitly:
+ * the page no longer holds it.
+ */
+async function signOut(): Promise<void> {
+  const ending = token;
   token = null;
   verifyView();
+  if (ending === null) return;
+  try {
+    await identity.signOut({}, { headers: { authorization: `Bearer ${ending}` } });
+  } catch {
+    // Signed out here all the same; the union ends the session at its expiry.
+  }
 }
 
 // ---- verification -------------------------------------------------------------------------------
@@ -158,8 +203,8 @@ function field(label: string, name: string, attrs: Record<string, string> = {}):
 function verifyView(): void {
   page(() => {
     const [nameRow, name] = field(w().name, "name", { autocomplete: "name" });
-    const [idRow, id] = field(w().idNumber, "resident-id", { inputmode: "text", maxlength: "18" });
-    const [mobileRow, mobile] = field(w().mobile, "mobile", { inputmode: "tel", maxlength: "11" });
+    const [idRow, id] = field(w().idNumber, "resident-id", { inputmode: "text", maxlength: TYPED_MAX_CHARS });
+    const [mobileRow, mobile] = field(w().mobile, "mobile", { inputmode: "tel", maxlength: TYPED_MAX_CHARS });
     const status = h("div", {});
     const send = button(w().sendCode, "primary", async () => {
       send.disabled = true;
@@ -219,7 +264,8 @@ function lookupView(notice?: string): void {
     const [terms, start] = consentedLookup(w().startLookup, [], status, "agree-terms", "start-lookup");
     show(
       notice ? h("div", { class: "notice" }, notice) : null,
-      h("section", { class: "panel" }, h("h2", {}, w().lookupTitle), h("p", { class: "muted" }, w().lookupIntro), terms, start, status),
+      h("section", { class: "panel" }, h("h2", {}, w().lookupTitle),
+        h("p", { class: "muted", "data-testid": "lookup-intro" }, w().lookupIntro(requeryCooldown())), terms, start, status),
       reports,
     );
     void lookups.listReports({ pageSize: 10 }).then(
@@ -246,7 +292,7 @@ function consentedLookup(
   label: string, bankCodes: string[], status: HTMLElement, agreeId: string, testId: string,
 ): [HTMLElement, HTMLButtonElement] {
   const agree = h("input", { type: "checkbox", id: agreeId, "data-testid": agreeId });
-  const terms = h("label", { class: "terms", for: agreeId }, agree, " ", w().terms(TERMS_VERSION));
+  const terms = h("label", { class: "terms", for: agreeId }, agree, " ", w().terms(TERMS_VERSION, reportKept()));
   const start = button(label, "primary", async () => {
     status.replaceChildren();
     if (!agree.checked) {
@@ -300,7 +346,7 @@ function progressView(initial: Lookup): void {
       ...lookup.bankProgress.map((b) => {
         const [label, kind] = outcomeLabel(b);
         return h("tr", { "data-bank": b.bankCode, "data-outcome": kind },
-          h("td", {}, lang === "zh" ? b.bankName : `${b.bankName} (${b.bankCode})`),
+          h("td", {}, bankLabel(b.bankName, b.bankCode)),
           h("td", { class: `state-${kind}` }, label),
           h("td", { class: "num" }, b.outcome === BankOutcome.ANSWERED ? String(b.cardCount) : "–"));
       }),
@@ -316,6 +362,7 @@ function progressView(initial: Lookup): void {
         h("div", { class: "progress" }, bar), elapsed,
         h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, w().bank), h("th", {}, w().status), h("th", { class: "num" }, w().cards))), table),
         status),
+      unaskedSection(lookup.unaskedBanks),
     );
     paint();
     tick();
@@ -348,6 +395,76 @@ function progressView(initial: Lookup): void {
     status.replaceChildren(h("div", { class: "error" }, w().unavailable));
   };
   void follow();
+}
+
+// ---- banks not asked, and when a bank can be asked again ---------------------------------------
+
+function bankLabel(name: string, code: string): string {
+  return lang === "zh" ? name : `${name} (${code})`;
+}
+
+function isoTime(ts: Timestamp): string {
+  return timestampDate(ts).toISOString();
+}
+
+/** When `banks` can be asked again (one time for all of them), or nothing if the union did not say. */
+function nextQuery(ts: Timestamp | undefined, banks: string[], later: (t: string) => string, now: string): HTMLElement | null {
+  if (!ts) return null;
+  const text = timestampDate(ts).getTime() <= Date.now() ? now : later(when(ts));
+  return h("div", { class: "muted", "data-testid": "next-query", "data-banks": banks.join(","), "data-time": isoTime(ts) }, text);
+}
+
+/**
+ * When the banks summed up in one line ("the other N banks hold no card") can be asked again. They
+ * all answered this lookup, so they share one time ("these banks"); a lone bank, or each group
+ * should their times differ, is named.
+ */
+function nextQueries(banks: BankSummary[]): (HTMLElement | null)[] {
+  const byTime = new Map<string, BankSummary[]>();
+  for (const bank of banks) {
+    if (!bank.nextQueryTime) continue;
+    const key = isoTime(bank.nextQueryTime);
+    byTime.set(key, [...(byTime.get(key) ?? []), bank]);
+  }
+  return [...byTime.values()].map((group) => {
+    const names = byTime.size === 1 && group.length > 1
+      ? null
+      : group.map((b) => bankLabel(b.bankName, b.bankCode)).join(w().listSeparator);
+    return nextQuery(group[0]!.nextQueryTime, group.map((b) => b.bankCode),
+      (t) => w().theseNextQueryAt(t, names), w().theseNextQueryNow(names));
+  });
+}
+
+function unaskedReason(bank: UnaskedBank): string {
+  switch (bank.reason) {
+    case UnaskedReason.NOT_CHOSEN:
+      return w().unaskedNotChosen;
+    case UnaskedReason.BANK_DISABLED:
+      return w().unaskedDisabled;
+    case UnaskedReason.REQUERY_COOLDOWN:
+      return w().unaskedCooldown(bank.nextQueryTime ? when(bank.nextQueryTime) : null);
+    default:
+      return w().unaskedOther;
+  }
+}
+
+/** The participating banks a lookup did not ask, one line per reason (and time), with why. */
+function unaskedSection(unasked: UnaskedBank[]): HTMLElement | null {
+  if (unasked.length === 0) return null;
+  const groups = new Map<string, UnaskedBank[]>();
+  for (const bank of unasked) {
+    const key = `${bank.reason} ${bank.nextQueryTime ? isoTime(bank.nextQueryTime) : ""}`;
+    groups.set(key, [...(groups.get(key) ?? []), bank]);
+  }
+  return h("section", { class: "panel", "data-testid": "unasked-banks" },
+    h("h3", {}, w().unaskedTitle(unasked.length)),
+    h("ul", { class: "unasked" }, ...[...groups.values()].map((group) =>
+      h("li", { "data-reason": UnaskedReason[group[0]!.reason] },
+        h("div", { class: "reason" }, unaskedReason(group[0]!)),
+        h("div", {}, ...group.flatMap((b, i) => [
+          i > 0 ? w().listSeparator : null,
+          h("span", { "data-bank": b.bankCode }, bankLabel(b.bankName, b.bankCode)),
+        ]))))));
 }
 
 // ---- the report ---------------------------------------------------------------------------------
@@ -482,27 +599,37 @@ async function reportView(name: string): Promise<void> {
         w().askAgain, unanswered.map((b) => b.bankCode), status, "agree-terms-again", "ask-again",
       );
       again = h("section", { class: "panel", "data-testid": "ask-again-panel" },
-        h("p", {}, w().askAgainIntro(unanswered.map((b) => b.bankName).join("、"))), terms, start, status);
+        h("p", {}, w().askAgainIntro(unanswered.map((b) => b.bankName).join(w().listSeparator), requeryCooldown())),
+        terms, start, status);
     }
     show(
       h("section", { class: "panel", "data-testid": "report" },
         h("h2", {}, w().reportTitle),
-        h("p", { class: "muted" }, w().generated(when(report.generateTime))),
+        h("p", { class: "muted", "data-testid": "generated", "data-time": report.generateTime ? isoTime(report.generateTime) : "" },
+          w().generated(when(report.generateTime))),
         h("p", { "data-testid": "expiry" }, w().expires(when(report.expireTime))),
         h("div", { class: "totals" },
           h("div", {}, h("strong", { "data-testid": "total" }, String(report.totalCardCount)), w().total),
           h("div", {}, h("strong", { "data-testid": "total-debit" }, String(report.totalDebitCardCount)), w().debit),
-          h("div", {}, h("strong", { "data-testid": "total-credit" }, String(report.totalCreditCardCount)), w().credit))),
+          h("div", {}, h("strong", { "data-testid": "total-credit" }, String(report.totalCreditCardCount)), w().credit)),
+        // "0 cards" from a lookup that asked one bank is not "no card anywhere": say so next to the totals.
+        report.unaskedBanks.length > 0
+          ? h("p", { class: "partial", "data-testid": "unasked-note" },
+            w().unaskedNote(report.bankSummaries.length, report.unaskedBanks.length))
+          : null),
       h("section", { class: "panel" }, h("h3", {}, w().perBank),
-        h("table", {},
+        listed.length === 0 ? null : h("table", {},
           h("thead", {}, h("tr", {}, h("th", {}, w().bank), h("th", { class: "num" }, w().debit), h("th", { class: "num" }, w().credit))),
           h("tbody", {}, ...listed.map((b) =>
             h("tr", { "data-bank": b.bankCode },
-              h("td", {}, lang === "zh" ? b.bankName : `${b.bankName} (${b.bankCode})`,
-                b.outcome !== BankOutcome.ANSWERED ? h("div", { class: "state-failed" }, w().bankNotAnswered) : null),
+              h("td", {}, bankLabel(b.bankName, b.bankCode),
+                b.outcome !== BankOutcome.ANSWERED ? h("div", { class: "state-failed" }, w().bankNotAnswered) : null,
+                nextQuery(b.nextQueryTime, [b.bankCode], w().nextQueryAt, w().nextQueryNow)),
               h("td", { class: "num" }, String(b.debitCardCount)),
               h("td", { class: "num" }, String(b.creditCardCount)))))),
-        unlisted > 0 ? h("p", { class: "muted" }, w().banksWithout(unlisted)) : null),
+        unlisted > 0 ? h("p", { class: "muted" }, w().banksWithout(unlisted)) : null,
+        ...nextQueries(report.bankSummaries.filter((b) => !listed.includes(b)))),
+      unaskedSection(report.unaskedBanks),
       h("section", { class: "panel" }, h("h3", {}, w().cardList),
         report.cards.length === 0 ? h("p", {}, w().noCards) : null,
         ...report.cards.map((card) => cardBlock(report, card))),

@@ -2,7 +2,9 @@
 
 One ASGI application on uvicorn, inside the union process next to the grpc.aio server:
 requests under a service path go to that service's Connect application (api/connect.py),
-`GET /` and the bundle's files come from the built page (clients/web/dist). Every answer
+`GET /` and the bundle's files come from the built page (clients/web/dist). The page's
+index.html carries the policy numbers it states to the person as <meta> tags (PagePolicy), so it
+says what this union is configured to do, with no inline script. Every answer
 carries a strict Content-Security-Policy, and the API answers only the page's own origin
 (plus those configured): a foreign page in the person's browser is refused, not served.
 """
@@ -14,6 +16,8 @@ import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -69,6 +73,23 @@ class Service(Protocol):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None: ...
 
 
+@dataclass(frozen=True)
+class PagePolicy:
+    """The configured numbers the page states to the person (clients/web/src/main.ts reads them)."""
+
+    # Natural days a report is kept after the day it was generated (RetentionPolicy.report_days).
+    report_days: int
+    # How long a bank that answered is not asked again for the person (LookupPolicy.requery_cooldown).
+    requery_cooldown: timedelta
+
+    def meta_tags(self) -> bytes:
+        hours = self.requery_cooldown.total_seconds() / 3600
+        return (
+            f'<meta name="cardlookup-report-days" content="{self.report_days:d}" />\n'
+            f'<meta name="cardlookup-requery-cooldown-hours" content="{hours:g}" />\n'
+        ).encode()
+
+
 def own_origins(address: str) -> frozenset[str]:
     """The origins the page itself has when served from `address` (host:port as bound)."""
     host, _, port = address.rpartition(":")
@@ -93,10 +114,12 @@ class WebApp:
         services: Iterable[Service],
         web_root: Path | None,
         allowed_origins: Iterable[str] = (),
+        page_policy: PagePolicy | None = None,
     ) -> None:
         self._services = {service.path: service for service in services}
         self._web_root = web_root.resolve() if web_root is not None else None
         self.allowed_origins = frozenset(allowed_origins)
+        self._page_policy = page_policy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -144,6 +167,9 @@ class WebApp:
             await _plain(send, 404, b"not found\n")
             return
         body = await asyncio.to_thread(file.read_bytes)
+        if file.name == "index.html" and self._page_policy is not None:
+            # Without a policy (or a </head>) the page states no number rather than a wrong one.
+            body = body.replace(b"</head>", self._page_policy.meta_tags() + b"</head>", 1)
         await send(
             {
                 "type": "http.response.start",
