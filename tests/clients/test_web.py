@@ -273,6 +273,11 @@ async def test_the_whole_lookup_in_a_browser(
         activity = page.get_by_test_id("activity")
         for action in ("lookup.create", "lookup.consent", "report.read", "card.close", "card.flag"):
             await expect(activity.locator(f'li[data-action="{action}"]').first).to_be_visible()
+        # Every event is named in words, none by its action code (lookup.watch, report.list, ...).
+        for item in await activity.locator("li[data-action]").all():
+            action = await item.get_attribute("data-action")
+            assert action is not None
+            assert action not in await item.locator("strong").inner_text()
         await page.click("#lang")
         await expect(page.get_by_role("heading", name="My activity")).to_be_visible()
         await expect(activity.locator('li[data-action="card.flag"]').first).to_contain_text(
