@@ -131,14 +131,15 @@ def postgres_server_pid(database_url: str) -> int | None:
     try:
         with engine.connect() as connection:
             backend = int(connection.execute(text("SELECT pg_backend_pid()")).scalar_one())
+            # Read while the connection holds the backend: once it closes, the backend ends.
+            try:
+                if not Path(f"/proc/{backend}/comm").read_text().startswith("postgres"):
+                    return None
+                fields = _stat_fields(Path(f"/proc/{backend}/stat"))
+            except OSError:  # not a process here: the server is on another machine
+                return None
     finally:
         engine.dispose()
-    try:
-        if not Path(f"/proc/{backend}/comm").read_text().startswith("postgres"):
-            return None
-        fields = _stat_fields(Path(f"/proc/{backend}/stat"))
-    except OSError:  # not a process here: the server is on another machine
-        return None
     return int(fields[1])  # the backend's parent
 
 
@@ -148,7 +149,7 @@ def postgres_cpu_seconds(postmaster: int) -> float:
     postmaster's own children's time once reaped)."""
     clock_ticks = os.sysconf("SC_CLK_TCK")
     reaped = _reaped_children_ticks(postmaster)
-    while True:
+    for _ in range(10_000):  # a scan takes a millisecond; backends end far less often than that
         # Each child must be counted once: live (or a zombie) in the scan, or reaped in the
         # postmaster's children's time. A child reaped while the scan runs would be in neither, and
         # one being reaped right now (state X: the kernel adds its time to the parent's before it
@@ -156,7 +157,7 @@ def postgres_cpu_seconds(postmaster: int) -> float:
         # across it and no child was caught in the middle of being reaped (one more try, mostly).
         live = 0
         being_reaped = False
-        for stat in Path("/proc").glob("[0-9]*/stat"):
+        for stat in _children_stats(postmaster):
             try:
                 fields = _stat_fields(stat)
             except OSError:  # exited while we looked
@@ -169,6 +170,17 @@ def postgres_cpu_seconds(postmaster: int) -> float:
         if after == reaped and not being_reaped:
             return (int(fields[11]) + int(fields[12]) + reaped + live) / clock_ticks
         reaped = after
+    raise RuntimeError("the PostgreSQL server's children never held still long enough to be counted")
+
+
+def _children_stats(pid: int) -> list[Path]:
+    """The stat files of `pid`'s children: from the kernel's list when it keeps one (quick, so a
+    scan rarely overlaps a child's end), else from every process."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return list(Path("/proc").glob("[0-9]*/stat"))
+    return [Path(f"/proc/{child}/stat") for child in children]
 
 
 def _reaped_children_ticks(pid: int) -> int:
