@@ -89,7 +89,9 @@ def test_every_key_is_in_the_example_file_and_in_the_operations_guide(
         *tables, name = key.split(".")
         # The key is set or shown commented out (`# tls_dir = …`), under its table's header.
         table = re.escape(".".join(tables))
-        shown = rf"(?ms)^\[{table}\][^\[]*?^#?\s*{re.escape(name)}\s*=" if tables else rf"(?m)^\[{name}\]"
+        # (Up to the next table's header: a line that starts with "[", not a list value.)
+        under = rf"(?ms)^\[{table}\](?:(?!^\[).)*?^#?\s*{re.escape(name)}\s*="
+        shown = under if tables else rf"(?m)^\[{name}\]"
         assert re.search(shown, text), f"{example.name} does not show {key}"
         assert f"`{key}`" in guide, f"docs/operations.md does not describe {key}"
 

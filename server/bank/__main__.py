@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import secrets
 import time
 from datetime import date
@@ -24,7 +23,7 @@ from server.bank.bank_server import (
     start_all_banks,
     start_bank,
 )
-from server.bank.bank_settings import BankSettings
+from server.bank.bank_settings import BankSettings, JoiningBankSettings
 from server.bank.faults import control_file, write_control_file
 from server.bank.masking import mask_number
 from server.bank.store import BankStore, default_database_url
@@ -56,9 +55,6 @@ DatabaseUrl = Annotated[
 ]
 
 
-BIN_SPEC = re.compile(r"^([0-9]{6,8}):(1[6-9])$")
-
-
 def _bank_code(code: str, data_dir: Path | None = None, database_url: str | None = None) -> str:
     """A built-in bank's code, or (given where its data is) one of a bank that joined later and
     already has a store: a typo must not create an empty bank."""
@@ -80,42 +76,33 @@ def _bank_code(code: str, data_dir: Path | None = None, database_url: str | None
     return code
 
 
-def _bins(values: list[str], option: str) -> tuple[Bin, ...]:
-    bins = []
-    for value in values:
-        match = BIN_SPEC.fullmatch(value)
-        if match is None:
-            raise typer.BadParameter(
-                "expected PREFIX:LENGTH, a 6-8 digit prefix and 16-19", param_hint=option
-            )
-        bins.append(Bin(match[1], int(match[2])))
-    return tuple(bins)
+def _bins(values: list[str]) -> tuple[Bin, ...]:
+    # Already checked against BIN_SPEC with the rest of the configuration.
+    return tuple(Bin(prefix, int(length)) for prefix, length in (value.split(":") for value in values))
 
 
-def _joining_bank(
-    code: str,
-    name: str | None,
-    english_name: str | None,
-    interbank_code: str,
-    debit: list[str],
-    credit: list[str],
-) -> BankInfo | None:
-    """The configuration of a bank outside the built-in 16 (None for a built-in bank)."""
+def _joining_bank(code: str, joining: JoiningBankSettings) -> BankInfo | None:
+    """Who a bank outside the built-in 16 is, from [bank] in its file or the flags (None for a
+    built-in bank)."""
+    given = joining.name or joining.english_name or joining.interbank_code
     if code in BANKS_BY_CODE:
-        if name or english_name or interbank_code or debit or credit:
+        if given or joining.debit_bins or joining.credit_bins:
             raise typer.BadParameter(f"{code} is a built-in bank: its names and BINs are the catalogue's")
         return None
     if not BANK_CODE.fullmatch(code):
         raise typer.BadParameter("a bank code is 2-16 capital letters", param_hint="--bank")
-    if not name or not english_name or not debit:
+    if not joining.name or not joining.english_name or not joining.debit_bins:
         raise typer.BadParameter(
-            f"{code} is not one of the built-in 16: give --name, --english-name and at least one "
-            "--debit-bin (and --credit-bin, --interbank-code) for a bank that joins"
+            f"{code} is not one of the built-in 16: give its name, english_name and at least one debit "
+            "BIN ([bank] in its configuration file, or --name, --english-name and --debit-bin)"
         )
-    if interbank_code and not (interbank_code.isdigit() and len(interbank_code) == 3):
-        raise typer.BadParameter("must be 3 digits", param_hint="--interbank-code")
     return BankInfo(
-        code, name, english_name, interbank_code, _bins(debit, "--debit-bin"), _bins(credit, "--credit-bin")
+        code,
+        joining.name,
+        joining.english_name,
+        joining.interbank_code,
+        _bins(joining.debit_bins),
+        _bins(joining.credit_bins),
     )
 
 
@@ -154,6 +141,11 @@ SERVE_FLAG_KEYS = {
     "--tls-dir": "server.tls_dir",
     "--metrics-listen": "metrics.listen",
     "--log-level": "logging.level",
+    "--name": "bank.name",
+    "--english-name": "bank.english_name",
+    "--interbank-code": "bank.interbank_code",
+    "--debit-bin": "bank.debit_bins",
+    "--credit-bin": "bank.credit_bins",
 }
 
 
@@ -240,8 +232,8 @@ def serve(
         str | None, typer.Option(help="A bank outside the built-in 16: its English name.")
     ] = None,
     interbank_code: Annotated[
-        str, typer.Option(help="A bank outside the built-in 16: its 3-digit CNAPS code.")
-    ] = "",
+        str | None, typer.Option(help="A bank outside the built-in 16: its 3-digit CNAPS code.")
+    ] = None,
     debit_bin: Annotated[
         list[str] | None,
         typer.Option(help="A bank outside the built-in 16: a debit BIN as PREFIX:LENGTH (repeatable)."),
@@ -256,11 +248,6 @@ def serve(
     BINs; its store is seeded from the same synthetic population."""
     if (bank is None) == (not all_banks):
         raise typer.BadParameter("give exactly one of --bank CODE or --all")
-    joining = (
-        _joining_bank(bank.upper(), name, english_name, interbank_code, debit_bin or [], credit_bin or [])
-        if bank is not None
-        else None
-    )
     settings = load_settings(
         config,
         {
@@ -274,8 +261,14 @@ def serve(
             "--tls-dir": tls_dir,
             "--metrics-listen": metrics_listen,
             "--log-level": log_level,
+            "--name": name,
+            "--english-name": english_name,
+            "--interbank-code": interbank_code,
+            "--debit-bin": debit_bin or None,
+            "--credit-bin": credit_bin or None,
         },
     )
+    joining = _joining_bank(bank.upper(), settings.bank) if bank is not None else None
     try:
         faults = settings.fault_settings(fault or [])
     except ValueError as error:

@@ -1,13 +1,15 @@
 """A bank process's configuration file (config/bank.example.toml shows every key).
 
-Tables: [server] [database] [population] [faults] [metrics] [tracing] [logging]; environment
+Tables: [server] [bank] [database] [population] [faults] [metrics] [tracing] [logging]; environment
 variables `CARDLOOKUP_BANK_<TABLE>__<KEY>` override the file, and `cardlookup-bank serve`'s flags
 override both (server/common/config_file.py). Which banks a process serves (--bank CODE or --all) is
-chosen per run, on the command line.
+chosen per run, on the command line; [bank] says who a bank outside the built-in 16 is, so it
+restarts from its file like any other.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +27,7 @@ from server.common.config_file import (
 )
 
 ENV_PREFIX = "CARDLOOKUP_BANK_"
+BIN_SPEC = re.compile(r"^([0-9]{6,8}):(1[6-9])$")
 
 
 def _host(value: str) -> str:
@@ -47,6 +50,30 @@ class ServerSettings(Table):
     tls_dir: Path | None = None
 
 
+def _bin_specs(values: list[str]) -> list[str]:
+    for value in values:
+        if not BIN_SPEC.fullmatch(value):
+            raise ValueError("expected PREFIX:LENGTH, a 6-8 digit prefix and 16-19, e.g. 622892:16")
+    return values
+
+
+def _interbank_code(value: str) -> str:
+    if value and not (value.isascii() and value.isdigit() and len(value) == 3):
+        raise ValueError("expected 3 digits (the CNAPS code), e.g. 325")
+    return value
+
+
+class JoiningBankSettings(Table):
+    # A bank outside the built-in 16 (served with --bank CODE): its Chinese and English names.
+    name: str = ""
+    english_name: str = ""
+    # Its 3-digit CNAPS code.
+    interbank_code: Annotated[str, AfterValidator(_interbank_code)] = ""
+    # Its card BINs as PREFIX:LENGTH; at least one debit BIN.
+    debit_bins: Annotated[list[str], AfterValidator(_bin_specs)] = Field(default_factory=list)
+    credit_bins: Annotated[list[str], AfterValidator(_bin_specs)] = Field(default_factory=list)
+
+
 class DatabaseSettings(Table):
     # SQLAlchemy URL of one bank's database (--bank only); "" for a SQLite file in data_dir.
     url: str = ""
@@ -64,6 +91,7 @@ class BankSettings(FileSettings):
     )
 
     server: ServerSettings = ServerSettings()
+    bank: JoiningBankSettings = JoiningBankSettings()
     database: DatabaseSettings = DatabaseSettings()
     population: PopulationSettings = PopulationSettings()
     # The fault knobs every bank of the process starts with (server/bank/faults.py), e.g.

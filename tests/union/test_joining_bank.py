@@ -286,6 +286,29 @@ async def test_bank_server_runs_a_bank_from_its_configuration(tmp_path: Path) ->
         await served.wait()
     assert (tmp_path / "bosc.sqlite3").exists()
 
+    # Who the bank is can live in its configuration file, so it restarts like any other bank.
+    config = tmp_path / "bosc.toml"
+    config.write_text(
+        '[bank]\nname = "上海银行"\nenglish_name = "Bank of Shanghai"\ninterbank_code = "325"\n'
+        'debit_bins = ["622892:16"]\ncredit_bins = ["622279:16"]\n'
+    )
+    restarted = await bank_cli("--bank", "BOSC", "--port", str(port), "--config", str(config))
+    try:
+        assert restarted.stdout is not None
+        line = await asyncio.wait_for(restarted.stdout.readline(), timeout=60)
+        assert f"BOSC   listening on 127.0.0.1:{port}" in line.decode()
+    finally:
+        restarted.terminate()
+        await restarted.wait()
+    config.write_text(
+        '[bank]\nname = "上海银行"\nenglish_name = "Bank of Shanghai"\ndebit_bins = ["6228:16"]\n'
+    )
+    malformed = await bank_cli("--bank", "BOSC", "--config", str(config))
+    _, err = await malformed.communicate()
+    assert malformed.returncode == 2
+    assert f"cardlookup-bank: {config}: bank.debit_bins: " in err.decode()
+    assert "PREFIX:LENGTH" in err.decode()
+
 
 async def test_a_joined_bank_outlives_a_restart_and_unknown_codes_are_refused(
     make_union: UnionFactory,
