@@ -36,13 +36,16 @@ def test_redact_masks_card_and_id_shapes() -> None:
 
 def test_json_lines_are_redacted() -> None:
     stream = io.StringIO()
+    root = logging.getLogger()
+    level = root.level
     configure_logging("INFO", stream)
     try:
         logging.getLogger("server.test").info(
             "card %s", "6222021234567890123", extra={"id": "310104198503129915"}
         )
     finally:
-        logging.getLogger().handlers.clear()
+        root.handlers.clear()
+        root.setLevel(level)  # later tests capture at the level they set, not at this one
     entry = json.loads(stream.getvalue())
     assert entry["message"] == "card [REDACTED]"
     assert entry["id"] == "[REDACTED]"

@@ -288,7 +288,7 @@ async def test_banks_that_failed_are_asked_again_at_once_from_the_cli(
         # Without a terminal the CLI does not guess the person's consent.
         code, out, err = await _cli("lookup", *target, session=session)
         assert code == 2
-        assert "--yes" in err
+        assert "--agree-terms" in err  # consent has its own flag, never the generic --yes
         assert not (await person.list_lookups()).lookups
 
         code, out, err = await _cli("lookup", "--agree-terms", *target, "--json", session=session)
