@@ -311,7 +311,7 @@ def purge(config_file: ConfigFile = None, data_dir: DataDir = None, database_url
             sweep = RetentionSweep(
                 store,
                 config.retention,
-                max(config.identity.start_window, config.card_actions.closure_window),
+                config.quota_window,
                 FileSmsSink(config.sms_sink_path),
                 extra={"sessions": lambda now: sessions.purge_expired_sessions(now, limit=1_000_000)},
             )

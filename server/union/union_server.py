@@ -96,6 +96,11 @@ class UnionConfig:
     tracer_provider: TracerProvider | None = None
 
     @property
+    def quota_window(self) -> timedelta:
+        """How long quota slots are kept: the longest window any quota uses."""
+        return max(self.identity.start_window, self.card_actions.closure_window)
+
+    @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'union.db').resolve()}"
 
@@ -179,7 +184,7 @@ class UnionServer:
         self.retention = RetentionSweep(
             self.store,
             config.retention,
-            max(config.identity.start_window, config.card_actions.closure_window),
+            config.quota_window,
             self.sms if isinstance(self.sms, FileSmsSink) else None,
             extra={"sessions": self._purge_expired_sessions},
         )

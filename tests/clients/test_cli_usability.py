@@ -225,7 +225,9 @@ async def test_only_agree_terms_gives_consent(run: Cli) -> None:
         "error: this asks for confirmation, and there is no terminal to ask on: pass --agree-terms"
         " (INVALID_ARGUMENT)"
     ]
-    assert (await run("lookup", "--yes")).exit_code == 2  # no such option on lookup
+    unknown = await run("lookup", "--yes")
+    assert unknown.exit_code == 2
+    assert "No such option: --yes" in unknown.output
     assert json.loads((await run("status", "--json")).stdout).get("lookups", []) == []  # nothing was asked
 
 

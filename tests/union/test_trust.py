@@ -179,12 +179,20 @@ async def test_reading_an_audit_trail_is_itself_audited(union: UnionServer) -> N
         read = await operator.admin("ListAuditEvents", admin_pb.ListAuditEventsRequest(actor=person))
         assert read.events
         await operator.admin("ListAuditEvents", admin_pb.ListAuditEventsRequest())
+        # An operator reading their own actions is still an operator's read.
+        with union.store.engine.connect() as connection:
+            mine = connection.scalar(
+                select(AuditEventRow.actor).where(AuditEventRow.action == "admin.audit.read").limit(1)
+            )
+        assert mine is not None
+        assert mine.startswith("admin:")
+        await operator.admin("ListAuditEvents", admin_pb.ListAuditEventsRequest(actor=mine))
     admin_reads = [
         (outcome, resource)
         for action, outcome, resource in _audit_rows(union)
         if action == "admin.audit.read"
     ]
-    assert admin_reads == [("ok", f"people/{person}"), ("ok", "")]
+    assert admin_reads == [("ok", f"people/{person}"), ("ok", ""), ("ok", "")]
     assert ZHANG.resident_id_number not in _all_text(union)
 
 

@@ -339,6 +339,7 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
             convert.optional_datetime(request, "end_time"),
             request.page_size,
             request.page_token,
+            operator=True,
         )
         return admin_pb.ListAuditEventsResponse(
             events=[convert.audit_event(e) for e in events], next_page_token=token

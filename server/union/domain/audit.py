@@ -96,15 +96,16 @@ class AuditTrail:
         end: datetime | None,
         page_size: int,
         page_token: str,
+        *,
+        operator: bool,
     ) -> tuple[list[model.AuditEvent], str]:
         """`list`, itself audited: a trail is data about people. A person reading their own is
-        "audit.read"; anyone else's read is "admin.audit.read", naming the person read (by keyed
-        hash) when the read was of one person. The event is written after the page is read, so
-        a read never shows itself."""
-        own = reader == actor
-        async with self.action(reader, "audit.read" if own else "admin.audit.read") as audited:
+        "audit.read"; an operator's read (ListAuditEvents, whoever's trail) is "admin.audit.read",
+        naming the person read (by keyed hash) when the read was of one person. The event is
+        written after the page is read, so a read never shows itself."""
+        async with self.action(reader, "admin.audit.read" if operator else "audit.read") as audited:
             page = await self.list(actor, start, end, page_size, page_token)
-            if not own and actor is not None and PERSON_ACTOR.fullmatch(actor):
+            if operator and actor is not None and PERSON_ACTOR.fullmatch(actor):
                 audited.resource = f"people/{actor}"
         return page
 

@@ -223,6 +223,5 @@ class CardActionService:
     async def list_my_audit_events(
         self, caller: Caller, page_size: int, page_token: str
     ) -> tuple[list[model.AuditEvent], str]:
-        return await self._audit.read(
-            caller.person_hash, caller.person_hash, None, None, page_size, page_token
-        )
+        person = caller.person_hash
+        return await self._audit.read(person, person, None, None, page_size, page_token, operator=False)
