@@ -10,6 +10,7 @@ import asyncio
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import grpc
@@ -373,8 +374,23 @@ async def test_a_burst_of_creates_makes_exactly_one_lookup(union: UnionServer) -
     assert _count(union, LookupRow) == 1
 
 
+async def _wrong_codes(client: CardLookupClient, verification_id: str, times: int) -> list[tuple[Any, ...]]:
+    """What completing a verification with wrong codes `times` times answers, each time."""
+    answers = []
+    for _ in range(times):
+        refused = await _error(client.complete_verification(verification_id, "000000"))
+        answers.append((refused.code, refused.reason, refused.metadata.get("attempts_left")))
+    return answers
+
+
 async def test_a_stranger_cannot_lock_a_person_out(union: UnionServer) -> None:
     """Knowing only ZHANG's ID number, a stranger tries names and phones many times over."""
+    tries = union.config.identity.max_code_attempts + 1
+    async with CardLookupClient(union.address) as real:
+        # How a real verification answers wrong codes (LI's; "000000" is wrong unless by chance).
+        started = await real.start_verification(LI.name, LI.resident_id_number, LI.mobile_number)
+        assert read_one_time_code(union.config.sms_sink_path, LI.mobile_number) != "000000"
+        genuine = await _wrong_codes(real, started.verification_id, tries)
     async with CardLookupClient(union.address) as stranger:
         answers = []
         for attempt in range(3 * union.config.identity.max_mismatches_per_window):
@@ -386,15 +402,18 @@ async def test_a_stranger_cannot_lock_a_person_out(union: UnionServer) -> None:
                 answers.append(error.reason)
                 continue
             answers.append("started")
-            # What looks like a start past the limit can never be completed, and sent no code.
-            refused = await _error(stranger.complete_verification(started.verification_id, "000000"))
-            assert refused.code == grpc.StatusCode.NOT_FOUND
+            # What looks like a start past the limit sent no code, and answers wrong codes exactly
+            # as a real verification does: completing it tells the stranger nothing either.
+            assert await _wrong_codes(stranger, started.verification_id, tries) == genuine
         limit = union.config.identity.max_mismatches_per_window
         assert answers[:limit] == ["IDENTITY_MISMATCH"] * limit
         assert set(answers[limit:]) == {"started"}  # the limit cannot be probed
     # ... but ZHANG's trail says what each attempt was: none of them started a verification.
     starts = [outcome for action, outcome, _ in _audit_rows(union) if action == "verification.start"]
-    assert starts == ["refused:IDENTITY_MISMATCH"] * limit + ["refused:IDENTITY_MISMATCH_LIMIT"] * (2 * limit)
+    # (LI's real start first.)
+    assert starts == ["ok"] + ["refused:IDENTITY_MISMATCH"] * limit + ["refused:IDENTITY_MISMATCH_LIMIT"] * (
+        2 * limit
+    )
     assert read_one_time_code(union.config.sms_sink_path, ZHANG.mobile_number) is None
     # ZHANG verifies and looks up as if nothing had happened.
     client = await verified_client(union, ZHANG)

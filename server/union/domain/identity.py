@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from server.common import errors, normalize
+from server.common.checks import resident_id_region
 from server.union.clock import Clock
 from server.union.domain import model, validation
 from server.union.domain.audit import AuditTrail, Outcome
@@ -127,8 +128,9 @@ class IdentityService:
         number can do must not stop that person from verifying. So the limits are keyed apart:
         codes sent are limited per receiving phone (only the real triple sends one), and answers
         to triples that do not match are limited per identity; past that limit a mismatch is
-        answered like a match, with a verification that can never complete (no SMS, nothing
-        stored), so the limit cannot be probed either."""
+        answered like a match, with a verification that can never complete (no SMS; a code nobody
+        was sent, and nothing sealed about anyone), which refuses wrong codes exactly as a real one
+        does, so the limit cannot be probed through CompleteVerification either."""
         now = self._clock.now()
         policy = self.policy
         identity = await self._store.find_identity(person_hash)
@@ -146,9 +148,20 @@ class IdentityService:
             # The caller cannot tell this answer from a real start; the trail, which only the person
             # and operators read, says what it was.
             audited.value = "refused:IDENTITY_MISMATCH_LIMIT"
-            return StartedVerification(
-                "v" + secrets.token_hex(16), mask_mobile(mobile_number), now + policy.code_ttl
+            decoy_id = "v" + secrets.token_hex(16)
+            never_sent = f"{secrets.randbelow(1_000_000):06d}"
+            await self._store.add_verification(
+                model.NewVerification(
+                    id=decoy_id,
+                    person_hash=person_hash,
+                    region_code=identity.region_code if identity else resident_id_region(resident_id_number),
+                    sealed_identity=self._keys.seal({}, context=f"verification:{decoy_id}"),
+                    code_hash=self._code_hash(decoy_id, never_sent),
+                    create_time=now,
+                    expire_time=now + policy.code_ttl,
+                )
             )
+            return StartedVerification(decoy_id, mask_mobile(mobile_number), now + policy.code_ttl)
 
         region = await self._store.get_region(identity.region_code)
         if region is None or not region.open:
@@ -225,6 +238,9 @@ class IdentityService:
         except UnreadableSealedValue as error:
             # Sealed under a key this union no longer holds: as good as expired (the row is used now).
             raise errors.NotFound("no such verification, or it expired or was already used") from error
+        if not pii:
+            # A decoy's code was never sent: guessed all the same, it still verifies nobody.
+            raise errors.NotFound("no such verification, or it expired or was already used")
         token_id = secrets.token_hex(12)
         expire = now + self.policy.session_ttl
         # The new session replaces the person's older one: one live session per person.
