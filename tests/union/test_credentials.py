@@ -15,6 +15,8 @@ from sqlalchemy import func, insert, select, text
 from typer.testing import CliRunner
 
 from clients.client import TERMS_VERSION, CardLookupClient, CardLookupError
+from server.bank.bank_server import RunningBank
+from server.bank.faults import FaultSettings
 from server.union.__main__ import app as union_app
 from server.union.clock import FakeClock
 from server.union.domain.retention import RetentionPolicy
@@ -172,6 +174,32 @@ async def test_a_new_verification_revokes_the_persons_older_sessions(union: Unio
         assert await _refusal(other.list_reports()) == (grpc.StatusCode.OK, "")
         audit = await laptop.my_audit_events()
         assert "session.sign_out" not in {event.action for event in audit.events}
+
+
+async def test_signing_out_ends_a_watch_already_open(
+    union: UnionServer, banks: dict[str, RunningBank]
+) -> None:
+    """A stream opened before the sign-out gets none of the person's progress after it."""
+    for bank in banks.values():
+        bank.servicer.faults = FaultSettings(latency_ms=3000)  # no bank answers for a while
+    client = await verified_client(union, ZHANG)
+    async with client:
+        lookup = await client.create_lookup(consent_terms_version=TERMS_VERSION)
+        events = client.watch_lookup(lookup.name, stream_timeout=30)
+        assert not (await anext(events)).report_ready
+        async with CardLookupClient(union.address) as other:
+            other.session_token = client.session_token
+            await other.sign_out()
+        received: list[object] = []
+
+        async def the_rest() -> None:
+            async for event in events:
+                received.append(event)
+
+        with pytest.raises(CardLookupError) as ended:
+            await the_rest()
+    assert received == []
+    assert (ended.value.code, ended.value.reason) == (grpc.StatusCode.UNAUTHENTICATED, "SESSION_REVOKED")
 
 
 async def test_sign_out_is_in_the_persons_audit_trail(union: UnionServer) -> None:

@@ -181,9 +181,13 @@ function page(render: () => void): void {
  * token is refused from now on rather than at its expiry. The call carries the token explicitly:
  * the page no longer holds it.
  */
+// Ends the watch of the lookup on screen; signing out calls it, so no stream outlives the session.
+let stopFollowing: () => void = () => {};
+
 async function signOut(): Promise<void> {
   const ending = token;
   token = null;
+  stopFollowing();
   verifyView();
   if (ending === null) return;
   try {
@@ -368,10 +372,15 @@ function progressView(initial: Lookup): void {
     tick();
   });
   const timer = window.setInterval(tick, 100);
+  const following = new AbortController();
+  stopFollowing = () => {
+    following.abort();
+    window.clearInterval(timer);
+  };
   const follow = async (): Promise<void> => {
-    for (let attempt = 0; attempt < 5; attempt++) {
+    for (let attempt = 0; attempt < 5 && !following.signal.aborted; attempt++) {
       try {
-        for await (const event of lookups.watchLookup({ name: lookup.name })) {
+        for await (const event of lookups.watchLookup({ name: lookup.name }, { signal: following.signal })) {
           if (event.lookup) lookup = event.lookup;
           paint();
           if (event.reportReady && lookup.report) {
@@ -383,6 +392,7 @@ function progressView(initial: Lookup): void {
           }
         }
       } catch (error) {
+        if (following.signal.aborted) return;
         if (error instanceof ConnectError && error.code !== Code.Unavailable && error.code !== Code.Canceled) {
           status.replaceChildren(errorBox(error));
           window.clearInterval(timer);
@@ -392,6 +402,7 @@ function progressView(initial: Lookup): void {
       await new Promise((resolve) => window.setTimeout(resolve, 1000));
     }
     window.clearInterval(timer);
+    if (following.signal.aborted) return;
     status.replaceChildren(h("div", { class: "error" }, w().unavailable));
   };
   void follow();
