@@ -269,6 +269,10 @@ def serve(
         },
     )
     joining = _joining_bank(bank.upper(), settings.bank) if bank is not None else None
+    if bank is None and settings.bank != JoiningBankSettings():
+        raise typer.BadParameter(
+            "[bank] (or --name, ...) describes one joining bank: serve it with --bank CODE"
+        )
     try:
         faults = settings.fault_settings(fault or [])
     except ValueError as error:

@@ -25,6 +25,7 @@ from server.common.config_file import (
     Table,
     TracingSettings,
 )
+from server.common.shapes import BANK_ENGLISH_NAME, BANK_NAME, INTERBANK_CODE
 
 ENV_PREFIX = "CARDLOOKUP_BANK_"
 BIN_SPEC = re.compile(r"^([0-9]{6,8}):(1[6-9])$")
@@ -58,15 +59,27 @@ def _bin_specs(values: list[str]) -> list[str]:
 
 
 def _interbank_code(value: str) -> str:
-    if value and not (value.isascii() and value.isdigit() and len(value) == 3):
+    if value and not INTERBANK_CODE.fullmatch(value):
         raise ValueError("expected 3 digits (the CNAPS code), e.g. 325")
+    return value
+
+
+def _bank_name(value: str) -> str:
+    if value and not BANK_NAME.fullmatch(value):
+        raise ValueError("expected 2-32 Chinese characters, e.g. 上海银行 (as AdminService.CreateBank)")
+    return value
+
+
+def _bank_english_name(value: str) -> str:
+    if value and not BANK_ENGLISH_NAME.fullmatch(value):
+        raise ValueError("expected 2-128 letters, digits, spaces or .,&'()- (as AdminService.CreateBank)")
     return value
 
 
 class JoiningBankSettings(Table):
     # A bank outside the built-in 16 (served with --bank CODE): its Chinese and English names.
-    name: str = ""
-    english_name: str = ""
+    name: Annotated[str, AfterValidator(_bank_name)] = ""
+    english_name: Annotated[str, AfterValidator(_bank_english_name)] = ""
     # Its 3-digit CNAPS code.
     interbank_code: Annotated[str, AfterValidator(_interbank_code)] = ""
     # Its card BINs as PREFIX:LENGTH; at least one debit BIN.

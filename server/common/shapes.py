@@ -12,6 +12,10 @@ import re
 
 # A bank's code: 2-16 capital letters (ICBC, CMB, BOSC). Which codes exist is the catalogue's.
 BANK_CODE = re.compile(r"^[A-Z]{2,16}$")
+# A bank's Chinese name (CJK, parentheses, a middle dot), its English name, its 3-digit CNAPS code.
+BANK_NAME = re.compile(r"^[\u3400-\u9fff（）()·A-Za-z0-9]{2,32}$")
+BANK_ENGLISH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 .,&'()-]{1,127}$")
+INTERBANK_CODE = re.compile(r"^[0-9]{3}$")
 # The name a bank's TLS certificate carries: a lower-case DNS name with at least one dot.
 DNS_NAME = re.compile(
     r"^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+$"

@@ -308,6 +308,16 @@ async def test_bank_server_runs_a_bank_from_its_configuration(tmp_path: Path) ->
     assert malformed.returncode == 2
     assert f"cardlookup-bank: {config}: bank.debit_bins: " in err.decode()
     assert "PREFIX:LENGTH" in err.decode()
+    # Held to what AdminService.CreateBank accepts; and a joining bank is served alone.
+    config.write_text('[bank]\nname = "x"\nenglish_name = "Bank of Shanghai"\ndebit_bins = ["622892:16"]\n')
+    misnamed = await bank_cli("--bank", "BOSC", "--config", str(config))
+    _, err = await misnamed.communicate()
+    assert misnamed.returncode == 2
+    assert f"cardlookup-bank: {config}: bank.name: " in err.decode()
+    everyone = await bank_cli("--all", "--name", "上海银行")
+    _, err = await everyone.communicate()
+    assert everyone.returncode == 2
+    assert "serve it with --bank CODE" in " ".join(err.decode().replace("│", " ").split())  # a boxed message
 
 
 async def test_a_joined_bank_outlives_a_restart_and_unknown_codes_are_refused(

@@ -12,7 +12,14 @@ import secrets
 from collections.abc import Mapping, Sequence
 
 from server.common import errors
-from server.common.shapes import BANK_CODE, DNS_NAME, is_bank_address
+from server.common.shapes import (
+    BANK_CODE,
+    BANK_ENGLISH_NAME,
+    BANK_NAME,
+    DNS_NAME,
+    INTERBANK_CODE,
+    is_bank_address,
+)
 from server.union.clock import Clock
 from server.union.domain import model
 from server.union.domain.audit import AuditTrail
@@ -35,10 +42,6 @@ CONSOLE_ACTOR = "admin:console"
 # "admin" (events from before credentials had names).
 AUDIT_ACTOR = re.compile(r"^(?:[0-9a-f]{64}|admin|admin:console|admin:c[0-9a-f]{16})$")
 BANK_FIELDS = ("enabled", "address")
-# A joining bank's Chinese name (CJK, parentheses, a middle dot) and English name.
-BANK_NAME = re.compile(r"^[\u3400-\u9fff（）()·A-Za-z0-9]{2,32}$")
-BANK_ENGLISH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 .,&'()-]{1,127}$")
-INTERBANK_CODE = re.compile(r"^[0-9]{3}$")
 REGION_FIELDS = ("open",)
 MAX_TOKEN_LENGTH = 256
 
