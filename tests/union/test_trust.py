@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 from clients.client import TERMS_VERSION, CardLookupClient, CardLookupError
 from server.bank.bank_server import RunningBank
 from server.bank.store import StoredCard
+from server.common.checks import resident_id_check_char
 from server.population.generator import cards_of
 from server.union.clock import FakeClock
 from server.union.domain.audit import safe_resource
@@ -419,6 +420,20 @@ async def test_a_stranger_cannot_lock_a_person_out(union: UnionServer) -> None:
     client = await verified_client(union, ZHANG)
     async with client:
         await client.create_lookup(consent_terms_version=TERMS_VERSION)
+
+
+async def test_past_the_limit_an_unregistered_id_number_gets_the_same_decoy(union: UnionServer) -> None:
+    first17 = "11010519900101999"
+    unregistered = first17 + resident_id_check_char(first17)
+    assert union.keys.person_hash(unregistered) != union.keys.person_hash(ZHANG.resident_id_number)
+    async with CardLookupClient(union.address) as stranger:
+        limit = union.config.identity.max_mismatches_per_window
+        for _ in range(limit):
+            refused = await _error(stranger.start_verification("李四", unregistered, "13900000000"))
+            assert refused.reason == "IDENTITY_MISMATCH"
+        started = await stranger.start_verification("李四", unregistered, "13900000000")
+        refused = await _error(stranger.complete_verification(started.verification_id, "000000"))
+        assert (refused.code, refused.reason) == (grpc.StatusCode.UNAUTHENTICATED, "WRONG_CODE")
 
 
 async def test_wrong_codes_lock_the_verification_not_the_person(union: UnionServer) -> None:
