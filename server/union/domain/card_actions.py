@@ -24,6 +24,7 @@ from server.union.domain.identity import Caller
 from server.union.domain.orchestrator import Orchestrator
 from server.union.domain.paging import Pager
 from server.union.domain.ports import CardActionServiceStore, DuplicateRequest, RequestMismatch
+from server.union.domain.quotas import take_quota
 from server.union.keyring import Keys
 
 MAX_CARDS_PER_CLOSURE = 20
@@ -111,9 +112,14 @@ class CardActionService:
                     ]
                 )
                 now = self._clock.now()
-                quota = self._keys.attribute_hash("quota", f"closure:{caller.person_hash}")
-                retry_after = await self._store.take_quota_slot(
-                    quota, self.policy.max_closures_per_window, self.policy.closure_window, now
+                retry_after = await take_quota(
+                    self._store,
+                    self._keys,
+                    "closure",
+                    caller.person_hash,
+                    self.policy.max_closures_per_window,
+                    self.policy.closure_window,
+                    now,
                 )
                 if retry_after is not None:
                     raise errors.ResourceExhausted(

@@ -21,6 +21,7 @@ from server.union.clock import Clock
 from server.union.domain import model, validation
 from server.union.domain.audit import AuditTrail, Outcome
 from server.union.domain.ports import IdentityServiceStore, SessionRegistry
+from server.union.domain.quotas import take_quota
 from server.union.keyring import InvalidToken, Keys, UnreadableSealedValue
 from server.union.sms import SmsSender
 
@@ -201,9 +202,9 @@ class IdentityService:
         return StartedVerification(verification_id, mask_mobile(mobile_number), expire)
 
     async def _take_quota(self, kind: str, subject: str, limit: int) -> timedelta | None:
-        """One atomic decision (see QuotaStore.take_quota_slot); None when within the limit."""
-        key = self._keys.attribute_hash("quota", f"{kind}:{subject}")
-        return await self._store.take_quota_slot(key, limit, self.policy.start_window, self._clock.now())
+        return await take_quota(
+            self._store, self._keys, kind, subject, limit, self.policy.start_window, self._clock.now()
+        )
 
     async def complete_verification(self, verification_id: str, code: str) -> Session:
         violations = []
