@@ -123,18 +123,16 @@ class CardLookupServicer(lookup_grpc.CardLookupServiceServicer):
         self, request: lookup_pb.WatchLookupRequest, context: Context
     ) -> AsyncIterator[lookup_pb.WatchLookupResponse]:
         converted: tuple[object, lookup_pb.Lookup] | None = None
-        first = True
         async for event in self._lookups.watch_lookup(
             await self._caller(context), request.name, request.group_bank_changes
         ):
-            if not first:
-                # A session signed out, replaced or expired while the stream is open ends it:
-                # no event reaches a credential that no longer holds.
-                await self._caller(context)
-            first = False
             # The events of one re-read share their lookup (16 banks answering together are 16
             # events): convert it once, not once per event.
             if converted is None or converted[0] is not event.lookup:
+                if converted is not None:
+                    # A session signed out, replaced or expired while the stream is open ends it:
+                    # no re-read reaches a credential that no longer holds.
+                    await self._caller(context)
                 converted = (event.lookup, convert.lookup(event.lookup))
             yield lookup_pb.WatchLookupResponse(
                 lookup=converted[1],
